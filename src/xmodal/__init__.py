@@ -1,0 +1,53 @@
+"""xmodal: image-text cross-modal feature extraction, fusion, training, evaluation and search."""
+
+from xmodal import losses
+from xmodal.config import (
+    ConfigError,
+    FusionConfig,
+    ImageTowerConfig,
+    ModelConfig,
+    ProcessorConfig,
+    TextTowerConfig,
+)
+from xmodal.models import (
+    CrossAttentionFusion,
+    CrossModalExtractor,
+    CrossModalModel,
+    CrossModalOutput,
+    Features,
+    PooledFusion,
+)
+from xmodal.presets import PRESETS, load_model, preset_configs
+from xmodal.processing import (
+    CaptionError,
+    ImageLoadError,
+    MultimodalDataProcessor,
+    MultimodalProcessor,
+    load_image,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "CaptionError",
+    "ConfigError",
+    "CrossAttentionFusion",
+    "CrossModalExtractor",
+    "CrossModalModel",
+    "CrossModalOutput",
+    "Features",
+    "FusionConfig",
+    "ImageLoadError",
+    "ImageTowerConfig",
+    "ModelConfig",
+    "MultimodalDataProcessor",
+    "MultimodalProcessor",
+    "PooledFusion",
+    "ProcessorConfig",
+    "TextTowerConfig",
+    "load_image",
+    "load_model",
+    "losses",
+    "preset_configs",
+]

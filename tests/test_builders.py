@@ -1,0 +1,228 @@
+"""Tests for xmodal.data.builders on fake emoji tarballs and fake IDX files (no network)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xmodal.data import (
+    build_emoji,
+    build_fashion_mnist,
+    builders,
+    load_dataset,
+    sha512_integrity,
+    tone_caption,
+)
+
+TONES = ("1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF")
+
+
+def _rgba_png(value: int) -> bytes:
+    """A 64x64 RGBA image: pixel (0, 0) fully transparent, the rest opaque grey ``value``."""
+    img = Image.new("RGBA", (64, 64), (value, value, value, 255))
+    img.putpixel((0, 0), (10, 20, 30, 0))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _entries() -> list[dict]:
+    entries = []
+    for i in range(10):
+        name = f"TEST FACE {i}"
+        entries.append(_entry(name, f"{i:04x}.png", category="Smileys" if i % 2 else "Objects"))
+    entries[0]["skin_variations"] = {t: _variant(f"0000-{t.lower()}.png") for t in TONES}
+    entries[1]["skin_variations"] = {
+        "1F3FB-1F3FC": _variant("0001-a.png"),
+        "1F3FD-1F3FD": _variant("0001-b.png"),
+        "1F3FE": _variant("0001-c.png", has_img=False),
+    }
+    entries.append({**_entry(None, "nameless.png"), "short_names": ["no_name_here", "x"]})
+    entries.append(_entry("NO GOOGLE", "nogoogle.png", has_img=False))
+    entries.append(_entry("ABSENT FILE", "absent.png"))
+    return entries
+
+
+def _entry(name: str | None, image: str, category: str = "Objects", has_img: bool = True) -> dict:
+    return {
+        "name": name,
+        "short_names": [(name or "x").lower().replace(" ", "_")],
+        "image": image,
+        "category": category,
+        "subcategory": "test",
+        "has_img_google": has_img,
+    }
+
+
+def _variant(image: str, has_img: bool = True) -> dict:
+    return {"image": image, "has_img_google": has_img}
+
+
+def _fake_tarball(path: Path) -> Path:
+    entries = _entries()
+    files = {"package/emoji.json": json.dumps(entries).encode(), "package/README.md": b"hi"}
+    images = [e["image"] for e in entries if e["image"] != "absent.png"]
+    images += [v["image"] for e in entries for v in (e.get("skin_variations") or {}).values()]
+    for i, image in enumerate(images):
+        files[f"package/img/google/64/{image}"] = _rgba_png(i * 7)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_tone_caption() -> None:
+    assert tone_caption("1F3FB") == "light skin tone"
+    assert tone_caption("1f3fb-1F3FC") == "light skin tone, medium-light skin tone"
+    assert tone_caption("1F3FF-1F3FF") == "dark skin tone"
+
+
+def test_build_emoji(tmp_path: Path) -> None:
+    tarball = _fake_tarball(tmp_path / "emoji.tgz")
+    out = tmp_path / "out"
+    summary = build_emoji(out, tarball=tarball, seed=3, val_fraction=0.2, test_fraction=0.3)
+    assert summary["images"] == 11 + 5 + 2 and summary["names"] == 11
+    assert summary["skipped"] == {"no_google_image": 2, "missing_file": 1}
+    assert summary["integrity"] == sha512_integrity(tarball)
+    rows = {s: _read_jsonl(out / f"{s}.jsonl") for s in ("train", "val", "test")}
+    assert [len({r["name"] for r in rows[s]}) for s in rows] == [6, 2, 3]
+    names = [{r["name"] for r in split_rows} for split_rows in rows.values()]
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    by_id = {r["image_id"]: r for split_rows in rows.values() for r in split_rows}
+    assert by_id["0000.png"]["caption"] == "test face 0"
+    assert by_id["0000-1f3fd.png"]["caption"] == "test face 0: medium skin tone"
+    assert by_id["0001-a.png"]["caption"] == "test face 1: light skin tone, medium-light skin tone"
+    assert by_id["0001-b.png"]["caption"] == "test face 1: medium skin tone"
+    assert by_id["nameless.png"]["caption"] == "no name here"
+    assert by_id["0001.png"] | {"image": ""} == {
+        "image": "",
+        "caption": "test face 1",
+        "image_id": "0001.png",
+        "category": "Smileys",
+        "subcategory": "test",
+        "name": "test face 1",
+    }
+    assert len({by_id[f"0000-{t.lower()}.png"]["name"] for t in TONES} | {"test face 0"}) == 1
+    img = Image.open(out / "images" / "0001.png")
+    assert img.mode == "RGB" and img.size == (64, 64)
+    assert img.getpixel((0, 0)) == (255, 255, 255) and img.getpixel((40, 40)) == (7, 7, 7)
+    ds = load_dataset(out / "train.jsonl")
+    assert len(ds) == len(rows["train"]) and ds[0].extra["category"]
+    assert json.loads((out / "summary.json").read_text())["seed"] == 3
+
+
+def test_build_emoji_idempotent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tarball = _fake_tarball(tmp_path / "emoji.tgz")
+    out = tmp_path / "out"
+    first = build_emoji(out, tarball=tarball, size=8)
+    assert Image.open(out / "images" / "0000.png").size == (8, 8)
+    mtime = (out / "train.jsonl").stat().st_mtime_ns
+
+    def boom(*args: object) -> None:
+        raise AssertionError("should not rebuild")
+
+    monkeypatch.setattr(builders, "_read_emoji_tar", boom)
+    assert build_emoji(out, tarball=tarball, size=8) == first
+    assert (out / "train.jsonl").stat().st_mtime_ns == mtime
+    monkeypatch.undo()
+    again = build_emoji(out, tarball=tarball, size=8, seed=1)
+    assert again["seed"] == 1 and again["images"] == first["images"]
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_build_emoji_bad_tarball(tmp_path: Path) -> None:
+    plain = tmp_path / "not.tgz"
+    plain.write_bytes(b"definitely not a tar")
+    with pytest.raises(ValueError, match="not a readable tar"):
+        build_emoji(tmp_path / "o", tarball=plain)
+    empty = tmp_path / "empty.tar"
+    with tarfile.open(empty, "w"):
+        pass
+    with pytest.raises(ValueError, match="emoji.json"):
+        build_emoji(tmp_path / "o", tarball=empty)
+    with pytest.raises(FileNotFoundError):
+        build_emoji(tmp_path / "o", tarball=tmp_path / "absent.tgz")
+
+
+def test_emoji_npm_missing_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="install Node.js/npm.*--from TARBALL"):
+        build_emoji(tmp_path / "o", cache_dir=cache)
+    cache.mkdir()
+    cached = _fake_tarball(cache / builders.EMOJI_TARBALL)
+    sidecar = cache / f"{builders.EMOJI_TARBALL}.json"
+    sidecar.write_text(json.dumps({"integrity": "sha512-AAAA"}))
+    with pytest.raises(RuntimeError, match="npm not found"):
+        build_emoji(tmp_path / "o", cache_dir=cache)
+    sidecar.write_text(json.dumps({"integrity": sha512_integrity(cached)}))
+    assert build_emoji(tmp_path / "o", cache_dir=cache)["images"] == 18
+
+
+def _idx(path: Path, magic: int, array: np.ndarray) -> None:
+    header = np.array([magic, *array.shape], dtype=">u4").tobytes()
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def _fake_fashion(folder: Path, prefix: str = "t10k", n: int = 12) -> np.ndarray:
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = np.arange(n * 28 * 28, dtype=np.int64).reshape(n, 28, 28) % 256
+    _idx(folder / f"{prefix}-images-idx3-ubyte.gz", 2051, pixels)
+    _idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 2049, np.arange(n) % 10)
+    return pixels
+
+
+def test_build_fashion_mnist_fake(tmp_path: Path) -> None:
+    pixels = _fake_fashion(tmp_path / "src")
+    out = tmp_path / "out"
+    summary = build_fashion_mnist(out, source_dir=tmp_path / "src", limit=11)
+    assert summary["images"] == 11 and summary["classes"]["t-shirt"] == 2
+    rows = _read_jsonl(out / "test.jsonl")
+    assert rows[9] == {
+        "image": "images/test_9.png",
+        "caption": "a photo of a ankle boot",
+        "label": "ankle boot",
+        "image_id": "test_9",
+    }
+    img = Image.open(out / "images" / "test_3.png")
+    assert img.mode == "L" and np.array_equal(np.asarray(img), pixels[3])
+    assert load_dataset(out / "test.jsonl").labels()[:2] == ["t-shirt", "trouser"]
+
+
+def test_fashion_mnist_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        build_fashion_mnist(tmp_path / "o", source_dir=tmp_path / "none")
+    _fake_fashion(tmp_path / "src", prefix="train", n=3)
+    _idx(tmp_path / "src" / "train-labels-idx1-ubyte.gz", 2051, np.zeros(3))
+    with pytest.raises(ValueError, match="magic number 2051"):
+        build_fashion_mnist(tmp_path / "o", source_dir=tmp_path / "src", split="train")
+    _idx(tmp_path / "src" / "train-labels-idx1-ubyte.gz", 2049, np.zeros(4))
+    with pytest.raises(ValueError, match="3 images but 4 labels"):
+        build_fashion_mnist(tmp_path / "o", source_dir=tmp_path / "src", split="train")
+    with pytest.raises(ValueError, match="split"):
+        build_fashion_mnist(tmp_path / "o", source_dir=tmp_path / "src", split="val")
+
+
+@pytest.mark.skipif(
+    not Path(builders.FASHION_MNIST_DIR).is_dir(), reason="dataset-fashion-mnist not installed"
+)
+def test_build_fashion_mnist_real(tmp_path: Path) -> None:
+    summary = build_fashion_mnist(tmp_path, limit=20)
+    assert summary["images"] == 20 and sum(summary["classes"].values()) == 20
+    img = Image.open(tmp_path / "images" / "test_0.png")
+    assert img.size == (28, 28) and img.mode == "L"
+    assert _read_jsonl(tmp_path / "test.jsonl")[0]["label"] == "ankle boot"

@@ -1,0 +1,262 @@
+"""Tests for xmodal.evaluate.retrieval against brute-force reference computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from xmodal.evaluate import (
+    recall_at_k,
+    rerank_metrics,
+    rerank_ranks,
+    retrieval_metrics,
+    retrieval_ranks,
+)
+
+
+def _normed(x: Tensor) -> Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def _random_data(counts: list[int], dim: int = 16, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Images with ``counts[i]`` captions each; captions in shuffled order."""
+    g = torch.Generator().manual_seed(seed)
+    image = _normed(torch.randn(len(counts), dim, generator=g))
+    t2i = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    t2i = t2i[torch.randperm(t2i.numel(), generator=g)]
+    text = _normed(image[t2i] + 0.9 * torch.randn(t2i.numel(), dim, generator=g))
+    return image, text, t2i
+
+
+def _tied_data(counts: list[int], seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Entries +-0.25 in D=16: unit rows whose dot products are exact, with many exact ties."""
+    g = torch.Generator().manual_seed(seed)
+
+    def signs(n: int) -> Tensor:
+        return torch.randint(0, 2, (n, 16), generator=g).float() * 2 - 1
+
+    image = signs(len(counts)) * 0.25
+    image[1] = image[0]  # duplicated images: exactly tied for every caption
+    t2i = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    t2i = t2i[torch.randperm(t2i.numel(), generator=g)]
+    text = signs(t2i.numel()) * 0.25
+    text[-1] = text[0]  # duplicated captions
+    return image, text, t2i
+
+
+def _ref_ranks(image: Tensor, text: Tensor, t2i: Tensor) -> tuple[list[int], list[int]]:
+    """Full matrix + explicit sorts; the ground truth sorts after equal-scoring candidates."""
+    sim = (image @ text.T).tolist()
+    n_img, n_txt = len(sim), len(sim[0])
+    owner = t2i.tolist()
+    t2i_rank = []
+    for t in range(n_txt):
+        gt = owner[t]
+        order = sorted(range(n_img), key=lambda i, t=t, gt=gt: (-sim[i][t], i == gt))
+        t2i_rank.append(order.index(gt))
+    i2t_rank = []
+    for i in range(n_img):
+        best = n_txt
+        for t in (t for t in range(n_txt) if owner[t] == i):
+            order = sorted(range(n_txt), key=lambda u, i=i, t=t: (-sim[i][u], u == t))
+            best = min(best, order.index(t))
+        i2t_rank.append(best)
+    return t2i_rank, i2t_rank
+
+
+def _ref_rerank(
+    image: Tensor, text: Tensor, t2i: Tensor, itm: Tensor, k: int
+) -> tuple[list[int], list[int]]:
+    """Brute-force re-ranking with ITM logits ``itm[image, text]`` (no ties in the data)."""
+    sim = (image @ text.T).tolist()
+    logit = itm.tolist()
+    n_img, n_txt = len(sim), len(sim[0])
+    owner = t2i.tolist()
+
+    def rank_in(order: list[int], target: int, final) -> int:
+        top = order[:k]
+        if target not in top:
+            return order.index(target)
+        return sorted(top, key=final, reverse=True).index(target)
+
+    t2i_rank = []
+    for t in range(n_txt):
+        order = sorted(range(n_img), key=lambda i, t=t: -sim[i][t])
+        t2i_rank.append(rank_in(order, owner[t], lambda i, t=t: logit[i][t] + sim[i][t]))
+    i2t_rank = []
+    for i in range(n_img):
+        order = sorted(range(n_txt), key=lambda u, i=i: -sim[i][u])
+        own = [t for t in range(n_txt) if owner[t] == i]
+        i2t_rank.append(min(rank_in(order, t, lambda u, i=i: logit[i][u] + sim[i][u]) for t in own))
+    return t2i_rank, i2t_rank
+
+
+COUNTS = {
+    "one_each": [1] * 40,
+    "five_each": [5] * 20,
+    "varying": [1, 3, 5, 2, 7, 1, 4, 2, 6, 1, 3, 2, 1, 5, 2, 3, 1, 1, 4, 2],
+}
+
+
+@pytest.mark.parametrize("name", sorted(COUNTS))
+@pytest.mark.parametrize("chunk_size", [1024, 7])
+def test_ranks_match_reference(name: str, chunk_size: int) -> None:
+    image, text, t2i = _random_data(COUNTS[name], seed=len(name))
+    t2i_rank, i2t_rank = retrieval_ranks(image, text, t2i, chunk_size=chunk_size)
+    ref_t2i, ref_i2t = _ref_ranks(image, text, t2i)
+    assert t2i_rank.dtype == torch.long and i2t_rank.dtype == torch.long
+    assert t2i_rank.tolist() == ref_t2i
+    assert i2t_rank.tolist() == ref_i2t
+    assert 0 < (t2i_rank == 0).sum() < t2i.numel()  # the data is neither trivial nor hopeless
+
+
+@pytest.mark.parametrize("chunk_size", [1024, 3])
+def test_ties_are_pessimistic(chunk_size: int) -> None:
+    image, text, t2i = _tied_data([3, 2, 1, 4, 2, 1, 1, 3, 2, 1], seed=3)
+    t2i_rank, i2t_rank = retrieval_ranks(image, text, t2i, chunk_size=chunk_size)
+    ref_t2i, ref_i2t = _ref_ranks(image, text, t2i)
+    assert t2i_rank.tolist() == ref_t2i
+    assert i2t_rank.tolist() == ref_i2t
+    # Images 0 and 1 are identical, so their captions can never rank them first.
+    for t in torch.nonzero(t2i <= 1).flatten().tolist():
+        assert t2i_rank[t] >= 1
+
+
+def test_chunking_is_invariant() -> None:
+    image, text, t2i = _random_data([3, 1, 2, 5, 1, 4] * 6, dim=8, seed=11)
+    full = retrieval_ranks(image, text, t2i, chunk_size=10_000)
+    for chunk_size in (1, 5, 64):
+        chunked = retrieval_ranks(image, text, t2i, chunk_size=chunk_size)
+        assert torch.equal(full[0], chunked[0]) and torch.equal(full[1], chunked[1])
+
+
+def test_hand_made_case() -> None:
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    text = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]])
+    t2i = torch.tensor([0, 1, 2])
+    t2i_rank, i2t_rank = retrieval_ranks(image, text, t2i)
+    assert t2i_rank.tolist() == [0, 1, 0]
+    # image 1 ties (score 0) with all three captions; image 2 ties with caption 1.
+    assert i2t_rank.tolist() == [0, 2, 1]
+    m = retrieval_metrics(image, text, t2i, ks=(1, 2, 3))
+    assert m["t2i_R@1"] == pytest.approx(200 / 3)
+    assert m["t2i_R@2"] == pytest.approx(100.0)
+    assert m["i2t_R@1"] == pytest.approx(100 / 3)
+    assert m["i2t_R@2"] == pytest.approx(200 / 3)
+    assert m["i2t_R@3"] == pytest.approx(100.0)
+    assert m["t2i_mean_rank"] == pytest.approx(4 / 3)
+    assert m["i2t_mean_rank"] == pytest.approx(2.0)
+    assert m["rsum"] == pytest.approx(200 / 3 + 100 + 100 + 100 / 3 + 200 / 3 + 100)
+    assert m["n_images"] == 3 and m["n_texts"] == 3
+
+
+def test_recall_at_k_known_values() -> None:
+    ranks = torch.tensor([0, 1, 4, 9, 10])
+    assert recall_at_k(ranks) == pytest.approx({1: 20.0, 5: 60.0, 10: 80.0})
+    assert recall_at_k(ranks, ks=(11,)) == {11: 100.0}
+    with pytest.raises(ValueError):
+        recall_at_k(torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError):
+        recall_at_k(ranks, ks=(0,))
+
+
+def test_metrics_keys_and_consistency() -> None:
+    image, text, t2i = _random_data([5] * 12, seed=5)
+    m = retrieval_metrics(image, text, t2i)
+    t2i_rank, i2t_rank = retrieval_ranks(image, text, t2i)
+    for k in (1, 5, 10):
+        assert m[f"t2i_R@{k}"] == pytest.approx(100 * (t2i_rank < k).float().mean().item())
+        assert m[f"i2t_R@{k}"] == pytest.approx(100 * (i2t_rank < k).float().mean().item())
+    recalls = [v for key, v in m.items() if "_R@" in key]
+    assert len(recalls) == 6 and m["rsum"] == pytest.approx(sum(recalls))
+    assert m["t2i_mean_rank"] == pytest.approx(t2i_rank.float().mean().item() + 1)
+    assert m["i2t_mean_rank"] == pytest.approx(i2t_rank.float().mean().item() + 1)
+    assert (m["n_images"], m["n_texts"]) == (12, 60)
+
+
+def test_validation_errors() -> None:
+    image, text, t2i = _random_data([2, 1, 3], seed=1)
+    with pytest.raises(ValueError, match="no caption"):
+        retrieval_ranks(image, text, torch.zeros_like(t2i))
+    with pytest.raises(ValueError, match="dims differ"):
+        retrieval_ranks(image[:, :8], text, t2i)
+    with pytest.raises(ValueError, match="2-D"):
+        retrieval_ranks(image[0], text, t2i)
+    with pytest.raises(ValueError, match="shape"):
+        retrieval_ranks(image, text, t2i[:-1])
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        retrieval_ranks(image, text, torch.cat([t2i[:-1], torch.tensor([3])]))
+    with pytest.raises(ValueError, match="integer"):
+        retrieval_ranks(image, text, t2i.float())
+    with pytest.raises(ValueError, match="chunk_size"):
+        retrieval_ranks(image, text, t2i, chunk_size=0)
+
+
+class _MatrixScorer:
+    """ITM logits looked up in a fixed (Ni, Nt) matrix; records every call."""
+
+    def __init__(self, matrix: Tensor) -> None:
+        self.matrix = matrix
+        self.batches: list[int] = []
+        self.pairs: list[tuple[int, int]] = []
+
+    def __call__(self, image_idx: Tensor, text_idx: Tensor) -> Tensor:
+        assert image_idx.dtype == torch.long and text_idx.dtype == torch.long
+        self.batches.append(image_idx.numel())
+        self.pairs.extend(zip(image_idx.tolist(), text_idx.tolist(), strict=True))
+        return self.matrix[image_idx, text_idx]
+
+
+@pytest.mark.parametrize(("name", "k"), [("one_each", 5), ("varying", 4), ("five_each", 16)])
+def test_rerank_matches_reference(name: str, k: int) -> None:
+    image, text, t2i = _random_data(COUNTS[name], seed=7)
+    itm = torch.randn(image.shape[0], text.shape[0], generator=torch.Generator().manual_seed(1))
+    scorer = _MatrixScorer(itm)
+    t2i_rank, i2t_rank = rerank_ranks(image, text, t2i, scorer, k=k, batch_size=50, chunk_size=9)
+    ref_t2i, ref_i2t = _ref_rerank(image, text, t2i, itm, k)
+    assert t2i_rank.tolist() == ref_t2i
+    assert i2t_rank.tolist() == ref_i2t
+    assert max(scorer.batches) <= 50
+    assert len(scorer.pairs) == len(set(scorer.pairs))  # each pair scored once
+    itc_t2i, _ = retrieval_ranks(image, text, t2i)
+    assert not torch.equal(t2i_rank, itc_t2i)  # the scorer really changed the order
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_rerank_with_zero_scorer_equals_itc(tied: bool) -> None:
+    counts = [3, 2, 1, 4, 2, 1, 1, 3, 2, 1]
+    image, text, t2i = _tied_data(counts, seed=4) if tied else _random_data(counts, seed=4)
+    scorer = _MatrixScorer(torch.zeros(image.shape[0], text.shape[0]))
+    for k in (1, 3, 100):
+        got = rerank_ranks(image, text, t2i, scorer, k=k, batch_size=8)
+        itc = retrieval_ranks(image, text, t2i)
+        assert torch.equal(got[0], itc[0]) and torch.equal(got[1], itc[1])
+
+
+def test_rerank_oracle_scorer() -> None:
+    image, text, t2i = _random_data(COUNTS["varying"], seed=2)
+    oracle = (t2i[None, :] == torch.arange(image.shape[0])[:, None]).float() * 10.0
+    k = 3
+    t2i_rank, i2t_rank = rerank_ranks(image, text, t2i, _MatrixScorer(oracle), k=k)
+    itc_t2i, itc_i2t = retrieval_ranks(image, text, t2i)
+    assert torch.equal(t2i_rank, torch.where(itc_t2i < k, 0, itc_t2i))
+    assert torch.equal(i2t_rank, torch.where(itc_i2t < k, 0, itc_i2t))
+    assert (itc_t2i >= k).any() and (itc_t2i[itc_t2i < k] > 0).any()
+    m = rerank_metrics(image, text, t2i, _MatrixScorer(oracle), k=k, ks=(1, k))
+    assert m["k"] == k
+    assert m["t2i_R@1"] == pytest.approx(m["t2i_R@3"])
+    assert m["t2i_R@1"] == pytest.approx(100 * (itc_t2i < k).float().mean().item())
+    assert m["rsum"] == pytest.approx(sum(v for key, v in m.items() if "_R@" in key))
+
+
+def test_rerank_validation() -> None:
+    image, text, t2i = _random_data([2, 1], seed=0)
+
+    def bad_scorer(image_idx: Tensor, text_idx: Tensor) -> Tensor:
+        return torch.zeros(image_idx.numel() + 1)
+
+    with pytest.raises(ValueError, match="one logit per pair"):
+        rerank_ranks(image, text, t2i, bad_scorer, k=2)
+    with pytest.raises(ValueError, match="k must be"):
+        rerank_ranks(image, text, t2i, bad_scorer, k=0)
