@@ -103,3 +103,61 @@ def make_processor(minilm_path: str, minilm_tokenizer):
 def processor(make_processor):
     """The default small processor: 64 px images, MiniLM tokenizer, dynamic padding."""
     return make_processor()
+
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 60),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 40),
+    "black": (10, 10, 10),
+    "white": (250, 250, 250),
+    "purple": (140, 40, 160),
+    "orange": (250, 140, 20),
+}
+
+
+def write_colour_dataset(directory, n: int = 24, captions_per_image: int = 1) -> str:
+    """A small real image-caption set: solid colour squares with shapes, captioned by colour.
+
+    Returns the path of its JSONL file (image paths relative to it).
+    """
+    import json
+    from pathlib import Path
+
+    from PIL import Image, ImageDraw
+
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    lines = []
+    for i in range(n):
+        colour = names[i % len(names)]
+        shape = ("circle", "square", "triangle")[(i // len(names)) % 3]
+        img = Image.new("RGB", (48, 48), (128, 128, 128))
+        draw = ImageDraw.Draw(img)
+        box = (8 + i % 5, 8, 40, 40 - i % 4)
+        if shape == "circle":
+            draw.ellipse(box, fill=COLOURS[colour])
+        elif shape == "square":
+            draw.rectangle(box, fill=COLOURS[colour])
+        else:
+            draw.polygon([(24, 6), (42, 42), (6, 42)], fill=COLOURS[colour])
+        name = f"img{i:03d}.png"
+        img.save(directory / "images" / name)
+        for c in range(captions_per_image):
+            caption = f"a {colour} {shape}" if c == 0 else f"{shape} coloured {colour} #{c}"
+            lines.append({"image": f"images/{name}", "caption": caption, "image_id": name})
+    path = directory / "data.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture()
+def tiny_model_dir(tmp_path, make_processor) -> str:
+    """A saved tiny random model (cross fusion) with a 64 px processor, as a model directory."""
+    from xmodal.models.model import CrossModalModel
+
+    directory = tmp_path / "tiny-model"
+    CrossModalModel(tiny_model_config()).save_pretrained(directory, make_processor())
+    return str(directory)

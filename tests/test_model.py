@@ -50,7 +50,9 @@ def test_forward_shapes(make_tiny_config, processor, fusion_kind) -> None:
     assert out.text.tokens.shape == (b, length, 32) and out.text.mask.shape == (b, length)
     assert out.image.tokens.shape == (b, 16 * 16 // 4, 32)  # 64 px -> 8 x 8 grid, 32 channels
     assert out.image.mask is None
-    torch.testing.assert_close(out.itm_logits, model.itm_head(out.fused_embeds))
+    agreement = out.image_embeds * out.text_embeds
+    expected_itm = model.itm_head(torch.cat([out.fused_embeds, agreement], dim=-1))
+    torch.testing.assert_close(out.itm_logits, expected_itm)
     torch.testing.assert_close(
         model.itm_score(out.image, out.text), out.itm_logits[:, 1] - out.itm_logits[:, 0]
     )

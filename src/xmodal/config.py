@@ -137,6 +137,7 @@ class ProcessorConfig:
     padding: ``longest`` pads each batch to its longest caption (fast); ``max_length`` pads every
         caption to ``max_length`` (the design note). Truncation at ``max_length`` is always on.
     tokenizer: name or folder of the tokenizer (saved inside a model directory).
+    caption_template: wraps every caption before tokenising (e.g. ``"an emoji of {}"``).
     """
 
     image_size: int = 224
@@ -149,6 +150,7 @@ class ProcessorConfig:
     padding: Literal["longest", "max_length"] = "longest"
     max_length: int = 128
     max_image_pixels: int = 89_478_485
+    caption_template: str = "{}"
 
     def validate(self) -> None:
         _check_positive("processor.image_size", self.image_size)
@@ -159,6 +161,8 @@ class ProcessorConfig:
         _check_choice("processor.padding", self.padding, ("longest", "max_length"))
         _check_positive("processor.max_length", self.max_length)
         _check_positive("processor.max_image_pixels", self.max_image_pixels)
+        if self.caption_template.count("{}") != 1:
+            raise ConfigError("processor.caption_template must contain exactly one '{}'")
         for name, values in (("mean", self.mean), ("std", self.std)):
             if len(values) != 3:
                 raise ConfigError(f"processor.{name} needs 3 values, got {len(values)}")

@@ -234,14 +234,21 @@ class MultimodalProcessor:
         return torch.stack([self.process_image(img) for img in images])
 
     # -- captions -----------------------------------------------------------------------------
-    def process_text(self, text: str | Sequence[str]) -> dict[str, torch.Tensor]:
-        """Captions -> ``input_ids`` and ``attention_mask`` (B, L)."""
+    def process_text(
+        self, text: str | Sequence[str], apply_template: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Captions -> ``input_ids`` and ``attention_mask`` (B, L).
+
+        ``apply_template=False`` skips ``caption_template`` (for prompts that bring their own).
+        """
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise CaptionError("no captions given")
         for i, caption in enumerate(texts):
             check_caption(caption, i)
         cfg = self.config
+        if apply_template and cfg.caption_template != "{}":
+            texts = [cfg.caption_template.format(t) for t in texts]
         encoded = self.tokenizer(
             texts,
             padding=cfg.padding,

@@ -91,7 +91,9 @@ class CrossModalModel(nn.Module):
                 fusion.mlp_ratio,
                 fusion.dropout,
             )
-        self.itm_head = nn.Linear(dim, 2)
+        # ITM reads the fused vector and the element-wise agreement of the two embeddings: the
+        # head can express the contrastive similarity itself, and the fusion refines it.
+        self.itm_head = nn.Linear(2 * dim, 2)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.init_logit_scale)))
         self.siglip_logit_scale = nn.Parameter(torch.tensor(math.log(config.init_siglip_scale)))
         self.siglip_logit_bias = nn.Parameter(torch.tensor(config.init_siglip_bias))
@@ -129,7 +131,10 @@ class CrossModalModel(nn.Module):
 
     def itm_logits(self, image: Features, text: Features) -> torch.Tensor:
         """(B, 2) logits [mismatch, match] of the pairs (image[i], text[i])."""
-        return self.itm_head(self.fuse(image, text))
+        return self.itm_from_fused(self.fuse(image, text), image, text)
+
+    def itm_from_fused(self, fused: torch.Tensor, image: Features, text: Features) -> torch.Tensor:
+        return self.itm_head(torch.cat([fused, image.embeds * text.embeds], dim=-1))
 
     def itm_score(self, image: Features, text: Features) -> torch.Tensor:
         """(B,) match logit minus mismatch logit: a pair's ITM score for re-ranking."""
@@ -159,7 +164,7 @@ class CrossModalModel(nn.Module):
             fused_embeds=fused,
             logits_per_text=logits_per_text,
             logits_per_image=logits_per_text.t(),
-            itm_logits=self.itm_head(fused),
+            itm_logits=self.itm_from_fused(fused, image, text),
             image=image,
             text=text,
         )

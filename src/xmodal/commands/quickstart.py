@@ -1,0 +1,20 @@
+"""``xmodal quickstart``: build emoji data, fine-tune, evaluate on held-out names."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add(commands) -> None:
+    p = commands.add_parser("quickstart", help="emoji data -> fine-tune -> held-out evaluation")
+    p.add_argument("--out", default="runs/quickstart", help="where data, model and report go")
+    p.add_argument("--from", dest="tarball", default=None, help="emoji npm tarball to use")
+    p.add_argument("--steps", type=int, default=None, help="override the training steps")
+    p.add_argument("--workers", type=int, default=1, help="image decoding processes")
+
+
+def run(args: argparse.Namespace) -> int:
+    from xmodal.quickstart import run_quickstart
+
+    run_quickstart(args.out, tarball=args.tarball, steps=args.steps, num_workers=args.workers)
+    return 0

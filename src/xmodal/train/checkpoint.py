@@ -1,0 +1,172 @@
+"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint is a folder ``step-000100/`` holding the model directory files plus
+``train_state.safetensors`` (optimiser moments, RNG states) and ``train_state.json`` (step, data
+position, scheduler, optimiser hyper-parameters). It is written under a temporary name and
+renamed when complete, so a crash never leaves a half-written checkpoint under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from xmodal.atomic import atomic_dir, atomic_write_text
+from xmodal.models.model import WEIGHTS_NAME, CrossModalModel
+
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+
+
+@dataclass
+class TrainProgress:
+    """Where training stands: optimiser steps done and the data position of the next batch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples_seen: int = 0
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: CrossModalModel,
+    processor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: TrainProgress,
+    extra: dict | None = None,
+) -> Path:
+    """Write a complete checkpoint atomically (temporary folder, then rename)."""
+    final = Path(directory) / checkpoint_name(progress.step)
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp, processor)
+        tensors, meta = _optimizer_to_flat(optimizer)
+        tensors.update(_rng_tensors())
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        state = {
+            "progress": asdict(progress),
+            "optimizer": meta,
+            "scheduler": scheduler.state_dict(),
+            "python_random": _python_rng_json(),
+            "extra": extra or {},
+        }
+        atomic_write_text(tmp / STATE_JSON, json.dumps(state, indent=1))
+    return final
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The newest complete checkpoint in ``directory``, or None."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    done = [
+        p
+        for p in directory.glob("step-*")
+        if p.is_dir() and (p / STATE_JSON).is_file() and (p / WEIGHTS_NAME).is_file()
+    ]
+    return max(done, key=lambda p: p.name) if done else None
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: CrossModalModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[TrainProgress, dict]:
+    """Restore model weights, optimiser, scheduler and RNG states; return the progress."""
+    path = Path(path)
+    refuse_pickle(path)
+    weights = load_file(str(path / WEIGHTS_NAME))
+    model.load_state_dict(weights)
+    state = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+    tensors = load_file(str(path / STATE_TENSORS))
+    optimizer.load_state_dict(_optimizer_from_flat(tensors, state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    _restore_rng(tensors, state["python_random"])
+    return TrainProgress(**state["progress"]), state.get("extra", {})
+
+
+def refuse_pickle(path: Path) -> None:
+    """Refuse a checkpoint folder carrying pickle payloads (.bin, .pt, .pth, .pkl, ...)."""
+    for file in path.iterdir():
+        if file.suffix in {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}:
+            raise ValueError(
+                f"refusing checkpoint {path}: {file.name} is a pickle payload; xmodal loads "
+                "weights only from safetensors"
+            )
+
+
+def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    state_meta: dict[str, dict] = {}
+    for pid, pstate in sd["state"].items():
+        meta = {}
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{key}"] = value.detach().contiguous().cpu()
+                meta[key] = "tensor"
+            else:
+                meta[key] = value
+        state_meta[str(pid)] = meta
+    return tensors, {"state": state_meta, "param_groups": sd["param_groups"]}
+
+
+def _optimizer_from_flat(tensors: dict, meta: dict) -> dict:
+    state = {}
+    for pid, pmeta in meta["state"].items():
+        state[int(pid)] = {
+            key: tensors[f"optim.{pid}.{key}"] if value == "tensor" else value
+            for key, value in pmeta.items()
+        }
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    np_state = np.random.get_state()
+    tensors["rng.numpy.keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+    tensors["rng.numpy.meta"] = torch.tensor([np_state[2], np_state[3]], dtype=torch.float64)
+    tensors["rng.numpy.gauss"] = torch.tensor([np_state[4]], dtype=torch.float64)
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return tensors
+
+
+def _python_rng_json() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _restore_rng(tensors: dict, python_state: list) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    keys = tensors["rng.numpy.keys"].numpy().astype(np.uint32)
+    pos, has_gauss = tensors["rng.numpy.meta"].tolist()
+    np.random.set_state(
+        ("MT19937", keys, int(pos), int(has_gauss), float(tensors["rng.numpy.gauss"][0]))
+    )
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = python_state
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_final_model(out_dir: Path, model: CrossModalModel, processor) -> Path:
+    """The finished model as a plain model directory ``out_dir/model`` (atomic folder swap)."""
+    final = Path(out_dir) / "model"
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp, processor)
+    return final

@@ -1,0 +1,150 @@
+"""The trainer: the loss falls, resume is exact, configs are checked, outputs are written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_colour_dataset
+from safetensors.torch import load_file
+
+from xmodal.config import ConfigError
+from xmodal.train import TrainConfig, Trainer, load_train_config
+from xmodal.train.config import DataSection, LossSection, ModelSection, OptimSection
+from xmodal.train.trainer import build_optimizer, cosine_schedule, epoch_batches
+
+
+def make_config(tmp_path: Path, model_dir: str, out: str, **optim) -> TrainConfig:
+    data = write_colour_dataset(tmp_path / "data", n=24)
+    return TrainConfig(
+        data=DataSection(train=data, val=data, num_workers=0),
+        model=ModelSection(name=model_dir),
+        loss=LossSection(infonce=1.0, siglip=0.5, itm=1.0, cosine=0.5),
+        optim=OptimSection(
+            **{"steps": 20, "batch_size": 8, "lr": 3e-3, "tower_lr": 1e-3, "warmup_steps": 2}
+            | optim
+        ),
+        out_dir=str(tmp_path / out),
+        device="cpu",
+        precision="fp32",
+        eval_every=10,
+        save_every=10,
+        log_every=1,
+    )
+
+
+def read_log(out_dir: str) -> list[dict]:
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_twenty_steps_loss_falls_and_outputs_written(tmp_path, tiny_model_dir) -> None:
+    config = make_config(tmp_path, tiny_model_dir, "run")
+    result = Trainer(config).train()
+    log = read_log(config.out_dir)
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 20
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert {"infonce", "siglip", "itm", "cosine", "lr", "grad_norm"} <= set(log[-1])
+    assert "val_t2i_R@1" in log[-1] and "val_t2i_R@1" in log[9]
+    out = Path(config.out_dir)
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-0000010",
+        "step-0000020",
+    ]
+    assert (result.model_dir / "model.safetensors").is_file()
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*tmp*"))
+
+
+def test_resume_after_stop_at_step_10_is_exact(tmp_path, tiny_model_dir) -> None:
+    straight = make_config(tmp_path, tiny_model_dir, "straight")
+    Trainer(straight).train()
+    interrupted = make_config(tmp_path, tiny_model_dir, "interrupted")
+    Trainer(interrupted).train(stop_after=10)
+    assert not (Path(interrupted.out_dir) / "model").exists()
+    torch.manual_seed(1234)  # a different global state: resume must restore its own
+    Trainer(interrupted).train(resume=True)
+    a = load_file(str(Path(straight.out_dir) / "model" / "model.safetensors"))
+    b = load_file(str(Path(interrupted.out_dir) / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [r["step"] for r in read_log(interrupted.out_dir)]
+    assert steps == sorted(set(steps)) and steps[-1] == 20  # no duplicated log lines
+
+
+def test_accumulation_and_locked_image_with_cache(tmp_path, tiny_model_dir) -> None:
+    config = make_config(tmp_path, tiny_model_dir, "accum", steps=4, accum_steps=2)
+    config.model.lock_image = True
+    config.model.cache_image_features = True
+    trainer = Trainer(config)
+    before = {k: v.clone() for k, v in trainer.model.image_tower.state_dict().items()}
+    result = trainer.train()
+    assert result.progress.step == 4
+    assert result.progress.samples_seen == 4 * 2 * 8
+    after = trainer.model.image_tower.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # locked: BN stats too
+    assert trainer.cache is not None and trainer.cache[0].shape[0] == 24
+
+
+def test_optimizer_groups_skip_decay_on_norms_biases_and_scales(tiny_model_dir, tmp_path):
+    config = make_config(tmp_path, tiny_model_dir, "groups")
+    trainer = Trainer(config)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    for group in build_optimizer(trainer.model, config).param_groups:
+        for param in group["params"]:
+            name = names[id(param)]
+            no_decay = param.ndim < 2 or "norm" in name.lower() or "logit" in name
+            if no_decay:
+                assert group["weight_decay"] == 0.0, name
+            is_tower = name.startswith(("image_tower.", "text_tower."))
+            assert group["lr"] == (config.optim.tower_lr if is_tower else config.optim.lr)
+
+
+def test_cosine_schedule_warms_up_then_decays() -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    schedule = cosine_schedule(optimizer, warmup=4, total=20, min_ratio=0.1)
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
+    assert lrs[-1] == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(15 / 16 * torch.pi)).item())
+    )
+
+
+def test_epoch_batches_are_deterministic_full_and_disjoint() -> None:
+    a = epoch_batches(50, 8, seed=3, epoch=2)
+    assert a == epoch_batches(50, 8, seed=3, epoch=2)
+    assert a != epoch_batches(50, 8, seed=3, epoch=3)
+    flat = [i for batch in a for i in batch]
+    assert len(a) == 6 and all(len(b) == 8 for b in a) and len(set(flat)) == 48
+
+
+def test_yaml_config_errors_name_the_key(tmp_path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  train: x.jsonl\noptim:\n  steps: -5\n")
+    with pytest.raises(ConfigError, match="optim.steps"):
+        load_train_config(path)
+    path.write_text("data:\n  train: x.jsonl\n  trian: y\n")
+    with pytest.raises(ConfigError, match="trian"):
+        load_train_config(path)
+    path.write_text("data:\n  train: x.jsonl\noptim:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_train_config(path)
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_train_config(tmp_path / "nope.yaml")
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, tiny_model_dir) -> None:
+    config = make_config(tmp_path, tiny_model_dir, "missing")
+    config.data.train = str(tmp_path / "absent.jsonl")
+    with pytest.raises(FileNotFoundError, match="absent.jsonl"):
+        Trainer(config)
