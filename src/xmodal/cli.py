@@ -1,24 +1,56 @@
-"""The ``xmodal`` command: parses arguments and calls into the library, nothing more."""
+"""The ``xmodal`` command: parses arguments and calls into the library, nothing more.
+
+Each subcommand lives in its own module under ``xmodal/commands/``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from xmodal.commands import (
+    data,
+    demo,
+    evaluate,
+    extract,
+    index,
+    quickstart,
+    search,
+    serve,
+    train,
+)
+
+SUBCOMMANDS = {
+    "quickstart": quickstart,
+    "demo": demo,
+    "data": data,
+    "train": train,
+    "eval": evaluate,
+    "extract": extract,
+    "index": index,
+    "search": search,
+    "serve": serve,
+}
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xmodal", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="xmodal", description="Image-text cross-modal features: train, evaluate, search."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-
-    demo = commands.add_parser("demo", help="embed a few real photos and captions, print tables")
-    demo.add_argument("--preset", default="offline-default")
-
+    for module in SUBCOMMANDS.values():
+        module.add(commands)
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from xmodal.demo import run_demo
+    return _guarded(args.command, SUBCOMMANDS[args.command].run, args)
 
-        run_demo(args.preset)
-    return 0
+
+def _guarded(command: str, run, args: argparse.Namespace) -> int:
+    """Run a subcommand; expected failures (bad input, mismatched hashes) print one line."""
+    try:
+        return run(args)
+    except (OSError, ValueError) as err:
+        print(f"xmodal {command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ def sample_hard_negatives(
     """Pick one hard negative per row and per column of a (B, B) image-text similarity.
 
     Negatives are drawn with probability softmax(similarity) among pairs that show different
-    images, so harder (more similar) mismatches are picked more often. Returns
+    images, so harder (more similar) mismatches are picked more often. Pass the scaled logits
+    (logit scale x cosine): raw cosines make the softmax nearly uniform. Returns
     ``(negative_text_for_image, negative_image_for_text, valid)``: indices (B,) and a bool mask
     of rows that have at least one possible negative (a batch of one image has none).
     """

@@ -1,0 +1,33 @@
+"""``xmodal search``: top-k ids for a caption or an image, optionally ITM re-ranked."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add(commands) -> None:
+    p = commands.add_parser("search", help="query an index with a caption or an image")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--model", required=True, help="model directory or preset name")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="caption query")
+    query.add_argument("--image", help="image query (path)")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--rerank", action="store_true", help="re-rank the top-k with the ITM head")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from xmodal.search import format_results, search
+
+    results = search(
+        args.index,
+        args.model,
+        text=args.text,
+        image=args.image,
+        k=args.k,
+        rerank=args.rerank,
+        nprobe=args.nprobe,
+    )
+    print(format_results(results))
+    return 0

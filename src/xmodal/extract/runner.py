@@ -1,0 +1,375 @@
+"""``xmodal extract``: dataset -> embedding shards; resumable shard by shard.
+
+Under torchrun each rank embeds its own shards (:mod:`xmodal.extract.ranks`); rank 0 writes the
+manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from xmodal.data.datasets import load_dataset
+from xmodal.extract.identity import ModelIdentity, check_compatible, identify
+from xmodal.extract.mapper import EmbeddingMapper
+from xmodal.extract.ranks import (
+    fold_errors,
+    fold_shards,
+    load_parts,
+    new_part,
+    rank_shards,
+    remove_parts,
+    save_part,
+)
+from xmodal.extract.reader import (
+    Item,
+    default_workers,
+    image_items,
+    image_loader,
+    items_fingerprint,
+    location,
+    text_batches,
+    text_items,
+)
+from xmodal.extract.writer import (
+    DTYPES,
+    KINDS,
+    MANIFEST_FORMAT,
+    complete_shards,
+    load_errors,
+    load_manifest,
+    now,
+    remove_stale_temporaries,
+    save_errors,
+    save_manifest,
+    shard_name,
+    write_shard,
+)
+from xmodal.presets import load_model
+from xmodal.processing import MultimodalProcessor
+from xmodal.train import distributed
+from xmodal.train.distributed import World
+
+ShardHook = Callable[[str, int], None]
+
+
+class ExtractError(ValueError):
+    """The run's settings conflict with the output directory or are out of range."""
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Set torch's intra-op threads for the duration (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def extract(
+    model: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    what: str = "both",
+    shard_size: int = 10_000,
+    dtype: str = "float32",
+    batch_size: int = 64,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    data_format: str | None = None,
+    progress: bool = True,
+    on_shard: ShardHook | None = None,
+) -> dict[str, Any]:
+    """Embed the unique images and/or the captions of ``data`` into Parquet shards in ``out``.
+
+    Shard k holds items [k * shard_size, (k + 1) * shard_size); finished shards are skipped on
+    a re-run, so an interrupted run resumes where it stopped. Returns the manifest. Under
+    torchrun, shard k is embedded by rank k % world size.
+    """
+    kinds = _check_options(what, shard_size, dtype, batch_size, workers)
+    with distributed.process_group("gloo") as world:  # extraction runs on CPU tensors
+        workers = default_workers() if workers is None else workers
+        net, processor = load_model(model)
+        identity = identify(net, processor, model)
+        dataset = load_dataset(data, data_format, skip_bad)
+        out = Path(out)
+        mapper = EmbeddingMapper(net)
+        manifest = _open_manifest(out, identity, mapper.dim, dtype, shard_size, data)
+        items = {
+            kind: image_items(dataset) if kind == "images" else text_items(dataset)
+            for kind in kinds
+        }
+        for kind in kinds:
+            _kind_record(manifest, kind, items[kind], out, data)
+        done, errors = _resume_state(out, manifest, world)
+        run = _Run(
+            out, manifest, processor, mapper, errors, batch_size, workers, progress, on_shard
+        )
+        run.world = world
+        threads = max(1, (os.cpu_count() or 1) - workers)
+        with torch_threads(threads):
+            for kind in kinds:
+                run.kind(kind, items[kind], set(done[kind]))
+        if world.distributed:
+            return _merge_ranks(out, manifest, run)
+        save_manifest(out, manifest)
+        return manifest
+
+
+def _resume_state(
+    out: Path, manifest: dict[str, Any], world: World
+) -> tuple[dict[str, dict[int, dict[str, Any]]], list[dict[str, Any]]]:
+    """The finished shards per kind (including those a killed distributed run recorded in part
+    files) and their error records. Once every rank has read them, rank 0 removes stale
+    temporaries and writes the folded state, before any rank writes a shard."""
+    parts = load_parts(out)
+    fold_shards(manifest, parts)
+    done = {kind: complete_shards(out, record) for kind, record in manifest["kinds"].items()}
+    for kind, record in manifest["kinds"].items():
+        record["shards"] = [done[kind][k] for k in sorted(done[kind])]
+    keep = {e["file"] for d in done.values() for e in d.values()}
+    errors = load_errors(out, keep)
+    if parts:
+        errors = fold_errors(errors, parts, keep)
+    distributed.barrier()
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        if parts:
+            save_errors(out, errors)
+            save_manifest(out, manifest)
+            remove_parts(out)
+    distributed.barrier()
+    return done, errors
+
+
+def _merge_ranks(out: Path, manifest: dict[str, Any], run: _Run) -> dict[str, Any]:
+    """Rank 0 folds every rank's shards and errors into the one manifest and error log; every
+    rank returns that manifest."""
+    parts = distributed.gather_objects(run.part)
+    if run.world.is_main:
+        fold_shards(manifest, parts)
+        save_errors(out, fold_errors(run.errors, parts))
+        save_manifest(out, manifest)
+        remove_parts(out)
+    distributed.barrier()
+    return manifest if run.world.is_main else load_manifest(out)
+
+
+def _check_options(
+    what: str, shard_size: int, dtype: str, batch_size: int, workers: int | None
+) -> tuple[str, ...]:
+    if what not in (*KINDS, "both"):
+        raise ExtractError(f"what must be images, texts or both, got {what!r}")
+    if dtype not in DTYPES:
+        raise ExtractError(f"dtype must be float16 or float32, got {dtype!r}")
+    for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
+        if value < 1:
+            raise ExtractError(f"{name} must be >= 1, got {value}")
+    if workers is not None and workers < 0:
+        raise ExtractError(f"workers must be >= 0, got {workers}")
+    return KINDS if what == "both" else (what,)
+
+
+def _open_manifest(
+    out: Path, identity: ModelIdentity, dim: int, dtype: str, shard_size: int, data: str | Path
+) -> dict[str, Any]:
+    """The existing manifest (checked against this run) or a fresh one."""
+    manifest = load_manifest(out)
+    if manifest is None:
+        return {
+            "format": MANIFEST_FORMAT,
+            "model": identity.to_dict(),
+            "processor_hash": identity.processor_hash,
+            "dim": dim,
+            "dtype": dtype,
+            "normalised": True,
+            "shard_size": shard_size,
+            "data": str(Path(data).resolve()),
+            "created": now(),
+            "kinds": {},
+            "total_rows": 0,
+        }
+    previous = ModelIdentity.from_record(manifest)
+    check_compatible(previous, identity, f"{out} holds embeddings of another model; not extracting")
+    for key, value in (("dim", dim), ("dtype", dtype), ("shard_size", shard_size)):
+        if manifest[key] != value:
+            raise ExtractError(
+                f"{out} was extracted with {key}={manifest[key]}, this run asks for {value}: "
+                "use the same setting or a new --out directory"
+            )
+    return manifest
+
+
+def _kind_record(
+    manifest: dict[str, Any], kind: str, items: Sequence[Item], out: Path, data: str | Path
+) -> None:
+    fingerprint = items_fingerprint(items)
+    record = manifest["kinds"].get(kind)
+    if record is None:
+        manifest["kinds"][kind] = {
+            "items": len(items),
+            "items_hash": fingerprint,
+            "num_shards": math.ceil(len(items) / manifest["shard_size"]),
+            "shards": [],
+        }
+    elif record["items"] != len(items) or record["items_hash"] != fingerprint:
+        raise ExtractError(
+            f"{out} holds {kind} of other data ({record['items']} items, fingerprint "
+            f"{record['items_hash']}) than {data} ({len(items)} items, fingerprint "
+            f"{fingerprint}): use a new --out directory"
+        )
+
+
+@dataclass
+class _ShardBuffer:
+    """Embeddings of one shard's items as they arrive, in any order."""
+
+    start: int
+    end: int
+    dim: int
+    rows: np.ndarray = field(init=False)
+    ok: np.ndarray = field(init=False)
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rows = np.zeros((self.end - self.start, self.dim), dtype=np.float32)
+        self.ok = np.zeros(self.end - self.start, dtype=bool)
+
+    def put(self, positions: list[int], embeddings: np.ndarray) -> None:
+        index = np.asarray(positions) - self.start
+        self.rows[index] = embeddings
+        self.ok[index] = True
+
+
+class _Run:
+    """Embeds the pending shards of one kind after another, writing each when it is complete."""
+
+    def __init__(
+        self,
+        out: Path,
+        manifest: dict[str, Any],
+        processor: MultimodalProcessor,
+        mapper: EmbeddingMapper,
+        errors: list[dict[str, Any]],
+        batch_size: int,
+        workers: int,
+        progress: bool,
+        on_shard: ShardHook | None,
+    ):
+        self.out, self.manifest, self.processor, self.mapper = out, manifest, processor, mapper
+        self.errors, self.batch_size, self.workers = errors, batch_size, workers
+        self.progress, self.on_shard = progress, on_shard
+        self.size = manifest["shard_size"]
+        self.world = World()
+        self.part = new_part()  # this rank's finished shards and errors (distributed runs)
+
+    def _bounds(self, k: int, count: int) -> tuple[int, int]:
+        return k * self.size, min(count, (k + 1) * self.size)
+
+    def kind(self, kind: str, items: Sequence[Item], done: set[int]) -> None:
+        num_shards = self.manifest["kinds"][kind]["num_shards"]
+        pending = [k for k in range(num_shards) if k not in done]
+        pending = rank_shards(pending, self.world.rank, self.world.size)
+        total = sum(end - start for start, end in (self._bounds(k, len(items)) for k in pending))
+        unit = "img" if kind == "images" else "txt"
+        quiet = not self.progress or not self.world.is_main
+        with tqdm(total=total, desc=kind, unit=unit, disable=quiet) as bar:
+            if kind == "images":
+                self._images(items, pending, bar)
+            else:
+                self._texts(items, pending, bar)
+
+    def _images(self, items: Sequence[Item], pending: list[int], bar: tqdm) -> None:
+        batches: list[list[int]] = []
+        left: dict[int, int] = {}
+        for k in pending:
+            start, end = self._bounds(k, len(items))
+            for b in range(start, end, self.batch_size):
+                batches.append(list(range(b, min(end, b + self.batch_size))))
+                left[k] = left.get(k, 0) + 1
+        buffers: dict[int, _ShardBuffer] = {}
+        loader = image_loader(items, self.processor, batches, self.workers)
+        for positions, batch in zip(batches, loader, strict=True):
+            k = positions[0] // self.size
+            buffer = buffers.setdefault(
+                k, _ShardBuffer(*self._bounds(k, len(items)), self.mapper.dim)
+            )
+            if batch.pixel_values is not None:
+                buffer.put(batch.positions, self.mapper.images(batch.pixel_values))
+            buffer.failures.extend(batch.failures)
+            bar.update(len(positions))
+            left[k] -= 1
+            if not left[k]:
+                self._finish("images", k, items, buffers.pop(k))
+
+    def _texts(self, items: Sequence[Item], pending: list[int], bar: tqdm) -> None:
+        for k in pending:
+            buffer = _ShardBuffer(*self._bounds(k, len(items)), self.mapper.dim)
+            positions = range(buffer.start, buffer.end)
+            for batch in text_batches(items, positions, self.processor, self.batch_size):
+                buffer.put(
+                    batch.positions, self.mapper.texts(batch.input_ids, batch.attention_mask)
+                )
+                bar.update(len(batch.positions))
+            self._finish("texts", k, items, buffer)
+
+    def _finish(self, kind: str, k: int, items: Sequence[Item], buffer: _ShardBuffer) -> None:
+        """Write shard k, then the error log, then the manifest (in that order, for resuming)."""
+        file = shard_name(kind, k)
+        rows = [buffer.start + i for i in np.flatnonzero(buffer.ok)]
+        chosen = [items[p] for p in rows]
+        if kind == "images":
+            extra = {"location": [location(item.ref) for item in chosen]}
+        else:
+            extra = {"image_id": [item.image_id for item in chosen]}
+        write_shard(
+            self.out / file,
+            [item.id for item in chosen],
+            [item.source for item in chosen],
+            buffer.rows[buffer.ok],
+            self.manifest["dtype"],
+            extra,
+        )
+        failures = [
+            {
+                "kind": kind,
+                "shard": file,
+                "id": items[position].id,
+                "source": items[position].source,
+                "reason": reason,
+            }
+            for position, reason in sorted(buffer.failures)
+        ]
+        entry = {
+            "index": k,
+            "file": file,
+            "start": buffer.start,
+            "end": buffer.end,
+            "rows": len(rows),
+            "failed": len(buffer.failures),
+        }
+        if self.world.distributed:  # rank 0 writes the manifest once all ranks are done
+            self.part["shards"][kind].append(entry)
+            self.part["errors"] += failures
+            save_part(self.out, self.world.rank, self.part)
+        else:
+            self.errors += failures
+            save_errors(self.out, self.errors)
+            record = self.manifest["kinds"][kind]
+            record["shards"] = sorted([*record["shards"], entry], key=lambda e: e["index"])
+            save_manifest(self.out, self.manifest)
+        if self.on_shard is not None:
+            self.on_shard(kind, k)

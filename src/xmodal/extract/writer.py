@@ -1,0 +1,159 @@
+"""Parquet embedding shards, the manifest that describes them and the error log, all atomic."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from xmodal.atomic import atomic_path, atomic_write_text
+
+MANIFEST_NAME = "manifest.json"
+ERRORS_NAME = "errors.jsonl"
+MANIFEST_FORMAT = "xmodal.embeddings/1"
+KINDS = ("images", "texts")
+DTYPES = ("float16", "float32")
+
+
+def shard_name(kind: str, index: int) -> str:
+    """``images-00000.parquet`` for shard 0 of the images."""
+    return f"{kind}-{index:05d}.parquet"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_shard(
+    path: str | Path,
+    ids: list[str],
+    sources: list[str],
+    embeddings: np.ndarray,
+    dtype: str,
+    extra: dict[str, list[Any]] | None = None,
+) -> None:
+    """Write one shard: ``id``, ``source``, ``embedding`` (fixed_size_list[D]) and extra columns."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    rows, dim = embeddings.shape
+    if not len(ids) == len(sources) == rows:
+        raise ValueError(f"{path}: {len(ids)} ids, {len(sources)} sources, {rows} embeddings")
+    values = pa.array(np.ascontiguousarray(embeddings, dtype=dtype).reshape(-1))
+    columns: dict[str, pa.Array] = {
+        "id": pa.array(ids, pa.string()),
+        "source": pa.array(sources, pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(values, dim),
+    }
+    for name, column in (extra or {}).items():
+        columns[name] = pa.array(column, pa.string())
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(columns), str(tmp))
+
+
+@dataclass
+class Shard:
+    """One shard read back: embeddings as float32 (N, D)."""
+
+    ids: list[str]
+    sources: list[str]
+    embeddings: np.ndarray
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+
+
+def read_shard(path: str | Path) -> Shard:
+    table = pq.read_table(str(path))
+    missing = {"id", "source", "embedding"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path}: not an embedding shard (no column(s) {sorted(missing)})")
+    embedding = table.column("embedding").combine_chunks()
+    dim = embedding.type.list_size
+    flat = embedding.flatten().to_numpy(zero_copy_only=False)
+    extra = {
+        name: table.column(name).to_pylist()
+        for name in table.column_names
+        if name not in ("id", "source", "embedding")
+    }
+    return Shard(
+        table.column("id").to_pylist(),
+        table.column("source").to_pylist(),
+        flat.astype(np.float32).reshape(-1, dim),
+        extra,
+    )
+
+
+def shard_rows(path: str | Path) -> int | None:
+    """Row count from the Parquet footer; None when the file is missing or unreadable."""
+    try:
+        return pq.ParquetFile(str(path)).metadata.num_rows
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def load_manifest(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: not an xmodal embeddings manifest ({MANIFEST_FORMAT})")
+    return manifest
+
+
+def save_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
+    """Recount the totals and write ``manifest.json`` atomically."""
+    for record in manifest["kinds"].values():
+        record["rows"] = sum(s["rows"] for s in record["shards"])
+        record["failed"] = sum(s["failed"] for s in record["shards"])
+        done = {s["index"] for s in record["shards"]}
+        record["complete"] = done == set(range(record["num_shards"]))
+    manifest["total_rows"] = sum(r["rows"] for r in manifest["kinds"].values())
+    manifest["updated"] = now()
+    atomic_write_text(Path(directory) / MANIFEST_NAME, json.dumps(manifest, indent=2))
+
+
+def complete_shards(directory: str | Path, record: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Shard entries of one kind whose file exists and holds the recorded number of rows."""
+    done = {}
+    for entry in record["shards"]:
+        if shard_rows(Path(directory) / entry["file"]) == entry["rows"]:
+            done[entry["index"]] = entry
+    return done
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete temporary files an interrupted (killed) run left behind; returns them."""
+    stale = []
+    for pattern in (".manifest.json.*.tmp", ".errors.jsonl.*.tmp", ".images-*.tmp", ".texts-*.tmp"):
+        for path in Path(directory).glob(pattern):
+            path.unlink(missing_ok=True)
+            stale.append(path)
+    return stale
+
+
+def load_errors(directory: str | Path, keep: set[str]) -> list[dict[str, Any]]:
+    """Error records of the shard files in ``keep`` (those of unfinished shards are dropped)."""
+    path = Path(directory) / ERRORS_NAME
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if record.get("shard") in keep:
+                records.append(record)
+    return records
+
+
+def save_errors(directory: str | Path, records: list[dict[str, Any]]) -> None:
+    """Write ``errors.jsonl`` atomically (one JSON object per unreadable item)."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_text(Path(directory) / ERRORS_NAME, text)

@@ -1,0 +1,176 @@
+"""Query an index with a caption or an image; optional ITM re-ranking of the top-k."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xmodal.extract.identity import ModelIdentity, check_compatible, identify
+from xmodal.extract.reader import image_ref
+from xmodal.index import SearchIndex
+from xmodal.models.model import CrossModalModel, Features
+from xmodal.processing import ImageInput, MultimodalProcessor
+
+
+class Searcher:
+    """A model, its processor and an index that belong together; model calls are serialised."""
+
+    def __init__(
+        self,
+        model: CrossModalModel,
+        processor: MultimodalProcessor,
+        index: SearchIndex,
+        identity: ModelIdentity | None = None,
+    ):
+        expected = index.identity
+        if identity is None:  # no weights hash known: check the preprocessing only
+            identity = ModelIdentity("model", expected.weights_hash, processor.config_hash)
+        check_compatible(
+            expected, identity, f"index {index.directory} vs model {identity.model_id}"
+        )
+        if model.config.embed_dim != index.dim:
+            raise ValueError(f"model dimension {model.config.embed_dim} != index {index.dim}")
+        self.model = model.eval()
+        self.processor = processor
+        self.index = index
+        self.lock = threading.Lock()
+
+    # -- features -------------------------------------------------------------------------------
+    def text_features(self, texts: list[str]) -> Features:
+        with self.lock, torch.inference_mode():  # fast tokenizers are not thread-safe
+            batch = self.processor.process_text(texts)
+            return self.model.text_features(batch["input_ids"], batch["attention_mask"])
+
+    def image_features(self, images: list[ImageInput]) -> Features:
+        pixels = self.processor.process_images(images)  # decoding needs no lock
+        with self.lock, torch.inference_mode():
+            return self.model.image_features(pixels)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """(N, D) float32 L2-normalised caption embeddings."""
+        return self.text_features(texts).embeds.float().numpy()
+
+    def embed_images(self, images: list[ImageInput]) -> np.ndarray:
+        """(N, D) float32 L2-normalised image embeddings; a bad image raises ImageLoadError."""
+        return self.image_features(images).embeds.float().numpy()
+
+    # -- search ---------------------------------------------------------------------------------
+    def search_text(
+        self, text: str, k: int = 10, rerank: bool = False, **params: Any
+    ) -> list[dict[str, Any]]:
+        """Top-k index entries for a caption, as result dicts (best first)."""
+        self._check_rerank(rerank, text_query=True)
+        return self._search(self.text_features([text]), k, rerank, True, params)
+
+    def search_image(
+        self, image: ImageInput, k: int = 10, rerank: bool = False, **params: Any
+    ) -> list[dict[str, Any]]:
+        """Top-k index entries for an image, as result dicts (best first)."""
+        self._check_rerank(rerank, text_query=False)
+        return self._search(self.image_features([image]), k, rerank, False, params)
+
+    def _check_rerank(self, rerank: bool, text_query: bool) -> None:
+        if rerank and text_query != (self.index.what == "images"):
+            raise ValueError(
+                "re-ranking scores (image, caption) pairs: it needs a caption query on an image "
+                f"index or an image query on a caption index (this index holds {self.index.what})"
+            )
+
+    def _search(
+        self, query: Features, k: int, rerank: bool, text_query: bool, params: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        found = self.index.search(
+            query.embeds.numpy(), k, params.get("nprobe"), params.get("ef_search")
+        )[0]
+        results = [self._result(position, score) for position, score in found]
+        if rerank and found:
+            itm = self._itm_scores(query, [position for position, _ in found], text_query)
+            for result, score in zip(results, itm, strict=True):
+                result["itm_score"] = score
+                result["rerank_score"] = score + result["score"]
+            results.sort(key=lambda r: -r["rerank_score"])
+        for rank, result in enumerate(results, start=1):
+            result["rank"] = rank
+        return results
+
+    def _result(self, position: int, score: float) -> dict[str, Any]:
+        result = {
+            "rank": 0,
+            "id": self.index.ids[position],
+            "source": self.index.sources[position],
+            "score": score,
+        }
+        if self.index.what == "texts":
+            result["image_id"] = self.index.extra[position]
+        return result
+
+    def _itm_scores(self, query: Features, positions: list[int], text_query: bool) -> list[float]:
+        """ITM score of the query paired with each indexed item (images loaded from disk)."""
+        repeat = torch.zeros(len(positions), dtype=torch.long)
+        if text_query:
+            image = self.image_features([image_ref(self.index.extra[p]) for p in positions])
+            text = query.index(repeat)
+        else:
+            image = query.index(repeat)
+            text = self.text_features([self.index.sources[p] for p in positions])
+        with self.lock, torch.inference_mode():
+            return self.model.itm_score(image, text).float().tolist()
+
+    def match(self, image: ImageInput, caption: str) -> dict[str, float]:
+        """ITM score, match probability and embedding similarity of one (image, caption) pair."""
+        image_features = self.image_features([image])
+        text_features = self.text_features([caption])
+        with self.lock, torch.inference_mode():
+            logits = self.model.itm_logits(image_features, text_features)[0].float()
+        similarity = float((image_features.embeds @ text_features.embeds.T)[0, 0])
+        return {
+            "itm_score": float(logits[1] - logits[0]),
+            "match_probability": float(torch.softmax(logits, dim=0)[1]),
+            "similarity": similarity,
+        }
+
+
+def open_searcher(index_dir: str | Path, model: str | Path) -> Searcher:
+    """Load an index and a model (directory or preset) and check that they belong together."""
+    from xmodal.presets import load_model
+
+    index = SearchIndex(index_dir)
+    net, processor = load_model(model)
+    return Searcher(net, processor, index, identify(net, processor, model))
+
+
+def search(
+    index_dir: str | Path,
+    model: str | Path,
+    *,
+    text: str | None = None,
+    image: ImageInput | None = None,
+    k: int = 10,
+    rerank: bool = False,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+) -> list[dict[str, Any]]:
+    """Top-k results (dicts with rank, id, source, score) for a caption or an image."""
+    if (text is None) == (image is None):
+        raise ValueError("give exactly one of text= or image=")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    searcher = open_searcher(index_dir, model)
+    if text is not None:
+        return searcher.search_text(text, k, rerank, nprobe=nprobe, ef_search=ef_search)
+    return searcher.search_image(image, k, rerank, nprobe=nprobe, ef_search=ef_search)
+
+
+def format_results(results: list[dict[str, Any]]) -> str:
+    """Results as an aligned text table."""
+    reranked = any("itm_score" in r for r in results)
+    head = f"{'rank':>4}  {'score':>7}  " + (f"{'itm':>7}  " if reranked else "") + "id  source"
+    lines = [head]
+    for r in results:
+        itm = f"{r['itm_score']:7.3f}  " if reranked else ""
+        lines.append(f"{r['rank']:>4}  {r['score']:7.4f}  {itm}{r['id']}  {r['source']}")
+    return "\n".join(lines)

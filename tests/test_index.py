@@ -1,0 +1,211 @@
+"""xmodal index / search: exact and IVF indexes, tuning, adding shards, hash checks, re-ranking."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from test_extract import make_image_folder, save_tiny_model, tiny_processor
+
+from xmodal import index as index_module
+from xmodal.cli import main
+from xmodal.extract import IncompatibleError, extract, load_manifest, read_shard
+from xmodal.extract.writer import save_manifest, shard_name, write_shard
+from xmodal.index import SearchIndex, build_faiss, build_index, recall_at_k
+from xmodal.models.model import CrossModalModel
+from xmodal.processing import MultimodalProcessor
+from xmodal.search import search
+
+
+def normed(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def random_vectors(count: int, dim: int = 32, seed: int = 0) -> np.ndarray:
+    return normed(np.random.default_rng(seed).standard_normal((count, dim)))
+
+
+def clustered_vectors(count: int, clusters: int, dim: int = 32, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = normed(rng.standard_normal((clusters, dim)))
+    owner = rng.integers(0, clusters, count)
+    return normed(centres[owner] + 0.3 * rng.standard_normal((count, dim)) / np.sqrt(dim) * 3)
+
+
+def write_fake_shards(
+    out: Path, vectors: np.ndarray, like: dict, shard_size: int = 1000, prefix: str = "v"
+) -> Path:
+    """Shards + manifest of given vectors, with the identity of the manifest ``like``."""
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for k, start in enumerate(range(0, len(vectors), shard_size)):
+        part = vectors[start : start + shard_size]
+        ids = [f"{prefix}{i}" for i in range(start, start + len(part))]
+        write_shard(out / shard_name("texts", k), ids, ids, part, "float32", {"image_id": ids})
+        shards.append({"index": k, "file": shard_name("texts", k), "rows": len(part), "failed": 0})
+    manifest = {
+        **{key: like[key] for key in ("format", "model", "processor_hash", "created")},
+        "dim": vectors.shape[1],
+        "dtype": "float32",
+        "normalised": True,
+        "shard_size": shard_size,
+        "kinds": {"texts": {"items": len(vectors), "num_shards": len(shards), "shards": shards}},
+    }
+    save_manifest(out, manifest)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, minilm_tokenizer, minilm_path):
+    root = tmp_path_factory.mktemp("index")
+    processor = tiny_processor(minilm_tokenizer, minilm_path)
+    model_dir = save_tiny_model(root / "model", processor)
+    data = make_image_folder(root / "data", broken=False)
+    shards = root / "emb"
+    extract(model_dir, data, shards, shard_size=6, workers=0, progress=False)
+    return {"root": root, "model": model_dir, "data": data, "shards": shards}
+
+
+def test_flat_search_finds_own_image_and_caption(setup, tmp_path: Path, capsys) -> None:
+    images, texts = tmp_path / "images", tmp_path / "texts"
+    info = build_index(setup["shards"], images)
+    build_index(setup["shards"], texts, what="texts")
+    assert (info["kind"], info["count"], info["what"]) == ("flat", 10, "images")
+    assert [s["file"] for s in info["shards"]] == ["images-00000.parquet", "images-00001.parquet"]
+    manifest = load_manifest(setup["shards"])
+    assert info["model"] == manifest["model"]
+    assert info["processor_hash"] == manifest["processor_hash"]
+
+    image = setup["data"] / "img7.png"
+    results = search(images, setup["model"], image=image, k=3)
+    assert [r["rank"] for r in results] == [1, 2, 3]
+    assert results[0]["id"] == "img7" and results[0]["source"] == str(image)
+    assert results[0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+    argv = ["search", "--index", str(images), "--model", str(setup["model"]), "-k", "2"]
+    code = main([*argv, "--image", str(image)])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0 and len(lines) == 3 and lines[1].split()[:3] == ["1", "1.0000", "img7"]
+
+    caption = json.loads((setup["data"] / "captions.jsonl").read_text().splitlines()[5])
+    results = search(texts, setup["model"], text=caption["caption"], k=5)
+    assert results[0]["source"] == caption["caption"] and results[0]["id"] == "5"
+    assert results[0]["image_id"] == caption["image_id"]
+    assert results[0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_ivf_on_random_vectors_finds_each_vector(setup, tmp_path: Path) -> None:
+    vectors = random_vectors(3000)
+    shards = write_fake_shards(tmp_path / "emb", vectors, load_manifest(setup["shards"]))
+    info = build_index(shards, tmp_path / "ivf", kind="ivf", what="texts")
+    params = info["params"]
+    assert info["kind"] == "ivf" and params["nlist"] == 3000 // 39
+    assert 1 <= params["nprobe"] <= params["nlist"] and params["recall_at_10"] >= 0.95
+    loaded = SearchIndex(tmp_path / "ivf")
+    queries = vectors[::150]
+    for row, hits in zip(range(0, 3000, 150), loaded.search(queries, 5), strict=True):
+        assert hits[0][0] == row and hits[0][1] == pytest.approx(1.0, abs=1e-5)
+        assert len(hits) == 5
+    # per-call nprobe: a larger one finds at least as much, and the index is left as it was
+    exact = faiss.knn(queries, vectors, 10, metric=faiss.METRIC_INNER_PRODUCT)[1]
+    few = [[p for p, _ in hits] for hits in loaded.search(queries, 10, nprobe=1)]
+    every = [[p for p, _ in hits] for hits in loaded.search(queries, 10, nprobe=params["nlist"])]
+    assert recall_at_k(np.array(every), exact) == 1.0
+    assert recall_at_k(np.array(few), exact) < 1.0
+    assert loaded.index.nprobe == params["nprobe"]
+
+
+def test_auto_keeps_exact_search_for_structureless_data(setup, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(index_module, "FLAT_MAX", 1000)
+    _, params = build_faiss(random_vectors(4000), "auto")
+    assert params["kind"] == "flat" and "little cluster structure" in params["ivf_rejected"]
+    index, params = build_faiss(clustered_vectors(4000, 40), "auto")
+    assert params["kind"] == "ivf" and params["recall_at_10"] >= 0.95
+    assert params["nprobe"] <= 0.05 * params["nlist"]
+    assert isinstance(index, faiss.IndexIVFFlat) and index.ntotal == 4000
+
+
+def test_hnsw_index(setup) -> None:
+    vectors = clustered_vectors(2000, 20, seed=1)
+    index, params = build_faiss(vectors, "hnsw")
+    assert params["kind"] == "hnsw" and params["recall_at_10"] >= 0.95
+    assert index.hnsw.efSearch == params["efSearch"] >= 16
+
+
+def test_recall_at_k() -> None:
+    exact = np.array([[0, 1, 2, 3], [4, 5, 6, 7]])
+    assert recall_at_k(exact, exact, 4) == 1.0
+    assert recall_at_k(np.array([[0, 1, 9, 9], [7, 6, -1, -1]]), exact, 4) == 0.5
+
+
+def test_add_new_shards_and_refuse_other_models(setup, tmp_path: Path) -> None:
+    like = load_manifest(setup["shards"])
+    vectors = random_vectors(1500, seed=3)
+    first = write_fake_shards(tmp_path / "a", vectors[:1000], like, shard_size=500, prefix="a")
+    second = write_fake_shards(tmp_path / "b", vectors[1000:], like, shard_size=500, prefix="b")
+    out = tmp_path / "idx"
+    assert main(["index", "--shards", str(first), "--out", str(out), "--what", "texts"]) == 0
+    info = build_index(second, out, what="texts", add=True)
+    assert info["count"] == 1500 and info["generation"] == 2
+    assert [Path(s["dir"]).name for s in info["shards"]] == ["a", "a", "b"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ids-00002.parquet",
+        "index-00002.faiss",
+        "index.json",
+    ]
+    assert build_index(second, out, what="texts", add=True)["count"] == 1500  # nothing new
+    loaded = SearchIndex(out)
+    assert loaded.ids[999:1001] == ["a999", "b0"]
+    assert loaded.search(vectors[1200], 1)[0][0][0] == 1200
+
+    other = dict(like, model={"id": "other", "weights_hash": "f" * 64})
+    foreign = write_fake_shards(tmp_path / "c", random_vectors(10, seed=4), other, prefix="c")
+    with pytest.raises(IncompatibleError) as caught:
+        build_index(foreign, out, what="texts", add=True)
+    assert like["model"]["weights_hash"][:16] in str(caught.value)
+    assert "f" * 16 in str(caught.value)
+    assert SearchIndex(out).count == 1500
+
+
+def test_search_refuses_a_model_with_other_preprocessing(
+    setup, tmp_path: Path, minilm_tokenizer, minilm_path
+) -> None:
+    build_index(setup["shards"], tmp_path / "idx")
+    processor = tiny_processor(minilm_tokenizer, minilm_path, image_size=48, resize_size=56)
+    other = tmp_path / "other"
+    CrossModalModel.from_pretrained(setup["model"]).save_pretrained(other, processor)
+    with pytest.raises(IncompatibleError, match="processor hash"):
+        search(tmp_path / "idx", other, text="photo 1")
+
+
+def test_rerank_orders_by_itm_plus_similarity(setup, tmp_path: Path) -> None:
+    build_index(setup["shards"], tmp_path / "idx")
+    results = search(tmp_path / "idx", setup["model"], text="photo 3", k=4, rerank=True)
+    assert len(results) == 4
+    combined = [r["rerank_score"] for r in results]
+    assert combined == sorted(combined, reverse=True)
+    model = CrossModalModel.from_pretrained(setup["model"])
+    processor = MultimodalProcessor.from_pretrained(setup["model"])
+    with torch.no_grad():
+        image = model.image_features(processor.process_images([results[0]["source"]]))
+        text = model.text_features(**processor.process_text(["photo 3"]))
+        itm = float(model.itm_score(image, text)[0])
+    assert results[0]["itm_score"] == pytest.approx(itm, abs=1e-4)
+    assert results[0]["rerank_score"] == pytest.approx(itm + results[0]["score"], abs=1e-4)
+    with pytest.raises(ValueError, match="re-ranking"):
+        search(tmp_path / "idx", setup["model"], image=setup["data"] / "img1.png", rerank=True)
+
+
+def test_index_reads_float16_shards_normalised(setup, tmp_path: Path) -> None:
+    shards = tmp_path / "f16"
+    extract(setup["model"], setup["data"], shards, what="images", dtype="float16", progress=False)
+    build_index(shards, tmp_path / "idx")
+    loaded = SearchIndex(tmp_path / "idx")
+    own = read_shard(shards / "images-00000.parquet").embeddings[2]
+    (position, score), *_ = loaded.search(own, 1)[0]
+    assert loaded.ids[position] == "img2" and score == pytest.approx(1.0, abs=1e-3)
+    assert np.linalg.norm(loaded.index.reconstruct(0)) == pytest.approx(1.0, abs=1e-6)

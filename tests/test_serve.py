@@ -1,0 +1,232 @@
+"""The HTTP API: embed, search, match, thumbnails, limits and per-request parameters."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from test_extract import make_image_folder, save_tiny_model, tiny_processor
+from test_index import random_vectors, write_fake_shards
+
+from xmodal.extract import extract, identify, load_manifest
+from xmodal.index import SearchIndex, build_index
+from xmodal.models.model import CrossModalModel
+from xmodal.processing import MultimodalProcessor
+from xmodal.serve import ServeSettings, create_app
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, minilm_tokenizer, minilm_path):
+    root = tmp_path_factory.mktemp("serve")
+    model_dir = save_tiny_model(root / "model", tiny_processor(minilm_tokenizer, minilm_path))
+    data = make_image_folder(root / "data", broken=False)
+    extract(model_dir, data, root / "emb", what="images", workers=0, progress=False)
+    build_index(root / "emb", root / "idx")
+    model = CrossModalModel.from_pretrained(model_dir)
+    processor = MultimodalProcessor.from_pretrained(model_dir)
+    identity = identify(model, processor, model_dir)
+    app = create_app(model, processor, SearchIndex(root / "idx"), identity=identity)
+    with TestClient(app) as client:
+        yield {
+            "root": root,
+            "data": data,
+            "model": model,
+            "processor": processor,
+            "identity": identity,
+            "client": client,
+        }
+
+
+def png_bytes(path) -> bytes:
+    return path.read_bytes()
+
+
+def test_health_and_docs(setup) -> None:
+    client = setup["client"]
+    body = client.get("/health").json()
+    assert (body["status"], body["what"], body["kind"], body["count"], body["dim"]) == (
+        "ok",
+        "images",
+        "flat",
+        10,
+        32,
+    )
+    assert body["processor_hash"] == setup["processor"].config_hash
+    schema = client.get("/openapi.json").json()
+    assert {"/embed", "/search", "/match", "/health", "/images/{image_id}"} <= set(schema["paths"])
+    assert "multipart/form-data" in schema["paths"]["/search"]["post"]["requestBody"]["content"]
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="drop"' in page.text
+
+
+def test_embed_text_and_image(setup) -> None:
+    client, model, processor = setup["client"], setup["model"], setup["processor"]
+    response = client.post("/embed", json={"text": ["photo 1", "a dog on grass"]})
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["modality"], body["count"], body["dim"]) == ("text", 2, 32)
+    with torch.no_grad():
+        expected = model.encode_text(**processor.process_text(["photo 1", "a dog on grass"]))
+    np.testing.assert_allclose(body["embeddings"], expected.numpy(), atol=1e-5)
+
+    path = setup["data"] / "img4.png"
+    files = [("image", ("a.png", png_bytes(path), "image/png"))] * 2
+    body = client.post("/embed", files=files).json()
+    assert (body["modality"], body["count"]) == ("image", 2)
+    with torch.no_grad():
+        expected = model.encode_image(processor.process_images([path]))[0].numpy()
+    np.testing.assert_allclose(body["embeddings"][1], expected, atol=1e-5)
+
+
+def test_search_text_and_image_and_thumbnails(setup) -> None:
+    client = setup["client"]
+    body = client.post("/search", json={"text": "photo 2", "k": 3}).json()
+    assert body["query"] == "text" and body["k"] == 3 and len(body["results"]) == 3
+    scores = [r["score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+    body = client.post("/search", json={"text": "photo 2", "k": 3, "rerank": True}).json()
+    combined = [r["rerank_score"] for r in body["results"]]
+    assert len(combined) == 3 and combined == sorted(combined, reverse=True)
+    assert all(r["itm_score"] is not None for r in body["results"])
+
+    path = setup["data"] / "img6.png"
+    files = {"image": ("q.png", png_bytes(path), "image/png")}
+    response = client.post("/search", files=files, data={"rerank": "true"})
+    assert response.status_code == 422 and "re-ranking" in response.json()["detail"]
+    body = client.post("/search", files=files, data={"k": "2"}).json()
+    assert body["query"] == "image" and len(body["results"]) == 2
+    top = body["results"][0]
+    assert top["id"] == "img6" and top["score"] == pytest.approx(1.0, abs=1e-5)
+    thumb = client.get(top["thumbnail"])
+    assert thumb.status_code == 200 and thumb.content == path.read_bytes()
+    assert thumb.headers["content-type"] == "image/png"
+
+    for bad in (
+        "/images/nope",
+        "/images/..%2F..%2Fetc%2Fpasswd",
+        f"/images/{setup['data']}/img1.png",
+    ):
+        assert client.get(bad).status_code == 404
+
+
+def test_match(setup) -> None:
+    client, model, processor = setup["client"], setup["model"], setup["processor"]
+    path = setup["data"] / "img3.png"
+    body = client.post(
+        "/match",
+        files={"image": ("x.png", png_bytes(path), "image/png")},
+        data={"caption": "photo 3"},
+    ).json()
+    with torch.no_grad():
+        image = model.image_features(processor.process_images([path]))
+        text = model.text_features(**processor.process_text(["photo 3"]))
+        itm = float(model.itm_score(image, text)[0])
+        similarity = float(image.embeds[0] @ text.embeds[0])
+    assert body["itm_score"] == pytest.approx(itm, abs=1e-4)
+    assert body["similarity"] == pytest.approx(similarity, abs=1e-5)
+    assert body["match_probability"] == pytest.approx(1 / (1 + np.exp(-itm)), abs=1e-4)
+
+
+def test_oversized_upload_is_413(setup) -> None:
+    big = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (2200, 2200, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(big, format="PNG", compress_level=0)
+    assert big.tell() > 10 * 1024 * 1024
+    files = {"image": ("big.png", big.getvalue(), "image/png")}
+    response = setup["client"].post("/search", files=files)
+    assert response.status_code == 413
+    assert "exceeds the limit" in response.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit is enforced as the bytes arrive
+        for _ in range(12):
+            yield b"x" * (1024 * 1024)
+
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    response = setup["client"].post("/embed", content=chunks(), headers=headers)
+    assert response.status_code == 413
+
+
+def test_small_upload_limit_inside_the_form(setup) -> None:
+    """A file over the per-image limit but under the body limit is refused by the reader."""
+    model, processor, root = setup["model"], setup["processor"], setup["root"]
+    settings = ServeSettings(max_upload_bytes=100)
+    with TestClient(create_app(model, processor, SearchIndex(root / "idx"), settings)) as client:
+        path = setup["data"] / "img0.png"
+        files = {"image": ("img0.png", png_bytes(path), "image/png")}
+        response = client.post("/embed", files=files)
+    assert response.status_code == 413 and "'img0.png'" in response.json()["detail"]
+
+
+def test_corrupt_image_is_400_naming_the_problem(setup) -> None:
+    files = {"image": ("bad.png", b"definitely not an image", "image/png")}
+    for route, data in (("/search", {}), ("/embed", {}), ("/match", {"caption": "x"})):
+        response = setup["client"].post(route, files=files, data=data)
+        assert response.status_code == 400, route
+        detail = response.json()["detail"]
+        assert "bad.png" in detail and "not a recognised image format" in detail
+
+
+@pytest.mark.parametrize(
+    ("route", "payload", "message"),
+    [
+        ("/search", {"text": "cat", "k": 0}, "k must be an integer in 1..100"),
+        ("/search", {"text": "cat", "k": 101}, "k must be an integer in 1..100"),
+        ("/search", {"text": "cat", "k": "many"}, "k must be an integer"),
+        ("/search", {"text": "cat", "nprobe": 0}, "nprobe"),
+        ("/search", {"text": "x" * 1001}, "1001 characters"),
+        ("/search", {"text": "   "}, "text is empty"),
+        ("/search", {"k": 3}, "text must be a string"),
+        ("/search", {"text": "cat", "rerank": "maybe"}, "rerank must be true or false"),
+        ("/embed", {"text": ["a"] * 33}, "33 texts"),
+        ("/embed", {"text": []}, "non-empty list"),
+        ("/embed", {"text": ["ok", 5]}, "text[1] must be a string"),
+    ],
+)
+def test_bad_parameters_are_422(setup, route, payload, message) -> None:
+    response = setup["client"].post(route, json=payload)
+    assert response.status_code == 422
+    assert message in response.json()["detail"]
+
+
+def test_bad_forms_are_422(setup) -> None:
+    client = setup["client"]
+    png = png_bytes(setup["data"] / "img0.png")
+    assert client.post("/search", data={"k": "3"}, files={"x": ("a", b"1")}).status_code == 422
+    response = client.post("/search", files={"image": ("a.png", png)}, data={"k": "1000"})
+    assert response.status_code == 422
+    response = client.post("/match", files={"image": ("a.png", png)})
+    assert response.status_code == 422 and "caption" in response.json()["detail"]
+    response = client.post("/search", content=b"text=cat", headers={"content-type": "text/plain"})
+    assert response.status_code == 415
+
+
+def test_per_request_parameters_do_not_leak(setup, tmp_path) -> None:
+    like = load_manifest(setup["root"] / "emb")
+    shards = write_fake_shards(tmp_path / "emb", random_vectors(3000, seed=5), like)
+    build_index(shards, tmp_path / "ivf", kind="ivf", what="texts")
+    index = SearchIndex(tmp_path / "ivf")
+    tuned = index.index.nprobe
+    app = create_app(setup["model"], setup["processor"], index, identity=setup["identity"])
+    with TestClient(app) as client:
+        query = {"text": "a query caption"}
+        before = client.post("/search", json=query).json()["results"]
+        narrow = client.post("/search", json={**query, "k": 3, "nprobe": 1}).json()["results"]
+        after = client.post("/search", json=query).json()["results"]
+        assert len(narrow) == 3 and len(before) == 10
+        assert after == before and index.index.nprobe == tuned
+        assert before[0]["thumbnail"] is None and before[0]["image_id"] == before[0]["id"]
+
+        def ask(k: int) -> int:
+            response = client.post("/search", json={**query, "k": k, "nprobe": k})
+            return len(response.json()["results"])
+
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(ask, range(1, 13))) == list(range(1, 13))
+        assert index.index.nprobe == tuned

@@ -1,0 +1,102 @@
+"""The web page in headless Chromium: type a caption, get thumbnails with scores."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_extract import make_image_folder, save_tiny_model, tiny_processor
+
+from xmodal.extract import extract
+from xmodal.index import SearchIndex, build_index
+from xmodal.models.model import CrossModalModel
+from xmodal.processing import MultimodalProcessor
+from xmodal.serve import create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.is_file(), reason="needs /usr/bin/chromium (apt-get install chromium)"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def server(tmp_path: Path, minilm_tokenizer, minilm_path):
+    """uvicorn serving a 10-image index on a free loopback port, in a thread."""
+    uvicorn = pytest.importorskip("uvicorn")
+    model_dir = save_tiny_model(tmp_path / "model", tiny_processor(minilm_tokenizer, minilm_path))
+    data = make_image_folder(tmp_path / "data", broken=False)
+    extract(model_dir, data, tmp_path / "emb", what="images", workers=0, progress=False)
+    build_index(tmp_path / "emb", tmp_path / "idx")
+    app = create_app(
+        CrossModalModel.from_pretrained(model_dir),
+        MultimodalProcessor.from_pretrained(model_dir),
+        SearchIndex(tmp_path / "idx"),
+    )
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    instance = uvicorn.Server(config)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not instance.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", data
+    instance.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_typed_query_shows_thumbnails_with_scores(server: tuple[str, Path]) -> None:
+    url, data = server
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            sync_api.expect(page.locator("#info")).to_have_text("10 images indexed (flat)")
+            page.select_option("#k", "5")
+            page.fill("#query", "photo 4")
+            page.press("#query", "Enter")
+            results = page.locator("#results .result")
+            sync_api.expect(results).to_have_count(5, timeout=15_000)
+            sync_api.expect(page.locator("#status")).to_contain_text('5 results for "photo 4"')
+            scores = results.locator(".score").all_inner_texts()
+            assert all(" score " in s for s in scores)
+            values = [float(s.rsplit(" ", 1)[1]) for s in scores]
+            assert values == sorted(values, reverse=True)
+            thumbs = results.locator("img")
+            sync_api.expect(thumbs).to_have_count(5)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('#results img')]"
+                ".every(img => img.complete && img.naturalWidth > 0)",
+                timeout=15_000,
+            )
+            assert thumbs.first.get_attribute("src").startswith("/images/img")
+
+            page.set_input_files("#file", str(data / "img2.png"))  # the drop zone's file picker
+            sync_api.expect(page.locator("#status")).to_contain_text("results for image img2.png")
+            sync_api.expect(results.first.locator(".caption")).to_have_text("img2")
+        finally:
+            browser.close()
