@@ -15,6 +15,7 @@ def add(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from xmodal.train import load_train_config, train
+    from xmodal.train.distributed import is_main
 
     overrides: dict = {}
     if args.out_dir:
@@ -22,5 +23,6 @@ def run(args: argparse.Namespace) -> int:
     if args.steps:
         overrides["optim"] = {"steps": args.steps}
     result = train(load_train_config(args.config, overrides), resume=args.resume)
-    print(f"model written to {result.model_dir} after {result.progress.step} steps")
+    if is_main():
+        print(f"model written to {result.model_dir} after {result.progress.step} steps")
     return 0

@@ -4,12 +4,16 @@ A checkpoint is a folder ``step-000100/`` holding the model directory files plus
 ``train_state.safetensors`` (optimiser moments, RNG states) and ``train_state.json`` (step, data
 position, scheduler, optimiser hyper-parameters). It is written under a temporary name and
 renamed when complete, so a crash never leaves a half-written checkpoint under its final name.
+
+A distributed run saves every rank's RNG states: rank 0's under the plain names (``rng.torch``,
+``python_random``), rank r's under ``rank{r}.rng.torch`` and ``python_random_ranks[r]``.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,21 +50,32 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: TrainProgress,
     extra: dict | None = None,
+    rng_states: Sequence[dict] | None = None,
 ) -> Path:
-    """Write a complete checkpoint atomically (temporary folder, then rename)."""
+    """Write a complete checkpoint atomically (temporary folder, then rename).
+
+    ``rng_states``: every rank's :func:`rng_state`, in rank order (default: this process's).
+    """
+    rng_states = list(rng_states) if rng_states is not None else [rng_state()]
     final = Path(directory) / checkpoint_name(progress.step)
     with atomic_dir(final) as tmp:
         model.save_pretrained(tmp, processor)
         tensors, meta = _optimizer_to_flat(optimizer)
-        tensors.update(_rng_tensors())
+        for rank, rng in enumerate(rng_states):
+            prefix = f"rank{rank}." if rank else ""
+            tensors.update({prefix + key: value for key, value in rng["tensors"].items()})
         save_file(tensors, str(tmp / STATE_TENSORS))
         state = {
             "progress": asdict(progress),
             "optimizer": meta,
             "scheduler": scheduler.state_dict(),
-            "python_random": _python_rng_json(),
+            "python_random": rng_states[0]["python"],
             "extra": extra or {},
         }
+        if len(rng_states) > 1:
+            state["python_random_ranks"] = {
+                str(rank): rng["python"] for rank, rng in enumerate(rng_states) if rank
+            }
         atomic_write_text(tmp / STATE_JSON, json.dumps(state, indent=1))
     return final
 
@@ -83,8 +98,12 @@ def load_checkpoint(
     model: CrossModalModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rank: int = 0,
 ) -> tuple[TrainProgress, dict]:
-    """Restore model weights, optimiser, scheduler and RNG states; return the progress."""
+    """Restore model weights, optimiser, scheduler and ``rank``'s RNG states.
+
+    Returns the progress and the ``extra`` dict saved with the checkpoint.
+    """
     path = Path(path)
     refuse_pickle(path)
     weights = load_file(str(path / WEIGHTS_NAME))
@@ -93,7 +112,15 @@ def load_checkpoint(
     tensors = load_file(str(path / STATE_TENSORS))
     optimizer.load_state_dict(_optimizer_from_flat(tensors, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
-    _restore_rng(tensors, state["python_random"])
+    if rank:
+        prefix = f"rank{rank}."
+        python_state = state.get("python_random_ranks", {}).get(str(rank))
+        if python_state is None:
+            raise ValueError(f"{path} holds no RNG state for rank {rank}: written by fewer ranks")
+        tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    else:
+        python_state = state["python_random"]
+    _restore_rng(tensors, python_state)
     return TrainProgress(**state["progress"]), state.get("extra", {})
 
 
@@ -133,6 +160,11 @@ def _optimizer_from_flat(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def rng_state() -> dict:
+    """This process's RNG states (torch, CUDA, NumPy, Python) as plain data."""
+    return {"tensors": _rng_tensors(), "python": _python_rng_json()}
+
+
 def _rng_tensors() -> dict[str, torch.Tensor]:
     tensors = {"rng.torch": torch.get_rng_state()}
     np_state = np.random.get_state()
@@ -157,7 +189,8 @@ def _restore_rng(tensors: dict, python_state: list) -> None:
     np.random.set_state(
         ("MT19937", keys, int(pos), int(has_gauss), float(tensors["rng.numpy.gauss"][0]))
     )
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    cuda_keys = [k for k in tensors if k.startswith("rng.cuda.")]
+    cuda = [tensors[k] for k in sorted(cuda_keys, key=lambda k: int(k.rsplit(".", 1)[1]))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = python_state

@@ -85,11 +85,15 @@ class LossSection:
 
 @dataclass
 class OptimSection:
-    """steps: optimiser steps in total. batch_size: pairs per micro-batch; accum_steps
-    micro-batches make one step. lr: peak learning rate of new layers; tower_lr: of the
-    pretrained towers. warmup_steps: linear warm-up, then cosine decay to ``min_lr_ratio`` x lr.
-    weight_decay: AdamW decay (never on norms, biases, embeddings or logit scales).
-    grad_clip: max global gradient norm (0 = off).
+    """steps: optimiser steps in total. batch_size: pairs per micro-batch on each rank;
+    accum_steps micro-batches make one step, so a step trains on a global batch of
+    batch_size x accum_steps x ranks pairs, every pair scored against all the others (the
+    loss is that of the global batch however it is split). lr: peak learning rate of new
+    layers; tower_lr: of the pretrained towers. warmup_steps: linear warm-up, then cosine decay
+    to ``min_lr_ratio`` x lr. weight_decay: AdamW decay (never on norms, biases, embeddings or
+    logit scales). grad_clip: max global gradient norm (0 = off).
+    local_loss: under torchrun, each rank scores only its own pairs' rows of the contrastive
+    similarity (O(local x global) instead of O(global^2) memory); same loss and gradient.
     """
 
     steps: int = 1000
@@ -101,6 +105,7 @@ class OptimSection:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
+    local_loss: bool = False
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "accum_steps"):

@@ -2,6 +2,11 @@
 
 Resuming continues exactly: model, optimiser, scheduler, RNG states and the data position are
 restored, so a run stopped at step 10 and resumed ends with the weights of an uninterrupted run.
+
+Under ``torchrun`` (docs/distributed.md) every rank runs this loop on its block of each global
+batch (:mod:`xmodal.train.batches`); the objective is that of the whole global batch
+(:func:`~xmodal.train.objective.global_batch_losses`), gradients are averaged over ranks once
+per step, and only rank 0 logs, validates and writes checkpoints and the final model.
 """
 
 from __future__ import annotations
@@ -15,25 +20,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from xmodal.atomic import atomic_write_text
 from xmodal.config import ConfigError
 from xmodal.data import ImageTextDataset, load_dataset
 from xmodal.evaluate.runner import _worker_init, evaluate_model, image_tower_outputs
-from xmodal.models.model import CrossModalModel
+from xmodal.models.model import CrossModalModel, Features
 from xmodal.models.towers import TowerOutput
 from xmodal.presets import load_model
-from xmodal.processing import ImageLoadError, MultimodalProcessor
+from xmodal.processing import MultimodalProcessor
+from xmodal.train import distributed
+from xmodal.train.accumulate import accumulated_backward
+from xmodal.train.batches import PairBatches, rank_micro_batches
+from xmodal.train.batches import epoch_batches as epoch_batches  # re-exported
 from xmodal.train.checkpoint import (
     TrainProgress,
     latest_checkpoint,
     load_checkpoint,
+    rng_state,
     save_checkpoint,
     save_final_model,
 )
 from xmodal.train.config import TrainConfig
-from xmodal.train.objective import compute_losses
+from xmodal.train.objective import global_batch_losses, negatives_seed
 from xmodal.train.plot import plot_metrics
 
 
@@ -42,54 +53,6 @@ class TrainResult:
     model_dir: Path
     progress: TrainProgress
     last_metrics: dict
-
-
-class _PairBatches(Dataset):
-    """Item i = the i-th batch of a fixed list of index batches, decoded and tokenised."""
-
-    def __init__(
-        self,
-        dataset: ImageTextDataset,
-        batches: list[list[int]],
-        processor: MultimodalProcessor,
-        image_index: dict[str, int],
-        decode_images: bool,
-        skip_bad: bool,
-    ):
-        self.dataset = dataset
-        self.batches = batches
-        self.processor = processor
-        self.image_index = image_index
-        self.decode_images = decode_images
-        self.skip_bad = skip_bad
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict:
-        examples = [self.dataset[j] for j in self.batches[i]]
-        batch: dict = {}
-        if self.decode_images:
-            pixels, kept = [], []
-            for ex in examples:
-                try:
-                    pixels.append(self.processor.process_image(ex.image))
-                    kept.append(ex)
-                except ImageLoadError as exc:
-                    if not self.skip_bad:
-                        raise ImageLoadError(ex.origin or exc.source, exc.reason) from exc
-            examples = kept
-            batch["pixel_values"] = torch.stack(pixels)
-        batch.update(self.processor.process_text([ex.caption for ex in examples]))
-        batch["image_index"] = torch.tensor([self.image_index[ex.image_id] for ex in examples])
-        return batch
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The shuffled, full batches of one epoch; a function of (seed, epoch) only."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=generator).tolist()
-    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
 def seed_everything(seed: int) -> None:
@@ -195,13 +158,17 @@ def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float):
 
 
 class Trainer:
-    """Runs one training configuration to the end (or resumes it)."""
+    """Runs one training configuration to the end (or resumes it), alone or as one rank."""
 
     def __init__(self, config: TrainConfig):
         config.validate()
         self.config = config
         self.out_dir = Path(config.out_dir)
-        self.device = pick_device(config.device)
+        device = pick_device(config.device)
+        self.world = distributed.init_distributed("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda" and self.world.distributed:
+            device = torch.device("cuda", self.world.local_rank)
+        self.device = device
         self.autocast = pick_autocast(config.precision, self.device)
         seed_everything(config.seed)
         self.model, self.processor = self._build_model()
@@ -213,20 +180,30 @@ class Trainer:
             if config.data.val
             else None
         )
-        if len(self.train_set) < config.optim.batch_size:
+        optim = config.optim
+        if len(self.train_set) < self.global_batch:
             raise ConfigError(
-                f"optim.batch_size ({config.optim.batch_size}) exceeds the {len(self.train_set)} "
+                f"optim.batch_size x optim.accum_steps x ranks ({optim.batch_size} x "
+                f"{optim.accum_steps} x {self.world.size}) exceeds the {len(self.train_set)} "
                 f"training pairs in {config.data.train}"
             )
         configure_trainable(self.model, config)
         self.model.to(self.device)
+        distributed.broadcast_module(self.model)  # every rank starts from rank 0's weights
+        if self.world.rank:  # its own dropout stream; rank 0 keeps the single-process one
+            seed_everything(config.seed + 7919 * self.world.rank)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = cosine_schedule(
-            self.optimizer, config.optim.warmup_steps, config.optim.steps, config.optim.min_lr_ratio
+            self.optimizer, optim.warmup_steps, optim.steps, optim.min_lr_ratio
         )
         self.image_index = {iid: i for i, iid in enumerate(self.train_set.image_ids())}
         self.cache = None
         self.val_cache = None
+
+    @property
+    def global_batch(self) -> int:
+        """Pairs per optimiser step over all ranks: batch_size x accum_steps x world size."""
+        return self.config.optim.batch_size * self.config.optim.accum_steps * self.world.size
 
     def _build_model(self) -> tuple[CrossModalModel, MultimodalProcessor]:
         section = self.config.model
@@ -253,12 +230,23 @@ class Trainer:
     def _use_cache(self) -> bool:
         return self.config.model.lock_image and self.config.model.cache_image_features
 
+    def _micro_batches(self, epoch: int) -> list[list[int]]:
+        cfg = self.config
+        return rank_micro_batches(
+            len(self.train_set),
+            cfg.optim.batch_size,
+            cfg.optim.accum_steps,
+            self.world.size,
+            self.world.rank,
+            cfg.seed,
+            epoch,
+        )
+
     def _loader(self, epoch: int, start: int) -> DataLoader:
         cfg = self.config
-        batches = epoch_batches(len(self.train_set), cfg.optim.batch_size, cfg.seed, epoch)
-        dataset = _PairBatches(
+        dataset = PairBatches(
             self.train_set,
-            batches[start:],
+            self._micro_batches(epoch)[start:],
             self.processor,
             self.image_index,
             decode_images=not self._use_cache(),
@@ -288,72 +276,95 @@ class Trainer:
         """Run to ``optim.steps``; ``stop_after`` ends the process's work early at that step
         (right after its checkpoint), as a stop or kill would, leaving ``--resume`` to finish."""
         cfg = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        main = self.world.is_main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         progress = TrainProgress()
         if resume:
-            checkpoint = latest_checkpoint(self.out_dir / "checkpoints")
-            if checkpoint is not None:
-                progress, _ = load_checkpoint(
-                    checkpoint, self.model, self.optimizer, self.scheduler
-                )
-                print(f"resumed from {checkpoint} at step {progress.step}")
-        self._truncate_log(progress.step)
+            progress = self._resume(progress)
+        if main:
+            self._truncate_log(progress.step)
         if self._use_cache():
             self.cache = self._cache_images(self.train_set, "caching train images")
         last_metrics: dict = {}
-        steps_per_epoch = len(self.train_set) // cfg.optim.batch_size
-        micro_per_step = cfg.optim.accum_steps
+        micro_per_epoch = len(self._micro_batches(0))
         bar = tqdm(
-            total=cfg.optim.steps, initial=progress.step, desc="train", unit="step", disable=None
+            total=cfg.optim.steps,
+            initial=progress.step,
+            desc="train",
+            unit="step",
+            disable=None if main else True,
         )
         started, samples_at_start = time.time(), progress.samples_seen
-        micro: list[dict] = []
         while progress.step < cfg.optim.steps:
+            micro: list[dict] = []
             for batch in self._loader(progress.epoch, progress.batch_in_epoch):
                 progress.batch_in_epoch += 1
                 micro.append(batch)
-                if len(micro) == micro_per_step:
-                    losses = self._optimizer_step(micro)
-                    progress.step += 1
-                    progress.samples_seen += sum(len(b["image_index"]) for b in micro)
-                    micro = []
-                    if progress.batch_in_epoch >= steps_per_epoch:
-                        progress.epoch += 1
-                        progress.batch_in_epoch = 0
-                    rate = (progress.samples_seen - samples_at_start) / (time.time() - started)
-                    bar.set_postfix(loss=f"{losses['loss']:.3f}", samples_s=f"{rate:.0f}")
-                    bar.update(1)
-                    last_metrics = self._after_step(progress, losses, rate)
-                    if stop_after is not None and progress.step >= stop_after:
-                        bar.close()
-                        return TrainResult(self.out_dir / "model", progress, last_metrics)
-                    if progress.step >= cfg.optim.steps:
-                        break
-            else:
-                progress.epoch += 1
-                progress.batch_in_epoch = 0
+                if len(micro) < cfg.optim.accum_steps:
+                    continue
+                losses, samples = self._optimizer_step(micro, progress.step)
+                progress.step += 1
+                progress.samples_seen += samples
+                micro = []
+                if progress.batch_in_epoch >= micro_per_epoch:
+                    progress.epoch += 1
+                    progress.batch_in_epoch = 0
+                rate = (progress.samples_seen - samples_at_start) / (time.time() - started)
+                bar.set_postfix(loss=f"{losses['loss']:.3f}", samples_s=f"{rate:.0f}")
+                bar.update(1)
+                last_metrics = self._after_step(progress, losses, rate)
+                if stop_after is not None and progress.step >= stop_after:
+                    bar.close()
+                    return TrainResult(self.out_dir / "model", progress, last_metrics)
+                if progress.step >= cfg.optim.steps:
+                    break
         bar.close()
-        final = save_final_model(self.out_dir, self.model, self.processor)
-        plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir / "training.png")
+        final = self.out_dir / "model"
+        if main:
+            save_final_model(self.out_dir, self.model, self.processor)
+            plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir / "training.png")
+        distributed.barrier()
         return TrainResult(final, progress, last_metrics)
 
-    def _optimizer_step(self, micro: list[dict]) -> dict[str, float]:
+    def _resume(self, progress: TrainProgress) -> TrainProgress:
+        """Every rank restores the latest checkpoint, with its own RNG states."""
+        checkpoint = latest_checkpoint(self.out_dir / "checkpoints")
+        if checkpoint is None:
+            return progress
+        progress, extra = load_checkpoint(
+            checkpoint, self.model, self.optimizer, self.scheduler, rank=self.world.rank
+        )
+        ranks = extra.get("world_size", 1)
+        if ranks != self.world.size:
+            raise ConfigError(
+                f"{checkpoint} was written by a run of {ranks} rank(s); resume it with "
+                f"{ranks} rank(s), not {self.world.size} (the global batch would change)"
+            )
+        if self.world.is_main:
+            print(f"resumed from {checkpoint} at step {progress.step}")
+        return progress
+
+    def _optimizer_step(self, micro: list[dict], step: int) -> tuple[dict[str, float], int]:
+        """One optimiser step on the global batch; returns the loss terms and its pair count."""
         set_train_mode(self.model)
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        for batch in micro:
-            with torch.autocast(
-                self.device.type, dtype=self.autocast or torch.float32, enabled=bool(self.autocast)
-            ):
-                image = self._image_features(batch)
-                text = self.model.text_features(
-                    batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-                )
-                image_ids = batch["image_index"].to(self.device)
-                terms = compute_losses(self.model, image, text, image_ids, self.config.loss)
-            (terms["loss"] / len(micro)).backward()
-            for name, value in terms.items():
-                totals[name] = totals.get(name, 0.0) + value.item() / len(micro)
+        seed = negatives_seed(self.config.seed, step)
+        terms = accumulated_backward(
+            self.model,
+            micro,
+            self._features,
+            lambda image, text, ids: self._objective(image, text, ids, seed),
+        )
+        distributed.average_gradients(self.model.parameters())
+        names = list(terms)
+        rows = sum(len(b["image_index"]) for b in micro)
+        count = torch.tensor(float(rows), device=self.device)
+        means = distributed.all_reduce_mean(
+            torch.stack([*(terms[n].float() for n in names), count])
+        )
+        means = means.tolist()
+        totals = dict(zip(names, means[:-1], strict=True))
         if self.config.optim.grad_clip:
             params = [p for p in self.model.parameters() if p.grad is not None]
             totals["grad_norm"] = float(
@@ -361,10 +372,40 @@ class Trainer:
             )
         self.optimizer.step()
         self.scheduler.step()
-        return totals
+        distributed.broadcast_module(self.model, parameters=False)  # buffers, as DDP does
+        return totals, round(means[-1] * self.world.size)
+
+    def _autocast(self):
+        return torch.autocast(
+            self.device.type, dtype=self.autocast or torch.float32, enabled=bool(self.autocast)
+        )
+
+    def _features(self, batch: dict) -> tuple[Features, Features, torch.Tensor]:
+        with self._autocast():
+            image = self._image_features(batch)
+            text = self.model.text_features(
+                batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            )
+        return image, text, batch["image_index"].to(self.device)
+
+    def _objective(
+        self, image: Features, text: Features, image_ids: torch.Tensor, seed: int
+    ) -> dict[str, torch.Tensor]:
+        with self._autocast():
+            return global_batch_losses(
+                self.model,
+                image,
+                text,
+                image_ids,
+                self.config.loss,
+                local_loss=self.config.optim.local_loss,
+                seed=seed,
+            )
 
     def _after_step(self, progress: TrainProgress, losses: dict, rate: float) -> dict:
+        """Log (rank 0), validate (rank 0; the others wait) and checkpoint when due."""
         cfg = self.config
+        main = self.world.is_main
         record: dict = {}
         final = progress.step >= cfg.optim.steps
         if final or (cfg.log_every and progress.step % cfg.log_every == 0):
@@ -375,12 +416,21 @@ class Trainer:
         if self.val_set is not None and (
             final or (cfg.eval_every and progress.step % cfg.eval_every == 0)
         ):
-            record.update(self.validate())
-        if record:
+            if main:
+                record.update(self.validate())
+            distributed.barrier()
+        if record and main:
             record = {"step": progress.step, "epoch": progress.epoch, **record}
             with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
         if final or (cfg.save_every and progress.step % cfg.save_every == 0):
+            self._save_checkpoint(progress)
+        return record
+
+    def _save_checkpoint(self, progress: TrainProgress) -> None:
+        """Rank 0 writes the checkpoint (atomically) with every rank's RNG states; all wait."""
+        states = distributed.gather_objects(rng_state())
+        if self.world.is_main:
             save_checkpoint(
                 self.out_dir / "checkpoints",
                 self.model,
@@ -388,9 +438,11 @@ class Trainer:
                 self.optimizer,
                 self.scheduler,
                 progress,
+                extra={"world_size": self.world.size},
+                rng_states=states,
             )
             plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir / "training.png")
-        return record
+        distributed.barrier()
 
     def validate(self) -> dict[str, float]:
         """Retrieval recall on the validation set (ITC only: fast enough to run often)."""
@@ -427,11 +479,10 @@ class Trainer:
             return
         lines = path.read_text(encoding="utf-8").splitlines()
         kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        from xmodal.atomic import atomic_write_text
-
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def train(config: TrainConfig, resume: bool = False) -> TrainResult:
-    """Train (or resume) a run described by ``config``."""
-    return Trainer(config).train(resume=resume)
+    """Train (or resume) a run described by ``config``; under torchrun, as one rank of many."""
+    with distributed.process_group("nccl" if pick_device(config.device).type == "cuda" else "gloo"):
+        return Trainer(config).train(resume=resume)

@@ -1,0 +1,76 @@
+"""Which pairs each rank trains on, and turning index batches into tensors.
+
+Each optimiser step consumes one *global batch* of ``batch_size x accum_steps x world_size``
+consecutive pairs of the epoch's shuffled order. Rank r takes the r-th contiguous block of it
+and splits it into ``accum_steps`` micro-batches of ``batch_size``: blocks are disjoint and of
+equal size, and in rank order they are exactly the batch one process would train on with
+``batch_size x accum_steps x world_size``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from xmodal.data import ImageTextDataset
+from xmodal.processing import ImageLoadError, MultimodalProcessor
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled, full batches of one epoch; a function of (seed, epoch) only."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def rank_micro_batches(
+    n: int, batch_size: int, accum_steps: int, world_size: int, rank: int, seed: int, epoch: int
+) -> list[list[int]]:
+    """This rank's micro-batches of one epoch in order, ``accum_steps`` per optimiser step."""
+    per_rank = batch_size * accum_steps
+    micro: list[list[int]] = []
+    for step in epoch_batches(n, per_rank * world_size, seed, epoch):
+        block = step[rank * per_rank : (rank + 1) * per_rank]
+        micro += [block[i : i + batch_size] for i in range(0, per_rank, batch_size)]
+    return micro
+
+
+class PairBatches(Dataset):
+    """Item i = the i-th batch of a fixed list of index batches, decoded and tokenised."""
+
+    def __init__(
+        self,
+        dataset: ImageTextDataset,
+        batches: list[list[int]],
+        processor: MultimodalProcessor,
+        image_index: dict[str, int],
+        decode_images: bool,
+        skip_bad: bool,
+    ):
+        self.dataset = dataset
+        self.batches = batches
+        self.processor = processor
+        self.image_index = image_index
+        self.decode_images = decode_images
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        examples = [self.dataset[j] for j in self.batches[i]]
+        batch: dict = {}
+        if self.decode_images:
+            pixels, kept = [], []
+            for ex in examples:
+                try:
+                    pixels.append(self.processor.process_image(ex.image))
+                    kept.append(ex)
+                except ImageLoadError as exc:
+                    if not self.skip_bad:
+                        raise ImageLoadError(ex.origin or exc.source, exc.reason) from exc
+            examples = kept
+            batch["pixel_values"] = torch.stack(pixels)
+        batch.update(self.processor.process_text([ex.caption for ex in examples]))
+        batch["image_index"] = torch.tensor([self.image_index[ex.image_id] for ex in examples])
+        return batch
