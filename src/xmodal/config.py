@@ -163,6 +163,13 @@ class ProcessorConfig:
         _check_positive("processor.max_image_pixels", self.max_image_pixels)
         if self.caption_template.count("{}") != 1:
             raise ConfigError("processor.caption_template must contain exactly one '{}'")
+        try:
+            self.caption_template.format("")
+        except (IndexError, KeyError, ValueError) as err:
+            raise ConfigError(
+                f"processor.caption_template {self.caption_template!r} is not a valid template "
+                f"({type(err).__name__}: {err}); write literal braces as '{{{{' and '}}}}'"
+            ) from None
         for name, values in (("mean", self.mean), ("std", self.std)):
             if len(values) != 3:
                 raise ConfigError(f"processor.{name} needs 3 values, got {len(values)}")
@@ -235,7 +242,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if hint is Any:
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
             raise ConfigError(f"{path} must be a number, got {value!r}")
         return float(value)
     if hint is int:
@@ -262,6 +269,19 @@ def load_yaml_or_json(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def load_json_config(path: str | Path, what: str) -> dict[str, Any]:
+    """A JSON config file (``what`` names it in errors) as a mapping; ConfigError when it is
+    not valid UTF-8 JSON or not an object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, huge numbers, deep nesting
+        raise ConfigError(f"{path}: {what} is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
     return data
 
 

@@ -426,9 +426,9 @@ class SearchIndex:
         if self.kind == "ivf":
             chosen = params["nprobe"] if nprobe is None else nprobe
             return faiss.SearchParametersIVF(nprobe=max(1, min(chosen, params["nlist"])))
-        if self.kind == "hnsw":
+        if self.kind == "hnsw":  # deeper than the index is large changes nothing
             chosen = params["efSearch"] if ef_search is None else ef_search
-            return faiss.SearchParametersHNSW(efSearch=max(chosen, k))
+            return faiss.SearchParametersHNSW(efSearch=max(min(chosen, self.count), k))
         return None
 
     def search(

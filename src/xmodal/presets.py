@@ -14,6 +14,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from xmodal.config import (
     FusionConfig,
     ImageTowerConfig,
@@ -107,7 +109,10 @@ def load_model(
     if pretrained:  # pretrained towers bring their own architecture
         model_config.image.hf_config = None
         model_config.text.hf_config = None
-    model = CrossModalModel(model_config)
+    # Seeded, so a preset's new layers are the same in every process (extract, then serve).
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = CrossModalModel(model_config)
     tokenizer = _preset_tokenizer(model_config.text, processor_config)
     return model, MultimodalProcessor(processor_config, tokenizer)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import unicodedata
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,14 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from xmodal.atomic import atomic_write_text
-from xmodal.config import ProcessorConfig, from_dict, stable_hash, to_dict
+from xmodal.config import (
+    ConfigError,
+    ProcessorConfig,
+    from_dict,
+    load_json_config,
+    stable_hash,
+    to_dict,
+)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -86,7 +94,9 @@ def load_image(
         return to_rgb(img)
     except ImageLoadError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except MemoryError as exc:
+        raise ImageLoadError(source, "out of memory while decoding") from exc
+    except Exception as exc:  # noqa: BLE001 - decoders of untrusted bytes raise anything
         raise ImageLoadError(source, f"{type(exc).__name__}: {exc}") from exc
 
 
@@ -112,7 +122,7 @@ def _open(image: Any, source: str) -> Image.Image:
             return Image.open(io.BytesIO(data))
         except UnidentifiedImageError as exc:
             raise ImageLoadError(source, "not a recognised image format") from exc
-        except Image.DecompressionBombWarning as exc:
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
             raise ImageLoadError(source, f"too many pixels (decompression bomb?): {exc}") from exc
 
 
@@ -132,6 +142,10 @@ def _array_to_pil(array: np.ndarray, source: str) -> Image.Image:
         array = array[:, :, 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
         raise ImageLoadError(source, "array must be HxW, HxWx1, HxWx3 or HxWx4")
+    if array.shape[0] < 1 or array.shape[1] < 1:
+        raise ImageLoadError(source, f"invalid size {array.shape[1]}x{array.shape[0]}")
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
     if array.dtype == np.bool_:
         data = array.astype(np.uint8) * 255
     elif array.dtype == np.uint8:
@@ -157,7 +171,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         img = Image.fromarray((np.clip(arr / top, 0, 1) * 255 + 0.5).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if img.mode == "La":  # premultiplied; Pillow converts it only to LA
+        img = img.convert("LA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -165,6 +181,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+# Past this aspect ratio only the region the centre crop keeps is resampled (the same pixels up
+# to resampling noise): a 1x200000 image would otherwise be scaled to 256x51200000 pixels first
+# (gigabytes and seconds, from a 1 kB upload).
+_MAX_ASPECT = 16
 
 
 class ImageTransform:
@@ -191,8 +211,12 @@ class ImageTransform:
         width, height = img.size
         scale = target / min(width, height)
         new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-        img = img.resize((new_w, new_h), resample, reducing_gap=3.0)
         left, top = (new_w - size) // 2, (new_h - size) // 2
+        if max(new_w, new_h) > _MAX_ASPECT * target:
+            sx, sy = width / new_w, height / new_h
+            box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+            return img.resize((size, size), resample, box=box, reducing_gap=3.0)
+        img = img.resize((new_w, new_h), resample, reducing_gap=3.0)
         return img.crop((left, top, left + size, top + size))
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
@@ -306,8 +330,13 @@ class MultimodalProcessor:
         path = directory / "processor_config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no processor_config.json in {directory}")
-        data = json.loads(path.read_text(encoding="utf-8"))
-        config = from_dict(ProcessorConfig, data["processor"], "processor")
+        data = load_json_config(path, "the processor config")
+        if "processor" not in data:
+            raise ConfigError(f"{path}: no 'processor' section")
+        try:
+            config = from_dict(ProcessorConfig, data["processor"], "processor")
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
         return cls(config, load_tokenizer(str(directory / "tokenizer")))
 
 
@@ -315,11 +344,31 @@ MultimodalDataProcessor = MultimodalProcessor  # the design note's name
 
 
 def check_caption(caption: Any, index: int = 0) -> None:
-    """Refuse captions that carry no text."""
+    """Refuse captions that carry no text or are not valid Unicode."""
     if not isinstance(caption, str):
         raise CaptionError(f"caption {index} is {type(caption).__name__}, not a string")
-    if not caption.strip():
-        raise CaptionError(f"caption {index} is empty or whitespace only: {caption!r}")
+    problem = caption_problem(caption)
+    if problem:
+        raise CaptionError(f"caption {index} {problem}: {caption[:80]!r}")
+
+
+_INVISIBLE = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp", "Mn", "Me"))
+
+
+def caption_problem(caption: str) -> str | None:
+    """Why ``caption`` is unusable (None when it is fine).
+
+    Empty, whitespace or invisible characters only (zero-width spaces, control characters,
+    lone combining marks, U+FFFD left by decoding errors), or lone surrogates (which cannot be
+    encoded as UTF-8).
+    """
+    if not any(ch != "\ufffd" and unicodedata.category(ch) not in _INVISIBLE for ch in caption):
+        return "is empty or has only whitespace or invisible characters"
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"is not valid Unicode (lone surrogate at position {err.start})"
+    return None
 
 
 def load_tokenizer(name_or_path: str) -> Any:

@@ -17,10 +17,21 @@ def add(commands) -> None:
     p.add_argument("--workers", type=int, default=None, help="decode workers (default: auto)")
     p.add_argument("--format", default=None, help="dataset format (default: detected)")
     p.add_argument("--skip-bad", action="store_true", help="skip unusable dataset rows")
+    p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="autocast: auto = bf16 on CUDA (fp16 without bf16), fp32 on CPUs without AMX",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the towers")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    p.add_argument("--onnx-dir", default=None, help="towers from `xmodal export-onnx` (onnx)")
 
 
 def run(args: argparse.Namespace) -> int:
     from xmodal.extract import extract
+    from xmodal.extract.mapper import MapperOptions
 
     manifest = extract(
         args.model,
@@ -33,6 +44,13 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         skip_bad=args.skip_bad,
         data_format=args.format,
+        options=MapperOptions(
+            device=args.device,
+            precision=args.precision,
+            compile=args.compile,
+            backend=args.backend,
+            onnx_dir=args.onnx_dir,
+        ),
     )
     for kind, record in manifest["kinds"].items():
         print(

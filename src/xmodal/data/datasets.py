@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from xmodal.processing import caption_problem
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
 CAPTION_FILES = ("captions.jsonl", "captions.csv", "captions.txt")
@@ -137,6 +139,9 @@ def _caption(value: Any) -> str:
     caption = value.strip()
     if not caption:
         raise _Bad("empty caption")
+    problem = caption_problem(caption)
+    if problem:  # the same rule the processor applies, so a kept row never fails later
+        raise _Bad(f"caption {problem}")
     return caption
 
 
@@ -147,7 +152,11 @@ def _image_path(value: Any, base: Path) -> Path:
     if not isinstance(value, str):
         raise _Bad(f"image is not a string ({type(value).__name__})")
     path = Path(os.path.abspath(base / value.strip()))
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as err:  # e.g. a name too long for the file system
+        raise _Bad(f"image {value[:200]!r} cannot be looked up ({err.strerror})") from None
+    if not found:
         raise _Bad(f"image {value!r} not found (resolved {path})")
     return path
 
@@ -222,6 +231,9 @@ def _jsonl_rows(path: Path, base: Path) -> Iterator[Row]:
         except json.JSONDecodeError as err:
             yield origin, f"invalid JSON ({err.msg} at column {err.colno})"
             continue
+        except (ValueError, RecursionError) as err:  # huge numbers, deep nesting
+            yield origin, f"unreadable JSON ({type(err).__name__}: {str(err)[:100]})"
+            continue
         if not isinstance(record, dict):
             yield origin, f"expected a JSON object, got {type(record).__name__}"
             continue
@@ -247,11 +259,20 @@ def _csv_rows(path: Path, base: Path) -> Iterator[Row]:
     reader = csv.reader(lines())
     header = _csv_header(reader, path)
     last_line = reader.line_num
-    for fields in reader:
+    while True:
+        try:
+            fields = next(reader)
+            problem = None
+        except StopIteration:
+            return
+        except csv.Error as err:  # e.g. a field over csv.field_size_limit(), a bare CR
+            fields, problem = [], f"unreadable CSV ({err})"
         first, last_line = last_line + 1, reader.line_num
         origin = f"{path.name}:{first}"
         bad_lines = [n for n in range(first, last_line + 1) if n in errors]
-        if bad_lines:
+        if problem:
+            yield origin, problem
+        elif bad_lines:
             yield f"{path.name}:{bad_lines[0]}", errors[bad_lines[0]]
         elif not any(f.strip() for f in fields):
             continue
@@ -268,6 +289,8 @@ def _csv_header(reader: Any, path: Path) -> list[str]:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
         raise BadRowError(f"{path.name}: empty CSV file") from None
+    except csv.Error as err:
+        raise BadRowError(f"{path.name}:1: unreadable CSV header ({err})") from None
     missing = [c for c in ("image", "caption") if c not in header]
     if missing:
         raise BadRowError(f"{path.name}:1: header lacks column(s) {', '.join(missing)}")
@@ -297,7 +320,7 @@ def _txt_rows(path: Path, base: Path) -> Iterator[Row]:
 def _load_json(path: Path) -> Any:
     try:
         return json.loads(path.read_bytes().decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, huge numbers, deep nesting
         raise BadRowError(f"{path.name}: not a valid UTF-8 JSON file ({err})") from None
 
 
@@ -439,6 +462,8 @@ def _tar_meta(tar: tarfile.TarFile, member: tarfile.TarInfo | None) -> dict:
         meta = json.loads(_read_member(tar, member).decode("utf-8"))
     except json.JSONDecodeError as err:
         raise _Bad(f"invalid JSON in {member.name} ({err.msg})") from None
+    except RecursionError:
+        raise _Bad(f"invalid JSON in {member.name} (nested too deeply)") from None
     if not isinstance(meta, dict):
         raise _Bad(f"{member.name} is not a JSON object")
     return meta

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xmodal.data.datasets import ImageTextDataset, TarMember
-from xmodal.processing import ImageLoadError, MultimodalProcessor
+from xmodal.processing import ImageLoadError, MultimodalProcessor, check_caption
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,16 @@ def image_ref(loc: str) -> str | TarMember:
     return loc
 
 
-def default_workers() -> int:
-    """Decode workers: a third of the cores (at least 1 on a multi-core machine, at most 4)."""
-    cores = os.cpu_count() or 1
-    return 0 if cores < 2 else max(1, min(4, cores // 3))
+def default_workers(accelerated: bool = False) -> int:
+    """Decode workers. On a CPU, a third of this process's cores (at least 1 on a multi-core
+    machine, at most 4: the model needs the rest). With a GPU doing the model, decoding is the
+    bottleneck: all of this process's cores but one (split between the ranks on this node)."""
+    cores = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if cores < 2:
+        return 0
+    if accelerated:
+        return min(32, cores - 1)
+    return max(1, min(4, cores // 3))
 
 
 def _worker_init(_: int) -> None:
@@ -122,10 +130,34 @@ class TextBatch:
     attention_mask: torch.Tensor
 
 
-def token_lengths(captions: Sequence[str], processor: MultimodalProcessor) -> list[int]:
-    cfg = processor.config
-    encoded = processor.tokenizer(list(captions), truncation=True, max_length=cfg.max_length)
-    return [len(ids) for ids in encoded["input_ids"]]
+class TokenizedCaptions:
+    """Captions tokenised once (template, truncation and special tokens as the processor does),
+    kept as one flat id array; any subset pads to its own longest caption in a few numpy ops."""
+
+    def __init__(self, captions: Sequence[str], processor: MultimodalProcessor):
+        cfg = processor.config
+        for i, caption in enumerate(captions):
+            check_caption(caption, i)
+        if cfg.caption_template != "{}":
+            captions = [cfg.caption_template.format(c) for c in captions]
+        tokenizer = processor.tokenizer
+        encoded = tokenizer(list(captions), truncation=True, max_length=cfg.max_length)["input_ids"]
+        self.lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+        self.ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64)
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.left = getattr(tokenizer, "padding_side", "right") == "left"
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` (len(rows), longest) of the captions ``rows``."""
+        lengths = self.lengths[rows]
+        steps = np.arange(int(lengths.max()))[None, :]
+        if self.left:
+            steps = steps - (int(lengths.max()) - lengths)[:, None]
+        mask = (steps >= 0) & (steps < lengths[:, None])
+        index = np.clip(self.offsets[rows][:, None] + steps, 0, max(len(self.ids) - 1, 0))
+        ids = np.where(mask, self.ids[index], self.pad_id)
+        return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
 def text_batches(
@@ -134,16 +166,16 @@ def text_batches(
     processor: MultimodalProcessor,
     batch_size: int,
 ) -> Iterator[TextBatch]:
-    """Captions at ``positions``, sorted by token length into batches (little padding)."""
-    captions = [items[p].source for p in positions]
-    lengths = token_lengths(captions, processor)
-    order = sorted(range(len(captions)), key=lambda i: (lengths[i], i))
+    """Captions at ``positions``, sorted by token length into batches padded to their longest
+    caption. Padding is masked, so this changes no embedding, only the time taken (the
+    processor's ``padding`` setting is for fixed-shape consumers, not needed here)."""
+    tokens = TokenizedCaptions([items[p].source for p in positions], processor)
+    order = np.argsort(tokens.lengths, kind="stable")
+    where = np.asarray(positions, dtype=np.int64)
     for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        encoded = processor.process_text([captions[i] for i in chunk])
-        yield TextBatch(
-            [positions[i] for i in chunk], encoded["input_ids"], encoded["attention_mask"]
-        )
+        rows = order[start : start + batch_size]
+        input_ids, attention_mask = tokens.batch(rows)
+        yield TextBatch(where[rows].tolist(), input_ids, attention_mask)
 
 
 def items_fingerprint(items: Sequence[Item]) -> str:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from xmodal.data.datasets import load_dataset
 from xmodal.extract.identity import ModelIdentity, check_compatible, identify
-from xmodal.extract.mapper import EmbeddingMapper
+from xmodal.extract.mapper import EmbeddingMapper, MapperOptions
 from xmodal.extract.ranks import (
     fold_errors,
     fold_shards,
@@ -51,6 +51,7 @@ from xmodal.extract.writer import (
     remove_stale_temporaries,
     save_errors,
     save_manifest,
+    save_skipped,
     shard_name,
     write_shard,
 )
@@ -91,21 +92,24 @@ def extract(
     data_format: str | None = None,
     progress: bool = True,
     on_shard: ShardHook | None = None,
+    options: MapperOptions | None = None,
 ) -> dict[str, Any]:
     """Embed the unique images and/or the captions of ``data`` into Parquet shards in ``out``.
 
     Shard k holds items [k * shard_size, (k + 1) * shard_size); finished shards are skipped on
     a re-run, so an interrupted run resumes where it stopped. Returns the manifest. Under
-    torchrun, shard k is embedded by rank k % world size.
+    torchrun, shard k is embedded by rank k % world size. ``options`` picks the device,
+    precision, backend (torch or ONNX Runtime) and torch.compile (default: fp32 torch on CPU).
     """
     kinds = _check_options(what, shard_size, dtype, batch_size, workers)
-    with distributed.process_group("gloo") as world:  # extraction runs on CPU tensors
-        workers = default_workers() if workers is None else workers
+    with distributed.process_group("gloo") as world:  # only CPU objects cross ranks
+        if workers is None:
+            workers = default_workers(options is not None and options.on_gpu())
         net, processor = load_model(model)
         identity = identify(net, processor, model)
         dataset = load_dataset(data, data_format, skip_bad)
         out = Path(out)
-        mapper = EmbeddingMapper(net)
+        mapper = EmbeddingMapper(net, options)
         manifest = _open_manifest(out, identity, mapper.dim, dtype, shard_size, data)
         items = {
             kind: image_items(dataset) if kind == "images" else text_items(dataset)
@@ -114,6 +118,9 @@ def extract(
         for kind in kinds:
             _kind_record(manifest, kind, items[kind], out, data)
         done, errors = _resume_state(out, manifest, world)
+        manifest["skipped_rows"] = len(dataset.skipped)
+        if world.is_main:
+            save_skipped(out, dataset.skipped)
         run = _Run(
             out, manifest, processor, mapper, errors, batch_size, workers, progress, on_shard
         )

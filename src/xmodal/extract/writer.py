@@ -16,6 +16,7 @@ from xmodal.atomic import atomic_path, atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
 ERRORS_NAME = "errors.jsonl"
+SKIPPED_NAME = "skipped.jsonl"
 MANIFEST_FORMAT = "xmodal.embeddings/1"
 KINDS = ("images", "texts")
 DTYPES = ("float16", "float32")
@@ -132,7 +133,8 @@ def complete_shards(directory: str | Path, record: dict[str, Any]) -> dict[int, 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     """Delete temporary files an interrupted (killed) run left behind; returns them."""
     stale = []
-    for pattern in (".manifest.json.*.tmp", ".errors.jsonl.*.tmp", ".images-*.tmp", ".texts-*.tmp"):
+    patterns = (".manifest.json.*.tmp", ".errors.jsonl.*.tmp", ".skipped.jsonl.*.tmp")
+    for pattern in (*patterns, ".images-*.tmp", ".texts-*.tmp"):
         for path in Path(directory).glob(pattern):
             path.unlink(missing_ok=True)
             stale.append(path)
@@ -157,3 +159,14 @@ def save_errors(directory: str | Path, records: list[dict[str, Any]]) -> None:
     """Write ``errors.jsonl`` atomically (one JSON object per unreadable item)."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     atomic_write_text(Path(directory) / ERRORS_NAME, text)
+
+
+def save_skipped(directory: str | Path, rows: list[str]) -> None:
+    """Write ``skipped.jsonl`` atomically: the dataset rows ``--skip-bad`` left out, one per line
+    (``{"row": "data.jsonl:7: image 'x.jpg' not found ..."}``); removed when there are none."""
+    path = Path(directory) / SKIPPED_NAME
+    if not rows:
+        path.unlink(missing_ok=True)
+        return
+    text = "".join(json.dumps({"row": r}, ensure_ascii=True) + "\n" for r in rows)
+    atomic_write_text(path, text)

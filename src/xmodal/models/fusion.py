@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xmodal.models.checkpointing import checkpoint_modules
+
 
 class PooledFusion(nn.Module):
     """``MultiheadAttention(dim, heads, batch_first=True)`` over [image, text]; first position."""
@@ -103,6 +105,9 @@ class CrossAttentionFusion(nn.Module):
             FusionLayer(dim, heads, mlp_ratio, dropout) for _ in range(layers)
         )
         self.norm = nn.LayerNorm(dim)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        checkpoint_modules(self.layers, enabled)
 
     def forward(
         self,

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from xmodal.config import ImageTowerConfig
+from xmodal.models.checkpointing import checkpoint_modules, set_hf_checkpointing
 from xmodal.models.towers import TowerOutput, hf_config_dict, load_hf_backbone
 
 
@@ -42,6 +43,10 @@ class EfficientNetLiteTower(nn.Module):
         grid = self.net.extract_features(pixel_values)  # (B, C, H, W)
         tokens = grid.flatten(2).transpose(1, 2)
         return TowerOutput(pooled=tokens.mean(dim=1), tokens=tokens)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each MBConv block in the backward pass (training only)."""
+        checkpoint_modules(self.net._blocks, enabled)
 
 
 def _efficientnet_weights(config: ImageTowerConfig) -> str:
@@ -87,6 +92,9 @@ class HFImageTower(nn.Module):
         if pooled is None or pooled.dim() != 2:
             pooled = hidden[:, 0]
         return TowerOutput(pooled=pooled, tokens=hidden)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        set_hf_checkpointing(self.model, enabled)
 
     def architecture(self) -> dict:
         return hf_config_dict(self.model)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from xmodal.atomic import atomic_path, atomic_write_text
-from xmodal.config import ModelConfig, from_dict, to_dict
+from xmodal.config import ConfigError, ModelConfig, from_dict, load_json_config, to_dict
 from xmodal.models.fusion import CrossAttentionFusion, PooledFusion
 from xmodal.models.image import build_image_tower
 from xmodal.models.text import HFTextTower
@@ -25,6 +25,7 @@ from xmodal.models.towers import TowerOutput
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 @dataclass
@@ -97,6 +98,13 @@ class CrossModalModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.init_logit_scale)))
         self.siglip_logit_scale = nn.Parameter(torch.tensor(math.log(config.init_siglip_scale)))
         self.siglip_logit_bias = nn.Parameter(torch.tensor(config.init_siglip_bias))
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute tower (and fusion) activations in the backward pass: much less activation
+        memory for about one more forward pass of compute. Only acts in training mode."""
+        for part in (self.image_tower, self.text_tower, self.fusion):
+            if hasattr(part, "set_gradient_checkpointing"):
+                part.set_gradient_checkpointing(enabled)
 
     # -- features -------------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> Features:
@@ -200,9 +208,22 @@ class CrossModalModel(nn.Module):
         config = load_model_config(directory)
         config.image.pretrained = False
         config.text.pretrained = False
-        model = cls(config)
+        try:
+            model = cls(config)
+        except (ConfigError, ImportError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a tower library rejecting the architecture
+            raise ConfigError(
+                f"{Path(directory) / CONFIG_NAME}: cannot build the model it describes "
+                f"({type(exc).__name__}: {str(exc)[:300]})"
+            ) from exc
         state = load_file(str(Path(directory) / WEIGHTS_NAME), device=map_location)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # tensor shapes differ from the config's
+            raise ValueError(
+                f"{directory}: weights do not match the config ({str(exc)[:300]})"
+            ) from exc
         if missing or unexpected:
             raise ValueError(
                 f"{directory}: weights do not match the config (missing {missing[:5]}, "
@@ -212,14 +233,31 @@ class CrossModalModel(nn.Module):
 
 
 def load_model_config(directory: str | Path) -> ModelConfig:
-    """The :class:`ModelConfig` saved in a model directory."""
+    """The :class:`ModelConfig` saved in a model directory (which must hold no pickle files)."""
     directory = Path(directory)
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a model directory: no {CONFIG_NAME}")
+    refuse_pickle_payloads(directory)
     if not (directory / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(
             f"{directory}: no {WEIGHTS_NAME} (weights load only from safetensors)"
         )
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return from_dict(ModelConfig, data.get("model", {}), "model")
+    data = load_json_config(path, "the model config")
+    try:
+        return from_dict(ModelConfig, data.get("model", {}), "model")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def refuse_pickle_payloads(directory: str | Path) -> None:
+    """Refuse a model directory carrying pickle files (``pytorch_model.bin``, ``*.pt``, ...):
+    unpickling can run arbitrary code, and xmodal loads weights only from safetensors."""
+    directory = Path(directory)
+    for file in sorted(directory.rglob("*")):
+        if file.suffix.lower() in PICKLE_SUFFIXES:
+            raise ValueError(
+                f"refusing model directory {directory}: {file.relative_to(directory)} is a "
+                f"pickle payload; xmodal loads weights only from safetensors ({WEIGHTS_NAME}). "
+                "Remove the file or convert it to safetensors."
+            )

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from xmodal.config import TextTowerConfig
+from xmodal.models.checkpointing import set_hf_checkpointing
 from xmodal.models.towers import (
     TowerOutput,
     hf_config_dict,
@@ -49,6 +50,9 @@ class HFTextTower(nn.Module):
             tokens=hidden,
             mask=attention_mask,
         )
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        set_hf_checkpointing(self.model, enabled)
 
     def architecture(self) -> dict:
         return hf_config_dict(self.model)

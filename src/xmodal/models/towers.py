@@ -47,8 +47,8 @@ def load_hf_backbone(
     from transformers import AutoConfig, AutoModel
 
     local = Path(name_or_path).is_dir()
-    if pretrained:
-        return AutoModel.from_pretrained(name_or_path, local_files_only=local)
+    if pretrained:  # safetensors only: pickled weights (pytorch_model.bin) are never loaded
+        return AutoModel.from_pretrained(name_or_path, local_files_only=local, use_safetensors=True)
     if hf_config is not None:
         kwargs = dict(hf_config)
         config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)

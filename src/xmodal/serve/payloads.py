@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import HTTPException, Request
+from PIL import Image
 from starlette.datastructures import FormData, UploadFile
+
+from xmodal.processing import caption_problem
 
 
 @dataclass(frozen=True)
@@ -16,6 +21,9 @@ class ServeSettings:
     """Limits of the server; every request is checked against them."""
 
     max_upload_bytes: int = 10 * 1024 * 1024  # per image; larger -> 413
+    # decoded size per image; larger -> 413 before any decoding (a 300 kB PNG can hold 89 M
+    # pixels: 1.5 s and 650 MB to decode)
+    max_image_pixels: int = 40_000_000
     max_text_chars: int = 1000  # per caption; longer -> 422
     max_batch: int = 32  # captions or images per /embed request; more -> 422
     max_k: int = 100
@@ -55,8 +63,8 @@ async def read_body(request: Request, max_files: int) -> tuple[str, Mapping[str,
     if content_type.startswith("application/json"):
         try:
             data = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise unprocessable(f"body is not valid JSON: {err}") from None
+        except (ValueError, RecursionError) as err:  # also huge numbers and deep nesting
+            raise unprocessable(f"body is not valid JSON: {str(err)[:200]}") from None
         if not isinstance(data, dict):
             raise unprocessable(f"JSON body must be an object, got {type(data).__name__}")
         return "json", data
@@ -77,6 +85,9 @@ def check_text(text: Any, settings: ServeSettings, name: str = "text") -> str:
         raise unprocessable(
             f"{name} has {len(text)} characters; the limit is {settings.max_text_chars}"
         )
+    problem = caption_problem(text)
+    if problem:
+        raise unprocessable(f"{name} {problem}")
     return text
 
 
@@ -153,5 +164,25 @@ async def read_images(form: FormData, name: str, settings: ServeSettings) -> lis
                 detail=f"image {value.filename!r} exceeds the upload limit of "
                 f"{settings.max_upload_bytes} bytes",
             )
-        images.append(Upload(value.filename or name, data))
+        filename = value.filename or name
+        check_pixels(filename, data, settings.max_image_pixels)
+        images.append(Upload(filename, data))
     return images
+
+
+def check_pixels(filename: str, data: bytes, limit: int) -> None:
+    """413 when the image header announces more than ``limit`` pixels (read from the header
+    only); undecodable data is left to the decoder, which reports it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = Image.open(io.BytesIO(data)).size
+    except Image.DecompressionBombError as err:
+        reason = f"too many pixels (decompression bomb?): {err}"
+    except Exception:  # noqa: BLE001 - not an image Pillow can even open: the decoder says why
+        return
+    else:
+        if width * height <= limit:
+            return
+        reason = f"{width}x{height} pixels exceeds the limit of {limit} per image"
+    raise HTTPException(status_code=413, detail=f"image {filename!r}: {reason}")

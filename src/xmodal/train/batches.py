@@ -69,6 +69,11 @@ class PairBatches(Dataset):
                 except ImageLoadError as exc:
                     if not self.skip_bad:
                         raise ImageLoadError(ex.origin or exc.source, exc.reason) from exc
+            if not kept:
+                raise ImageLoadError(
+                    f"batch {i} ({len(examples)} images)",
+                    "every image failed to decode; the dataset has too many unreadable images",
+                )
             examples = kept
             batch["pixel_values"] = torch.stack(pixels)
         batch.update(self.processor.process_text([ex.caption for ex in examples]))

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from xmodal.atomic import atomic_dir, atomic_write_text
-from xmodal.models.model import WEIGHTS_NAME, CrossModalModel
+from xmodal.models.model import WEIGHTS_NAME, CrossModalModel, refuse_pickle_payloads
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
@@ -105,7 +105,7 @@ def load_checkpoint(
     Returns the progress and the ``extra`` dict saved with the checkpoint.
     """
     path = Path(path)
-    refuse_pickle(path)
+    refuse_pickle_payloads(path)
     weights = load_file(str(path / WEIGHTS_NAME))
     model.load_state_dict(weights)
     state = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
@@ -122,16 +122,6 @@ def load_checkpoint(
         python_state = state["python_random"]
     _restore_rng(tensors, python_state)
     return TrainProgress(**state["progress"]), state.get("extra", {})
-
-
-def refuse_pickle(path: Path) -> None:
-    """Refuse a checkpoint folder carrying pickle payloads (.bin, .pt, .pth, .pkl, ...)."""
-    for file in path.iterdir():
-        if file.suffix in {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}:
-            raise ValueError(
-                f"refusing checkpoint {path}: {file.name} is a pickle payload; xmodal loads "
-                "weights only from safetensors"
-            )
 
 
 def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

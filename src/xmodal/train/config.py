@@ -35,6 +35,10 @@ class DataSection:
             raise ConfigError("data.train is required (a dataset file or folder)")
         if self.caption_template.count("{}") != 1:
             raise ConfigError("data.caption_template must contain exactly one '{}'")
+        try:
+            self.caption_template.format("")
+        except (IndexError, KeyError, ValueError) as err:
+            raise ConfigError(f"data.caption_template is not a valid template: {err}") from None
         if self.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
 

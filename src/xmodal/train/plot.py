@@ -9,10 +9,19 @@ from xmodal.atomic import atomic_path
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics log; a torn last line (a killed process) is skipped."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
 
 
 def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> Path | None:

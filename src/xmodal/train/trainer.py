@@ -45,7 +45,7 @@ from xmodal.train.checkpoint import (
 )
 from xmodal.train.config import TrainConfig
 from xmodal.train.objective import global_batch_losses, negatives_seed
-from xmodal.train.plot import plot_metrics
+from xmodal.train.plot import plot_metrics, read_metrics
 
 
 @dataclass
@@ -477,9 +477,8 @@ class Trainer:
         path = self.out_dir / "metrics.jsonl"
         if not path.exists():
             return
-        lines = path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        kept = [record for record in read_metrics(path) if record["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def train(config: TrainConfig, resume: bool = False) -> TrainResult:

@@ -1,0 +1,30 @@
+"""``xmodal export-onnx``: a model's image and text towers to ONNX files + onnx.json."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add(commands) -> None:
+    p = commands.add_parser("export-onnx", help="export the image and text towers to ONNX")
+    p.add_argument("--model", required=True, help="model directory or preset name")
+    p.add_argument("--out", required=True, help="output directory for the .onnx files")
+    p.add_argument(
+        "--no-check", action="store_true", help="skip comparing ONNX Runtime with PyTorch"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from xmodal.export.onnx import export_onnx
+    from xmodal.export.ort import parity
+    from xmodal.presets import load_model
+
+    model, processor = load_model(args.model)
+    meta = export_onnx(model, processor, args.out, str(args.model))
+    for name, tower in meta["towers"].items():
+        print(f"{name} tower -> {args.out}/{tower['file']}")
+    if not args.no_check:
+        for name, cosine in parity(model, processor, args.out).items():
+            print(f"{name}: lowest cosine ONNX Runtime vs PyTorch {cosine:.6f}")
+    print(f"wrote {args.out}/onnx.json")
+    return 0

@@ -1,0 +1,1 @@
+"""Exporting the towers to other runtimes (ONNX) and running them there."""

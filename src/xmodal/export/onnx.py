@@ -1,0 +1,154 @@
+"""Export the image and text towers to ONNX (dynamic batch; dynamic caption length).
+
+Each graph returns the tower's ``pooled`` vector and its ``tokens``; the projections into the
+shared space stay in PyTorch (they are tiny), so one export serves every head trained on top of
+the same towers. ``onnx.json`` records the tower weights' hashes: the ONNX Runtime backend refuses
+a model whose towers differ from the exported ones.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xmodal.atomic import atomic_path, atomic_write_text
+from xmodal.extract.identity import state_dict_sha256
+from xmodal.models.model import CrossModalModel
+from xmodal.processing import MultimodalProcessor
+
+META_NAME = "onnx.json"
+META_FORMAT = "xmodal.onnx/1"
+IMAGE_FILE = "image_tower.onnx"
+TEXT_FILE = "text_tower.onnx"
+OPSET = 17
+SAMPLE_CAPTIONS = ("a photo of a cat", "two dogs playing in the snow on a sunny day", "a red car")
+
+
+class ImageTowerGraph(nn.Module):
+    """pixel_values (B, 3, S, S) -> pooled (B, D), tokens (B, T, D)."""
+
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.tower(pixel_values)
+        return out.pooled, out.tokens
+
+
+class TextTowerGraph(nn.Module):
+    """input_ids, attention_mask (B, L) -> pooled (B, D), tokens (B, L, D)."""
+
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.tower = tower
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.tower(input_ids, attention_mask)
+        return out.pooled, out.tokens
+
+
+def tower_hashes(model: CrossModalModel) -> dict[str, str]:
+    """SHA-256 of each tower's weights (what an export must match)."""
+    return {
+        "image": state_dict_sha256(model.image_tower),
+        "text": state_dict_sha256(model.text_tower),
+    }
+
+
+def sample_inputs(processor: MultimodalProcessor) -> dict[str, torch.Tensor]:
+    """Tracing inputs: two images and captions of different lengths (so the mask has padding)."""
+    size = processor.config.image_size
+    text = processor.process_text(list(SAMPLE_CAPTIONS), apply_template=False)
+    pixels = torch.linspace(-1.0, 1.0, 2 * 3 * size * size).reshape(2, 3, size, size)
+    return {"pixel_values": pixels, **text}
+
+
+def _export(graph: nn.Module, args: tuple, path: Path, names: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        torch.onnx.export(
+            graph,
+            args,
+            str(tmp),
+            input_names=names["inputs"],
+            output_names=["pooled", "tokens"],
+            dynamic_axes=names["axes"],
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,  # the dynamo exporter needs onnxscript; TorchScript export suffices
+        )
+
+
+def export_onnx(
+    model: CrossModalModel,
+    processor: MultimodalProcessor,
+    out: str | Path,
+    model_id: str = "",
+) -> dict[str, Any]:
+    """Write ``image_tower.onnx``, ``text_tower.onnx`` and ``onnx.json`` into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.eval().float().cpu()
+    inputs = sample_inputs(processor)
+    with torch.no_grad():
+        _export(
+            ImageTowerGraph(model.image_tower).eval(),
+            (inputs["pixel_values"],),
+            out / IMAGE_FILE,
+            {
+                "inputs": ["pixel_values"],
+                "axes": {
+                    "pixel_values": {0: "batch"},
+                    "pooled": {0: "batch"},
+                    "tokens": {0: "batch"},
+                },
+            },
+        )
+        _export(
+            TextTowerGraph(model.text_tower).eval(),
+            (inputs["input_ids"], inputs["attention_mask"]),
+            out / TEXT_FILE,
+            {
+                "inputs": ["input_ids", "attention_mask"],
+                "axes": {
+                    "input_ids": {0: "batch", 1: "length"},
+                    "attention_mask": {0: "batch", 1: "length"},
+                    "pooled": {0: "batch"},
+                    "tokens": {0: "batch", 1: "length"},
+                },
+            },
+        )
+    meta = {
+        "format": META_FORMAT,
+        "model": model_id,
+        "processor_hash": processor.config_hash,
+        "image_size": processor.config.image_size,
+        "opset": OPSET,
+        "torch": torch.__version__,
+        "towers": {
+            "image": {"file": IMAGE_FILE, "dim": model.image_tower.output_dim},
+            "text": {"file": TEXT_FILE, "dim": model.text_tower.output_dim},
+        },
+        "weights_sha256": tower_hashes(model),
+    }
+    atomic_write_text(out / META_NAME, json.dumps(meta, indent=2))
+    return meta
+
+
+def load_meta(directory: str | Path) -> dict[str, Any]:
+    """The ``onnx.json`` of an export directory."""
+    path = Path(directory) / META_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not an ONNX export (no {META_NAME})")
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if meta.get("format") != META_FORMAT:
+        raise ValueError(f"{path}: not an xmodal ONNX export ({META_FORMAT})")
+    return meta

@@ -1,0 +1,112 @@
+"""ONNX Runtime towers: run the exported image and text towers, refusing mismatched weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from xmodal.export.onnx import load_meta, sample_inputs, tower_hashes
+from xmodal.extract.identity import IncompatibleError
+from xmodal.models.model import CrossModalModel
+from xmodal.models.towers import TowerOutput
+from xmodal.processing import MultimodalProcessor
+
+
+def _session(path: Path, threads: int | None):
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ImportError("the onnx backend needs `pip install xmodal[onnx]`") from exc
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    providers = [
+        p
+        for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+        if p in ort.get_available_providers()
+    ]
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+class OnnxTowers:
+    """The two exported towers of ``directory``; outputs are float32 numpy arrays."""
+
+    def __init__(self, directory: str | Path, threads: int | None = None):
+        self.directory = Path(directory)
+        self.meta = load_meta(self.directory)
+        towers = self.meta["towers"]
+        self._image = _session(self.directory / towers["image"]["file"], threads)
+        self._text = _session(self.directory / towers["text"]["file"], threads)
+
+    def check(self, model: CrossModalModel) -> None:
+        """Raise IncompatibleError unless ``model``'s towers are the exported ones."""
+        expected, actual = self.meta["weights_sha256"], tower_hashes(model)
+        wrong = [name for name in ("image", "text") if expected[name] != actual[name]]
+        if wrong:
+            raise IncompatibleError(
+                f"{self.directory}: the ONNX {' and '.join(wrong)} tower(s) were exported from "
+                f"other weights than this model's (hash {expected[wrong[0]][:16]} != "
+                f"{actual[wrong[0]][:16]}): export this model again"
+            )
+
+    def image(self, pixel_values: torch.Tensor) -> TowerOutput:
+        """(B, 3, S, S) -> pooled (B, D) and tokens (B, T, D)."""
+        pooled, tokens = self._image.run(["pooled", "tokens"], self._image_feed(pixel_values))
+        return TowerOutput(torch.from_numpy(pooled), torch.from_numpy(tokens))
+
+    def image_pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> pooled (B, D) only."""
+        return torch.from_numpy(self._image.run(["pooled"], self._image_feed(pixel_values))[0])
+
+    def text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TowerOutput:
+        """(B, L) -> pooled (B, D), tokens (B, L, D) and the mask."""
+        feed = self._text_feed(input_ids, attention_mask)
+        pooled, tokens = self._text.run(["pooled", "tokens"], feed)
+        return TowerOutput(torch.from_numpy(pooled), torch.from_numpy(tokens), attention_mask)
+
+    def text_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> pooled (B, D) only."""
+        feed = self._text_feed(input_ids, attention_mask)
+        return torch.from_numpy(self._text.run(["pooled"], feed)[0])
+
+    @staticmethod
+    def _image_feed(pixel_values: torch.Tensor) -> dict[str, np.ndarray]:
+        return {"pixel_values": np.ascontiguousarray(pixel_values.float().numpy())}
+
+    @staticmethod
+    def _text_feed(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, np.ndarray]:
+        return {
+            "input_ids": input_ids.long().numpy(),
+            "attention_mask": attention_mask.long().numpy(),
+        }
+
+
+def parity(
+    model: CrossModalModel,
+    processor: MultimodalProcessor,
+    directory: str | Path,
+    pixel_values: torch.Tensor | None = None,
+    captions: list[str] | None = None,
+) -> dict[str, float]:
+    """Lowest cosine similarity between ONNX Runtime and PyTorch embeddings, per modality."""
+    towers = OnnxTowers(directory)
+    towers.check(model)
+    sample = sample_inputs(processor)
+    pixels = sample["pixel_values"] if pixel_values is None else pixel_values
+    text = sample if captions is None else processor.process_text(captions)
+    ids, mask = text["input_ids"], text["attention_mask"]
+    model = model.eval()
+    with torch.inference_mode():
+        pairs = {
+            "image": (model.encode_image(pixels), model.image_proj(towers.image_pooled(pixels))),
+            "text": (model.encode_text(ids, mask), model.text_proj(towers.text_pooled(ids, mask))),
+        }
+        return {
+            name: float(F.cosine_similarity(ref, onnx, dim=-1).min())
+            for name, (ref, onnx) in pairs.items()
+        }

@@ -1,0 +1,279 @@
+"""The fast paths compute what the plain paths compute.
+
+Inference copies of image towers (batch norm folded, padding absorbed, channels_last),
+length-bucketed caption batches, gradient checkpointing, and the --precision / --device choices.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from xmodal.config import ImageTowerConfig
+from xmodal.extract.mapper import (
+    EmbeddingMapper,
+    MapperOptions,
+    resolve_device,
+    resolve_precision,
+)
+from xmodal.extract.reader import Item, TokenizedCaptions, text_batches
+from xmodal.models.checkpointing import checkpoint_modules, is_checkpointed
+from xmodal.models.image import EfficientNetLiteTower
+from xmodal.models.inference import absorb_static_padding, fold_batch_norms, inference_copy
+from xmodal.models.model import CrossModalModel
+
+CAPTIONS = [
+    "a red square",
+    "two dogs playing in the snow next to a small wooden house on a sunny day",
+    "cat",
+    "a large green circle on a grey background",
+    "an old man riding a bicycle along the river at night while people watch",
+    "blue",
+    "a small yellow triangle",
+]
+
+
+def randomise_batch_norms(module: nn.Module) -> None:
+    """Non-trivial running statistics and affine weights, so folding them is really tested."""
+    generator = torch.Generator().manual_seed(1)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+
+
+def lite0_tower() -> EfficientNetLiteTower:
+    tower = EfficientNetLiteTower(ImageTowerConfig(name="efficientnet-lite0", pretrained=False))
+    randomise_batch_norms(tower)
+    return tower.eval()
+
+
+# -- image fast path --------------------------------------------------------------------------
+def test_inference_copy_of_efficientnet_matches_the_plain_tower():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    tower = lite0_tower()
+    pixels = torch.randn(2, 3, 64, 64)
+    fast = inference_copy(tower)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in tower.modules())  # original untouched
+    with torch.inference_mode():
+        plain = tower(pixels)
+        quick = fast(pixels.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(quick.pooled, plain.pooled, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(quick.tokens, plain.tokens, rtol=1e-4, atol=1e-5)
+
+
+def test_folding_and_padding_rewrites_find_their_targets():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    tower = lite0_tower()
+    # stem + head, and per block: expand (all but the first block), depthwise, project
+    blocks = len(tower.net._blocks)
+    assert fold_batch_norms(copy.deepcopy(tower)) == 2 + 3 * blocks - 1
+    assert absorb_static_padding(copy.deepcopy(tower)) > blocks // 2
+
+
+def test_mapper_images_equal_plain_encode_image_nchw(make_tiny_config):
+    model = CrossModalModel(make_tiny_config()).eval()
+    randomise_batch_norms(model.image_tower)
+    pixels = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        plain = model.encode_image(pixels).numpy()
+    mapper = EmbeddingMapper(model)
+    assert mapper.channels_last
+    np.testing.assert_allclose(mapper.images(pixels), plain, atol=1e-5)
+    # the model itself keeps its batch norms and memory format
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.image_tower.modules())
+    conv = next(m for m in model.image_tower.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous()
+
+
+# -- caption fast path ------------------------------------------------------------------------
+def test_length_bucketed_batches_equal_unsorted_and_padded_to_128(make_tiny_config, processor):
+    model = CrossModalModel(make_tiny_config()).eval()
+    items = [Item(str(i), c, c) for i, c in enumerate(CAPTIONS)]
+    mapper = EmbeddingMapper(model)
+    bucketed = np.zeros((len(items), model.config.embed_dim), dtype=np.float32)
+    sizes = []
+    for batch in text_batches(items, range(len(items)), processor, batch_size=3):
+        bucketed[batch.positions] = mapper.texts(batch.input_ids, batch.attention_mask)
+        sizes.append(batch.input_ids.shape[1])
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]  # short batches are short
+    unsorted = processor.process_text(CAPTIONS)
+    padded = processor.tokenizer(
+        CAPTIONS, padding="max_length", max_length=128, truncation=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        plain = model.encode_text(unsorted["input_ids"], unsorted["attention_mask"]).numpy()
+        note = model.encode_text(padded["input_ids"], padded["attention_mask"]).numpy()
+    np.testing.assert_allclose(bucketed, plain, atol=1e-5)
+    np.testing.assert_allclose(bucketed, note, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_tokenized_captions_pad_like_the_tokenizer(make_processor, minilm_tokenizer, side):
+    tokenizer = copy.deepcopy(minilm_tokenizer)
+    tokenizer.padding_side = side
+    processor = make_processor(caption_template="a photo of {}")
+    processor._tokenizer = tokenizer
+    tokens = TokenizedCaptions(CAPTIONS, processor)
+    for rows in (np.arange(len(CAPTIONS)), np.array([4, 2]), np.array([5])):
+        ids, mask = tokens.batch(rows)
+        expected = processor.process_text([CAPTIONS[i] for i in rows])
+        assert torch.equal(ids, expected["input_ids"])
+        assert torch.equal(mask, expected["attention_mask"])
+
+
+# -- gradient checkpointing -------------------------------------------------------------------
+def _step(model: CrossModalModel, checkpointing: bool) -> tuple[dict, dict, int]:
+    """Gradients, buffers and saved activation bytes of one training step."""
+    model = copy.deepcopy(model).train()
+    model.set_gradient_checkpointing(checkpointing)
+    generator = torch.Generator().manual_seed(5)
+    pixels = torch.randn(4, 3, 64, 64, generator=generator)
+    ids = torch.randint(1000, 2000, (4, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    saved = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    torch.manual_seed(7)  # dropout draws the same masks in both runs
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(pixels, ids, mask)
+        loss = out.logits_per_text.logsumexp(-1).sum() + out.itm_logits.square().sum()
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return grads, dict(model.named_buffers()), sum(saved)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(make_tiny_config):
+    model = CrossModalModel(make_tiny_config())
+    plain, plain_buffers, plain_saved = _step(model, False)
+    ckpt, ckpt_buffers, ckpt_saved = _step(model, True)
+    assert plain.keys() == ckpt.keys() and len(plain) > 50
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-5, msg=name)
+    for name in plain_buffers:  # batch-norm statistics move once per step, not twice
+        torch.testing.assert_close(ckpt_buffers[name], plain_buffers[name], msg=name)
+    assert ckpt_saved < 0.7 * plain_saved  # and it really keeps fewer activations
+
+
+def test_efficientnet_checkpointing_same_gradients_with_drop_connect():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    tower = lite0_tower()
+    pixels = torch.randn(2, 3, 64, 64)
+
+    def grads(enabled: bool) -> dict[str, torch.Tensor]:
+        copy_ = copy.deepcopy(tower).train()
+        copy_.set_gradient_checkpointing(enabled)
+        assert all(is_checkpointed(b) == enabled for b in copy_.net._blocks)
+        torch.manual_seed(3)  # drop connect is random in training
+        copy_(pixels).pooled.square().sum().backward()
+        return {n: p.grad for n, p in copy_.named_parameters()}
+
+    plain, ckpt = grads(False), grads(True)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_checkpoint_modules_switches_off_and_leaves_eval_alone():
+    layer = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    checkpoint_modules([layer], True)
+    assert is_checkpointed(layer) and "forward" in vars(layer)
+    with torch.no_grad():  # no grad: plain forward, same result
+        torch.testing.assert_close(layer(torch.ones(2, 4)), layer[1](layer[0](torch.ones(2, 4))))
+    checkpoint_modules([layer], False)
+    assert not is_checkpointed(layer) and "forward" not in vars(layer)
+    assert list(layer.state_dict()) == ["0.weight", "0.bias"]  # state dict keys unchanged
+
+
+# -- precision and device ---------------------------------------------------------------------
+def test_precision_resolution(monkeypatch):
+    import xmodal.train.trainer as trainer
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("fp32", cpu) is None
+    assert resolve_precision("fp32", cuda) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    assert resolve_precision("fp16", cuda) is torch.float16
+    monkeypatch.setattr(trainer, "cpu_has_bf16_hardware", lambda: False)
+    assert resolve_precision("auto", cpu) is None
+    monkeypatch.setattr(trainer, "cpu_has_bf16_hardware", lambda: True)
+    assert resolve_precision("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", cuda) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", cuda) is torch.float16
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("int8", cpu)
+
+
+def test_device_resolution_and_option_checks(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    for bad, message in (
+        (MapperOptions(backend="onnx"), "onnx_dir"),
+        (MapperOptions(backend="tvm"), "backend"),
+        (MapperOptions(device="tpu"), "device"),
+        (MapperOptions(precision="fp8"), "precision"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            bad.validate()
+
+
+def test_extract_command_accepts_the_speed_options(monkeypatch):
+    from xmodal import cli
+    from xmodal.commands import extract as command
+
+    seen = {}
+    monkeypatch.setattr("xmodal.extract.extract", lambda *a, **k: seen.update(k) or {"kinds": {}})
+    argv = ["extract", "--model", "m", "--data", "d", "--out", "o", "--precision", "bf16"]
+    assert cli.main([*argv, "--compile", "--backend", "onnx", "--onnx-dir", "x"]) == 0
+    options = seen["options"]
+    assert (options.precision, options.compile, options.backend, options.onnx_dir) == (
+        "bf16",
+        True,
+        "onnx",
+        "x",
+    )
+    assert command is cli.SUBCOMMANDS["extract"]
+
+
+@pytest.mark.slow
+def test_compiled_image_path_matches_eager(make_tiny_config):
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("torch.compile's CPU backend needs a C compiler")
+    model = CrossModalModel(make_tiny_config()).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    eager = EmbeddingMapper(model).images(pixels)
+    compiled = EmbeddingMapper(model, MapperOptions(compile=True))
+    np.testing.assert_allclose(compiled.images(pixels), eager, atol=1e-5)
+
+
+def test_decode_workers_leave_cores_to_the_model_on_cpu_only(monkeypatch):
+    from xmodal.extract import reader
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(reader.os, "cpu_count", lambda: 16)
+    assert reader.default_workers() == 4
+    assert reader.default_workers(accelerated=True) == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four GPUs' ranks share the node's cores
+    assert reader.default_workers(accelerated=True) == 3
+    monkeypatch.setattr(reader.os, "cpu_count", lambda: 1)
+    assert reader.default_workers(accelerated=True) == 0
