@@ -11,6 +11,9 @@ and the ratio to the design note's way of running the same backbone, also in thi
   (length-bucketed batches, inference_mode); ONNX Runtime; bf16 autocast for both;
 - fusion: the cross-attention fusion on cached tower outputs, and the whole model.
 
+The paths of a group are timed in interleaved rounds (each path once per round, the median of
+the rounds kept), so a load that comes and goes on a shared machine touches them all alike.
+
 Real data: skimage photos; captions are the emoji names when /tmp/xmodal-emoji exists, else
 generated English captions of 3-20 words (``--captions``).
 
@@ -22,8 +25,11 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import statistics
 import tempfile
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,15 +37,15 @@ from common import (
     Row,
     add_machine_args,
     count_flops,
+    load_average,
     matmul_peak,
-    measure,
     print_peaks,
     print_table,
     real_captions,
     real_images,
-    row,
     set_ratios,
     setup_machine,
+    synchronize,
     write_json,
 )
 
@@ -61,9 +67,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-batch", type=int, default=32)
     parser.add_argument("--images", type=int, default=64, help="images per timed run")
     parser.add_argument("--text-batch", type=int, default=64)
-    parser.add_argument("--captions", type=int, default=1024, help="captions per timed run")
+    parser.add_argument("--captions", type=int, default=512, help="captions per timed run")
     parser.add_argument("--caption-source", choices=("auto", "emoji", "generated"), default="auto")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast rows")
     parser.add_argument("--skip", nargs="*", default=(), choices=("images", "texts", "fusion"))
@@ -71,37 +77,56 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+@dataclass
+class Path:
+    """One way of running a workload: ``fn()`` processes all of the group's items once."""
+
+    name: str
+    fn: Callable[[], object]
+    grad: bool = False  # the note's way: autograd on
+    dtype: torch.dtype | None = None  # autocast around fn (for paths without their own)
+    precision: str = "fp32"  # which matmul peak it is compared with
+    note: str = ""
+    flops_as: str | None = None  # runs outside torch (ONNX Runtime): count this path's FLOPs
+
+
 def autocast(device: str, dtype: torch.dtype | None):
     kind = torch.device(device).type
     return torch.autocast(kind, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def timed(
-    fn: Callable[[], object], args: argparse.Namespace, grad: bool = False, dtype=None
-) -> tuple:
-    """(Timing, FLOPs) of ``fn`` run with grad on or in inference mode, under ``dtype``."""
-
+def call_of(path: Path, device: str) -> Callable[[], None]:
     def call() -> None:
-        with torch.set_grad_enabled(grad), autocast(args.device, dtype):
-            if grad:
-                fn()
+        with torch.set_grad_enabled(path.grad), autocast(device, path.dtype):
+            if path.grad:
+                path.fn()
             else:
                 with torch.inference_mode():
-                    fn()
+                    path.fn()
 
-    flops = count_flops(call)
-    return measure(call, warmup=1, repeats=args.repeats), flops
-
-
-def batches_of(tensor: torch.Tensor, size: int) -> list[torch.Tensor]:
-    return [tensor[i : i + size] for i in range(0, len(tensor), size)]
+    return call
 
 
-def same_flops_as_torch(rows: list[Row]) -> None:
-    """ONNX Runtime runs outside FlopCounterMode: its row gets the default torch path's FLOPs."""
-    if rows[-1].name.startswith("ONNX"):
-        default = next(r for r in rows if r.name.endswith("(default)"))
-        rows[-1].gflops_per_item = default.gflops_per_item
+def run_group(group: str, paths: list[Path], items: int, args: argparse.Namespace) -> list[Row]:
+    """FLOPs of each path (which also warms it up), then ``--repeats`` interleaved rounds."""
+    calls = [call_of(p, args.device) for p in paths]
+    flops = {p.name: count_flops(c) for p, c in zip(paths, calls, strict=True)}
+    times: dict[str, list[float]] = {p.name: [] for p in paths}
+    for _ in range(args.repeats):
+        for path, call in zip(paths, calls, strict=True):
+            start = time.perf_counter()
+            call()
+            synchronize()
+            times[path.name].append(time.perf_counter() - start)
+    load = load_average()
+    rows = []
+    for path in paths:
+        executed = flops[path.flops_as or path.name]
+        per_s = items / statistics.median(times[path.name])
+        gflops = executed / items / 1e9
+        rows.append(Row(group, path.name, per_s, gflops, load, path.precision, note=path.note))
+        print(f"  {group} {path.name}: {per_s:.1f}/s", flush=True)
+    return rows
 
 
 def onnx_mapper(model: CrossModalModel, processor: MultimodalProcessor, folder: str):
@@ -119,40 +144,40 @@ def mapper(model: CrossModalModel, args: argparse.Namespace, **options) -> Embed
     return EmbeddingMapper(model, MapperOptions(device=args.device, **options))
 
 
+DEFAULT_IMAGE = "xmodal: + batch norm folded (default)"
+DEFAULT_TEXT = "xmodal: length-bucketed (default)"
+
+
 def image_rows(model, processor, args, precisions, ort) -> list[Row]:
     photos, source = real_images(args.images, "photos")
     pixels = processor.process_images(photos).to(args.device)
-    chunks = batches_of(pixels, args.image_batch)
+    chunks = [pixels[i : i + args.image_batch] for i in range(0, len(pixels), args.image_batch)]
     print(f"images: {len(pixels)} from {source}, batch {args.image_batch}, 224 px")
-    rows = []
 
-    def add(name: str, fn: Callable, grad=False, dtype=None, note="", precision="fp32") -> None:
-        timing, flops = timed(lambda: [fn(c) for c in chunks], args, grad, dtype)
-        precision = "bf16" if dtype is BF16 else precision
-        rows.append(row("image", name, len(pixels), timing, flops, precision, note))
-        same_flops_as_torch(rows)
-        print(f"  {name}: {rows[-1].items_per_s:.1f} img/s", flush=True)
+    def over_chunks(fn: Callable) -> Callable[[], None]:
+        return lambda: [fn(c) for c in chunks]
 
-    add(NOTE, model.encode_image, grad=True, note="NCHW")
-    add("eager NCHW, inference_mode", model.encode_image)
-    cl_model_tower = _channels_last_copy(model)
-    add("+ channels_last", lambda c: cl_model_tower(c.contiguous(memory_format=CL)))
-    fast = mapper(model, args)
-    add("xmodal: + batch norm folded (default)", fast.images)
+    cl_tower = copy.deepcopy(model.image_tower).to(memory_format=CL)
+
+    def channels_last(px: torch.Tensor) -> torch.Tensor:
+        return model.image_features_from_tower(cl_tower(px.contiguous(memory_format=CL))).embeds
+
+    paths = [
+        Path(NOTE, over_chunks(model.encode_image), grad=True, note="NCHW"),
+        Path("eager NCHW, inference_mode", over_chunks(model.encode_image)),
+        Path("+ channels_last", over_chunks(channels_last)),
+        Path(DEFAULT_IMAGE, over_chunks(mapper(model, args).images)),
+    ]
     if "bf16" in precisions:
         fast_bf16 = mapper(model, args, precision="bf16")
-        add("xmodal, bf16 autocast", fast_bf16.images, precision="bf16")
+        paths.append(Path("xmodal, bf16 autocast", over_chunks(fast_bf16.images), precision="bf16"))
     if ort is not None:
-        add("ONNX Runtime towers (+ torch projection)", ort.images)
+        name = "ONNX Runtime towers (+ torch projection)"
+        paths.append(Path(name, over_chunks(ort.images), flops_as=DEFAULT_IMAGE))
     if args.compile:
         compiled = mapper(model, args, compile=True)
-        add("xmodal + torch.compile", compiled.images, note="compile time not counted")
-    return rows
-
-
-def _channels_last_copy(model: CrossModalModel) -> Callable:
-    tower = copy.deepcopy(model.image_tower).to(memory_format=CL)
-    return lambda px: model.image_features_from_tower(tower(px)).embeds
+        paths.append(Path("xmodal + torch.compile", over_chunks(compiled.images)))
+    return run_group("image", paths, len(pixels), args)
 
 
 def hf_text_model(model: CrossModalModel):
@@ -162,8 +187,7 @@ def hf_text_model(model: CrossModalModel):
 
 def text_rows(model, processor, args, precisions, ort) -> list[Row]:
     captions, source = real_captions(args.captions, args.caption_source)
-    tokens = TokenizedCaptions(captions, processor)
-    lengths = tokens.lengths
+    lengths = TokenizedCaptions(captions, processor).lengths
     print(
         f"captions: {len(captions)} {source}; tokens per caption: median "
         f"{int(np.median(lengths))}, max {lengths.max()}; batch {args.text_batch}"
@@ -181,11 +205,11 @@ def text_rows(model, processor, args, precisions, ort) -> list[Row]:
             model.encode_text(*padded_128(texts))
 
     def bucketed(embed: Callable) -> Callable[[], None]:
-        def run() -> None:
-            batch_tokens = TokenizedCaptions(captions, processor)
-            order = np.argsort(batch_tokens.lengths, kind="stable")
+        def run() -> None:  # tokenising and bucketing are part of the timed work
+            tokens = TokenizedCaptions(captions, processor)
+            order = np.argsort(tokens.lengths, kind="stable")
             for start in range(0, len(order), size):
-                embed(*batch_tokens.batch(order[start : start + size]))
+                embed(*tokens.batch(order[start : start + size]))
 
         return run
 
@@ -207,32 +231,26 @@ def text_rows(model, processor, args, precisions, ort) -> list[Row]:
             )
             hf_mean(enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device))
 
-    fast = mapper(model, args)
-    rows: list[Row] = []
-
-    def add(name, fn, grad=False, dtype=None, note="", precision="fp32") -> None:
-        timing, flops = timed(fn, args, grad, dtype)
-        precision = "bf16" if dtype is BF16 else precision
-        rows.append(row("text", name, len(captions), timing, flops, precision, note))
-        same_flops_as_torch(rows)
-        print(f"  {name}: {rows[-1].items_per_s:.1f} captions/s", flush=True)
-
-    add(NOTE, note_path, grad=True, note="pad to 128, dataset order")
-    add("transformers AutoModel, pad to 128", hf_128, note="inference_mode")
-    add("transformers AutoModel, ST-style padding", hf_sentence_transformers_style)
-    add("xmodal: length-bucketed (default)", bucketed(fast.texts))
+    paths = [
+        Path(NOTE, note_path, grad=True, note="pad to 128, dataset order"),
+        Path("transformers AutoModel, pad to 128", hf_128, note="inference_mode"),
+        Path("transformers AutoModel, ST-style padding", hf_sentence_transformers_style),
+        Path(DEFAULT_TEXT, bucketed(mapper(model, args).texts)),
+    ]
     if "bf16" in precisions:
-        add("transformers ST-style, bf16 autocast", hf_sentence_transformers_style, False, BF16)
+        name = "transformers ST-style, bf16 autocast"
+        paths.append(Path(name, hf_sentence_transformers_style, dtype=BF16, precision="bf16"))
         fast_bf16 = mapper(model, args, precision="bf16")
-        add("xmodal, bf16 autocast", bucketed(fast_bf16.texts), precision="bf16")
+        paths.append(Path("xmodal, bf16 autocast", bucketed(fast_bf16.texts), precision="bf16"))
     if ort is not None:
-        add("ONNX Runtime towers, length-bucketed", bucketed(ort.texts))
+        name = "ONNX Runtime towers, length-bucketed"
+        paths.append(Path(name, bucketed(ort.texts), flops_as=DEFAULT_TEXT))
     if args.compile:
         compiled = mapper(model, args, compile=True)
-        add("xmodal + torch.compile", bucketed(compiled.texts), note="compile time not counted")
+        paths.append(Path("xmodal + torch.compile", bucketed(compiled.texts)))
     if importlib.util.find_spec("sentence_transformers") is None:
         print("  sentence-transformers not installed: its padding is reproduced above")
-    return rows
+    return run_group("text", paths, len(captions), args)
 
 
 def fusion_rows(model, processor, args, precisions) -> list[Row]:
@@ -251,20 +269,20 @@ def fusion_rows(model, processor, args, precisions) -> list[Row]:
     image, text_128, text_tight = (_plain(f) for f in (image, text_128, text_tight))
     size, count = args.image_batch, len(pixels)
     spans = [slice(i, i + size) for i in range(0, count, size)]
-    rows: list[Row] = []
-
-    def add(group, name, fn, grad=False, dtype=None, note="") -> None:
-        timing, flops = timed(fn, args, grad, dtype)
-        precision = "bf16" if dtype is BF16 else "fp32"
-        rows.append(row(group, name, count, timing, flops, precision, note))
-        print(f"  {group} {name}: {rows[-1].items_per_s:.1f} pairs/s", flush=True)
+    print(f"fusion: {count} (image, caption) pairs, batch {size}")
 
     def fuse(text) -> Callable[[], None]:
         return lambda: [model.fuse(image.index(s), text.index(s)) for s in spans]
 
-    print(f"fusion: {count} (image, caption) pairs, batch {size}")
-    add("fusion", NOTE, fuse(text_128), grad=True, note="text tokens padded to 128")
-    add("fusion", "xmodal: padded to longest, inference_mode", fuse(text_tight))
+    rows = run_group(
+        "fusion",
+        [
+            Path(NOTE, fuse(text_128), grad=True, note="text tokens padded to 128"),
+            Path("xmodal: padded to longest, inference_mode", fuse(text_tight)),
+        ],
+        count,
+        args,
+    )
     fast = mapper(model, args)
 
     def note_model() -> None:
@@ -280,14 +298,16 @@ def fusion_rows(model, processor, args, precisions) -> list[Row]:
             txt = model.text_features(ids, mask)
             model.output_from_features(img, txt)
 
-    add("model", NOTE, note_model, grad=True, note="NCHW, pad to 128")
-    add("model", "xmodal: fast towers + fusion", fast_model)
+    paths = [
+        Path(NOTE, note_model, grad=True, note="NCHW, pad to 128"),
+        Path("xmodal: fast towers + fusion", fast_model),
+    ]
     if "bf16" in precisions:
-        add("model", "xmodal, bf16 autocast", fast_model, dtype=BF16)
-    return rows
+        paths.append(Path("xmodal, bf16 autocast", fast_model, dtype=BF16, precision="bf16"))
+    return rows + run_group("model", paths, count, args)
 
 
-def _plain(features):
+def _plain(features: Features) -> Features:
     """Features as ordinary tensors (inference tensors cannot enter autograd)."""
     mask = None if features.mask is None else features.mask.clone()
     return Features(

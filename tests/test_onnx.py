@@ -50,7 +50,7 @@ def test_tiny_model_towers_match_pytorch_at_any_batch_and_length(
         got = towers.text(text["input_ids"], text["attention_mask"])
         assert got.tokens.shape == expected.tokens.shape
         torch.testing.assert_close(got.pooled, expected.pooled, rtol=1e-4, atol=1e-4)
-    scores = parity(model, processor, tmp_path, torch.randn(2, 3, 64, 64), CAPTIONS)
+    scores = parity(model, processor, towers, torch.randn(2, 3, 64, 64), CAPTIONS)
     assert min(scores.values()) >= 0.9999
 
 
@@ -86,6 +86,20 @@ def test_backend_refuses_towers_exported_from_other_weights(tmp_path, make_tiny_
         EmbeddingMapper(model, MapperOptions(backend="onnx", onnx_dir=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="not an ONNX export"):
         OnnxTowers(tmp_path / "missing")
+
+
+def test_auto_backend_exports_the_towers_itself(make_tiny_config, processor):
+    model = CrossModalModel(make_tiny_config()).eval()
+    pixels = torch.randn(3, 3, 64, 64)
+    text = processor.process_text(CAPTIONS)
+    auto = EmbeddingMapper(model, MapperOptions(backend="auto"), processor)
+    plain = EmbeddingMapper(model)
+    assert (auto.backend, plain.backend) == ("onnx", "torch")
+    assert cosines(auto.images(pixels), plain.images(pixels)).min() >= 0.9999
+    ids, mask = text["input_ids"], text["attention_mask"]
+    assert cosines(auto.texts(ids, mask), plain.texts(ids, mask)).min() >= 0.9999
+    # without a processor to trace with, auto falls back to torch
+    assert EmbeddingMapper(model, MapperOptions(backend="auto")).backend == "torch"
 
 
 def test_cli_export_then_extract_with_onnx_backend(tmp_path, tiny_model_dir, capsys):

@@ -17,6 +17,7 @@ from xmodal.config import ImageTowerConfig
 from xmodal.extract.mapper import (
     EmbeddingMapper,
     MapperOptions,
+    resolve_backend,
     resolve_device,
     resolve_precision,
 )
@@ -82,12 +83,14 @@ def test_folding_and_padding_rewrites_find_their_targets():
 def test_mapper_images_equal_plain_encode_image_nchw(make_tiny_config):
     model = CrossModalModel(make_tiny_config()).eval()
     randomise_batch_norms(model.image_tower)
-    pixels = torch.randn(3, 3, 64, 64)
+    pixels = torch.randn(5, 3, 64, 64)
     with torch.no_grad():
         plain = model.encode_image(pixels).numpy()
     mapper = EmbeddingMapper(model)
-    assert mapper.channels_last
+    assert mapper.channels_last and mapper.micro_batch == 8
     np.testing.assert_allclose(mapper.images(pixels), plain, atol=1e-5)
+    split = EmbeddingMapper(model, MapperOptions(image_micro_batch=2))  # 2 + 2 + 1
+    np.testing.assert_allclose(split.images(pixels), plain, atol=1e-5)
     # the model itself keeps its batch norms and memory format
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.image_tower.modules())
     conv = next(m for m in model.image_tower.modules() if isinstance(m, nn.Conv2d))
@@ -217,6 +220,21 @@ def test_precision_resolution(monkeypatch):
         resolve_precision("int8", cpu)
 
 
+def test_backend_resolution(monkeypatch):
+    import importlib.util
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # "installed"
+    assert resolve_backend(MapperOptions(backend="auto"), cpu) == "onnx"
+    assert resolve_backend(MapperOptions(backend="auto", precision="auto"), cpu) == "onnx"
+    assert resolve_backend(MapperOptions(backend="auto", precision="bf16"), cpu) == "torch"
+    assert resolve_backend(MapperOptions(backend="auto", compile=True), cpu) == "torch"
+    assert resolve_backend(MapperOptions(backend="auto"), cuda) == "torch"
+    assert resolve_backend(MapperOptions(backend="torch"), cpu) == "torch"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # not installed
+    assert resolve_backend(MapperOptions(backend="auto"), cpu) == "torch"
+
+
 def test_device_resolution_and_option_checks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
@@ -230,6 +248,7 @@ def test_device_resolution_and_option_checks(monkeypatch):
         (MapperOptions(backend="tvm"), "backend"),
         (MapperOptions(device="tpu"), "device"),
         (MapperOptions(precision="fp8"), "precision"),
+        (MapperOptions(image_micro_batch=0), "micro_batch"),
     ):
         with pytest.raises(ValueError, match=message):
             bad.validate()

@@ -16,7 +16,7 @@ def add(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from xmodal.export.onnx import export_onnx
-    from xmodal.export.ort import parity
+    from xmodal.export.ort import OnnxTowers, parity
     from xmodal.presets import load_model
 
     model, processor = load_model(args.model)
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     for name, tower in meta["towers"].items():
         print(f"{name} tower -> {args.out}/{tower['file']}")
     if not args.no_check:
-        for name, cosine in parity(model, processor, args.out).items():
+        for name, cosine in parity(model, processor, OnnxTowers(args.out)).items():
             print(f"{name}: lowest cosine ONNX Runtime vs PyTorch {cosine:.6f}")
     print(f"wrote {args.out}/onnx.json")
     return 0

@@ -25,8 +25,13 @@ def add(commands) -> None:
         help="autocast: auto = bf16 on CUDA (fp16 without bf16), fp32 on CPUs without AMX",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the towers")
-    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
-    p.add_argument("--onnx-dir", default=None, help="towers from `xmodal export-onnx` (onnx)")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnx"),
+        default="auto",
+        help="auto: ONNX Runtime on a CPU when installed (towers exported at start), else torch",
+    )
+    p.add_argument("--onnx-dir", default=None, help="towers from `xmodal export-onnx`")
 
 
 def run(args: argparse.Namespace) -> int:

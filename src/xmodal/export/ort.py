@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,9 @@ from xmodal.models.model import CrossModalModel
 from xmodal.models.towers import TowerOutput
 from xmodal.processing import MultimodalProcessor
 
+MIN_COSINE = 0.9999
+log = logging.getLogger(__name__)
+
 
 def _session(path: Path, threads: int | None):
     try:
@@ -25,6 +30,8 @@ def _session(path: Path, threads: int | None):
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    # Idle threads sleep instead of spinning: decode workers share the cores (measured faster).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [
         p
         for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -89,24 +96,54 @@ class OnnxTowers:
 def parity(
     model: CrossModalModel,
     processor: MultimodalProcessor,
-    directory: str | Path,
+    towers: OnnxTowers,
     pixel_values: torch.Tensor | None = None,
     captions: list[str] | None = None,
 ) -> dict[str, float]:
     """Lowest cosine similarity between ONNX Runtime and PyTorch embeddings, per modality."""
-    towers = OnnxTowers(directory)
     towers.check(model)
     sample = sample_inputs(processor)
     pixels = sample["pixel_values"] if pixel_values is None else pixel_values
     text = sample if captions is None else processor.process_text(captions)
     ids, mask = text["input_ids"], text["attention_mask"]
     model = model.eval()
+    device = next(model.parameters()).device
     with torch.inference_mode():
         pairs = {
-            "image": (model.encode_image(pixels), model.image_proj(towers.image_pooled(pixels))),
-            "text": (model.encode_text(ids, mask), model.text_proj(towers.text_pooled(ids, mask))),
+            "image": (
+                model.encode_image(pixels.to(device)).cpu(),
+                model.image_proj(towers.image_pooled(pixels).to(device)).cpu(),
+            ),
+            "text": (
+                model.encode_text(ids.to(device), mask.to(device)).cpu(),
+                model.text_proj(towers.text_pooled(ids, mask).to(device)).cpu(),
+            ),
         }
         return {
             name: float(F.cosine_similarity(ref, onnx, dim=-1).min())
             for name, (ref, onnx) in pairs.items()
         }
+
+
+def temporary_towers(
+    model: CrossModalModel, processor: MultimodalProcessor, threads: int | None = None
+) -> OnnxTowers | None:
+    """Export the towers to a temporary folder and load them (the files are not kept); None
+    when the export fails or its embeddings differ from PyTorch's (cosine < ``MIN_COSINE``)."""
+    from xmodal.export.onnx import export_onnx
+
+    device = next(model.parameters()).device
+    try:
+        with tempfile.TemporaryDirectory(prefix="xmodal-onnx-") as folder:
+            export_onnx(model, processor, folder)
+            towers = OnnxTowers(folder, threads)
+    except Exception as exc:  # noqa: BLE001 - any exporter failure means: use torch
+        log.warning("ONNX export failed (%s: %s)", type(exc).__name__, exc)
+        return None
+    finally:
+        model.to(device)
+    scores = parity(model, processor, towers)
+    if min(scores.values()) < MIN_COSINE:
+        log.warning("ONNX towers differ from PyTorch's (lowest cosine %s)", scores)
+        return None
+    return towers

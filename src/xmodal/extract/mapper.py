@@ -1,14 +1,18 @@
 """Model: batches -> float32 L2-normalised embeddings, on the fastest path measured here.
 
-Images run through an inference copy of the image tower (batch norm folded into the
-convolutions, channels_last); captions come length-bucketed from the reader; everything runs in
-inference mode. Options: a device (CUDA with bf16/fp16 autocast), ``torch.compile``, or the ONNX
-Runtime towers (the projections into the shared space stay in torch).
+The torch backend runs images through an inference copy of the image tower (batch norm folded
+into the convolutions, channels_last) in micro-batches that stay in the CPU's caches; captions
+come length-bucketed from the reader; everything runs in inference mode. Options: a device (CUDA
+with bf16/fp16 autocast), ``torch.compile``, or the ONNX Runtime towers (the projections into the
+shared space stay in torch). ``auto`` picks ONNX Runtime on a CPU when it is installed (2-4x the
+torch towers here, see docs/performance.md), exporting the towers once at start.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 
@@ -21,8 +25,11 @@ from xmodal.models.inference import has_conv, inference_copy
 from xmodal.models.model import CrossModalModel
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda")
+CPU_IMAGE_MICRO_BATCH = 8  # measured best on EfficientNet-Lite0 (docs/performance.md)
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "PRECISIONS", "EmbeddingMapper", "MapperOptions", "has_conv"]
 
@@ -36,9 +43,12 @@ class MapperOptions:
     precision: ``auto`` (bf16 on CUDA with bf16 support, fp16 on older GPUs, bf16 on CPUs with
         AMX / AVX-512 BF16, else fp32), ``fp32``, ``bf16`` or ``fp16`` (autocast).
     compile: ``torch.compile`` the towers (slow to start; pays off on long runs).
-    backend: ``torch`` or ``onnx`` (ONNX Runtime towers from ``onnx_dir``, see
-        ``xmodal export-onnx``).
+    backend: ``torch``; ``onnx`` (ONNX Runtime towers from ``onnx_dir``, see
+        ``xmodal export-onnx``); ``auto``: ONNX Runtime (fp32) on a CPU when onnxruntime is
+        installed and neither ``compile`` nor an explicit bf16/fp16 precision asks for torch,
+        the towers exported at start (``onnx_dir`` when given); torch otherwise.
     threads: ONNX Runtime's intra-op threads (default: torch's).
+    image_micro_batch: images per tower call (default: 8 on a CPU, the whole batch on a GPU).
     """
 
     device: str = "cpu"
@@ -47,6 +57,7 @@ class MapperOptions:
     backend: str = "torch"
     onnx_dir: str | None = None
     threads: int | None = None
+    image_micro_batch: int | None = None
 
     def on_gpu(self) -> bool:
         """Whether the model runs on a GPU (decoding then gets the CPU cores)."""
@@ -61,6 +72,8 @@ class MapperOptions:
             raise ValueError("the onnx backend needs onnx_dir (from `xmodal export-onnx`)")
         if self.device.split(":")[0] not in DEVICES:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.image_micro_batch is not None and self.image_micro_batch < 1:
+            raise ValueError(f"image_micro_batch must be >= 1, got {self.image_micro_batch}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,30 +96,62 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return pick_autocast(precision, device)
 
 
+def resolve_backend(options: MapperOptions, device: torch.device) -> str:
+    """``torch`` or ``onnx`` for ``options.backend`` (see :class:`MapperOptions`)."""
+    if options.backend != "auto":
+        return options.backend
+    wants_torch = options.compile or options.precision in ("bf16", "fp16")
+    if device.type == "cpu" and not wants_torch and importlib.util.find_spec("onnxruntime"):
+        return "onnx"
+    return "torch"
+
+
 class EmbeddingMapper:
     """Wraps a model for extraction; the model itself is left unchanged (its towers are copied
-    or exported for speed, never rewritten in place)."""
+    or exported for speed, never rewritten in place). ``processor`` is needed only to export the
+    towers for the ``auto`` backend; without it ``auto`` means torch."""
 
-    def __init__(self, model: CrossModalModel, options: MapperOptions | None = None):
+    def __init__(
+        self, model: CrossModalModel, options: MapperOptions | None = None, processor=None
+    ):
         options = options or MapperOptions()
         options.validate()
         self.options = options
         self.device = resolve_device(options.device)
-        self.autocast = resolve_precision(options.precision, self.device)
         self.model = model.eval().to(self.device)
+        self.micro_batch = options.image_micro_batch or (
+            CPU_IMAGE_MICRO_BATCH if self.device.type == "cpu" else None
+        )
+        self.backend = resolve_backend(options, self.device)
         self.onnx = None
-        if options.backend == "onnx":
-            from xmodal.export.ort import OnnxTowers
-
-            self.onnx = OnnxTowers(options.onnx_dir, options.threads or torch.get_num_threads())
-            self.onnx.check(model)
+        if self.backend == "onnx":
+            self.onnx = self._onnx_towers(processor)
+        if self.onnx is not None:
+            self.autocast = None  # ONNX Runtime runs the exported fp32 graphs
             return
+        self.backend = "torch"
+        self.autocast = resolve_precision(options.precision, self.device)
         self.channels_last = has_conv(model.image_tower)
         self.image_tower: nn.Module = inference_copy(model.image_tower)
         self.text_tower: nn.Module = model.text_tower
         if options.compile:
             self.image_tower = torch.compile(self.image_tower)
             self.text_tower = torch.compile(self.text_tower, dynamic=True)
+
+    def _onnx_towers(self, processor):
+        from xmodal.export.ort import OnnxTowers, temporary_towers
+
+        threads = self.options.threads or torch.get_num_threads()
+        if self.options.onnx_dir:
+            towers = OnnxTowers(self.options.onnx_dir, threads)
+            towers.check(self.model)
+            return towers
+        if processor is None:
+            return None
+        towers = temporary_towers(self.model, processor, threads)
+        if towers is None:
+            log.warning("ONNX export of the towers failed its checks; extracting with torch")
+        return towers
 
     @property
     def dim(self) -> int:
@@ -121,18 +166,21 @@ class EmbeddingMapper:
         """Project (in fp32) and L2-normalise."""
         return F.normalize(projection(pooled.float()), dim=-1).float().cpu().numpy()
 
+    def _image_pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.onnx is not None:
+            return self.onnx.image_pooled(pixel_values)
+        pixel_values = pixel_values.to(self.device, non_blocking=True)
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            return self.image_tower(pixel_values).pooled
+
     @torch.inference_mode()
     def images(self, pixel_values: torch.Tensor) -> np.ndarray:
         """(B, 3, H, W) -> (B, D) float32."""
-        if self.onnx is not None:
-            pooled = self.onnx.image_pooled(pixel_values)
-        else:
-            pixel_values = pixel_values.to(self.device, non_blocking=True)
-            if self.channels_last:
-                pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                pooled = self.image_tower(pixel_values).pooled
-        return self._embed(self.model.image_proj, pooled.to(self.device))
+        chunks = pixel_values.split(self.micro_batch) if self.micro_batch else [pixel_values]
+        pooled = torch.cat([self._image_pooled(chunk).to(self.device) for chunk in chunks])
+        return self._embed(self.model.image_proj, pooled)
 
     @torch.inference_mode()
     def texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:

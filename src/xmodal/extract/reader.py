@@ -71,6 +71,16 @@ def default_workers(accelerated: bool = False) -> int:
     return max(1, min(4, cores // 3))
 
 
+def model_threads(workers: int) -> int:
+    """Torch threads beside ``workers`` decode workers: the cores the workers leave, unless that
+    is under two thirds of them. On few cores decoding is light next to the model (EfficientNet-
+    Lite0 at 224 px: ~1.5 ms of decode per ~15 ms of model per image), so sharing the cores beats
+    halving the model's threads (measured on 2 cores: docs/performance.md)."""
+    cores = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    left = cores - workers
+    return left if 3 * left >= 2 * cores else max(1, cores)
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 

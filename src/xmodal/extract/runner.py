@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from xmodal.extract.reader import (
     image_loader,
     items_fingerprint,
     location,
+    model_threads,
     text_batches,
     text_items,
 )
@@ -109,7 +109,7 @@ def extract(
         identity = identify(net, processor, model)
         dataset = load_dataset(data, data_format, skip_bad)
         out = Path(out)
-        mapper = EmbeddingMapper(net, options)
+        mapper = EmbeddingMapper(net, options, processor)
         manifest = _open_manifest(out, identity, mapper.dim, dtype, shard_size, data)
         items = {
             kind: image_items(dataset) if kind == "images" else text_items(dataset)
@@ -125,8 +125,7 @@ def extract(
             out, manifest, processor, mapper, errors, batch_size, workers, progress, on_shard
         )
         run.world = world
-        threads = max(1, (os.cpu_count() or 1) - workers)
-        with torch_threads(threads):
+        with torch_threads(model_threads(workers)):
             for kind in kinds:
                 run.kind(kind, items[kind], set(done[kind]))
         if world.distributed:
