@@ -97,6 +97,27 @@ def test_mapper_images_equal_plain_encode_image_nchw(make_tiny_config):
     assert conv.weight.is_contiguous()
 
 
+def test_decode_workers_batch_equals_process_images(tmp_path, processor):
+    from PIL import Image
+
+    from xmodal.extract.reader import DecodedImages, ImageCollator
+
+    rgba = Image.new("RGBA", (90, 50), (200, 10, 10, 128))
+    grey = Image.fromarray(np.arange(48 * 64, dtype=np.uint8).reshape(48, 64) % 251)
+    paths = []
+    for name, image in (("rgba.png", rgba), ("grey.png", grey)):
+        image.save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    refs = [*paths, str(tmp_path / "missing.png")]
+    items = [Item(str(i), ref, ref) for i, ref in enumerate(refs)]
+    decoded = DecodedImages(items, processor)
+    batch = ImageCollator(processor)([decoded[i] for i in range(len(items))])
+    assert batch.positions == [0, 1] and batch.failures[0][0] == 2
+    expected = processor.process_images(paths)
+    assert batch.pixel_values.is_contiguous()
+    torch.testing.assert_close(batch.pixel_values, expected, rtol=0, atol=1e-6)
+
+
 # -- caption fast path ------------------------------------------------------------------------
 def test_length_bucketed_batches_equal_unsorted_and_padded_to_128(make_tiny_config, processor):
     model = CrossModalModel(make_tiny_config()).eval()

@@ -86,7 +86,8 @@ def _worker_init(_: int) -> None:
 
 
 class DecodedImages(Dataset):
-    """Decode and transform images; a failure yields its reason (a str) instead of raising."""
+    """Decode, resize and crop images to uint8 (S, S, 3) arrays; a failure yields its reason
+    (a str) instead of raising. Normalising waits for the batch (:class:`ImageCollator`)."""
 
     def __init__(self, items: Sequence[Item], processor: MultimodalProcessor):
         self.items = items
@@ -97,7 +98,9 @@ class DecodedImages(Dataset):
 
     def __getitem__(self, position: int) -> tuple[int, torch.Tensor | str]:
         try:
-            return position, self.processor.process_image(self.items[position].ref)
+            image = self.processor.load_image(self.items[position].ref)
+            crop = self.processor.image_transform.resize_crop(image)
+            return position, torch.from_numpy(np.array(crop))  # a writable copy
         except ImageLoadError as err:
             return position, err.reason
 
@@ -109,11 +112,26 @@ class ImageBatch:
     failures: list[tuple[int, str]]  # (item position, reason)
 
 
-def collate_images(samples: list[tuple[int, torch.Tensor | str]]) -> ImageBatch:
-    good = [(pos, px) for pos, px in samples if isinstance(px, torch.Tensor)]
-    failures = [(pos, px) for pos, px in samples if isinstance(px, str)]
-    pixels = torch.stack([px for _, px in good]) if good else None
-    return ImageBatch([pos for pos, _ in good], pixels, failures)
+class ImageCollator:
+    """Stacks a batch of uint8 crops and normalises it in one vectorised pass: the values of
+    ``processor.process_image`` (to float rounding) for a fraction of the per-image cost."""
+
+    def __init__(self, processor: MultimodalProcessor):
+        std = torch.tensor(processor.config.std, dtype=torch.float32).view(1, 3, 1, 1)
+        mean = torch.tensor(processor.config.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std)
+        self.shift = -mean / std
+
+    def __call__(self, samples: list[tuple[int, torch.Tensor | str]]) -> ImageBatch:
+        good = [(pos, px) for pos, px in samples if isinstance(px, torch.Tensor)]
+        failures = [(pos, px) for pos, px in samples if isinstance(px, str)]
+        pixels = None
+        if good:
+            crops = torch.stack([px for _, px in good])  # (B, S, S, 3) uint8
+            pixels = torch.empty(crops.shape[0], 3, *crops.shape[1:3])
+            pixels.copy_(crops.permute(0, 3, 1, 2))  # cast and transpose in one pass
+            pixels.mul_(self.scale).add_(self.shift)
+        return ImageBatch([pos for pos, _ in good], pixels, failures)
 
 
 def image_loader(
@@ -127,7 +145,7 @@ def image_loader(
         DecodedImages(items, processor),
         batch_sampler=batches,
         num_workers=workers,
-        collate_fn=collate_images,
+        collate_fn=ImageCollator(processor),
         worker_init_fn=_worker_init if workers else None,
         prefetch_factor=4 if workers else None,
     )
