@@ -222,16 +222,16 @@ def test_checkpoint_modules_switches_off_and_leaves_eval_alone():
 
 # -- precision and device ---------------------------------------------------------------------
 def test_precision_resolution(monkeypatch):
-    import xmodal.train.trainer as trainer
+    import xmodal.runtime as runtime
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision("fp32", cpu) is None
     assert resolve_precision("fp32", cuda) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
     assert resolve_precision("fp16", cuda) is torch.float16
-    monkeypatch.setattr(trainer, "cpu_has_bf16_hardware", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_bf16_hardware", lambda: False)
     assert resolve_precision("auto", cpu) is None
-    monkeypatch.setattr(trainer, "cpu_has_bf16_hardware", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_has_bf16_hardware", lambda: True)
     assert resolve_precision("auto", cpu) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_precision("auto", cuda) is torch.bfloat16

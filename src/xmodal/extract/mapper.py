@@ -91,7 +91,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """The autocast dtype for ``precision`` on ``device``, or None for plain fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    from xmodal.train.trainer import pick_autocast
+    from xmodal.runtime import pick_autocast
 
     return pick_autocast(precision, device)
 

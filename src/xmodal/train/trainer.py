@@ -31,6 +31,7 @@ from xmodal.models.model import CrossModalModel, Features
 from xmodal.models.towers import TowerOutput
 from xmodal.presets import load_model
 from xmodal.processing import MultimodalProcessor
+from xmodal.runtime import pick_autocast, pick_device
 from xmodal.train import distributed
 from xmodal.train.accumulate import accumulated_backward
 from xmodal.train.batches import PairBatches, rank_micro_batches
@@ -59,35 +60,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda requested but no CUDA device is available")
-    return torch.device(name)
-
-
-def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. On CPUs bf16 only pays with AMX / AVX-512 BF16."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_bf16_hardware() else None
-
-
-def cpu_has_bf16_hardware() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def configure_trainable(model: CrossModalModel, config: TrainConfig) -> None:
