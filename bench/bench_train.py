@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-gb", type=float, default=None, help="budget for --search")
     parser.add_argument("--search", nargs="*", default=[], choices=CONFIGS)
     parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both")
+    parser.add_argument(
+        "--no-reuse-memory",
+        action="store_true",
+        help="leave glibc's allocator as it is (the trainer keeps freed memory for reuse on CPUs, "
+        "see xmodal.runtime)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)
     add_machine_args(parser)
@@ -137,6 +143,10 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if not args.no_reuse_memory:
+        from xmodal.runtime import reuse_freed_memory
+
+        reuse_freed_memory()
     model, optimizer, pixels, text, cached, device = build(args.child, args)
     gc.collect()
     base = rss_mb()
@@ -170,22 +180,26 @@ def child(args: argparse.Namespace) -> None:
 # -- the driver ---------------------------------------------------------------------------------
 def measure(config: str, batch: int, ckpt: bool, args: argparse.Namespace, steps: int) -> dict:
     """Run one configuration in a fresh process; its result (or an error record)."""
-    command = [
-        sys.executable,
-        __file__,
-        "--child",
-        config,
-        "--batch",
-        str(batch),
-        "--steps",
-        str(steps),
-        "--model",
-        args.model,
-        "--device",
-        args.device,
-        "--threads",
-        str(args.threads),
-    ] + (["--gc"] if ckpt else [])
+    command = (
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            config,
+            "--batch",
+            str(batch),
+            "--steps",
+            str(steps),
+            "--model",
+            args.model,
+            "--device",
+            args.device,
+            "--threads",
+            str(args.threads),
+        ]
+        + (["--gc"] if ckpt else [])
+        + (["--no-reuse-memory"] if args.no_reuse_memory else [])
+    )
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):

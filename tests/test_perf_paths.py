@@ -87,10 +87,8 @@ def test_mapper_images_equal_plain_encode_image_nchw(make_tiny_config):
     with torch.no_grad():
         plain = model.encode_image(pixels).numpy()
     mapper = EmbeddingMapper(model)
-    assert mapper.channels_last and mapper.micro_batch == 8
+    assert mapper.channels_last
     np.testing.assert_allclose(mapper.images(pixels), plain, atol=1e-5)
-    split = EmbeddingMapper(model, MapperOptions(image_micro_batch=2))  # 2 + 2 + 1
-    np.testing.assert_allclose(split.images(pixels), plain, atol=1e-5)
     # the model itself keeps its batch norms and memory format
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.image_tower.modules())
     conv = next(m for m in model.image_tower.modules() if isinstance(m, nn.Conv2d))
@@ -269,7 +267,6 @@ def test_device_resolution_and_option_checks(monkeypatch):
         (MapperOptions(backend="tvm"), "backend"),
         (MapperOptions(device="tpu"), "device"),
         (MapperOptions(precision="fp8"), "precision"),
-        (MapperOptions(image_micro_batch=0), "micro_batch"),
     ):
         with pytest.raises(ValueError, match=message):
             bad.validate()
@@ -317,3 +314,24 @@ def test_decode_workers_leave_cores_to_the_model_on_cpu_only(monkeypatch):
     assert reader.default_workers(accelerated=True) == 3
     monkeypatch.setattr(reader.os, "cpu_count", lambda: 1)
     assert reader.default_workers(accelerated=True) == 0
+
+
+def test_cpu_mapper_keeps_freed_memory_for_reuse(make_tiny_config, monkeypatch):
+    from xmodal import runtime as memory
+    from xmodal.extract import mapper as mapper_module
+
+    calls = []
+    monkeypatch.setattr(
+        mapper_module, "reuse_freed_memory", lambda: calls.append(1) or memory.reuse_freed_memory()
+    )
+    model = CrossModalModel(make_tiny_config())
+    EmbeddingMapper(model, MapperOptions(reuse_memory=False))
+    assert calls == []
+    EmbeddingMapper(model, MapperOptions(device="cpu"))
+    assert calls == [1]
+    if memory.mapped_chunks() is None:
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    before = memory.mapped_chunks()
+    big = torch.empty(64 << 20, dtype=torch.uint8)  # glibc would mmap this by default
+    assert memory.mapped_chunks() == before
+    del big

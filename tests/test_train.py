@@ -11,6 +11,7 @@ from conftest import write_colour_dataset
 from safetensors.torch import load_file
 
 from xmodal.config import ConfigError
+from xmodal.models.checkpointing import is_checkpointed
 from xmodal.train import TrainConfig, Trainer, load_train_config
 from xmodal.train.config import DataSection, LossSection, ModelSection, OptimSection
 from xmodal.train.trainer import build_optimizer, cosine_schedule, epoch_batches
@@ -88,6 +89,26 @@ def test_accumulation_and_locked_image_with_cache(tmp_path, tiny_model_dir) -> N
     after = trainer.model.image_tower.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # locked: BN stats too
     assert trainer.cache is not None and trainer.cache[0].shape[0] == 24
+
+
+def test_gradient_checkpointing_setting_trains_to_the_same_weights(tmp_path, tiny_model_dir):
+    """model.gradient_checkpointing recomputes activations; the weights it reaches are the same."""
+    weights = {}
+    for enabled in (False, True):
+        config = make_config(tmp_path, tiny_model_dir, f"ckpt-{enabled}", steps=3, accum_steps=2)
+        config.model.gradient_checkpointing = enabled
+        config.eval_every = config.save_every = 0
+        trainer = Trainer(config)
+        fusion_layer = trainer.model.fusion.layers[0]
+        assert is_checkpointed(fusion_layer) == enabled
+        assert trainer.model.text_tower.model.is_activation_checkpointing == enabled
+        trainer.train()
+        weights[enabled] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    for key, plain in weights[False].items():
+        torch.testing.assert_close(weights[True][key], plain, rtol=1e-4, atol=1e-5, msg=key)
+    path = tmp_path / "ckpt.yaml"
+    path.write_text("data: {train: x.jsonl}\nmodel: {gradient_checkpointing: true}\n")
+    assert load_train_config(path).model.gradient_checkpointing is True
 
 
 def test_optimizer_groups_skip_decay_on_norms_biases_and_scales(tiny_model_dir, tmp_path):

@@ -1,11 +1,12 @@
 """Model: batches -> float32 L2-normalised embeddings, on the fastest path measured here.
 
 The torch backend runs images through an inference copy of the image tower (batch norm folded
-into the convolutions, channels_last) in micro-batches that stay in the CPU's caches; captions
-come length-bucketed from the reader; everything runs in inference mode. Options: a device (CUDA
-with bf16/fp16 autocast), ``torch.compile``, or the ONNX Runtime towers (the projections into the
-shared space stay in torch). ``auto`` picks ONNX Runtime on a CPU when it is installed (2-4x the
-torch towers here, see docs/performance.md), exporting the towers once at start.
+into the convolutions, channels_last); captions come length-bucketed from the reader; everything
+runs in inference mode, and on a CPU freed memory is reused (:mod:`xmodal.extract.memory`).
+Options: a device (CUDA with bf16/fp16 autocast), ``torch.compile``, or the ONNX Runtime towers
+(the projections into the shared space stay in torch). ``auto`` picks ONNX Runtime on a CPU when
+it is installed (1.5-2x the torch fp32 towers here, see docs/performance.md), exporting the
+towers once at start.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from torch import nn
 
 from xmodal.models.inference import has_conv, inference_copy
 from xmodal.models.model import CrossModalModel
+from xmodal.runtime import reuse_freed_memory
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BACKENDS = ("auto", "torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda")
-CPU_IMAGE_MICRO_BATCH = 8  # measured best on EfficientNet-Lite0 (docs/performance.md)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class MapperOptions:
         installed and neither ``compile`` nor an explicit bf16/fp16 precision asks for torch,
         the towers exported at start (``onnx_dir`` when given); torch otherwise.
     threads: ONNX Runtime's intra-op threads (default: torch's).
-    image_micro_batch: images per tower call (default: 8 on a CPU, the whole batch on a GPU).
+    reuse_memory: on a CPU, keep freed memory for reuse instead of fresh pages from the kernel
+        for every large tensor (glibc; the process keeps its peak memory until it exits).
     """
 
     device: str = "cpu"
@@ -57,7 +59,7 @@ class MapperOptions:
     backend: str = "torch"
     onnx_dir: str | None = None
     threads: int | None = None
-    image_micro_batch: int | None = None
+    reuse_memory: bool = True
 
     def on_gpu(self) -> bool:
         """Whether the model runs on a GPU (decoding then gets the CPU cores)."""
@@ -72,8 +74,6 @@ class MapperOptions:
             raise ValueError("the onnx backend needs onnx_dir (from `xmodal export-onnx`)")
         if self.device.split(":")[0] not in DEVICES:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.image_micro_batch is not None and self.image_micro_batch < 1:
-            raise ValueError(f"image_micro_batch must be >= 1, got {self.image_micro_batch}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,9 +119,8 @@ class EmbeddingMapper:
         self.options = options
         self.device = resolve_device(options.device)
         self.model = model.eval().to(self.device)
-        self.micro_batch = options.image_micro_batch or (
-            CPU_IMAGE_MICRO_BATCH if self.device.type == "cpu" else None
-        )
+        if self.device.type == "cpu" and options.reuse_memory:
+            reuse_freed_memory()
         self.backend = resolve_backend(options, self.device)
         self.onnx = None
         if self.backend == "onnx":
@@ -166,21 +165,18 @@ class EmbeddingMapper:
         """Project (in fp32) and L2-normalise."""
         return F.normalize(projection(pooled.float()), dim=-1).float().cpu().numpy()
 
-    def _image_pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.onnx is not None:
-            return self.onnx.image_pooled(pixel_values)
-        pixel_values = pixel_values.to(self.device, non_blocking=True)
-        if self.channels_last:
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            return self.image_tower(pixel_values).pooled
-
     @torch.inference_mode()
     def images(self, pixel_values: torch.Tensor) -> np.ndarray:
         """(B, 3, H, W) -> (B, D) float32."""
-        chunks = pixel_values.split(self.micro_batch) if self.micro_batch else [pixel_values]
-        pooled = torch.cat([self._image_pooled(chunk).to(self.device) for chunk in chunks])
-        return self._embed(self.model.image_proj, pooled)
+        if self.onnx is not None:
+            pooled = self.onnx.image_pooled(pixel_values)
+        else:
+            pixel_values = pixel_values.to(self.device, non_blocking=True)
+            if self.channels_last:
+                pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                pooled = self.image_tower(pixel_values).pooled
+        return self._embed(self.model.image_proj, pooled.to(self.device))
 
     @torch.inference_mode()
     def texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:

@@ -51,6 +51,9 @@ class ModelSection:
     cache_image_features: with a locked image tower, run it once per image and train from the
         cached outputs (much faster; no image augmentation then).
     fusion_layers / embed_dim: override the preset's values for a new model (None: keep).
+    gradient_checkpointing: recompute the towers' and fusion's activations in the backward pass
+        (about 40% less peak memory for a full fine-tune at 224 px, about 1.5x the step time;
+        docs/performance.md).
     """
 
     name: str = "offline-default"
@@ -60,6 +63,7 @@ class ModelSection:
     cache_image_features: bool = True
     fusion_layers: int | None = None
     embed_dim: int | None = None
+    gradient_checkpointing: bool = False
 
     def validate(self) -> None:
         if self.text_trainable_layers is not None and self.text_trainable_layers < 0:

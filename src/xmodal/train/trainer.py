@@ -31,7 +31,7 @@ from xmodal.models.model import CrossModalModel, Features
 from xmodal.models.towers import TowerOutput
 from xmodal.presets import load_model
 from xmodal.processing import MultimodalProcessor
-from xmodal.runtime import pick_autocast, pick_device
+from xmodal.runtime import pick_autocast, pick_device, reuse_freed_memory
 from xmodal.train import distributed
 from xmodal.train.accumulate import accumulated_backward
 from xmodal.train.batches import PairBatches, rank_micro_batches
@@ -141,6 +141,8 @@ class Trainer:
         if device.type == "cuda" and self.world.distributed:
             device = torch.device("cuda", self.world.local_rank)
         self.device = device
+        if device.type == "cpu":
+            reuse_freed_memory()  # 1.5x faster full fine-tunes here (xmodal.runtime)
         self.autocast = pick_autocast(config.precision, self.device)
         seed_everything(config.seed)
         self.model, self.processor = self._build_model()
@@ -160,6 +162,7 @@ class Trainer:
                 f"training pairs in {config.data.train}"
             )
         configure_trainable(self.model, config)
+        self.model.set_gradient_checkpointing(config.model.gradient_checkpointing)
         self.model.to(self.device)
         distributed.broadcast_module(self.model)  # every rank starts from rank 0's weights
         if self.world.rank:  # its own dropout stream; rank 0 keeps the single-process one
