@@ -1,14 +1,17 @@
 """End-to-end extraction throughput against model-only throughput, on real images and captions.
 
 Model only: the mapper on images decoded beforehand (and captions tokenised beforehand). Then
-the same items streamed the way ``xmodal extract`` streams them (decode workers, length-bucketed
-captions), for several worker / thread splits; then ``extract()`` itself, whose steady rate is
-taken between its first and last finished shard (model loading and hashing are not counted).
+``extract()`` itself, whose steady rate is taken between its first and last finished shard
+(model loading, hashing and worker start-up are not counted). Model only and ``extract()``
+alternate for ``--rounds`` rounds and each round's ratio compares the two of that round; the
+median ratio is reported (the first round also pays for oneDNN kernels of each new batch shape).
+``--splits`` also streams the images through other worker / thread splits (timed from the first
+batch, so worker start-up is not counted).
 
 Data: the emoji set (/tmp/xmodal-emoji, from ``xmodal data emoji``) or, without it, skimage
 photos written to a temporary JSONL set with generated captions.
 
-    OMP_WAIT_POLICY=PASSIVE python bench/bench_extract.py --limit 1024
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_extract.py --backend torch
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from common import (
 from xmodal.data import load_dataset
 from xmodal.extract import extract
 from xmodal.extract.mapper import EmbeddingMapper, MapperOptions
-from xmodal.extract.reader import TokenizedCaptions, image_items, image_loader, text_batches
+from xmodal.extract.reader import TokenizedCaptions, image_items, image_loader
 from xmodal.extract.reader import text_items as caption_items
 from xmodal.presets import load_model
 
@@ -45,14 +48,14 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="offline-default", help="preset or model directory")
     parser.add_argument("--data", default=str(EMOJI_DIR / "train.jsonl"))
-    parser.add_argument("--limit", type=int, default=1024, help="rows of the data set to use")
+    parser.add_argument("--limit", type=int, default=2048, help="rows of the data set to use")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--shard-size", type=int, default=512)
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="fp32")
     parser.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
-    parser.add_argument(
-        "--splits", nargs="*", default=["0:2", "1:1", "1:2"], help="worker:thread pairs to try"
-    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=None, help="decode workers (extract's own)")
+    parser.add_argument("--splits", nargs="*", default=[], help="worker:thread pairs to try")
     add_machine_args(parser)
     return parser.parse_args()
 
@@ -89,15 +92,19 @@ def rate(count: int, seconds: float) -> float:
     return count / seconds
 
 
-def model_only(mapper, processor, items, captions, batch_size) -> dict[str, float]:
-    """Images/s and captions/s of the mapper alone (inputs prepared beforehand)."""
+def model_only(mapper, processor, items, captions, args) -> dict[str, float]:
+    """Images/s and captions/s of the mapper alone on the batches ``extract()`` forms (captions
+    sorted by length within each shard), decoded and tokenised beforehand."""
+    batch_size = args.batch_size
     pixels = processor.process_images([item.ref for item in items])
     image_batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
-    tokens = TokenizedCaptions(captions, processor)
-    order = np.argsort(tokens.lengths, kind="stable")
-    text_batches_ = [
-        tokens.batch(order[i : i + batch_size]) for i in range(0, len(order), batch_size)
-    ]
+    text_batches_ = []
+    for first in range(0, len(captions), args.shard_size):
+        tokens = TokenizedCaptions(captions[first : first + args.shard_size], processor)
+        order = np.argsort(tokens.lengths, kind="stable")
+        text_batches_ += [
+            tokens.batch(order[i : i + batch_size]) for i in range(0, len(order), batch_size)
+        ]
     for batch in image_batches[:2]:  # warm-up (and every caption length once, for GPUs)
         mapper.images(batch)
     for ids, mask in text_batches_:
@@ -124,20 +131,16 @@ def streamed_images(mapper, processor, items, batch_size, workers, threads) -> f
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        start = time.perf_counter()
-        for batch in image_loader(items, processor, batches, workers):
+        start, done = 0.0, 0
+        for k, batch in enumerate(image_loader(items, processor, batches, workers)):
+            if k == 0:
+                start = time.perf_counter()  # from the first batch: worker start-up not counted
+            else:
+                done += len(batch.positions)
             mapper.images(batch.pixel_values)
-        return rate(len(items), time.perf_counter() - start)
+        return rate(done, time.perf_counter() - start)
     finally:
         torch.set_num_threads(before)
-
-
-def streamed_texts(mapper, processor, items, batch_size) -> float:
-    """Captions/s with tokenisation and length bucketing included."""
-    start = time.perf_counter()
-    for batch in text_batches(items, range(len(items)), processor, batch_size):
-        mapper.texts(batch.input_ids, batch.attention_mask)
-    return rate(len(items), time.perf_counter() - start)
 
 
 def full_extract(model_dir, data, out, kind, args) -> tuple[float, float]:
@@ -153,6 +156,7 @@ def full_extract(model_dir, data, out, kind, args) -> tuple[float, float]:
         batch_size=args.batch_size,
         progress=False,
         on_shard=lambda _kind, _k: stamps.append(time.perf_counter()),
+        workers=args.workers,
         options=options(args),
     )
     total = time.perf_counter() - start
@@ -181,43 +185,39 @@ def main() -> None:
             f"backend {args.backend} -> {mapper.backend}"
         )
 
-        only = model_only(mapper, processor, images, captions, args.batch_size)
-        results.update({f"model-only {k}/s": v for k, v in only.items()})
-        print(
-            f"model only: {only['images']:.1f} img/s, {only['texts']:.1f} captions/s "
-            f"(load {load_average():.2f})",
-            flush=True,
-        )
+        ratios: dict[str, list[float]] = {"images": [], "texts": []}
+        for round_ in range(1, args.rounds + 1):
+            only = model_only(mapper, processor, images, captions, args)
+            print(
+                f"round {round_}: model only {only['images']:.1f} img/s, "
+                f"{only['texts']:.1f} captions/s (load {load_average():.2f})",
+                flush=True,
+            )
+            for kind in ("images", "texts"):
+                out = folder / f"out-{kind}-{round_}"
+                steady, total = full_extract(model_dir, data, out, kind, args)
+                ratios[kind].append(steady / only[kind])
+                results[f"round {round_} model-only {kind}/s"] = only[kind]
+                results[f"round {round_} extract() {kind}/s steady"] = steady
+                print(
+                    f"  extract() {kind}: steady {steady:.1f}/s = "
+                    f"{100 * steady / only[kind]:.0f}% of model only; {total:.1f} s in all "
+                    f"with model load (load {load_average():.2f})",
+                    flush=True,
+                )
+        for kind, values in ratios.items():
+            results[f"extract() {kind} / model only, median"] = float(np.median(values))
+            print(f"extract() {kind}: median {100 * np.median(values):.0f}% of model only")
         for split in args.splits:
             workers, threads = (int(x) for x in split.split(":"))
             value = streamed_images(mapper, processor, images, args.batch_size, workers, threads)
             results[f"streamed images/s, {workers} workers, {threads} threads"] = value
             print(
                 f"streamed images, {workers} workers + {threads} torch threads: {value:.1f} "
-                f"img/s = {100 * value / only['images']:.0f}% of model only "
+                f"img/s = {100 * value / only['images']:.0f}% of the last model only "
                 f"(load {load_average():.2f})",
                 flush=True,
             )
-        value = streamed_texts(mapper, processor, texts, args.batch_size)
-        results["streamed captions/s"] = value
-        print(
-            f"streamed captions (tokenise + bucket + embed): {value:.1f}/s = "
-            f"{100 * value / only['texts']:.0f}% of model only (load {load_average():.2f})"
-        )
-        for kind in ("images", "texts"):
-            # twice: the first run also pays for oneDNN kernels of each new (batch, length)
-            # shape, which a long run pays once; model only above ran warm too
-            for run in ("first", "second"):
-                out = folder / f"out-{kind}-{run}"
-                steady, total = full_extract(model_dir, data, out, kind, args)
-                results[f"extract() {kind}/s steady, {run} run"] = steady
-                results[f"extract() {kind} total s, {run} run"] = total
-                print(
-                    f"extract() {kind}, {run} run: steady {steady:.1f}/s = "
-                    f"{100 * steady / only[kind]:.0f}% of model only; {total:.1f} s in all "
-                    f"with model load (load {load_average():.2f})",
-                    flush=True,
-                )
     print(f"(cores {os.cpu_count()}; extract() picks its own workers and threads)")
     write_json(args.json, results)
 

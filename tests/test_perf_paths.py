@@ -24,7 +24,12 @@ from xmodal.extract.mapper import (
 from xmodal.extract.reader import Item, TokenizedCaptions, text_batches
 from xmodal.models.checkpointing import checkpoint_modules, is_checkpointed
 from xmodal.models.image import EfficientNetLiteTower
-from xmodal.models.inference import absorb_static_padding, fold_batch_norms, inference_copy
+from xmodal.models.inference import (
+    absorb_static_padding,
+    activations_in_place,
+    fold_batch_norms,
+    inference_copy,
+)
 from xmodal.models.model import CrossModalModel
 
 CAPTIONS = [
@@ -77,7 +82,43 @@ def test_folding_and_padding_rewrites_find_their_targets():
     # stem + head, and per block: expand (all but the first block), depthwise, project
     blocks = len(tower.net._blocks)
     assert fold_batch_norms(copy.deepcopy(tower)) == 2 + 3 * blocks - 1
-    assert absorb_static_padding(copy.deepcopy(tower)) > blocks // 2
+    padded = copy.deepcopy(tower)
+    pads = sum(isinstance(m, nn.ZeroPad2d) for m in padded.modules())
+    assert pads > blocks and absorb_static_padding(padded) == pads  # asymmetric ones too
+    assert not any(isinstance(m, nn.ZeroPad2d) for m in padded.modules())
+    assert activations_in_place(copy.deepcopy(tower)) == 1 + blocks  # one ReLU6 module each
+
+
+class StaticSameConv(nn.Conv2d):
+    """EfficientNet's TF-style convolution: a fixed zero padding, then an unpadded convolution."""
+
+    def __init__(self, channels: int, kernel: int, stride: int, pad: tuple, groups: int):
+        super().__init__(channels, channels, kernel, stride, groups=groups)
+        self.static_padding = nn.ZeroPad2d(pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.static_padding(x))
+
+
+SAME_PADDINGS = [
+    (3, 2, (0, 1, 0, 1)),
+    (5, 2, (1, 2, 1, 2)),
+    (3, 1, (1, 1, 1, 1)),
+    (5, 2, (0, 3, 0, 3)),
+]
+
+
+@pytest.mark.parametrize("kernel,stride,pad", SAME_PADDINGS)
+@pytest.mark.parametrize("groups", [1, 4])
+def test_absorbed_padding_computes_the_same_convolution(kernel, stride, pad, groups):
+    torch.manual_seed(0)
+    conv = StaticSameConv(4, kernel, stride, pad, groups)
+    absorbed = copy.deepcopy(conv)
+    assert absorb_static_padding(absorbed) == 1
+    assert isinstance(absorbed.static_padding, nn.Identity)
+    for size in (7, 8, 11, 16):  # odd and even sides: every window must line up
+        x = torch.randn(2, 4, size, size + 1)
+        torch.testing.assert_close(absorbed(x), conv(x), rtol=1e-5, atol=1e-6)
 
 
 def test_mapper_images_equal_plain_encode_image_nchw(make_tiny_config):
@@ -114,6 +155,9 @@ def test_decode_workers_batch_equals_process_images(tmp_path, processor):
     expected = processor.process_images(paths)
     assert batch.pixel_values.is_contiguous()
     torch.testing.assert_close(batch.pixel_values, expected, rtol=0, atol=1e-6)
+    pixel_major = ImageCollator(processor, channels_last=True)([decoded[i] for i in range(3)])
+    assert pixel_major.pixel_values.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(pixel_major.pixel_values, expected, rtol=0, atol=1e-6)
 
 
 # -- caption fast path ------------------------------------------------------------------------

@@ -123,6 +123,7 @@ class EmbeddingMapper:
             reuse_freed_memory()
         self.backend = resolve_backend(options, self.device)
         self.onnx = None
+        self.channels_last = False  # whether image batches should arrive channels_last
         if self.backend == "onnx":
             self.onnx = self._onnx_towers(processor)
         if self.onnx is not None:

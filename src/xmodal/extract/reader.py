@@ -114,9 +114,12 @@ class ImageBatch:
 
 class ImageCollator:
     """Stacks a batch of uint8 crops and normalises it in one vectorised pass: the values of
-    ``processor.process_image`` (to float rounding) for a fraction of the per-image cost."""
+    ``processor.process_image`` (to float rounding) for a fraction of the per-image cost.
+    ``channels_last`` keeps the crops' pixel-major layout (a straight copy, and what conv towers
+    run on) instead of transposing to planes."""
 
-    def __init__(self, processor: MultimodalProcessor):
+    def __init__(self, processor: MultimodalProcessor, channels_last: bool = False):
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         std = torch.tensor(processor.config.std, dtype=torch.float32).view(1, 3, 1, 1)
         mean = torch.tensor(processor.config.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.scale = 1.0 / (255.0 * std)
@@ -128,8 +131,9 @@ class ImageCollator:
         pixels = None
         if good:
             crops = torch.stack([px for _, px in good])  # (B, S, S, 3) uint8
-            pixels = torch.empty(crops.shape[0], 3, *crops.shape[1:3])
-            pixels.copy_(crops.permute(0, 3, 1, 2))  # cast and transpose in one pass
+            shape = (crops.shape[0], 3, *crops.shape[1:3])
+            pixels = torch.empty(shape, memory_format=self.memory_format)
+            pixels.copy_(crops.permute(0, 3, 1, 2))  # cast (and transpose) in one pass
             pixels.mul_(self.scale).add_(self.shift)
         return ImageBatch([pos for pos, _ in good], pixels, failures)
 
@@ -139,13 +143,15 @@ def image_loader(
     processor: MultimodalProcessor,
     batches: list[list[int]],
     workers: int,
+    channels_last: bool = False,
 ) -> DataLoader:
-    """Batches of decoded images, in the order of ``batches`` (lists of item positions)."""
+    """Batches of decoded images, in the order of ``batches`` (lists of item positions);
+    ``channels_last`` for conv towers (see :class:`ImageCollator`)."""
     return DataLoader(
         DecodedImages(items, processor),
         batch_sampler=batches,
         num_workers=workers,
-        collate_fn=ImageCollator(processor),
+        collate_fn=ImageCollator(processor, channels_last),
         worker_init_fn=_worker_init if workers else None,
         prefetch_factor=4 if workers else None,
     )

@@ -307,7 +307,9 @@ class _Run:
                 batches.append(list(range(b, min(end, b + self.batch_size))))
                 left[k] = left.get(k, 0) + 1
         buffers: dict[int, _ShardBuffer] = {}
-        loader = image_loader(items, self.processor, batches, self.workers)
+        loader = image_loader(
+            items, self.processor, batches, self.workers, self.mapper.channels_last
+        )
         for positions, batch in zip(batches, loader, strict=True):
             k = positions[0] // self.size
             buffer = buffers.setdefault(

@@ -1,8 +1,12 @@
 """Inference-only rewrites of an image tower: the same outputs (to float rounding), less work.
 
 - Batch norm folded into the convolution before it (one pass over the activations, not two).
-- Symmetric "same" padding (stride-1 convolutions) moved into the convolution itself, so no
-  separate zero-padded copy of the activations is made.
+- TF-style "same" padding moved into the convolution itself, so no separate zero-padded copy of
+  the activations is made. Symmetric padding becomes the convolution's padding; the asymmetric
+  padding of stride-2 convolutions (one more zero after than before) becomes a kernel one wider
+  whose first row and column are zero, with symmetric padding: the same windows, the same sums.
+- Activations of known blocks (EfficientNet's ReLU6, ResNet's ReLU) applied in place, on the
+  fresh output of the convolution before them.
 - Weights and activations in channels_last: oneDNN's depthwise and 1x1 convolutions are much
   faster in NHWC on CPUs (measured: docs/performance.md).
 
@@ -49,17 +53,52 @@ def fold_batch_norms(module: nn.Module) -> int:
 
 
 def absorb_static_padding(module: nn.Module) -> int:
-    """Move symmetric ``static_padding`` (EfficientNet's TF-style "same") into the convolution."""
+    """Move ``static_padding`` (EfficientNet's TF-style "same") into the convolution; returns
+    how many were moved.
+
+    Zero padding (left, right) then a kernel k equals a kernel k + right - left whose first
+    right - left taps are zero, with ``right`` zeros on both sides: the output has the same size
+    and each window starts at the same input position."""
     absorbed = 0
     for conv in module.modules():
         pad = getattr(conv, "static_padding", None)
-        if isinstance(conv, nn.Conv2d) and isinstance(pad, nn.ZeroPad2d):
-            left, right, top, bottom = pad.padding
-            if left == right and top == bottom and conv.padding == (0, 0):
-                conv.padding = (top, left)
-                conv.static_padding = nn.Identity()
-                absorbed += 1
+        if not (isinstance(conv, nn.Conv2d) and isinstance(pad, nn.ZeroPad2d)):
+            continue
+        left, right, top, bottom = pad.padding
+        extra = right - left
+        if extra < 0 or bottom - top != extra or conv.padding != (0, 0):
+            continue
+        if extra:
+            out_channels, in_channels, height, width = conv.weight.shape
+            wider = conv.weight.new_zeros(out_channels, in_channels, height + extra, width + extra)
+            wider[:, :, extra:, extra:] = conv.weight.detach()
+            conv.weight = nn.Parameter(wider, requires_grad=conv.weight.requires_grad)
+            conv.kernel_size = (height + extra, width + extra)
+        conv.padding = (bottom, right)
+        conv.static_padding = nn.Identity()
+        absorbed += 1
     return absorbed
+
+
+# Activation attributes of blocks whose activations only ever see a convolution's (or a folded
+# batch norm's) fresh output, so they may overwrite it.
+IN_PLACE_ACTIVATIONS: dict[str, tuple[str, ...]] = {
+    "EfficientNet": ("_swish",),
+    "MBConvBlock": ("_swish",),
+    "ResNetConvLayer": ("activation",),
+}
+
+
+def activations_in_place(module: nn.Module) -> int:
+    """Switch the known activations (above) to in place; returns how many."""
+    switched = 0
+    for parent in module.modules():
+        for name in IN_PLACE_ACTIVATIONS.get(type(parent).__name__, ()):
+            activation = getattr(parent, name, None)
+            if isinstance(activation, nn.ReLU | nn.ReLU6 | nn.Hardtanh) and not activation.inplace:
+                activation.inplace = True
+                switched += 1
+    return switched
 
 
 def inference_copy(tower: nn.Module, channels_last: bool = True) -> nn.Module:
@@ -67,6 +106,7 @@ def inference_copy(tower: nn.Module, channels_last: bool = True) -> nn.Module:
     fast = copy.deepcopy(tower).eval().requires_grad_(False)
     fold_batch_norms(fast)
     absorb_static_padding(fast)
+    activations_in_place(fast)
     if channels_last and has_conv(fast):
         fast.to(memory_format=torch.channels_last)
     return fast
