@@ -123,22 +123,26 @@ def model_only(mapper, processor, items, captions, args) -> dict[str, float]:
     return {"images": images, "texts": texts}
 
 
-def streamed_images(mapper, processor, items, batch_size, workers, threads) -> float:
-    """Images/s decoded by ``workers`` DataLoader workers while ``threads`` torch threads embed."""
+def streamed_images(mapper, processor, items, batch_size, workers, threads) -> tuple[float, float]:
+    """Images/s decoded by ``workers`` DataLoader workers while ``threads`` torch threads embed,
+    and the share of that time the model waited for a decoded batch."""
     batches = [
         list(range(i, min(len(items), i + batch_size))) for i in range(0, len(items), batch_size)
     ]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        start, done = 0.0, 0
-        for k, batch in enumerate(image_loader(items, processor, batches, workers)):
-            if k == 0:
-                start = time.perf_counter()  # from the first batch: worker start-up not counted
-            else:
-                done += len(batch.positions)
+        loader = iter(image_loader(items, processor, batches, workers, mapper.channels_last))
+        mapper.images(next(loader).pixel_values)  # timed from here: worker start-up not counted
+        start, done, waited = time.perf_counter(), 0, 0.0
+        for _ in batches[1:]:
+            asked = time.perf_counter()
+            batch = next(loader)
+            waited += time.perf_counter() - asked
             mapper.images(batch.pixel_values)
-        return rate(done, time.perf_counter() - start)
+            done += len(batch.positions)
+        seconds = time.perf_counter() - start
+        return rate(done, seconds), waited / seconds
     finally:
         torch.set_num_threads(before)
 
@@ -210,11 +214,14 @@ def main() -> None:
             print(f"extract() {kind}: median {100 * np.median(values):.0f}% of model only")
         for split in args.splits:
             workers, threads = (int(x) for x in split.split(":"))
-            value = streamed_images(mapper, processor, images, args.batch_size, workers, threads)
+            value, waiting = streamed_images(
+                mapper, processor, images, args.batch_size, workers, threads
+            )
             results[f"streamed images/s, {workers} workers, {threads} threads"] = value
             print(
                 f"streamed images, {workers} workers + {threads} torch threads: {value:.1f} "
-                f"img/s = {100 * value / only['images']:.0f}% of the last model only "
+                f"img/s = {100 * value / only['images']:.0f}% of the last model only, "
+                f"model waiting for data {100 * waiting:.0f}% of the time "
                 f"(load {load_average():.2f})",
                 flush=True,
             )

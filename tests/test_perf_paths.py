@@ -84,9 +84,27 @@ def test_folding_and_padding_rewrites_find_their_targets():
     assert fold_batch_norms(copy.deepcopy(tower)) == 2 + 3 * blocks - 1
     padded = copy.deepcopy(tower)
     pads = sum(isinstance(m, nn.ZeroPad2d) for m in padded.modules())
+    symmetric = absorb_static_padding(copy.deepcopy(tower), asymmetric=False)
+    assert 0 < symmetric < pads
     assert pads > blocks and absorb_static_padding(padded) == pads  # asymmetric ones too
     assert not any(isinstance(m, nn.ZeroPad2d) for m in padded.modules())
     assert activations_in_place(copy.deepcopy(tower)) == 1 + blocks  # one ReLU6 module each
+
+
+@pytest.mark.parametrize("layer_type", ["basic", "bottleneck"])
+def test_inference_copy_of_a_resnet_matches_the_plain_tower(make_tiny_config, layer_type):
+    config = make_tiny_config()
+    config.image.hf_config["layer_type"] = layer_type
+    tower = CrossModalModel(config).image_tower.eval()
+    randomise_batch_norms(tower)
+    # every block's activations run in place: the stem's, each conv layer's and each residual's
+    assert activations_in_place(copy.deepcopy(tower)) > 2 * sum(config.image.hf_config["depths"])
+    pixels = torch.randn(3, 3, 48, 40)
+    with torch.inference_mode():
+        plain = tower(pixels)
+        quick = inference_copy(tower)(pixels.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(quick.pooled, plain.pooled, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(quick.tokens, plain.tokens, rtol=1e-4, atol=1e-5)
 
 
 class StaticSameConv(nn.Conv2d):

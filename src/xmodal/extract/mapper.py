@@ -132,7 +132,9 @@ class EmbeddingMapper:
         self.backend = "torch"
         self.autocast = resolve_precision(options.precision, self.device)
         self.channels_last = has_conv(model.image_tower)
-        self.image_tower: nn.Module = inference_copy(model.image_tower)
+        self.image_tower: nn.Module = inference_copy(
+            model.image_tower, widen_kernels=self.device.type == "cpu"
+        )
         self.text_tower: nn.Module = model.text_tower
         if options.compile:
             self.image_tower = torch.compile(self.image_tower)

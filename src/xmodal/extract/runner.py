@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,7 +311,13 @@ class _Run:
         loader = image_loader(
             items, self.processor, batches, self.workers, self.mapper.channels_last
         )
-        for positions, batch in zip(batches, loader, strict=True):
+        waited = 0.0  # seconds the model spent waiting for decoded batches
+        started = time.perf_counter()
+        batches_iter = iter(loader)
+        for positions in batches:
+            before = time.perf_counter()
+            batch = next(batches_iter)
+            waited += time.perf_counter() - before
             k = positions[0] // self.size
             buffer = buffers.setdefault(
                 k, _ShardBuffer(*self._bounds(k, len(items)), self.mapper.dim)
@@ -319,6 +326,9 @@ class _Run:
                 buffer.put(batch.positions, self.mapper.images(batch.pixel_values))
             buffer.failures.extend(batch.failures)
             bar.update(len(positions))
+            bar.set_postfix(
+                data_wait=f"{waited / (time.perf_counter() - started):.0%}", refresh=False
+            )
             left[k] -= 1
             if not left[k]:
                 self._finish("images", k, items, buffers.pop(k))

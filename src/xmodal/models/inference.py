@@ -52,9 +52,9 @@ def fold_batch_norms(module: nn.Module) -> int:
     return folded
 
 
-def absorb_static_padding(module: nn.Module) -> int:
+def absorb_static_padding(module: nn.Module, asymmetric: bool = True) -> int:
     """Move ``static_padding`` (EfficientNet's TF-style "same") into the convolution; returns
-    how many were moved.
+    how many were moved. ``asymmetric=False`` moves only symmetric padding.
 
     Zero padding (left, right) then a kernel k equals a kernel k + right - left whose first
     right - left taps are zero, with ``right`` zeros on both sides: the output has the same size
@@ -66,7 +66,12 @@ def absorb_static_padding(module: nn.Module) -> int:
             continue
         left, right, top, bottom = pad.padding
         extra = right - left
-        if extra < 0 or bottom - top != extra or conv.padding != (0, 0):
+        if (
+            extra < 0
+            or bottom - top != extra
+            or conv.padding != (0, 0)
+            or (extra and not asymmetric)
+        ):
             continue
         if extra:
             out_channels, in_channels, height, width = conv.weight.shape
@@ -86,6 +91,8 @@ IN_PLACE_ACTIVATIONS: dict[str, tuple[str, ...]] = {
     "EfficientNet": ("_swish",),
     "MBConvBlock": ("_swish",),
     "ResNetConvLayer": ("activation",),
+    "ResNetBasicLayer": ("activation",),  # applied after the residual was added in place
+    "ResNetBottleNeckLayer": ("activation",),
 }
 
 
@@ -101,11 +108,15 @@ def activations_in_place(module: nn.Module) -> int:
     return switched
 
 
-def inference_copy(tower: nn.Module, channels_last: bool = True) -> nn.Module:
-    """A frozen copy of an image tower with the rewrites above (channels_last only for convs)."""
+def inference_copy(
+    tower: nn.Module, channels_last: bool = True, widen_kernels: bool = True
+) -> nn.Module:
+    """A frozen copy of an image tower with the rewrites above (channels_last only for convs).
+    ``widen_kernels``: absorb asymmetric padding into wider kernels (measured on CPUs: 1.1x for
+    EfficientNet-Lite0; GPUs keep the padding, where that trade is unmeasured)."""
     fast = copy.deepcopy(tower).eval().requires_grad_(False)
     fold_batch_norms(fast)
-    absorb_static_padding(fast)
+    absorb_static_padding(fast, asymmetric=widen_kernels)
     activations_in_place(fast)
     if channels_last and has_conv(fast):
         fast.to(memory_format=torch.channels_last)
