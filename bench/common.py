@@ -123,9 +123,12 @@ def _matmul_gflops(x, y, repeats: int) -> float:
 
 
 def matmul_peak(device: str = "cpu", repeats: int = 3) -> dict[str, float]:
-    """Achieved GFLOP/s of square matmuls (best of ``repeats``), by library, precision and size;
-    ``fp32`` and ``bf16`` are the best of each: the practical peak the table compares with (on a
-    CPU, bf16 runs on its bf16 dot-product instructions where it has them)."""
+    """Achieved GFLOP/s of large matrix products (best of ``repeats``), by library, precision and
+    size; ``fp32`` and ``bf16`` are the best of each: the practical peak the table compares with.
+
+    On a CPU that includes a 1x1 convolution run by oneDNN (a matrix product by another library):
+    MKL's sgemm, which torch's fp32 matmul calls, takes its AVX2 path on AMD CPUs and reaches
+    well under half of what oneDNN's AVX-512 kernels reach there."""
     sizes = (8192,) if device.startswith("cuda") else (2048, 4096)
     peaks: dict[str, float] = {}
     for size in sizes:
@@ -135,9 +138,31 @@ def matmul_peak(device: str = "cpu", repeats: int = 3) -> dict[str, float]:
         peaks[f"torch bf16 {size}"] = _matmul_gflops(a.bfloat16(), b.bfloat16(), repeats)
         if device == "cpu":
             peaks[f"numpy fp32 {size}"] = _matmul_gflops(a.numpy(), b.numpy(), repeats)
+    if device == "cpu":
+        for dtype, precision in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            peaks[f"oneDNN {precision} conv1x1"] = _conv1x1_gflops(dtype, repeats)
     for precision in ("fp32", "bf16"):
-        peaks[precision] = max(v for k, v in peaks.items() if f" {precision} " in k)
+        peaks[precision] = max(v for k, v in peaks.items() if f" {precision} " in f"{k} ")
     return peaks
+
+
+def _conv1x1_gflops(
+    dtype: torch.dtype, repeats: int, channels: int = 1024, side: int = 64
+) -> float:
+    """A (channels x channels) by (channels x side^2) product as a channels_last 1x1 convolution."""
+    conv = torch.nn.Conv2d(channels, channels, 1, bias=False).to(dtype=dtype)
+    conv = conv.to(memory_format=torch.channels_last)
+    x = torch.randn(1, channels, side, side, dtype=dtype).contiguous(
+        memory_format=torch.channels_last
+    )
+    best = float("inf")
+    with torch.inference_mode():
+        conv(x)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            conv(x)
+            best = min(best, time.perf_counter() - start)
+    return 2 * channels * channels * side * side / best / 1e9
 
 
 def print_peaks(peaks: dict[str, float]) -> None:

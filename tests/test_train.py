@@ -169,3 +169,17 @@ def test_missing_dataset_is_a_clear_error(tmp_path, tiny_model_dir) -> None:
     config.data.train = str(tmp_path / "absent.jsonl")
     with pytest.raises(FileNotFoundError, match="absent.jsonl"):
         Trainer(config)
+
+
+def test_cpu_memory_reuse_follows_the_setting(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    from xmodal.train import trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "reuse_freed_memory", lambda: calls.append(1) or True)
+    config = make_config(tmp_path, tiny_model_dir, "no-reuse")
+    config.cpu_reuse_memory = False
+    Trainer(config)
+    assert calls == []
+    config = make_config(tmp_path, tiny_model_dir, "reuse")
+    Trainer(config)
+    assert calls == [1]

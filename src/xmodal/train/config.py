@@ -135,6 +135,10 @@ class TrainConfig:
     precision: ``auto`` (bf16 autocast on GPUs that support it, fp16 on older GPUs, fp32 on
         CPUs without bf16 hardware), or ``fp32``, ``bf16``, ``fp16``.
     device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    cpu_reuse_memory: on a CPU, keep freed memory for reuse instead of taking fresh pages from
+        the kernel for every large activation (1.1-1.6x faster steps here, but a 10-50% higher
+        peak; turn off to fit the largest batch, e.g. with gradient checkpointing). It applies to
+        the whole process from then on.
     eval_every / save_every / log_every: in optimiser steps (0 = only at the end).
     """
 
@@ -146,6 +150,7 @@ class TrainConfig:
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpu_reuse_memory: bool = True
     eval_every: int = 100
     save_every: int = 100
     log_every: int = 10

@@ -141,7 +141,7 @@ class Trainer:
         if device.type == "cuda" and self.world.distributed:
             device = torch.device("cuda", self.world.local_rank)
         self.device = device
-        if device.type == "cpu":
+        if device.type == "cpu" and config.cpu_reuse_memory:
             reuse_freed_memory()  # 1.5x faster full fine-tunes here (xmodal.runtime)
         self.autocast = pick_autocast(config.precision, self.device)
         seed_everything(config.seed)
