@@ -156,7 +156,7 @@ def mapper(model: CrossModalModel, args: argparse.Namespace, **options) -> Embed
     return EmbeddingMapper(model, MapperOptions(device=args.device, reuse_memory=reuse, **options))
 
 
-DEFAULT_IMAGE = "xmodal: + folded BN, memory reuse (default)"
+DEFAULT_IMAGE = "xmodal: + folded BN, wider kernels, in-place ReLU (default)"
 DEFAULT_TEXT = "xmodal: length-bucketed (default)"
 
 

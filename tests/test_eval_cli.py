@@ -17,28 +17,16 @@ from xmodal.evaluate.runner import text_embeddings
 from xmodal.presets import load_model
 
 
+def run_eval(model_dir: str, data: str, out: Path, rerank_k: int) -> dict:
+    """``xmodal eval`` through the CLI entry point; the report it wrote."""
+    argv = ["eval", "--model", model_dir, "--data", data, "--out", str(out)]
+    assert main([*argv, "--rerank-k", str(rerank_k), "--workers", "0"]) == 0
+    return json.loads(out.read_text())
+
+
 def test_eval_jsonl_report_matches_direct_metrics(tmp_path, tiny_model_dir, capsys) -> None:
     data = write_colour_dataset(tmp_path / "data", n=10, captions_per_image=2)
-    out = tmp_path / "report.json"
-    assert (
-        main(
-            [
-                "eval",
-                "--model",
-                tiny_model_dir,
-                "--data",
-                data,
-                "--out",
-                str(out),
-                "--rerank-k",
-                "4",
-                "--workers",
-                "0",
-            ]
-        )
-        == 0
-    )
-    report = json.loads(out.read_text())
+    report = run_eval(tiny_model_dir, data, tmp_path / "report.json", rerank_k=4)
     assert report["n_images"] == 10 and report["n_texts"] == 20
     printed = capsys.readouterr().out
     assert "ITC text->image" in printed and "ITC + ITM re-rank" in printed
@@ -70,26 +58,7 @@ def test_eval_csv_with_labels_gives_zero_shot(tmp_path, tiny_model_dir) -> None:
                     "label": row["caption"].split()[1],
                 }
             )
-    out = tmp_path / "report.json"
-    assert (
-        main(
-            [
-                "eval",
-                "--model",
-                tiny_model_dir,
-                "--data",
-                str(path),
-                "--out",
-                str(out),
-                "--rerank-k",
-                "0",
-                "--workers",
-                "0",
-            ]
-        )
-        == 0
-    )
-    report = json.loads(out.read_text())
+    report = run_eval(tiny_model_dir, str(path), tmp_path / "report.json", rerank_k=0)
     zeroshot = report["zeroshot"]
     assert set(zeroshot["per_class"]) == {
         "red",

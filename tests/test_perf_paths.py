@@ -7,12 +7,14 @@ length-bucketed caption batches, gradient checkpointing, and the --precision / -
 from __future__ import annotations
 
 import copy
+import ctypes
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from xmodal import runtime
 from xmodal.config import ImageTowerConfig
 from xmodal.extract.mapper import (
     EmbeddingMapper,
@@ -378,22 +380,36 @@ def test_decode_workers_leave_cores_to_the_model_on_cpu_only(monkeypatch):
     assert reader.default_workers(accelerated=True) == 0
 
 
+def mapped_chunks() -> int | None:
+    """How many allocations glibc serves with their own mmap now (None without mallinfo2)."""
+    fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+              "fordblks", "keepcost")  # fmt: skip
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in fields]
+
+    libc = runtime.load_glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = MallInfo2
+    return int(libc.mallinfo2().hblks)
+
+
 def test_cpu_mapper_keeps_freed_memory_for_reuse(make_tiny_config, monkeypatch):
-    from xmodal import runtime as memory
     from xmodal.extract import mapper as mapper_module
 
     calls = []
     monkeypatch.setattr(
-        mapper_module, "reuse_freed_memory", lambda: calls.append(1) or memory.reuse_freed_memory()
+        mapper_module, "reuse_freed_memory", lambda: calls.append(1) or runtime.reuse_freed_memory()
     )
     model = CrossModalModel(make_tiny_config())
     EmbeddingMapper(model, MapperOptions(reuse_memory=False))
     assert calls == []
     EmbeddingMapper(model, MapperOptions(device="cpu"))
     assert calls == [1]
-    if memory.mapped_chunks() is None:
+    if mapped_chunks() is None:
         pytest.skip("needs glibc >= 2.33 (mallinfo2)")
-    before = memory.mapped_chunks()
+    before = mapped_chunks()
     big = torch.empty(64 << 20, dtype=torch.uint8)  # glibc would mmap this by default
-    assert memory.mapped_chunks() == before
+    assert mapped_chunks() == before
     del big

@@ -52,17 +52,8 @@ M_MMAP_MAX = -4
 KEEP_FREED = 2**31 - 1  # bytes of free memory at the heap's top before it is returned
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-            "fordblks", "keepcost",
-        )
-    ]  # fmt: skip
-
-
-def _libc() -> ctypes.CDLL | None:
+def load_glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc, else None."""
     if platform.libc_ver()[0] != "glibc":
         return None
     try:
@@ -74,16 +65,7 @@ def _libc() -> ctypes.CDLL | None:
 def reuse_freed_memory() -> bool:
     """Serve allocations from the heap and keep freed memory (glibc ``mallopt``); False where
     the C library is not glibc (then nothing changes)."""
-    libc = _libc()
+    libc = load_glibc()
     if libc is None:
         return False
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED))
-
-
-def mapped_chunks() -> int | None:
-    """How many allocations glibc currently serves with their own mmap (None if unknown)."""
-    libc = _libc()
-    if libc is None or not hasattr(libc, "mallinfo2"):
-        return None
-    libc.mallinfo2.restype = _MallInfo2
-    return int(libc.mallinfo2().hblks)

@@ -2,10 +2,11 @@
 
 The torch backend runs images through an inference copy of the image tower (batch norm folded
 into the convolutions, channels_last); captions come length-bucketed from the reader; everything
-runs in inference mode, and on a CPU freed memory is reused (:mod:`xmodal.extract.memory`).
+runs in inference mode, and on a CPU freed memory is reused (:mod:`xmodal.runtime`).
 Options: a device (CUDA with bf16/fp16 autocast), ``torch.compile``, or the ONNX Runtime towers
 (the projections into the shared space stay in torch). ``auto`` picks ONNX Runtime on a CPU when
-it is installed (1.5-2x the torch fp32 towers here, see docs/performance.md), exporting the
+it is installed (1.2x the torch fp32 image tower, 2.3x the text tower here, see
+docs/performance.md), exporting the
 towers once at start.
 """
 

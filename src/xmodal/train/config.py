@@ -52,8 +52,8 @@ class ModelSection:
         cached outputs (much faster; no image augmentation then).
     fusion_layers / embed_dim: override the preset's values for a new model (None: keep).
     gradient_checkpointing: recompute the towers' and fusion's activations in the backward pass
-        (about 40% less peak memory for a full fine-tune at 224 px, about 1.5x the step time;
-        docs/performance.md).
+        (a full fine-tune at 224 px on a CPU: 32-40% less peak memory for 1.1-1.6x the step
+        time; docs/performance.md).
     """
 
     name: str = "offline-default"
