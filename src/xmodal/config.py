@@ -18,14 +18,12 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from xmodal.errors import ConfigError
+
 T = TypeVar("T")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type or out of range."""
 
 
 @dataclass

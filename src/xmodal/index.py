@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from xmodal.atomic import atomic_path, atomic_write_text
+from xmodal.errors import IndexBuildError
 from xmodal.extract.identity import ModelIdentity, check_compatible
 from xmodal.extract.writer import KINDS, load_manifest, now, read_shard
 
@@ -35,10 +36,6 @@ TUNING_QUERIES = 500
 IVF_MAX_PROBE_FRACTION = 0.05
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
-
-
-class IndexBuildError(ValueError):
-    """Shards or an index directory cannot be used as asked."""
 
 
 @dataclass

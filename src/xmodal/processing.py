@@ -30,6 +30,7 @@ from xmodal.config import (
     stable_hash,
     to_dict,
 )
+from xmodal.errors import CaptionError, ImageLoadError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -42,19 +43,6 @@ class ByteSource(Protocol):
 
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray | ByteSource
-
-
-class ImageLoadError(ValueError):
-    """An image could not be read or decoded; the message names the input."""
-
-    def __init__(self, source: str, reason: str):
-        super().__init__(f"cannot load image {source}: {reason}")
-        self.source = source
-        self.reason = reason
-
-
-class CaptionError(ValueError):
-    """A caption is empty, whitespace only or not a string."""
 
 
 def describe_source(image: Any) -> str:

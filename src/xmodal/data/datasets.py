@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from xmodal.errors import BadRowError
 from xmodal.processing import caption_problem
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -59,10 +60,6 @@ class Example:
     label: str | None = None
     origin: str = ""
     extra: dict = field(default_factory=dict)
-
-
-class BadRowError(ValueError):
-    """A dataset row that cannot be used; the message names the file, line and reason."""
 
 
 class _Bad(Exception):

@@ -10,11 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from xmodal.errors import IncompatibleError
 from xmodal.models.model import CONFIG_NAME, WEIGHTS_NAME
-
-
-class IncompatibleError(ValueError):
-    """Embeddings, an index or a model come from different models or preprocessing."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from xmodal.data.datasets import load_dataset
+from xmodal.errors import ExtractError
 from xmodal.extract.identity import ModelIdentity, check_compatible, identify
 from xmodal.extract.mapper import EmbeddingMapper, MapperOptions
 from xmodal.extract.ranks import (
@@ -62,10 +63,6 @@ from xmodal.train import distributed
 from xmodal.train.distributed import World
 
 ShardHook = Callable[[str, int], None]
-
-
-class ExtractError(ValueError):
-    """The run's settings conflict with the output directory or are out of range."""
 
 
 @contextlib.contextmanager

@@ -1,0 +1,65 @@
+"""The errors xmodal raises for problems a user can fix: one family, one base class.
+
+Everything here derives from :class:`XmodalError`. The command line prints such an error as one
+line and exits with code 2; the service maps it to a 4xx answer. Any other exception is a bug
+in xmodal (or in a library under it) and keeps its traceback.
+
+Each kind also derives from the built-in exception it refines (``ValueError`` for bad values,
+``FileNotFoundError`` for missing files), so ``except ValueError`` keeps working for callers
+that used it before the family existed.
+"""
+
+from __future__ import annotations
+
+
+class XmodalError(Exception):
+    """Base class of every error a user can act on (bad input, config, model, shards, index)."""
+
+
+class ConfigError(XmodalError, ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+class ModelLoadError(XmodalError, ValueError):
+    """A model name or directory cannot be turned into a model (unknown name, unsupported
+    checkpoint, pickle-only weights, a missing optional library)."""
+
+
+class MissingFileError(XmodalError, FileNotFoundError):
+    """A file or directory the user named does not exist (or is not what it should be)."""
+
+
+class InputError(XmodalError, ValueError):
+    """One input item (an image, a caption, a dataset row) cannot be used."""
+
+
+class ImageLoadError(InputError):
+    """An image could not be read or decoded; the message names the input."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"cannot load image {source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+    def __reduce__(self):  # picklable across DataLoader workers
+        return (type(self), (self.source, self.reason))
+
+
+class CaptionError(InputError):
+    """A caption is empty, whitespace only or not a string."""
+
+
+class BadRowError(InputError):
+    """A dataset row that cannot be used; the message names the file, line and reason."""
+
+
+class IncompatibleError(XmodalError, ValueError):
+    """Embeddings, an index or a model come from different models or preprocessing."""
+
+
+class ExtractError(XmodalError, ValueError):
+    """An extraction run's settings conflict with its output directory or are out of range."""
+
+
+class IndexBuildError(XmodalError, ValueError):
+    """Shards or an index directory cannot be used as asked."""
