@@ -1,4 +1,4 @@
-"""Tests for xmodal.data.builders on fake emoji tarballs and fake IDX files (no network)."""
+"""Tests for xmodal.apps.builders on fake emoji tarballs and fake IDX files (no network)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xmodal.data import (
-    build_emoji,
-    build_fashion_mnist,
-    builders,
-    load_dataset,
-    sha512_integrity,
-    tone_caption,
-)
+from xmodal.apps import builders
+from xmodal.apps.builders import build_emoji, build_fashion_mnist, sha512_integrity, tone_caption
+from xmodal.data import load_dataset
 
 TONES = ("1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF")
 

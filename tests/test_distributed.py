@@ -22,9 +22,9 @@ import yaml
 from conftest import tiny_model_config, write_colour_dataset
 from safetensors.torch import load_file, save_file
 
+from xmodal import distributed as xdist
 from xmodal.models.model import CrossModalModel, Features
 from xmodal.train import Trainer, load_train_config
-from xmodal.train import distributed as xdist
 from xmodal.train.accumulate import accumulated_backward, cat_features
 from xmodal.train.batches import epoch_batches, rank_micro_batches
 from xmodal.train.config import LossSection

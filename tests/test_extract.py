@@ -14,8 +14,9 @@ from PIL import Image
 
 from xmodal.cli import main
 from xmodal.config import ProcessorConfig
-from xmodal.extract import ExtractError, IncompatibleError, extract, load_manifest, read_shard
-from xmodal.extract.identity import file_sha256
+from xmodal.errors import ExtractError, IncompatibleError
+from xmodal.extract import extract, load_manifest, read_shard
+from xmodal.models.identity import file_sha256
 from xmodal.models.model import CrossModalModel
 from xmodal.processing import MultimodalProcessor
 

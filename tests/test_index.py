@@ -13,7 +13,8 @@ from test_extract import make_image_folder, save_tiny_model, tiny_processor
 
 from xmodal import index as index_module
 from xmodal.cli import main
-from xmodal.extract import IncompatibleError, extract, load_manifest, read_shard
+from xmodal.errors import IncompatibleError
+from xmodal.extract import extract, load_manifest, read_shard
 from xmodal.extract.writer import save_manifest, shard_name, write_shard
 from xmodal.index import SearchIndex, build_faiss, build_index, recall_at_k
 from xmodal.models.model import CrossModalModel

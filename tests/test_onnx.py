@@ -13,9 +13,10 @@ pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from xmodal.cli import main as cli_main  # noqa: E402
+from xmodal.errors import IncompatibleError  # noqa: E402
 from xmodal.export.onnx import IMAGE_FILE, META_NAME, TEXT_FILE, export_onnx  # noqa: E402
 from xmodal.export.ort import OnnxTowers, parity  # noqa: E402
-from xmodal.extract import IncompatibleError, read_shard  # noqa: E402
+from xmodal.extract import read_shard  # noqa: E402
 from xmodal.extract.mapper import EmbeddingMapper, MapperOptions  # noqa: E402
 from xmodal.models.model import CrossModalModel  # noqa: E402
 

@@ -13,8 +13,9 @@ from PIL import Image
 from test_extract import make_image_folder, save_tiny_model, tiny_processor
 from test_index import random_vectors, write_fake_shards
 
-from xmodal.extract import extract, identify, load_manifest
+from xmodal.extract import extract, load_manifest
 from xmodal.index import SearchIndex, build_index
+from xmodal.models.identity import identify
 from xmodal.models.model import CrossModalModel
 from xmodal.processing import MultimodalProcessor
 from xmodal.serve import ServeSettings, create_app

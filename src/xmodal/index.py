@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from xmodal.atomic import atomic_path, atomic_write_text
 from xmodal.errors import IndexBuildError
-from xmodal.extract.identity import ModelIdentity, check_compatible
 from xmodal.extract.writer import KINDS, load_manifest, now, read_shard
+from xmodal.models.identity import ModelIdentity, check_compatible
 
 INDEX_JSON = "index.json"
 INDEX_FORMAT = "xmodal.index/1"

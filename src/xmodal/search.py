@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from xmodal.extract.identity import ModelIdentity, check_compatible, identify
-from xmodal.extract.reader import image_ref
+from xmodal.data.refs import image_ref
 from xmodal.index import SearchIndex
+from xmodal.models.identity import ModelIdentity, check_compatible, identify
 from xmodal.models.model import CrossModalModel, Features
 from xmodal.processing import ImageInput, MultimodalProcessor
 

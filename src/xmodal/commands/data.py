@@ -22,7 +22,7 @@ def add(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xmodal.data import build_emoji, build_fashion_mnist
+    from xmodal.apps.builders import build_emoji, build_fashion_mnist
 
     if args.builder == "emoji":
         summary = build_emoji(

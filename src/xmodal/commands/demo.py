@@ -11,7 +11,7 @@ def add(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xmodal.demo import run_demo
+    from xmodal.apps.demo import run_demo
 
     run_demo(args.preset)
     return 0

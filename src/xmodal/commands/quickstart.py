@@ -14,7 +14,7 @@ def add(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xmodal.quickstart import run_quickstart
+    from xmodal.apps.quickstart import run_quickstart
 
     run_quickstart(args.out, tarball=args.tarball, steps=args.steps, num_workers=args.workers)
     return 0

@@ -14,8 +14,8 @@ def add(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from xmodal.distributed import is_main
     from xmodal.train import load_train_config, train
-    from xmodal.train.distributed import is_main
 
     overrides: dict = {}
     if args.out_dir:

@@ -1,14 +1,5 @@
-"""Image-text datasets, readers and builders of real data sets."""
+"""Image-text datasets: the formats ``load_dataset`` reads, and references to their images."""
 
-from xmodal.data.builders import (
-    FASHION_MNIST_CLASSES,
-    build_emoji,
-    build_fashion_mnist,
-    read_fashion_mnist,
-    sha512_integrity,
-    split_names,
-    tone_caption,
-)
 from xmodal.data.datasets import (
     BadRowError,
     Example,
@@ -17,19 +8,15 @@ from xmodal.data.datasets import (
     detect_format,
     load_dataset,
 )
+from xmodal.data.refs import image_ref, location
 
 __all__ = [
-    "FASHION_MNIST_CLASSES",
     "BadRowError",
     "Example",
     "ImageTextDataset",
     "TarMember",
-    "build_emoji",
-    "build_fashion_mnist",
     "detect_format",
+    "image_ref",
     "load_dataset",
-    "read_fashion_mnist",
-    "sha512_integrity",
-    "split_names",
-    "tone_caption",
+    "location",
 ]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from xmodal.atomic import atomic_path, atomic_write_text
-from xmodal.extract.identity import state_dict_sha256
+from xmodal.models.identity import state_dict_sha256
 from xmodal.models.model import CrossModalModel
 from xmodal.processing import MultimodalProcessor
 

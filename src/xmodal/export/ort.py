@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xmodal.errors import IncompatibleError
 from xmodal.export.onnx import load_meta, sample_inputs, tower_hashes
-from xmodal.extract.identity import IncompatibleError
 from xmodal.models.model import CrossModalModel
 from xmodal.models.towers import TowerOutput
 from xmodal.processing import MultimodalProcessor

@@ -1,18 +1,26 @@
-"""Embedding extraction at scale: dataset -> decode workers -> model -> Parquet shards."""
+"""Embedding extraction at scale: dataset -> decode workers -> model -> Parquet shards.
 
-from xmodal.extract.identity import IncompatibleError, ModelIdentity, identify
-from xmodal.extract.reader import image_ref
-from xmodal.extract.runner import ExtractError, extract
-from xmodal.extract.writer import Shard, load_manifest, read_shard
+The package itself imports nothing heavy: ``xmodal.extract.mapper`` (embedding in Python) needs
+only the base install, while the names below load the Parquet writer (``pip install
+'xmodal[index]'``) on first use.
+"""
 
-__all__ = [
-    "ExtractError",
-    "IncompatibleError",
-    "ModelIdentity",
-    "Shard",
-    "extract",
-    "identify",
-    "image_ref",
-    "load_manifest",
-    "read_shard",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "extract": "xmodal.extract.runner",
+    "Shard": "xmodal.extract.writer",
+    "load_manifest": "xmodal.extract.writer",
+    "read_shard": "xmodal.extract.writer",
+}
+
+__all__ = ["Shard", "extract", "load_manifest", "read_shard"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,22 +40,6 @@ def image_items(dataset: ImageTextDataset) -> list[Item]:
 def text_items(dataset: ImageTextDataset) -> list[Item]:
     """Every caption; its id is its row index."""
     return [Item(str(i), ex.caption, ex.caption, ex.image_id) for i, ex in enumerate(dataset)]
-
-
-def location(ref: str | TarMember) -> str:
-    """Where an image lives: an absolute path, or a JSON object for a member of a tar shard."""
-    if isinstance(ref, TarMember):
-        member = {"tar": ref.tar_path, "name": ref.name, "offset": ref.offset, "size": ref.size}
-        return json.dumps(member, sort_keys=True)
-    return os.path.abspath(ref)
-
-
-def image_ref(loc: str) -> str | TarMember:
-    """Inverse of :func:`location`."""
-    if loc.startswith("{"):
-        member = json.loads(loc)
-        return TarMember(member["tar"], member["name"], member["offset"], member["size"])
-    return loc
 
 
 def default_workers(accelerated: bool = False) -> int:

@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from xmodal import distributed
 from xmodal.data.datasets import load_dataset
+from xmodal.data.refs import location
+from xmodal.distributed import World
 from xmodal.errors import ExtractError
-from xmodal.extract.identity import ModelIdentity, check_compatible, identify
 from xmodal.extract.mapper import EmbeddingMapper, MapperOptions
 from xmodal.extract.ranks import (
     fold_errors,
@@ -37,7 +39,6 @@ from xmodal.extract.reader import (
     image_items,
     image_loader,
     items_fingerprint,
-    location,
     model_threads,
     text_batches,
     text_items,
@@ -57,10 +58,9 @@ from xmodal.extract.writer import (
     shard_name,
     write_shard,
 )
+from xmodal.models.identity import ModelIdentity, check_compatible, identify
 from xmodal.presets import load_model
 from xmodal.processing import MultimodalProcessor
-from xmodal.train import distributed
-from xmodal.train.distributed import World
 
 ShardHook = Callable[[str, int], None]
 

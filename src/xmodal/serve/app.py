@@ -15,9 +15,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from pydantic import BaseModel
 
-from xmodal.extract.identity import ModelIdentity
-from xmodal.extract.reader import image_ref
+from xmodal.data.refs import image_ref
 from xmodal.index import SearchIndex
+from xmodal.models.identity import ModelIdentity
 from xmodal.models.model import CrossModalModel
 from xmodal.processing import CaptionError, ImageLoadError, MultimodalProcessor
 from xmodal.search import Searcher

@@ -4,7 +4,7 @@
 the *global* batch, all ranks' rows (and all accumulated micro-batches) together, and returns
 this rank's share of it: the mean over ranks of each returned term is that term of
 :func:`compute_losses` on the concatenated batch, and (with the gradient rule of
-:mod:`xmodal.train.distributed`) so is the gradient. Distribution changes speed, not the
+:mod:`xmodal.distributed`) so is the gradient. Distribution changes speed, not the
 objective.
 """
 
@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from xmodal import losses
+from xmodal.distributed import gather_no_grad, gather_rows, world
 from xmodal.models.fusion import PooledFusion
 from xmodal.models.model import CrossModalModel, Features
 from xmodal.train.config import LossSection
-from xmodal.train.distributed import gather_no_grad, gather_rows, world
 
 
 def negatives_seed(seed: int, step: int) -> int:

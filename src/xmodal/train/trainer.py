@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from xmodal import distributed
 from xmodal.atomic import atomic_write_text
 from xmodal.config import ConfigError
 from xmodal.data import ImageTextDataset, load_dataset
@@ -32,7 +33,6 @@ from xmodal.models.towers import TowerOutput
 from xmodal.presets import load_model
 from xmodal.processing import MultimodalProcessor
 from xmodal.runtime import pick_autocast, pick_device, reuse_freed_memory
-from xmodal.train import distributed
 from xmodal.train.accumulate import accumulated_backward
 from xmodal.train.batches import PairBatches, rank_micro_batches
 from xmodal.train.batches import epoch_batches as epoch_batches  # re-exported

@@ -12,7 +12,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from xmodal.data import build_emoji, load_dataset
+from xmodal.apps.builders import build_emoji
+from xmodal.data import load_dataset
 from xmodal.evaluate.runner import evaluate_model, format_report, write_report
 from xmodal.train import load_train_config, train
 
