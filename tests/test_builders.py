@@ -16,6 +16,7 @@ from PIL import Image
 from xmodal.apps import builders
 from xmodal.apps.builders import build_emoji, build_fashion_mnist, sha512_integrity, tone_caption
 from xmodal.data import load_dataset
+from xmodal.errors import MissingDependencyError
 
 TONES = ("1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF")
 
@@ -156,13 +157,13 @@ def test_build_emoji_bad_tarball(tmp_path: Path) -> None:
 def test_emoji_npm_missing_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shutil, "which", lambda name: None)
     cache = tmp_path / "cache"
-    with pytest.raises(RuntimeError, match="install Node.js/npm.*--from TARBALL"):
+    with pytest.raises(MissingDependencyError, match="install Node.js/npm.*--from TARBALL"):
         build_emoji(tmp_path / "o", cache_dir=cache)
     cache.mkdir()
     cached = _fake_tarball(cache / builders.EMOJI_TARBALL)
     sidecar = cache / f"{builders.EMOJI_TARBALL}.json"
     sidecar.write_text(json.dumps({"integrity": "sha512-AAAA"}))
-    with pytest.raises(RuntimeError, match="npm not found"):
+    with pytest.raises(MissingDependencyError, match="npm not found"):
         build_emoji(tmp_path / "o", cache_dir=cache)
     sidecar.write_text(json.dumps({"integrity": sha512_integrity(cached)}))
     assert build_emoji(tmp_path / "o", cache_dir=cache)["images"] == 18

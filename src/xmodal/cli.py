@@ -1,6 +1,8 @@
 """The ``xmodal`` command: parses arguments and calls into the library, nothing more.
 
-Each subcommand lives in its own module under ``xmodal/commands/``.
+Each subcommand lives in its own module under ``xmodal/commands/``. An :class:`XmodalError`
+(a problem the user can fix) prints one line and exits with code 2; any other exception is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from xmodal.commands import (
     serve,
     train,
 )
+from xmodal.errors import XmodalError
 
 SUBCOMMANDS = {
     "quickstart": quickstart,
@@ -47,11 +50,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _guarded(command: str, run, args: argparse.Namespace) -> int:
-    """Run a subcommand; expected failures (bad input, mismatched hashes) print one line."""
+    """Run a subcommand; a user-fixable failure (bad input, config, mismatched hashes, an
+    unwritable output folder) prints one line and returns 2, anything else propagates."""
     try:
         return run(args)
-    except (OSError, ValueError) as err:
-        print(f"xmodal {command}: error: {err}", file=sys.stderr)
+    except XmodalError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        print(f"xmodal {command}: error: {'; '.join(lines)}", file=sys.stderr)
         return 2
 
 

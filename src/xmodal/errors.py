@@ -63,3 +63,13 @@ class ExtractError(XmodalError, ValueError):
 
 class IndexBuildError(XmodalError, ValueError):
     """Shards or an index directory cannot be used as asked."""
+
+
+class MissingDependencyError(XmodalError, ImportError):
+    """A package a feature needs is not installed or cannot be obtained (an optional Python
+    extra, a tower package, npm); the message says what to install."""
+
+
+class OutputError(XmodalError, OSError):
+    """An output file or folder cannot be written (no permission, a full disk, a file where a
+    folder should be); the message names the path."""

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from xmodal.atomic import atomic_path, atomic_write_text
-from xmodal.errors import IndexBuildError
+from xmodal.atomic import atomic_path, atomic_write_text, make_dir
+from xmodal.errors import IndexBuildError, InputError, MissingFileError
 from xmodal.extract.writer import KINDS, load_manifest, now, read_shard
 from xmodal.models.identity import ModelIdentity, check_compatible
 
@@ -58,7 +58,7 @@ def load_vectors(
     directory = Path(shards_dir).resolve()
     manifest = load_manifest(directory)
     if manifest is None:
-        raise FileNotFoundError(f"{directory}: no manifest.json (not an `xmodal extract` output)")
+        raise MissingFileError(f"{directory}: no manifest.json (not an `xmodal extract` output)")
     record = manifest["kinds"].get(what)
     if record is None or not record["shards"]:
         raise IndexBuildError(
@@ -249,8 +249,11 @@ def read_info(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / INDEX_JSON
     if not path.is_file():
         return None
-    info = json.loads(path.read_text(encoding="utf-8"))
-    if info.get("format") != INDEX_FORMAT:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # bad UTF-8 or JSON
+        raise IndexBuildError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT:
         raise IndexBuildError(f"{path}: not an xmodal index description ({INDEX_FORMAT})")
     return info
 
@@ -308,7 +311,7 @@ def build_index(
         "generation": previous.get("generation", 0) + 1,
         "created": now(),
     }
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     _write(out, index, vectors, info)
     return info
 
@@ -321,7 +324,7 @@ def _add(shards: Path, out: Path, what: str, seed: int) -> dict[str, Any]:
         raise IndexBuildError(f"{out} indexes {info['what']}, not {what}")
     manifest = load_manifest(shards)
     if manifest is None:
-        raise FileNotFoundError(f"{shards}: no manifest.json (not an `xmodal extract` output)")
+        raise MissingFileError(f"{shards}: no manifest.json (not an `xmodal extract` output)")
     check_compatible(
         ModelIdentity.from_record(info),
         ModelIdentity.from_record(manifest),
@@ -373,7 +376,7 @@ class SearchIndex:
         self.directory = Path(directory)
         info = read_info(self.directory)
         if info is None:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{self.directory}: no {INDEX_JSON} (build it with xmodal index)"
             )
         self.info = info
@@ -438,9 +441,9 @@ class SearchIndex:
         """For each query row, up to k (position, score) pairs, best first."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dim:
-            raise ValueError(f"query dimension {queries.shape[1]} != index dimension {self.dim}")
+            raise InputError(f"query dimension {queries.shape[1]} != index dimension {self.dim}")
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise InputError(f"k must be >= 1, got {k}")
         params = self.search_parameters(nprobe, ef_search, k)
         scores, found = self.index.search(queries, min(k, self.count), params=params)
         return [

@@ -23,6 +23,7 @@ from xmodal.config import (
     ProcessorConfig,
     TextTowerConfig,
 )
+from xmodal.errors import MissingFileError, ModelLoadError
 from xmodal.models.model import CONFIG_NAME, CrossModalModel
 from xmodal.models.text import resolve_text_source
 from xmodal.processing import MultimodalProcessor, load_tokenizer
@@ -87,7 +88,7 @@ PRESETS: dict[str, Callable[[], tuple[ModelConfig, ProcessorConfig]]] = {
 
 def preset_configs(name: str) -> tuple[ModelConfig, ProcessorConfig]:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ModelLoadError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
 
 
@@ -102,7 +103,7 @@ def load_model(
     if (path / CONFIG_NAME).is_file():
         return CrossModalModel.from_pretrained(path), MultimodalProcessor.from_pretrained(path)
     if path.exists():
-        raise FileNotFoundError(f"{path} is not a model directory (no {CONFIG_NAME})")
+        raise MissingFileError(f"{path} is not a model directory (no {CONFIG_NAME})")
     model_config, processor_config = preset_configs(str(name_or_dir))
     model_config.image.pretrained = pretrained
     model_config.text.pretrained = pretrained

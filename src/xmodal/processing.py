@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from xmodal.atomic import atomic_write_text
+from xmodal.atomic import atomic_write_text, make_dir
 from xmodal.config import (
     ConfigError,
     ProcessorConfig,
@@ -30,7 +30,7 @@ from xmodal.config import (
     stable_hash,
     to_dict,
 )
-from xmodal.errors import CaptionError, ImageLoadError
+from xmodal.errors import CaptionError, ImageLoadError, InputError, MissingFileError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -242,7 +242,7 @@ class MultimodalProcessor:
     def process_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Images -> a batch (B, 3, S, S); the first bad input raises ImageLoadError."""
         if not len(images):
-            raise ValueError("no images given")
+            raise InputError("no images given")
         return torch.stack([self.process_image(img) for img in images])
 
     # -- captions -----------------------------------------------------------------------------
@@ -278,7 +278,7 @@ class MultimodalProcessor:
         text: str | Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         if images is None and text is None:
-            raise ValueError("give images, text or both")
+            raise InputError("give images, text or both")
         out: dict[str, torch.Tensor] = {}
         if images is not None:
             out["pixel_values"] = self.process_images(images)
@@ -307,7 +307,7 @@ class MultimodalProcessor:
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``processor_config.json`` and the tokenizer files into ``directory``."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dir(directory)
         self.tokenizer.save_pretrained(str(directory / "tokenizer"))
         data = {"processor": to_dict(self.config), "config_hash": self.config_hash}
         atomic_write_text(directory / "processor_config.json", json.dumps(data, indent=2))
@@ -317,7 +317,7 @@ class MultimodalProcessor:
         directory = Path(directory)
         path = directory / "processor_config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"no processor_config.json in {directory}")
+            raise MissingFileError(f"no processor_config.json in {directory}")
         data = load_json_config(path, "the processor config")
         if "processor" not in data:
             raise ConfigError(f"{path}: no 'processor' section")
@@ -364,4 +364,7 @@ def load_tokenizer(name_or_path: str) -> Any:
     from transformers import AutoTokenizer
 
     local = Path(name_or_path).is_dir()
-    return AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
+    except OSError as err:  # transformers: no such folder or hub name (offline)
+        raise MissingFileError(f"cannot load tokenizer {name_or_path!r}: {err}") from err

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from xmodal.data.refs import image_ref
+from xmodal.errors import IncompatibleError, InputError
 from xmodal.index import SearchIndex
 from xmodal.models.identity import ModelIdentity, check_compatible, identify
 from xmodal.models.model import CrossModalModel, Features
@@ -33,7 +34,9 @@ class Searcher:
             expected, identity, f"index {index.directory} vs model {identity.model_id}"
         )
         if model.config.embed_dim != index.dim:
-            raise ValueError(f"model dimension {model.config.embed_dim} != index {index.dim}")
+            raise IncompatibleError(
+                f"model dimension {model.config.embed_dim} != index {index.dim}"
+            )
         self.model = model.eval()
         self.processor = processor
         self.index = index
@@ -75,7 +78,7 @@ class Searcher:
 
     def _check_rerank(self, rerank: bool, text_query: bool) -> None:
         if rerank and text_query != (self.index.what == "images"):
-            raise ValueError(
+            raise InputError(
                 "re-ranking scores (image, caption) pairs: it needs a caption query on an image "
                 f"index or an image query on a caption index (this index holds {self.index.what})"
             )
@@ -156,9 +159,9 @@ def search(
 ) -> list[dict[str, Any]]:
     """Top-k results (dicts with rank, id, source, score) for a caption or an image."""
     if (text is None) == (image is None):
-        raise ValueError("give exactly one of text= or image=")
+        raise InputError("give exactly one of text= or image=")
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise InputError(f"k must be >= 1, got {k}")
     searcher = open_searcher(index_dir, model)
     if text is not None:
         return searcher.search_text(text, k, rerank, nprobe=nprobe, ef_search=ef_search)

@@ -22,6 +22,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from xmodal.atomic import make_dir
+from xmodal.errors import ConfigError, InputError, MissingDependencyError, MissingFileError
+
 EMOJI_PACKAGE = "emoji-datasource-google@16.0.0"
 EMOJI_TARBALL = "emoji-datasource-google-16.0.0.tgz"
 EMOJI_JSON = "package/emoji.json"
@@ -55,7 +58,7 @@ _NPM_TIMEOUT_S = 900
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temp file next to ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -112,28 +115,34 @@ def _parse_npm_pack(stdout: str) -> dict:
         info = json.loads(stdout[start:])[0]
         return {k: info[k] for k in ("id", "filename", "integrity", "shasum", "size")}
     except (ValueError, IndexError, KeyError, TypeError):
-        raise RuntimeError(f"unexpected output from npm pack --json: {stdout[:300]!r}") from None
+        raise MissingDependencyError(
+            f"unexpected output from npm pack --json: {stdout[:300]!r}"
+        ) from None
 
 
 def _npm_pack(cache_dir: Path) -> tuple[Path, str]:
     """Download the emoji tarball with ``npm pack`` into ``cache_dir`` and verify it."""
     npm = shutil.which("npm")
     if npm is None:
-        raise RuntimeError(
+        raise MissingDependencyError(
             f"npm not found on PATH: install Node.js/npm to download {EMOJI_PACKAGE}, "
             "or pass tarball= (CLI: --from TARBALL) with a downloaded copy"
         )
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(cache_dir)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".npm-pack-") as tmp:
         cmd = [npm, "pack", EMOJI_PACKAGE, "--json", "--pack-destination", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_NPM_TIMEOUT_S)
         if proc.returncode != 0:
-            raise RuntimeError(f"npm pack {EMOJI_PACKAGE} failed: {proc.stderr.strip()[-500:]}")
+            raise MissingDependencyError(
+                f"npm pack {EMOJI_PACKAGE} failed: {proc.stderr.strip()[-500:]}"
+            )
         info = _parse_npm_pack(proc.stdout)
         downloaded = Path(tmp) / info["filename"]
         actual = sha512_integrity(downloaded)
         if actual != info["integrity"]:
-            raise RuntimeError(f"{downloaded.name}: integrity {actual} != {info['integrity']}")
+            raise MissingDependencyError(
+                f"{downloaded.name}: integrity {actual} != {info['integrity']}"
+            )
         os.replace(downloaded, cache_dir / EMOJI_TARBALL)
     _write_json(cache_dir / f"{EMOJI_TARBALL}.json", info)
     return cache_dir / EMOJI_TARBALL, info["integrity"]
@@ -144,7 +153,7 @@ def _emoji_tarball(cache_dir: str | Path | None, tarball: str | Path | None) -> 
     if tarball is not None:
         path = Path(tarball)
         if not path.is_file():
-            raise FileNotFoundError(f"emoji tarball not found: {path}")
+            raise MissingFileError(f"emoji tarball not found: {path}")
         return path, sha512_integrity(path)
     cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "xmodal" / "emoji"
     return _cached_tarball(cache) or _npm_pack(cache)
@@ -168,9 +177,9 @@ def _read_emoji_tar(path: Path) -> tuple[list[dict], dict[str, bytes]]:
                 else:
                     pngs[member.name[len(EMOJI_IMG_DIR) :]] = fh.read()
     except (tarfile.TarError, OSError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable tar file ({err})") from None
+        raise InputError(f"{path}: not a readable tar file ({err})") from None
     if not isinstance(entries, list):
-        raise ValueError(f"{path}: not an emoji-datasource tarball (no {EMOJI_JSON} list)")
+        raise InputError(f"{path}: not an emoji-datasource tarball (no {EMOJI_JSON} list)")
     return entries, pngs
 
 
@@ -292,7 +301,7 @@ def build_emoji(
     variants of an emoji share a split. Returns the summary also written to summary.json.
     """
     if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
-        raise ValueError("need 0 <= val_fraction, test_fraction and their sum < 1")
+        raise ConfigError("need 0 <= val_fraction, test_fraction and their sum < 1")
     out = Path(out_dir)
     params = {
         "seed": seed,
@@ -306,7 +315,7 @@ def build_emoji(
     entries, pngs = _read_emoji_tar(path)
     records, skipped = _emoji_records(entries, pngs)
     if not records:
-        raise ValueError(f"{path}: no usable emoji images found under {EMOJI_IMG_DIR}")
+        raise InputError(f"{path}: no usable emoji images found under {EMOJI_IMG_DIR}")
     assignment = split_names((r["name"] for r in records), seed, val_fraction, test_fraction)
     for record in tqdm(records, desc="emoji images", unit="img"):
         image = _on_white(pngs[record["image_id"]], size)
@@ -338,13 +347,13 @@ def _read_idx(path: Path, magic: int, header: int) -> tuple[np.ndarray, tuple[in
     """Payload (uint8) and dimensions of a gzipped IDX file after checking its magic."""
     data = gzip.decompress(path.read_bytes())
     if len(data) < header:
-        raise ValueError(f"{path}: truncated IDX header")
+        raise InputError(f"{path}: truncated IDX header")
     dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=header // 4))
     if dims[0] != magic:
-        raise ValueError(f"{path}: bad IDX magic number {dims[0]} (expected {magic})")
+        raise InputError(f"{path}: bad IDX magic number {dims[0]} (expected {magic})")
     payload = np.frombuffer(data, dtype=np.uint8, offset=header)
     if payload.size != int(np.prod(dims[1:])):
-        raise ValueError(f"{path}: expected {int(np.prod(dims[1:]))} bytes, got {payload.size}")
+        raise InputError(f"{path}: expected {int(np.prod(dims[1:]))} bytes, got {payload.size}")
     return payload, dims[1:]
 
 
@@ -353,7 +362,7 @@ def read_fashion_mnist(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 28, 28) uint8 and labels (N,) of a Fashion-MNIST split."""
     if split not in ("train", "test"):
-        raise ValueError(f"unknown Fashion-MNIST split {split!r}; expected 'train' or 'test'")
+        raise ConfigError(f"unknown Fashion-MNIST split {split!r}; expected 'train' or 'test'")
     prefix = "t10k" if split == "test" else "train"
     source = Path(source_dir)
     files = source / f"{prefix}-images-idx3-ubyte.gz", source / f"{prefix}-labels-idx1-ubyte.gz"
@@ -366,9 +375,9 @@ def read_fashion_mnist(
     pixels, (n, rows, cols) = _read_idx(files[0], 2051, 16)
     labels, (n_labels,) = _read_idx(files[1], 2049, 8)
     if n != n_labels:
-        raise ValueError(f"{source}: {n} images but {n_labels} labels")
+        raise InputError(f"{source}: {n} images but {n_labels} labels")
     if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
-        raise ValueError(f"{files[1]}: label {labels.max()} out of range")
+        raise InputError(f"{files[1]}: label {labels.max()} out of range")
     return pixels.reshape(n, rows, cols), labels
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from xmodal.errors import BadRowError
+from xmodal.errors import BadRowError, ConfigError, InputError, MissingFileError
 from xmodal.processing import caption_problem
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -476,13 +476,13 @@ def detect_format(path: Path) -> str:
             return "folder"
         if any(path.glob("*.tar")):
             return "tar"
-        raise ValueError(
+        raise InputError(
             f"{path}: directory has no {'/'.join(CAPTION_FILES)} file and no *.tar shards"
         )
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".csv", ".json", ".tar"):
         return suffix[1:]
-    raise ValueError(f"{path}: cannot detect the dataset format from suffix {suffix!r}")
+    raise InputError(f"{path}: cannot detect the dataset format from suffix {suffix!r}")
 
 
 def _rows(path: Path, fmt: str, split: str | None, image_root: str | Path | None) -> Iterable[Row]:
@@ -490,7 +490,7 @@ def _rows(path: Path, fmt: str, split: str | None, image_root: str | Path | None
     if fmt in ("json", "coco", "karpathy"):
         return _json_rows(path, fmt, split, image_root)
     if split is not None:
-        raise ValueError("split= is only supported for Karpathy JSON files")
+        raise ConfigError("split= is only supported for Karpathy JSON files")
     base = path if path.is_dir() else path.parent
     if fmt == "jsonl":
         return _jsonl_rows(path, base)
@@ -512,7 +512,7 @@ def _json_rows(
     root = path.parent / image_root if image_root is not None else path.parent
     if kind == "coco":
         if split is not None:
-            raise ValueError("split= is only supported for Karpathy JSON files")
+            raise ConfigError("split= is only supported for Karpathy JSON files")
         return _coco_rows(data, path, root)
     return _karpathy_rows(data, path, root, split)
 
@@ -523,7 +523,7 @@ def _folder_rows(folder: Path) -> Iterator[Row]:
         if captions.is_file():
             reader = {"jsonl": _jsonl_rows, "csv": _csv_rows, "txt": _txt_rows}
             return reader[name.rsplit(".", 1)[1]](captions, folder)
-    raise FileNotFoundError(f"{folder}: no {'/'.join(CAPTION_FILES)} file")
+    raise MissingFileError(f"{folder}: no {'/'.join(CAPTION_FILES)} file")
 
 
 def load_dataset(
@@ -541,12 +541,12 @@ def load_dataset(
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"dataset not found: {path}")
+        raise MissingFileError(f"dataset not found: {path}")
     fmt = format or detect_format(path)
     if fmt == "webdataset":
         fmt = "tar"
     if fmt not in FORMATS:
-        raise ValueError(f"unknown dataset format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown dataset format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if split is not None and split not in KARPATHY_SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(KARPATHY_SPLITS)}")
+        raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(KARPATHY_SPLITS)}")
     return _collect(_rows(path, fmt, split, image_root), path.name, skip_bad, str(path))

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from xmodal.atomic import atomic_path, atomic_write_text
+from xmodal.atomic import atomic_path, atomic_write_text, make_dir
+from xmodal.errors import MissingFileError, ModelLoadError
 from xmodal.models.identity import state_dict_sha256
 from xmodal.models.model import CrossModalModel
 from xmodal.processing import MultimodalProcessor
@@ -95,7 +96,7 @@ def export_onnx(
 ) -> dict[str, Any]:
     """Write ``image_tower.onnx``, ``text_tower.onnx`` and ``onnx.json`` into ``out``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     model = model.eval().float().cpu()
     inputs = sample_inputs(processor)
     with torch.no_grad():
@@ -147,8 +148,11 @@ def load_meta(directory: str | Path) -> dict[str, Any]:
     """The ``onnx.json`` of an export directory."""
     path = Path(directory) / META_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not an ONNX export (no {META_NAME})")
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    if meta.get("format") != META_FORMAT:
-        raise ValueError(f"{path}: not an xmodal ONNX export ({META_FORMAT})")
+        raise MissingFileError(f"{directory} is not an ONNX export (no {META_NAME})")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # bad UTF-8 or JSON
+        raise ModelLoadError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise ModelLoadError(f"{path}: not an xmodal ONNX export ({META_FORMAT})")
     return meta

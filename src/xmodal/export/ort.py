@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xmodal.errors import IncompatibleError
+from xmodal.errors import IncompatibleError, MissingDependencyError
 from xmodal.export.onnx import load_meta, sample_inputs, tower_hashes
 from xmodal.models.model import CrossModalModel
 from xmodal.models.towers import TowerOutput
@@ -24,7 +24,7 @@ def _session(path: Path, threads: int | None):
     try:
         import onnxruntime as ort
     except ImportError as exc:
-        raise ImportError("the onnx backend needs `pip install xmodal[onnx]`") from exc
+        raise MissingDependencyError("the onnx backend needs `pip install 'xmodal[onnx]'`") from exc
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:

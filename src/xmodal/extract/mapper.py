@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xmodal.errors import ConfigError
 from xmodal.models.inference import has_conv, inference_copy
 from xmodal.models.model import CrossModalModel
 from xmodal.runtime import reuse_freed_memory
@@ -68,13 +69,13 @@ class MapperOptions:
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.backend == "onnx" and not self.onnx_dir:
-            raise ValueError("the onnx backend needs onnx_dir (from `xmodal export-onnx`)")
+            raise ConfigError("the onnx backend needs onnx_dir (from `xmodal export-onnx`)")
         if self.device.split(":")[0] not in DEVICES:
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,14 +85,14 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
     return torch.device(name)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device``, or None for plain fp32."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     from xmodal.runtime import pick_autocast
 
     return pick_autocast(precision, device)

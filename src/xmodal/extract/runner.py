@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from xmodal import distributed
+from xmodal.atomic import make_dir
 from xmodal.data.datasets import load_dataset
 from xmodal.data.refs import location
 from xmodal.distributed import World
@@ -149,7 +150,7 @@ def _resume_state(
         errors = fold_errors(errors, parts, keep)
     distributed.barrier()
     if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(out)
         remove_stale_temporaries(out)
         if parts:
             save_errors(out, errors)

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xmodal.atomic import atomic_path, atomic_write_text
+from xmodal.errors import ExtractError, IndexBuildError
 
 MANIFEST_NAME = "manifest.json"
 ERRORS_NAME = "errors.jsonl"
@@ -41,7 +42,7 @@ def write_shard(
 ) -> None:
     """Write one shard: ``id``, ``source``, ``embedding`` (fixed_size_list[D]) and extra columns."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        raise ExtractError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     rows, dim = embeddings.shape
     if not len(ids) == len(sources) == rows:
         raise ValueError(f"{path}: {len(ids)} ids, {len(sources)} sources, {rows} embeddings")
@@ -71,7 +72,7 @@ def read_shard(path: str | Path) -> Shard:
     table = pq.read_table(str(path))
     missing = {"id", "source", "embedding"} - set(table.column_names)
     if missing:
-        raise ValueError(f"{path}: not an embedding shard (no column(s) {sorted(missing)})")
+        raise IndexBuildError(f"{path}: not an embedding shard (no column(s) {sorted(missing)})")
     embedding = table.column("embedding").combine_chunks()
     dim = embedding.type.list_size
     flat = embedding.flatten().to_numpy(zero_copy_only=False)
@@ -103,9 +104,9 @@ def load_manifest(directory: str | Path) -> dict[str, Any] | None:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise IndexBuildError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path}: not an xmodal embeddings manifest ({MANIFEST_FORMAT})")
+        raise IndexBuildError(f"{path}: not an xmodal embeddings manifest ({MANIFEST_FORMAT})")
     return manifest
 
 

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from xmodal.errors import ConfigError
+
 _WRAPPED = "_xmodal_checkpointed"
 
 
@@ -90,5 +92,5 @@ def set_hf_checkpointing(model: nn.Module, enabled: bool) -> None:
         return
     blocks = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)), None)
     if blocks is None:
-        raise ValueError(f"{type(model).__name__}: no block list to checkpoint")
+        raise ConfigError(f"{type(model).__name__}: no block list to checkpoint")
     checkpoint_modules(blocks, enabled)

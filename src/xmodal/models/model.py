@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from xmodal.atomic import atomic_path, atomic_write_text
+from xmodal.atomic import atomic_path, atomic_write_text, make_dir
 from xmodal.config import ConfigError, ModelConfig, from_dict, load_json_config, to_dict
+from xmodal.errors import MissingFileError, ModelLoadError, XmodalError
 from xmodal.models.fusion import CrossAttentionFusion, PooledFusion
 from xmodal.models.image import build_image_tower
 from xmodal.models.text import HFTextTower
@@ -193,7 +195,7 @@ class CrossModalModel(nn.Module):
     def save_pretrained(self, directory: str | Path, processor=None) -> None:
         """Write ``config.json`` + ``model.safetensors`` (+ the processor) into ``directory``."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dir(directory)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt", "library": "xmodal"})
@@ -210,22 +212,22 @@ class CrossModalModel(nn.Module):
         config.text.pretrained = False
         try:
             model = cls(config)
-        except (ConfigError, ImportError):
+        except (XmodalError, ImportError):
             raise
         except Exception as exc:  # noqa: BLE001 - a tower library rejecting the architecture
             raise ConfigError(
                 f"{Path(directory) / CONFIG_NAME}: cannot build the model it describes "
                 f"({type(exc).__name__}: {str(exc)[:300]})"
             ) from exc
-        state = load_file(str(Path(directory) / WEIGHTS_NAME), device=map_location)
+        state = load_safetensors(Path(directory) / WEIGHTS_NAME, map_location)
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as exc:  # tensor shapes differ from the config's
-            raise ValueError(
+            raise ModelLoadError(
                 f"{directory}: weights do not match the config ({str(exc)[:300]})"
             ) from exc
         if missing or unexpected:
-            raise ValueError(
+            raise ModelLoadError(
                 f"{directory}: weights do not match the config (missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]})"
             )
@@ -237,10 +239,10 @@ def load_model_config(directory: str | Path) -> ModelConfig:
     directory = Path(directory)
     path = directory / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a model directory: no {CONFIG_NAME}")
+        raise MissingFileError(f"{directory} is not a model directory: no {CONFIG_NAME}")
     refuse_pickle_payloads(directory)
     if not (directory / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{directory}: no {WEIGHTS_NAME} (weights load only from safetensors)"
         )
     data = load_json_config(path, "the model config")
@@ -250,13 +252,21 @@ def load_model_config(directory: str | Path) -> ModelConfig:
         raise ConfigError(f"{path}: {err}") from None
 
 
+def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; ModelLoadError naming it when it is not readable."""
+    try:
+        return load_file(str(path), device=device)
+    except (OSError, SafetensorError) as err:
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({err})") from err
+
+
 def refuse_pickle_payloads(directory: str | Path) -> None:
     """Refuse a model directory carrying pickle files (``pytorch_model.bin``, ``*.pt``, ...):
     unpickling can run arbitrary code, and xmodal loads weights only from safetensors."""
     directory = Path(directory)
     for file in sorted(directory.rglob("*")):
         if file.suffix.lower() in PICKLE_SUFFIXES:
-            raise ValueError(
+            raise ModelLoadError(
                 f"refusing model directory {directory}: {file.relative_to(directory)} is a "
                 f"pickle payload; xmodal loads weights only from safetensors ({WEIGHTS_NAME}). "
                 "Remove the file or convert it to safetensors."

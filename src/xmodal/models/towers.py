@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from xmodal.errors import MissingFileError, ModelLoadError
+
 
 @dataclass
 class TowerOutput:
@@ -32,7 +34,7 @@ def resolve_package_path(package: str) -> str:
         return str(module.get_model_path())
     folder = Path(module.__file__).parent / "model"
     if not folder.is_dir():
-        raise FileNotFoundError(f"package {package!r} has no get_model_path() nor model/ folder")
+        raise ModelLoadError(f"package {package!r} has no get_model_path() nor model/ folder")
     return str(folder)
 
 
@@ -47,13 +49,18 @@ def load_hf_backbone(
     from transformers import AutoConfig, AutoModel
 
     local = Path(name_or_path).is_dir()
-    if pretrained:  # safetensors only: pickled weights (pytorch_model.bin) are never loaded
-        return AutoModel.from_pretrained(name_or_path, local_files_only=local, use_safetensors=True)
-    if hf_config is not None:
-        kwargs = dict(hf_config)
-        config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    else:
-        config = AutoConfig.from_pretrained(name_or_path, local_files_only=local)
+    try:
+        if pretrained:  # safetensors only: pickled weights (pytorch_model.bin) are never loaded
+            return AutoModel.from_pretrained(
+                name_or_path, local_files_only=local, use_safetensors=True
+            )
+        if hf_config is not None:
+            kwargs = dict(hf_config)
+            config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+        else:
+            config = AutoConfig.from_pretrained(name_or_path, local_files_only=local)
+    except OSError as err:  # transformers: no such folder / hub name, or no safetensors weights
+        raise MissingFileError(f"cannot load tower {name_or_path!r}: {err}") from err
     return AutoModel.from_config(config)
 
 

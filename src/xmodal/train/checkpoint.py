@@ -19,10 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from xmodal.atomic import atomic_dir, atomic_write_text
-from xmodal.models.model import WEIGHTS_NAME, CrossModalModel, refuse_pickle_payloads
+from xmodal.errors import IncompatibleError
+from xmodal.models.model import (
+    WEIGHTS_NAME,
+    CrossModalModel,
+    load_safetensors,
+    refuse_pickle_payloads,
+)
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
@@ -106,17 +112,19 @@ def load_checkpoint(
     """
     path = Path(path)
     refuse_pickle_payloads(path)
-    weights = load_file(str(path / WEIGHTS_NAME))
+    weights = load_safetensors(path / WEIGHTS_NAME)
     model.load_state_dict(weights)
     state = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
-    tensors = load_file(str(path / STATE_TENSORS))
+    tensors = load_safetensors(path / STATE_TENSORS)
     optimizer.load_state_dict(_optimizer_from_flat(tensors, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     if rank:
         prefix = f"rank{rank}."
         python_state = state.get("python_random_ranks", {}).get(str(rank))
         if python_state is None:
-            raise ValueError(f"{path} holds no RNG state for rank {rank}: written by fewer ranks")
+            raise IncompatibleError(
+                f"{path} holds no RNG state for rank {rank}: written by fewer ranks"
+            )
         tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     else:
         python_state = state["python_random"]

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from xmodal import distributed
-from xmodal.atomic import atomic_write_text
+from xmodal.atomic import atomic_write_text, make_dir
 from xmodal.config import ConfigError
 from xmodal.data import ImageTextDataset, load_dataset
 from xmodal.evaluate.runner import _worker_init, evaluate_model, image_tower_outputs
@@ -253,7 +253,7 @@ class Trainer:
         cfg = self.config
         main = self.world.is_main
         if main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            make_dir(self.out_dir)
         progress = TrainProgress()
         if resume:
             progress = self._resume(progress)
