@@ -13,16 +13,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from xmodal.atomic import atomic_path, atomic_write_text, make_dir
-from xmodal.errors import IndexBuildError, InputError, MissingFileError
+from xmodal.errors import IndexBuildError, InputError, MissingDependencyError, MissingFileError
 from xmodal.extract.writer import KINDS, load_manifest, now, read_shard
 from xmodal.models.identity import ModelIdentity, check_compatible
+
+try:
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+except ImportError as exc:  # an optional extra, needed only to build or search an index
+    raise MissingDependencyError(
+        f"FAISS indexes need faiss-cpu and pyarrow ({exc}): pip install 'xmodal[index]'"
+    ) from exc
 
 INDEX_JSON = "index.json"
 INDEX_FORMAT = "xmodal.index/1"

@@ -9,11 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from xmodal.atomic import atomic_path, atomic_write_text
-from xmodal.errors import ExtractError, IndexBuildError
+from xmodal.errors import ExtractError, IndexBuildError, MissingDependencyError
+
+try:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+except ImportError as exc:  # an optional extra: embedding in Python works without it
+    raise MissingDependencyError(
+        f"Parquet embedding shards need pyarrow ({exc}): pip install 'xmodal[index]'"
+    ) from exc
 
 MANIFEST_NAME = "manifest.json"
 ERRORS_NAME = "errors.jsonl"
