@@ -155,7 +155,7 @@ def full_extract(model_dir, data, out, kind, args) -> tuple[float, float]:
         model_dir,
         data,
         out,
-        what=kind,
+        modality=kind,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
         progress=False,
@@ -164,7 +164,7 @@ def full_extract(model_dir, data, out, kind, args) -> tuple[float, float]:
         options=options(args),
     )
     total = time.perf_counter() - start
-    shards = manifest["kinds"][kind]["shards"]
+    shards = manifest["modalities"][kind]["shards"]
     steady_items = sum(s["rows"] for s in shards[1:])
     steady = rate(steady_items, stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
     return steady, total

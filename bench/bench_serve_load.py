@@ -269,7 +269,7 @@ def build_tiny_setup(root: Path, model: str | None) -> tuple[Path, str]:
         (data / f"img{i}.jpg").write_bytes(jpeg_bytes(100 + i, (160, 120)))
         rows.append({"image": f"img{i}.jpg", "caption": f"picture {i}", "image_id": f"img{i}"})
     (data / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    extract(model, data, root / "emb", what="images", workers=0, progress=False)
+    extract(model, data, root / "emb", modality="images", workers=0, progress=False)
     build_index(root / "emb", root / "index")
     return root / "index", model
 

@@ -339,7 +339,7 @@ def test_extract_records_every_bad_input_and_keeps_every_good_one(
     assert sorted(e["id"] for e in errors) == sorted(UNDECODABLE)
     for record in errors:
         assert EXPECTED[record["id"]] in record["reason"], record
-        assert record["kind"] == "images" and record["source"].endswith(record["id"])
+        assert record["modality"] == "images" and record["source"].endswith(record["id"])
     texts = read_all(out, "texts")
     assert len(texts["ids"]) == fates.count("kept") == len(set(texts["ids"]))
     assert np.isfinite(texts["embeddings"]).all() and np.isfinite(images["embeddings"]).all()
@@ -347,8 +347,8 @@ def test_extract_records_every_bad_input_and_keeps_every_good_one(
     assert len(skipped) == fates.count("skipped") and skipped[0].startswith("rows.jsonl:4:")
     manifest = load_manifest(out)
     assert manifest["skipped_rows"] == len(skipped)
-    assert manifest["kinds"]["images"]["failed"] == len(UNDECODABLE)
-    assert manifest["kinds"]["images"]["rows"] == len(DECODABLE)
+    assert manifest["modalities"]["images"]["failed"] == len(UNDECODABLE)
+    assert manifest["modalities"]["images"]["rows"] == len(DECODABLE)
 
 
 # ------------------------------------------------------------------------------ HTTP API
@@ -360,7 +360,7 @@ def client(tmp_path_factory, corpus, tiny_model: Path):
     (root / "data").mkdir()
     rows = [{"image": str(corpus[n]), "caption": f"picture {n}", "image_id": n} for n in DECODABLE]
     (root / "data" / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    extract(tiny_model, root / "data" / "rows.jsonl", root / "emb", what="images", workers=0,
+    extract(tiny_model, root / "data" / "rows.jsonl", root / "emb", modality="images", workers=0,
             progress=False)  # fmt: skip
     build_index(root / "emb", root / "idx")
     model = CrossModalModel.from_pretrained(tiny_model)
@@ -462,7 +462,7 @@ def test_huge_search_parameters_are_clamped(tmp_path: Path) -> None:
     like = {"format": MANIFEST_FORMAT, "model": {"id": "x", "weights_hash": "0" * 64},
             "processor_hash": "0" * 16, "created": "2024-01-01T00:00:00+00:00"}  # fmt: skip
     build_index(write_fake_shards(tmp_path / "emb", vectors, like), tmp_path / "hnsw",
-                kind="hnsw", what="texts")  # fmt: skip
+                kind="hnsw", modality="texts")  # fmt: skip
     index = SearchIndex(tmp_path / "hnsw")
     for params in ({"ef_search": 10**30}, {"ef_search": 2**31}, {"nprobe": 10**30}):
         found = index.search(vectors[:3], k=1, **params)  # was OverflowError: HTTP 500

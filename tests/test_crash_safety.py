@@ -245,7 +245,7 @@ def test_index_build_killed_and_rerun_loads_and_answers(tmp_path: Path) -> None:
     }
     shards = write_fake_shards(tmp_path / "emb", vectors, like)
     out = tmp_path / "index"
-    command = cli("index", "--shards", shards, "--out", out, "--kind", "ivf", "--what", "texts")
+    command = cli("index", "--shards", shards, "--out", out, "--kind", "ivf", "--modality", "texts")
 
     def answers(directory: Path) -> None:
         index = SearchIndex(directory)

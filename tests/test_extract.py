@@ -86,7 +86,7 @@ def test_extract_rows_embeddings_manifest_and_errors(setup, tmp_path: Path) -> N
     assert manifest["model"]["weights_hash"] == file_sha256(setup["model"] / "model.safetensors")
     assert manifest["processor_hash"] == processor.config_hash
     assert (manifest["dim"], manifest["dtype"], manifest["normalised"]) == (32, "float32", True)
-    images, texts = manifest["kinds"]["images"], manifest["kinds"]["texts"]
+    images, texts = manifest["modalities"]["images"], manifest["modalities"]["texts"]
     # 11 unique images (the broken one at position 5) in shards of 4: 4 + 3 + 3 rows
     assert [s["rows"] for s in images["shards"]] == [4, 3, 3]
     assert [s["failed"] for s in images["shards"]] == [0, 1, 0]
@@ -126,11 +126,11 @@ def test_extract_rows_embeddings_manifest_and_errors(setup, tmp_path: Path) -> N
 def test_float16_shards(setup, tmp_path: Path) -> None:
     out32, out16 = tmp_path / "f32", tmp_path / "f16"
     for out, dtype in ((out32, "float32"), (out16, "float16")):
-        extract(setup["model"], setup["data"], out, what="texts", dtype=dtype, progress=False)
+        extract(setup["model"], setup["data"], out, modality="texts", dtype=dtype, progress=False)
     schema = pq.read_schema(out16 / "texts-00000.parquet")
     assert str(schema.field("embedding").type) == "fixed_size_list<element: halffloat>[32]"
     assert load_manifest(out16)["dtype"] == "float16"
-    assert "images" not in load_manifest(out16)["kinds"]
+    assert "images" not in load_manifest(out16)["modalities"]
     half, full = read_all(out16, "texts"), read_all(out32, "texts")
     assert half["embeddings"].dtype == np.float32
     np.testing.assert_allclose(half["embeddings"], full["embeddings"], atol=2e-3)
@@ -150,7 +150,7 @@ def test_resume_after_kill_matches_uninterrupted_run(setup, tmp_path: Path) -> N
 
     with pytest.raises(Killed):
         extract(setup["model"], setup["data"], resumed, on_shard=kill_after_first, **options)
-    assert load_manifest(resumed)["kinds"]["images"]["rows"] == 3
+    assert load_manifest(resumed)["modalities"]["images"]["rows"] == 3
     assert sorted(p.name for p in resumed.glob("*.parquet")) == ["images-00000.parquet"]
     # a torn file under the next shard's name (not in the manifest) must be redone
     (resumed / "images-00001.parquet").write_bytes(b"PAR1 torn")
@@ -177,12 +177,12 @@ def test_resume_after_kill_matches_uninterrupted_run(setup, tmp_path: Path) -> N
 
 def test_extract_refuses_another_model_or_settings(setup, tmp_path: Path, capsys) -> None:
     out = tmp_path / "emb"
-    extract(setup["model"], setup["data"], out, what="texts", progress=False)
+    extract(setup["model"], setup["data"], out, modality="texts", progress=False)
     other = save_tiny_model(tmp_path / "other", setup["processor"], seed=1)
     with pytest.raises(IncompatibleError, match="model weights hash"):
-        extract(other, setup["data"], out, what="texts", progress=False)
+        extract(other, setup["data"], out, modality="texts", progress=False)
     with pytest.raises(ExtractError, match="shard_size=10000"):
-        extract(setup["model"], setup["data"], out, what="texts", shard_size=5, progress=False)
+        extract(setup["model"], setup["data"], out, modality="texts", shard_size=5, progress=False)
     code = main(["extract", "--model", str(other), "--data", str(setup["data"]), "--out", str(out)])
     assert code == 2
     message = capsys.readouterr().err

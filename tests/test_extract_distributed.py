@@ -30,7 +30,7 @@ def setup(tmp_path_factory, minilm_tokenizer, minilm_path) -> dict:
 
 
 def shard_records(out: Path) -> dict[str, list[dict]]:
-    kinds = load_manifest(out)["kinds"]
+    kinds = load_manifest(out)["modalities"]
     return {kind: record["shards"] for kind, record in kinds.items()}
 
 

@@ -54,7 +54,9 @@ def write_fake_shards(
         "dtype": "float32",
         "normalised": True,
         "shard_size": shard_size,
-        "kinds": {"texts": {"items": len(vectors), "num_shards": len(shards), "shards": shards}},
+        "modalities": {
+            "texts": {"items": len(vectors), "num_shards": len(shards), "shards": shards}
+        },
     }
     save_manifest(out, manifest)
     return out
@@ -74,8 +76,8 @@ def setup(tmp_path_factory, minilm_tokenizer, minilm_path):
 def test_flat_search_finds_own_image_and_caption(setup, tmp_path: Path, capsys) -> None:
     images, texts = tmp_path / "images", tmp_path / "texts"
     info = build_index(setup["shards"], images)
-    build_index(setup["shards"], texts, what="texts")
-    assert (info["kind"], info["count"], info["what"]) == ("flat", 10, "images")
+    build_index(setup["shards"], texts, modality="texts")
+    assert (info["kind"], info["count"], info["modality"]) == ("flat", 10, "images")
     assert [s["file"] for s in info["shards"]] == ["images-00000.parquet", "images-00001.parquet"]
     manifest = load_manifest(setup["shards"])
     assert info["model"] == manifest["model"]
@@ -102,7 +104,7 @@ def test_flat_search_finds_own_image_and_caption(setup, tmp_path: Path, capsys) 
 def test_ivf_on_random_vectors_finds_each_vector(setup, tmp_path: Path) -> None:
     vectors = random_vectors(3000)
     shards = write_fake_shards(tmp_path / "emb", vectors, load_manifest(setup["shards"]))
-    info = build_index(shards, tmp_path / "ivf", kind="ivf", what="texts")
+    info = build_index(shards, tmp_path / "ivf", kind="ivf", modality="texts")
     params = info["params"]
     assert info["kind"] == "ivf" and params["nlist"] == 3000 // 39
     assert 1 <= params["nprobe"] <= params["nlist"] and params["recall_at_10"] >= 0.95
@@ -150,7 +152,7 @@ def test_add_new_shards_and_refuse_other_models(setup, tmp_path: Path) -> None:
     second = write_fake_shards(tmp_path / "b", vectors[1000:], like, shard_size=500, prefix="b")
     out = tmp_path / "idx"
     assert main(["index", "--shards", str(first), "--out", str(out), "--what", "texts"]) == 0
-    info = build_index(second, out, what="texts", add=True)
+    info = build_index(second, out, modality="texts", add=True)
     assert info["count"] == 1500 and info["generation"] == 2
     assert [Path(s["dir"]).name for s in info["shards"]] == ["a", "a", "b"]
     assert sorted(p.name for p in out.iterdir()) == [
@@ -158,7 +160,7 @@ def test_add_new_shards_and_refuse_other_models(setup, tmp_path: Path) -> None:
         "index-00002.faiss",
         "index.json",
     ]
-    assert build_index(second, out, what="texts", add=True)["count"] == 1500  # nothing new
+    assert build_index(second, out, modality="texts", add=True)["count"] == 1500  # nothing new
     loaded = SearchIndex(out)
     assert loaded.ids[999:1001] == ["a999", "b0"]
     assert loaded.search(vectors[1200], 1)[0][0][0] == 1200
@@ -166,7 +168,7 @@ def test_add_new_shards_and_refuse_other_models(setup, tmp_path: Path) -> None:
     other = dict(like, model={"id": "other", "weights_hash": "f" * 64})
     foreign = write_fake_shards(tmp_path / "c", random_vectors(10, seed=4), other, prefix="c")
     with pytest.raises(IncompatibleError) as caught:
-        build_index(foreign, out, what="texts", add=True)
+        build_index(foreign, out, modality="texts", add=True)
     assert like["model"]["weights_hash"][:16] in str(caught.value)
     assert "f" * 16 in str(caught.value)
     assert SearchIndex(out).count == 1500
@@ -203,7 +205,9 @@ def test_rerank_orders_by_itm_plus_similarity(setup, tmp_path: Path) -> None:
 
 def test_index_reads_float16_shards_normalised(setup, tmp_path: Path) -> None:
     shards = tmp_path / "f16"
-    extract(setup["model"], setup["data"], shards, what="images", dtype="float16", progress=False)
+    extract(
+        setup["model"], setup["data"], shards, modality="images", dtype="float16", progress=False
+    )
     build_index(shards, tmp_path / "idx")
     loaded = SearchIndex(tmp_path / "idx")
     own = read_shard(shards / "images-00000.parquet").embeddings[2]

@@ -341,7 +341,9 @@ def test_extract_command_accepts_the_speed_options(monkeypatch):
     from xmodal.commands import extract as command
 
     seen = {}
-    monkeypatch.setattr("xmodal.extract.extract", lambda *a, **k: seen.update(k) or {"kinds": {}})
+    monkeypatch.setattr(
+        "xmodal.extract.extract", lambda *a, **k: seen.update(k) or {"modalities": {}}
+    )
     argv = ["extract", "--model", "m", "--data", "d", "--out", "o", "--precision", "bf16"]
     assert cli.main([*argv, "--compile", "--backend", "onnx", "--onnx-dir", "x"]) == 0
     options = seen["options"]

@@ -26,7 +26,7 @@ def setup(tmp_path_factory, minilm_tokenizer, minilm_path):
     root = tmp_path_factory.mktemp("serve")
     model_dir = save_tiny_model(root / "model", tiny_processor(minilm_tokenizer, minilm_path))
     data = make_image_folder(root / "data", broken=False)
-    extract(model_dir, data, root / "emb", what="images", workers=0, progress=False)
+    extract(model_dir, data, root / "emb", modality="images", workers=0, progress=False)
     build_index(root / "emb", root / "idx")
     model = CrossModalModel.from_pretrained(model_dir)
     processor = MultimodalProcessor.from_pretrained(model_dir)
@@ -211,7 +211,7 @@ def test_bad_forms_are_422(setup) -> None:
 def test_per_request_parameters_do_not_leak(setup, tmp_path) -> None:
     like = load_manifest(setup["root"] / "emb")
     shards = write_fake_shards(tmp_path / "emb", random_vectors(3000, seed=5), like)
-    build_index(shards, tmp_path / "ivf", kind="ivf", what="texts")
+    build_index(shards, tmp_path / "ivf", kind="ivf", modality="texts")
     index = SearchIndex(tmp_path / "ivf")
     tuned = index.index.nprobe
     app = create_app(setup["model"], setup["processor"], index, identity=setup["identity"])

@@ -45,7 +45,7 @@ def server(tmp_path: Path, minilm_tokenizer, minilm_path):
     uvicorn = pytest.importorskip("uvicorn")
     model_dir = save_tiny_model(tmp_path / "model", tiny_processor(minilm_tokenizer, minilm_path))
     data = make_image_folder(tmp_path / "data", broken=False)
-    extract(model_dir, data, tmp_path / "emb", what="images", workers=0, progress=False)
+    extract(model_dir, data, tmp_path / "emb", modality="images", workers=0, progress=False)
     build_index(tmp_path / "emb", tmp_path / "idx")
     app = create_app(
         CrossModalModel.from_pretrained(model_dir),

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from xmodal.atomic import atomic_path, atomic_write_text, make_dir
 from xmodal.errors import IndexBuildError, InputError, MissingDependencyError, MissingFileError
-from xmodal.extract.writer import KINDS, load_manifest, now, read_shard
+from xmodal.extract.writer import MODALITIES, load_manifest, now, read_shard
 from xmodal.models.identity import ModelIdentity, check_compatible
 
 try:
@@ -46,38 +46,43 @@ HNSW_EF_CONSTRUCTION = 80
 
 @dataclass
 class Vectors:
-    """Embeddings with their ids and where they came from."""
+    """Embeddings with their ids and where they came from.
+
+    ``locations`` (images: where to load each image from, see :mod:`xmodal.data.refs`) and
+    ``image_ids`` (texts: the image each caption describes) hold one entry per row; the one
+    that does not apply to the modality is all None.
+    """
 
     ids: list[str]
     sources: list[str]
-    extra: list[str | None]  # images: location; texts: image_id
+    locations: list[str | None]
+    image_ids: list[str | None]
     embeddings: np.ndarray  # float32 (N, D), L2-normalised
     shards: list[dict[str, Any]]
 
 
 def load_vectors(
-    shards_dir: str | Path, what: str, skip: frozenset[tuple[str, str]] = frozenset()
+    shards_dir: str | Path, modality: str, skip: frozenset[tuple[str, str]] = frozenset()
 ) -> tuple[dict[str, Any], Vectors]:
-    """The manifest and the ``what`` embeddings of every complete shard not in ``skip``."""
-    if what not in KINDS:
-        raise IndexBuildError(f"what must be one of {KINDS}, got {what!r}")
+    """The manifest and the ``modality`` embeddings of every complete shard not in ``skip``."""
+    if modality not in MODALITIES:
+        raise IndexBuildError(f"modality must be one of {MODALITIES}, got {modality!r}")
     directory = Path(shards_dir).resolve()
     manifest = load_manifest(directory)
     if manifest is None:
         raise MissingFileError(f"{directory}: no manifest.json (not an `xmodal extract` output)")
-    record = manifest["kinds"].get(what)
+    record = manifest["modalities"].get(modality)
     if record is None or not record["shards"]:
-        raise IndexBuildError(
-            f"{directory} has no {what} shards (it has: {sorted(manifest['kinds']) or 'none'})"
-        )
+        held = sorted(manifest["modalities"]) or "none"
+        raise IndexBuildError(f"{directory} has no {modality} shards (it has: {held})")
     ids: list[str] = []
     sources: list[str] = []
-    extra: list[str | None] = []
+    locations: list[str | None] = []
+    image_ids: list[str | None] = []
     parts: list[np.ndarray] = []
     shards = []
-    column = "location" if what == "images" else "image_id"
     entries = [e for e in record["shards"] if (str(directory), e["file"]) not in skip]
-    for entry in tqdm(entries, desc=f"reading {what} shards", unit="shard", leave=False):
+    for entry in tqdm(entries, desc=f"reading {modality} shards", unit="shard", leave=False):
         shard = read_shard(directory / entry["file"])
         if len(shard.ids) != entry["rows"]:
             raise IndexBuildError(
@@ -85,14 +90,16 @@ def load_vectors(
             )
         ids += shard.ids
         sources += shard.sources
-        extra += shard.columns.get(column, [None] * len(shard.ids))
+        none = [None] * len(shard.ids)
+        locations += shard.columns.get("location", none)
+        image_ids += shard.columns.get("image_id", none)
         parts.append(shard.embeddings)
         shards.append({"dir": str(directory), "file": entry["file"], "rows": entry["rows"]})
     dim = manifest["dim"]
     embeddings = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
     if manifest["dtype"] != "float32" and len(embeddings):
         faiss.normalize_L2(embeddings)  # undo float16 rounding of the norms
-    return manifest, Vectors(ids, sources, extra, embeddings, shards)
+    return manifest, Vectors(ids, sources, locations, image_ids, embeddings, shards)
 
 
 # ------------------------------------------------------------------------------- building
@@ -261,6 +268,8 @@ def read_info(directory: str | Path) -> dict[str, Any] | None:
         raise IndexBuildError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT:
         raise IndexBuildError(f"{path}: not an xmodal index description ({INDEX_FORMAT})")
+    if "modality" not in info and "what" in info:  # written before the key was renamed
+        info["modality"] = info.pop("what")
     return info
 
 
@@ -270,12 +279,12 @@ def _write(out: Path, index: faiss.Index, vectors: Vectors, info: dict[str, Any]
     index_file, ids_file = f"index-{generation:05d}.faiss", f"ids-{generation:05d}.parquet"
     with atomic_path(out / index_file) as tmp:
         faiss.write_index(index, str(tmp))
-    column = "location" if info["what"] == "images" else "image_id"
     table = pa.table(
         {
             "id": pa.array(vectors.ids, pa.string()),
             "source": pa.array(vectors.sources, pa.string()),
-            column: pa.array(vectors.extra, pa.string()),
+            "location": pa.array(vectors.locations, pa.string()),
+            "image_id": pa.array(vectors.image_ids, pa.string()),
         }
     )
     with atomic_path(out / ids_file) as tmp:
@@ -292,22 +301,23 @@ def build_index(
     shards: str | Path,
     out: str | Path,
     kind: str = "auto",
-    what: str = "images",
+    modality: str = "images",
     add: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Index the ``what`` shards of ``shards`` into ``out``; ``add`` appends new shards only."""
+    """Index the ``modality`` shards of ``shards`` into ``out`` as a ``kind`` index (auto,
+    flat, ivf or hnsw); ``add`` appends new shards only."""
     out = Path(out)
     if add:
-        return _add(Path(shards), out, what, seed)
-    manifest, vectors = load_vectors(shards, what)
+        return _add(Path(shards), out, modality, seed)
+    manifest, vectors = load_vectors(shards, modality)
     index, params = build_faiss(vectors.embeddings, kind, seed)
     previous = read_info(out) or {}
     info = {
         "format": INDEX_FORMAT,
         "kind": params.pop("kind"),
         "params": params,
-        "what": what,
+        "modality": modality,
         "metric": "inner_product",
         "count": index.ntotal,
         "dim": vectors.embeddings.shape[1],
@@ -322,12 +332,12 @@ def build_index(
     return info
 
 
-def _add(shards: Path, out: Path, what: str, seed: int) -> dict[str, Any]:
+def _add(shards: Path, out: Path, modality: str, seed: int) -> dict[str, Any]:
     info = read_info(out)
     if info is None:
         raise IndexBuildError(f"{out}: no index to add to (build one first, without --add)")
-    if info["what"] != what:
-        raise IndexBuildError(f"{out} indexes {info['what']}, not {what}")
+    if info["modality"] != modality:
+        raise IndexBuildError(f"{out} indexes {info['modality']}, not {modality}")
     manifest = load_manifest(shards)
     if manifest is None:
         raise MissingFileError(f"{shards}: no manifest.json (not an `xmodal extract` output)")
@@ -337,7 +347,7 @@ def _add(shards: Path, out: Path, what: str, seed: int) -> dict[str, Any]:
         f"index {out} vs shards {shards}; not adding",
     )
     included = frozenset((s["dir"], s["file"]) for s in info["shards"])
-    _, new = load_vectors(shards, what, skip=included)
+    _, new = load_vectors(shards, modality, skip=included)
     if not new.ids:
         return info
     current = SearchIndex(out)
@@ -346,12 +356,13 @@ def _add(shards: Path, out: Path, what: str, seed: int) -> dict[str, Any]:
     merged = Vectors(
         current.ids + new.ids,
         current.sources + new.sources,
-        current.extra + new.extra,
+        current.locations + new.locations,
+        current.image_ids + new.image_ids,
         new.embeddings,
         info["shards"] + new.shards,
     )
     if info["kind"] == "ivf":
-        merged.embeddings = _all_embeddings(merged.shards, what)
+        merged.embeddings = _all_embeddings(merged.shards, modality)
         nprobe, recall = tune_ivf(index, merged.embeddings, seed, info["params"]["target_recall"])
         info["params"].update(nprobe=nprobe, recall_at_10=recall)
     info.update(count=index.ntotal, shards=merged.shards, generation=info["generation"] + 1)
@@ -359,14 +370,14 @@ def _add(shards: Path, out: Path, what: str, seed: int) -> dict[str, Any]:
     return info
 
 
-def _all_embeddings(shards: list[dict[str, Any]], what: str) -> np.ndarray:
+def _all_embeddings(shards: list[dict[str, Any]], modality: str) -> np.ndarray:
     """Re-read the embeddings of the listed shards (for re-tuning after an add)."""
     parts = []
     for directory in dict.fromkeys(s["dir"] for s in shards):
         wanted = {s["file"] for s in shards if s["dir"] == directory}
-        every = {e["file"] for e in load_manifest(directory)["kinds"][what]["shards"]}
+        every = {e["file"] for e in load_manifest(directory)["modalities"][modality]["shards"]}
         _, vectors = load_vectors(
-            directory, what, skip=frozenset((directory, f) for f in every - wanted)
+            directory, modality, skip=frozenset((directory, f) for f in every - wanted)
         )
         parts.append(vectors.embeddings)
     return np.concatenate(parts)
@@ -390,8 +401,14 @@ class SearchIndex:
         table = pq.read_table(str(self.directory / info["ids_file"]))
         self.ids: list[str] = table.column("id").to_pylist()
         self.sources: list[str] = table.column("source").to_pylist()
-        column = "location" if info["what"] == "images" else "image_id"
-        self.extra: list[str | None] = table.column(column).to_pylist()
+        none = [None] * len(self.ids)
+        columns = set(table.column_names)  # older ids files hold only the modality's column
+        self.locations: list[str | None] = (
+            table.column("location").to_pylist() if "location" in columns else none
+        )
+        self.image_ids: list[str | None] = (
+            table.column("image_id").to_pylist() if "image_id" in columns else none
+        )
         if not self.index.ntotal == len(self.ids) == info["count"]:
             raise IndexBuildError(
                 f"{self.directory}: index holds {self.index.ntotal} vectors, ids file "
@@ -403,11 +420,13 @@ class SearchIndex:
 
     @property
     def kind(self) -> str:
+        """The index type: flat, ivf or hnsw."""
         return self.info["kind"]
 
     @property
-    def what(self) -> str:
-        return self.info["what"]
+    def modality(self) -> str:
+        """What the index holds: images or texts."""
+        return self.info["modality"]
 
     @property
     def count(self) -> int:

@@ -77,10 +77,11 @@ class Searcher:
         return self._search(self.image_features([image]), k, rerank, False, params)
 
     def _check_rerank(self, rerank: bool, text_query: bool) -> None:
-        if rerank and text_query != (self.index.what == "images"):
+        if rerank and text_query != (self.index.modality == "images"):
             raise InputError(
                 "re-ranking scores (image, caption) pairs: it needs a caption query on an image "
-                f"index or an image query on a caption index (this index holds {self.index.what})"
+                "index or an image query on a caption index "
+                f"(this index holds {self.index.modality})"
             )
 
     def _search(
@@ -107,15 +108,15 @@ class Searcher:
             "source": self.index.sources[position],
             "score": score,
         }
-        if self.index.what == "texts":
-            result["image_id"] = self.index.extra[position]
+        if self.index.modality == "texts":
+            result["image_id"] = self.index.image_ids[position]
         return result
 
     def _itm_scores(self, query: Features, positions: list[int], text_query: bool) -> list[float]:
         """ITM score of the query paired with each indexed item (images loaded from disk)."""
         repeat = torch.zeros(len(positions), dtype=torch.long)
         if text_query:
-            image = self.image_features([image_ref(self.index.extra[p]) for p in positions])
+            image = self.image_features([image_ref(self.index.locations[p]) for p in positions])
             text = query.index(repeat)
         else:
             image = query.index(repeat)

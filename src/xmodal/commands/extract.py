@@ -10,7 +10,12 @@ def add(commands) -> None:
     p.add_argument("--model", required=True, help="model directory or preset name")
     p.add_argument("--data", required=True, help="dataset path (any format load_dataset reads)")
     p.add_argument("--out", required=True, help="output directory for shards + manifest.json")
-    p.add_argument("--what", choices=("images", "texts", "both"), default="both")
+    p.add_argument(
+        "--modality", choices=("images", "texts", "both"), default="both", help="what to embed"
+    )
+    p.add_argument(  # the flag's earlier name, still accepted
+        "--what", dest="modality", choices=("images", "texts", "both"), help=argparse.SUPPRESS
+    )
     p.add_argument("--shard-size", type=int, default=10_000)
     p.add_argument("--dtype", choices=("float16", "float32"), default="float32")
     p.add_argument("--batch-size", type=int, default=64)
@@ -42,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         args.model,
         args.data,
         args.out,
-        what=args.what,
+        modality=args.modality,
         shard_size=args.shard_size,
         dtype=args.dtype,
         batch_size=args.batch_size,
@@ -57,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
             onnx_dir=args.onnx_dir,
         ),
     )
-    for kind, record in manifest["kinds"].items():
+    for modality, record in manifest["modalities"].items():
         print(
-            f"{kind}: {record['rows']} rows in {len(record['shards'])} shards, "
+            f"{modality}: {record['rows']} rows in {len(record['shards'])} shards, "
             f"{record['failed']} failed"
         )
     print(f"wrote {args.out}/manifest.json")

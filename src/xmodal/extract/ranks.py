@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from xmodal.atomic import atomic_write_text
-from xmodal.extract.writer import KINDS
+from xmodal.extract.writer import MODALITIES, upgrade_error_record
 
 PARTS_DIR = ".parts"
 
@@ -28,7 +28,7 @@ def rank_shards(pending: list[int], rank: int, size: int) -> list[int]:
 
 def new_part() -> dict[str, Any]:
     """An empty record of one rank's finished shards and error records."""
-    return {"shards": {kind: [] for kind in KINDS}, "errors": []}
+    return {"shards": {modality: [] for modality in MODALITIES}, "errors": []}
 
 
 def save_part(out: Path, rank: int, part: dict[str, Any]) -> None:
@@ -51,8 +51,8 @@ def remove_parts(out: Path) -> None:
 def fold_shards(manifest: dict[str, Any], parts: list[dict[str, Any]]) -> None:
     """Add the parts' shard entries to the manifest's records (entries already there win)."""
     for part in parts:
-        for kind, entries in part["shards"].items():
-            record = manifest["kinds"].get(kind)
+        for modality, entries in part["shards"].items():
+            record = manifest["modalities"].get(modality)
             if record is None:
                 continue
             known = {e["index"] for e in record["shards"]}
@@ -64,13 +64,13 @@ def fold_errors(
     errors: list[dict[str, Any]], parts: list[dict[str, Any]], keep: set[str] | None = None
 ) -> list[dict[str, Any]]:
     """``errors`` plus the parts' error records (of the shard files in ``keep``, if given),
-    without duplicates, in kind then shard order (the order one process writes them in)."""
+    without duplicates, in modality then shard order (the order one process writes them in)."""
     seen = {(e["shard"], e["id"]) for e in errors}
     merged = list(errors)
     for part in parts:
-        for record in part["errors"]:
+        for record in map(upgrade_error_record, part["errors"]):
             key = (record["shard"], record["id"])
             if key not in seen and (keep is None or record["shard"] in keep):
                 seen.add(key)
                 merged.append(record)
-    return sorted(merged, key=lambda e: (KINDS.index(e["kind"]), e["shard"]))
+    return sorted(merged, key=lambda e: (MODALITIES.index(e["modality"]), e["shard"]))

@@ -46,8 +46,8 @@ from xmodal.extract.reader import (
 )
 from xmodal.extract.writer import (
     DTYPES,
-    KINDS,
     MANIFEST_FORMAT,
+    MODALITIES,
     complete_shards,
     load_errors,
     load_manifest,
@@ -82,7 +82,7 @@ def extract(
     data: str | Path,
     out: str | Path,
     *,
-    what: str = "both",
+    modality: str = "both",
     shard_size: int = 10_000,
     dtype: str = "float32",
     batch_size: int = 64,
@@ -100,7 +100,7 @@ def extract(
     torchrun, shard k is embedded by rank k % world size. ``options`` picks the device,
     precision, backend (torch or ONNX Runtime) and torch.compile (default: fp32 torch on CPU).
     """
-    kinds = _check_options(what, shard_size, dtype, batch_size, workers)
+    modalities = _check_options(modality, shard_size, dtype, batch_size, workers)
     with distributed.process_group("gloo") as world:  # only CPU objects cross ranks
         if workers is None:
             workers = default_workers(options is not None and options.on_gpu())
@@ -111,11 +111,11 @@ def extract(
         mapper = EmbeddingMapper(net, options, processor)
         manifest = _open_manifest(out, identity, mapper.dim, dtype, shard_size, data)
         items = {
-            kind: image_items(dataset) if kind == "images" else text_items(dataset)
-            for kind in kinds
+            modality: image_items(dataset) if modality == "images" else text_items(dataset)
+            for modality in modalities
         }
-        for kind in kinds:
-            _kind_record(manifest, kind, items[kind], out, data)
+        for modality in modalities:
+            _modality_record(manifest, modality, items[modality], out, data)
         done, errors = _resume_state(out, manifest, world)
         manifest["skipped_rows"] = len(dataset.skipped)
         if world.is_main:
@@ -125,8 +125,8 @@ def extract(
         )
         run.world = world
         with torch_threads(model_threads(workers)):
-            for kind in kinds:
-                run.kind(kind, items[kind], set(done[kind]))
+            for modality in modalities:
+                run.embed(modality, items[modality], set(done[modality]))
         if world.distributed:
             return _merge_ranks(out, manifest, run)
         save_manifest(out, manifest)
@@ -136,14 +136,17 @@ def extract(
 def _resume_state(
     out: Path, manifest: dict[str, Any], world: World
 ) -> tuple[dict[str, dict[int, dict[str, Any]]], list[dict[str, Any]]]:
-    """The finished shards per kind (including those a killed distributed run recorded in part
+    """The finished shards per modality (including those a killed distributed run recorded in part
     files) and their error records. Once every rank has read them, rank 0 removes stale
     temporaries and writes the folded state, before any rank writes a shard."""
     parts = load_parts(out)
     fold_shards(manifest, parts)
-    done = {kind: complete_shards(out, record) for kind, record in manifest["kinds"].items()}
-    for kind, record in manifest["kinds"].items():
-        record["shards"] = [done[kind][k] for k in sorted(done[kind])]
+    done = {
+        modality: complete_shards(out, record)
+        for modality, record in manifest["modalities"].items()
+    }
+    for modality, record in manifest["modalities"].items():
+        record["shards"] = [done[modality][k] for k in sorted(done[modality])]
     keep = {e["file"] for d in done.values() for e in d.values()}
     errors = load_errors(out, keep)
     if parts:
@@ -174,10 +177,10 @@ def _merge_ranks(out: Path, manifest: dict[str, Any], run: _Run) -> dict[str, An
 
 
 def _check_options(
-    what: str, shard_size: int, dtype: str, batch_size: int, workers: int | None
+    modality: str, shard_size: int, dtype: str, batch_size: int, workers: int | None
 ) -> tuple[str, ...]:
-    if what not in (*KINDS, "both"):
-        raise ExtractError(f"what must be images, texts or both, got {what!r}")
+    if modality not in (*MODALITIES, "both"):
+        raise ExtractError(f"modality must be images, texts or both, got {modality!r}")
     if dtype not in DTYPES:
         raise ExtractError(f"dtype must be float16 or float32, got {dtype!r}")
     for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
@@ -185,7 +188,7 @@ def _check_options(
             raise ExtractError(f"{name} must be >= 1, got {value}")
     if workers is not None and workers < 0:
         raise ExtractError(f"workers must be >= 0, got {workers}")
-    return KINDS if what == "both" else (what,)
+    return MODALITIES if modality == "both" else (modality,)
 
 
 def _open_manifest(
@@ -204,7 +207,7 @@ def _open_manifest(
             "shard_size": shard_size,
             "data": str(Path(data).resolve()),
             "created": now(),
-            "kinds": {},
+            "modalities": {},
             "total_rows": 0,
         }
     previous = ModelIdentity.from_record(manifest)
@@ -218,13 +221,13 @@ def _open_manifest(
     return manifest
 
 
-def _kind_record(
-    manifest: dict[str, Any], kind: str, items: Sequence[Item], out: Path, data: str | Path
+def _modality_record(
+    manifest: dict[str, Any], modality: str, items: Sequence[Item], out: Path, data: str | Path
 ) -> None:
     fingerprint = items_fingerprint(items)
-    record = manifest["kinds"].get(kind)
+    record = manifest["modalities"].get(modality)
     if record is None:
-        manifest["kinds"][kind] = {
+        manifest["modalities"][modality] = {
             "items": len(items),
             "items_hash": fingerprint,
             "num_shards": math.ceil(len(items) / manifest["shard_size"]),
@@ -232,7 +235,7 @@ def _kind_record(
         }
     elif record["items"] != len(items) or record["items_hash"] != fingerprint:
         raise ExtractError(
-            f"{out} holds {kind} of other data ({record['items']} items, fingerprint "
+            f"{out} holds {modality} of other data ({record['items']} items, fingerprint "
             f"{record['items_hash']}) than {data} ({len(items)} items, fingerprint "
             f"{fingerprint}): use a new --out directory"
         )
@@ -260,7 +263,7 @@ class _ShardBuffer:
 
 
 class _Run:
-    """Embeds the pending shards of one kind after another, writing each when it is complete."""
+    """Embeds the pending shards of one modality after another, writing each when it is complete."""
 
     def __init__(
         self,
@@ -284,15 +287,15 @@ class _Run:
     def _bounds(self, k: int, count: int) -> tuple[int, int]:
         return k * self.size, min(count, (k + 1) * self.size)
 
-    def kind(self, kind: str, items: Sequence[Item], done: set[int]) -> None:
-        num_shards = self.manifest["kinds"][kind]["num_shards"]
+    def embed(self, modality: str, items: Sequence[Item], done: set[int]) -> None:
+        num_shards = self.manifest["modalities"][modality]["num_shards"]
         pending = [k for k in range(num_shards) if k not in done]
         pending = rank_shards(pending, self.world.rank, self.world.size)
         total = sum(end - start for start, end in (self._bounds(k, len(items)) for k in pending))
-        unit = "img" if kind == "images" else "txt"
+        unit = "img" if modality == "images" else "txt"
         quiet = not self.progress or not self.world.is_main
-        with tqdm(total=total, desc=kind, unit=unit, disable=quiet) as bar:
-            if kind == "images":
+        with tqdm(total=total, desc=modality, unit=unit, disable=quiet) as bar:
+            if modality == "images":
                 self._images(items, pending, bar)
             else:
                 self._texts(items, pending, bar)
@@ -342,12 +345,12 @@ class _Run:
                 bar.update(len(batch.positions))
             self._finish("texts", k, items, buffer)
 
-    def _finish(self, kind: str, k: int, items: Sequence[Item], buffer: _ShardBuffer) -> None:
+    def _finish(self, modality: str, k: int, items: Sequence[Item], buffer: _ShardBuffer) -> None:
         """Write shard k, then the error log, then the manifest (in that order, for resuming)."""
-        file = shard_name(kind, k)
+        file = shard_name(modality, k)
         rows = [buffer.start + i for i in np.flatnonzero(buffer.ok)]
         chosen = [items[p] for p in rows]
-        if kind == "images":
+        if modality == "images":
             extra = {"location": [location(item.ref) for item in chosen]}
         else:
             extra = {"image_id": [item.image_id for item in chosen]}
@@ -361,7 +364,7 @@ class _Run:
         )
         failures = [
             {
-                "kind": kind,
+                "modality": modality,
                 "shard": file,
                 "id": items[position].id,
                 "source": items[position].source,
@@ -378,14 +381,14 @@ class _Run:
             "failed": len(buffer.failures),
         }
         if self.world.distributed:  # rank 0 writes the manifest once all ranks are done
-            self.part["shards"][kind].append(entry)
+            self.part["shards"][modality].append(entry)
             self.part["errors"] += failures
             save_part(self.out, self.world.rank, self.part)
         else:
             self.errors += failures
             save_errors(self.out, self.errors)
-            record = self.manifest["kinds"][kind]
+            record = self.manifest["modalities"][modality]
             record["shards"] = sorted([*record["shards"], entry], key=lambda e: e["index"])
             save_manifest(self.out, self.manifest)
         if self.on_shard is not None:
-            self.on_shard(kind, k)
+            self.on_shard(modality, k)

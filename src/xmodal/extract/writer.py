@@ -25,13 +25,13 @@ MANIFEST_NAME = "manifest.json"
 ERRORS_NAME = "errors.jsonl"
 SKIPPED_NAME = "skipped.jsonl"
 MANIFEST_FORMAT = "xmodal.embeddings/1"
-KINDS = ("images", "texts")
+MODALITIES = ("images", "texts")
 DTYPES = ("float16", "float32")
 
 
-def shard_name(kind: str, index: int) -> str:
+def shard_name(modality: str, index: int) -> str:
     """``images-00000.parquet`` for shard 0 of the images."""
-    return f"{kind}-{index:05d}.parquet"
+    return f"{modality}-{index:05d}.parquet"
 
 
 def now() -> str:
@@ -104,6 +104,11 @@ def shard_rows(path: str | Path) -> int | None:
 
 
 def load_manifest(directory: str | Path) -> dict[str, Any] | None:
+    """The ``manifest.json`` of an extraction directory (None when there is none yet).
+
+    Its ``modalities`` maps ``images`` / ``texts`` to their shard records; manifests written
+    before that key was renamed (``kinds``) are read the same way.
+    """
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         return None
@@ -113,23 +118,25 @@ def load_manifest(directory: str | Path) -> dict[str, Any] | None:
         raise IndexBuildError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise IndexBuildError(f"{path}: not an xmodal embeddings manifest ({MANIFEST_FORMAT})")
+    if "modalities" not in manifest and "kinds" in manifest:  # written before the rename
+        manifest["modalities"] = manifest.pop("kinds")
     return manifest
 
 
 def save_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
     """Recount the totals and write ``manifest.json`` atomically."""
-    for record in manifest["kinds"].values():
+    for record in manifest["modalities"].values():
         record["rows"] = sum(s["rows"] for s in record["shards"])
         record["failed"] = sum(s["failed"] for s in record["shards"])
         done = {s["index"] for s in record["shards"]}
         record["complete"] = done == set(range(record["num_shards"]))
-    manifest["total_rows"] = sum(r["rows"] for r in manifest["kinds"].values())
+    manifest["total_rows"] = sum(r["rows"] for r in manifest["modalities"].values())
     manifest["updated"] = now()
     atomic_write_text(Path(directory) / MANIFEST_NAME, json.dumps(manifest, indent=2))
 
 
 def complete_shards(directory: str | Path, record: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """Shard entries of one kind whose file exists and holds the recorded number of rows."""
+    """Shard entries of one modality whose file exists and holds the recorded number of rows."""
     done = {}
     for entry in record["shards"]:
         if shard_rows(Path(directory) / entry["file"]) == entry["rows"]:
@@ -156,10 +163,17 @@ def load_errors(directory: str | Path, keep: set[str]) -> list[dict[str, Any]]:
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
-            record = json.loads(line)
+            record = upgrade_error_record(json.loads(line))
             if record.get("shard") in keep:
                 records.append(record)
     return records
+
+
+def upgrade_error_record(record: dict[str, Any]) -> dict[str, Any]:
+    """An error record with its ``modality`` key (older logs called it ``kind``)."""
+    if "modality" not in record and "kind" in record:
+        record["modality"] = record.pop("kind")
+    return record
 
 
 def save_errors(directory: str | Path, records: list[dict[str, Any]]) -> None:

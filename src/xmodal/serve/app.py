@@ -107,7 +107,7 @@ def create_app(
     limiter = anyio.CapacityLimiter(settings.max_concurrency)
     app = FastAPI(
         title="xmodal search",
-        description=f"Image-text search over {index.count} {index.what} ({index.kind} index).",
+        description=f"Image-text search over {index.count} {index.modality} ({index.kind} index).",
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD)
     app.state.searcher = searcher
@@ -123,7 +123,7 @@ def create_app(
             raise unprocessable(str(err)) from None
 
     def thumbnail(item_id: str) -> str | None:
-        return f"/images/{quote(item_id, safe='')}" if index.what == "images" else None
+        return f"/images/{quote(item_id, safe='')}" if index.modality == "images" else None
 
     @app.get("/", include_in_schema=False)
     def page() -> HTMLResponse:
@@ -134,7 +134,7 @@ def create_app(
     def health() -> Health:
         return Health(
             status="ok",
-            what=index.what,
+            what=index.modality,
             kind=index.kind,
             count=index.count,
             dim=index.dim,
@@ -238,12 +238,12 @@ def create_app(
         response_class=Response,
     )
     def image(image_id: str) -> Response:
-        position = index.position(image_id) if index.what == "images" else None
+        position = index.position(image_id) if index.modality == "images" else None
         if position is None:
             raise HTTPException(
                 status_code=404, detail=f"no image with id {image_id!r} in the index"
             )
-        ref = image_ref(index.extra[position])
+        ref = image_ref(index.locations[position])
         if isinstance(ref, str):
             if not os.path.isfile(ref):
                 raise HTTPException(status_code=404, detail=f"image {image_id!r}: file is gone")
