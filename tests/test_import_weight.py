@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from test_extract import save_tiny_model, tiny_processor
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -24,7 +25,7 @@ BLOCK = textwrap.dedent(
     import json
     import sys
 
-    BLOCKED = {"pyarrow", "faiss"}
+    BLOCKED = set(sys.argv[1:]) or {"pyarrow", "faiss"}
 
     class NotInstalled(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
@@ -37,10 +38,11 @@ BLOCK = textwrap.dedent(
 )
 
 
-def run_blocked(code: str) -> subprocess.CompletedProcess:
+def run_blocked(code: str, *blocked: str) -> subprocess.CompletedProcess:
+    """Run ``code`` where importing ``blocked`` (default: pyarrow and faiss) fails."""
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.run(
-        [sys.executable, "-c", BLOCK + textwrap.dedent(code)],
+        [sys.executable, "-c", BLOCK + textwrap.dedent(code), *blocked],
         capture_output=True,
         text=True,
         env=env,
@@ -128,3 +130,18 @@ def test_a_command_without_the_extra_prints_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("xmodal index: error: ") and proc.stderr.count("\n") == 1
     assert "pip install 'xmodal[index]'" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "blocked", "extra"),
+    [
+        (["serve", "--index", "idx", "--model", "m"], "fastapi", "serve"),
+        (["demo"], "skimage", "demo"),
+    ],
+)
+def test_commands_name_the_extra_they_need(argv, blocked, extra):
+    proc = run_blocked(f"from xmodal.cli import main\nsys.exit(main({argv!r}))", blocked)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"xmodal {argv[0]}: error: ") and "Traceback" not in proc.stderr
+    assert f"pip install 'xmodal[{extra}]'" in last

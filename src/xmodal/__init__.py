@@ -9,6 +9,7 @@ from xmodal.config import (
     ProcessorConfig,
     TextTowerConfig,
 )
+from xmodal.errors import XmodalError
 from xmodal.models import (
     CrossAttentionFusion,
     CrossModalExtractor,
@@ -46,6 +47,7 @@ __all__ = [
     "PooledFusion",
     "ProcessorConfig",
     "TextTowerConfig",
+    "XmodalError",
     "load_image",
     "load_model",
     "losses",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from xmodal.errors import MissingDependencyError
+
 DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "horse", "camera")
 DEMO_CAPTIONS = (
     "a cat lying on a rug",
@@ -20,7 +22,12 @@ DEMO_CAPTIONS = (
 
 def run_demo(preset: str = "offline-default") -> dict:
     """Embed the skimage photos and the demo captions; print shapes, hash and similarity tables."""
-    from skimage import data as skdata
+    try:
+        from skimage import data as skdata
+    except ImportError as err:
+        raise MissingDependencyError(
+            f"the demo photos come from scikit-image ({err}): pip install 'xmodal[demo]'"
+        ) from err
 
     from xmodal.presets import load_model
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from xmodal.errors import MissingDependencyError
+
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+
 
 def add(commands) -> None:
     p = commands.add_parser("export-onnx", help="export the image and text towers to ONNX")
@@ -20,7 +24,12 @@ def run(args: argparse.Namespace) -> int:
     from xmodal.presets import load_model
 
     model, processor = load_model(args.model)
-    meta = export_onnx(model, processor, args.out, str(args.model))
+    try:
+        meta = export_onnx(model, processor, args.out, str(args.model))
+    except ModuleNotFoundError as err:  # torch.onnx needs the onnx packages
+        if err.name is None or err.name.split(".")[0] not in ONNX_PACKAGES:
+            raise
+        raise MissingDependencyError(f"{err}: pip install 'xmodal[onnx]'") from err
     for name, tower in meta["towers"].items():
         print(f"{name} tower -> {args.out}/{tower['file']}")
     if not args.no_check:

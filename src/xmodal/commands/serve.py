@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from xmodal.errors import MissingDependencyError
+
+SERVE_PACKAGES = ("fastapi", "starlette", "pydantic", "uvicorn", "multipart", "python_multipart")
+
 
 def add(commands) -> None:
     p = commands.add_parser("serve", help="serve search over HTTP (API + web page)")
@@ -14,7 +18,12 @@ def add(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xmodal.serve import serve
+    try:
+        from xmodal.serve import serve
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in SERVE_PACKAGES:
+            raise
+        raise MissingDependencyError(f"{err}: pip install 'xmodal[serve]'") from err
 
     serve(args.index, args.model, host=args.host, port=args.port)
     return 0

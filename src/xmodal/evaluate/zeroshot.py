@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from xmodal.errors import ConfigError, InputError
+
 __all__ = ["DEFAULT_TEMPLATES", "build_classifier", "zeroshot_metrics"]
 
 DEFAULT_TEMPLATES: list[str] = [
@@ -36,18 +38,18 @@ def build_classifier(
     """
     names = list(class_names)
     if not names:
-        raise ValueError("class_names must not be empty")
+        raise InputError("class_names must not be empty")
     if any(not isinstance(n, str) or not n.strip() for n in names):
-        raise ValueError("class names must be non-empty strings")
+        raise InputError("class names must be non-empty strings")
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"class names must be unique; duplicated: {dupes}")
+        raise InputError(f"class names must be unique; duplicated: {dupes}")
     temps = list(templates)
     if not temps:
-        raise ValueError("templates must not be empty")
+        raise ConfigError("templates must not be empty")
     bad = [t for t in temps if t.count("{}") != 1]
     if bad:
-        raise ValueError(f"each template must contain exactly one '{{}}'; bad: {bad}")
+        raise ConfigError(f"each template must contain exactly one '{{}}'; bad: {bad}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
 
