@@ -368,7 +368,7 @@ def read_fashion_mnist(
     files = source / f"{prefix}-images-idx3-ubyte.gz", source / f"{prefix}-labels-idx1-ubyte.gz"
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Fashion-MNIST files not found: {', '.join(missing)}; install the Debian package "
             "(apt-get install dataset-fashion-mnist) or pass source_dir="
         )
