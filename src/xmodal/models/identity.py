@@ -61,10 +61,10 @@ def identify(model: nn.Module, processor: Any, ref: str | Path) -> ModelIdentity
     return ModelIdentity(str(ref), state_dict_sha256(model), processor.config_hash)
 
 
-def check_compatible(expected: ModelIdentity, actual: ModelIdentity, what: str) -> None:
+def check_compatible(expected: ModelIdentity, actual: ModelIdentity, context: str) -> None:
     """Raise IncompatibleError naming both hashes when the weights or processor differ.
 
-    ``what`` describes the two sides, e.g. ``"index /x vs model /m"``.
+    ``context`` describes the two sides, e.g. ``"index /x vs model /m"``.
     """
     problems = []
     if expected.weights_hash != actual.weights_hash:
@@ -76,5 +76,5 @@ def check_compatible(expected: ModelIdentity, actual: ModelIdentity, what: str) 
         problems.append(f"processor hash {expected.processor_hash} != {actual.processor_hash}")
     if problems:
         raise IncompatibleError(
-            f"{what}: embeddings from different models cannot be mixed: " + "; ".join(problems)
+            f"{context}: embeddings from different models cannot be mixed: " + "; ".join(problems)
         )
