@@ -108,6 +108,7 @@ class ModelConfig:
     init_logit_scale: float = 1 / 0.07
     max_logit_scale: float = 100.0
     init_siglip_scale: float = 10.0
+    max_siglip_scale: float = 100.0
     init_siglip_bias: float = -10.0
 
     def validate(self) -> None:
@@ -124,6 +125,8 @@ class ModelConfig:
         if self.max_logit_scale < self.init_logit_scale:
             raise ConfigError("max_logit_scale must be >= init_logit_scale")
         _check_positive("init_siglip_scale", self.init_siglip_scale)
+        if self.max_siglip_scale < self.init_siglip_scale:
+            raise ConfigError("max_siglip_scale must be >= init_siglip_scale")
 
 
 @dataclass
