@@ -99,7 +99,13 @@ class FusionConfig:
 
 @dataclass
 class ModelConfig:
-    """The whole model: two towers, a shared embedding space, fusion and the ITM head."""
+    """The whole model: two towers, a shared embedding space, fusion and the ITM head.
+
+    The learned contrastive scales start at ``init_*`` and never exceed ``max_*`` (the forward
+    pass clamps them and the trainer clamps the parameters after each optimiser step): 100 for
+    InfoNCE, CLIP's ceiling, and 100 for SigLIP too (its paper starts the scale at 10;
+    OpenCLIP's training loop clamps every model's logit scale, SigLIP's included, at ln 100).
+    """
 
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
