@@ -24,7 +24,7 @@ from xmodal.index import (
     IVF_MAX_PROBE_FRACTION,
     build_faiss,
     ivf_rejection,
-    recall_at_k,
+    neighbour_recall,
 )
 
 
@@ -98,7 +98,7 @@ def run(kind: str, count: int, args: argparse.Namespace) -> list[dict]:
             queries,
             args.repeats,
         )
-        recall = recall_at_k(found, exact, 10)
+        recall = neighbour_recall(found, exact, 10)
         described = describe(params)
         rows.append(row(count, kind, index_kind, described, built, found_qps, latency, recall))
         print(format_row(rows[-1], qps), flush=True)

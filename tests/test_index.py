@@ -15,7 +15,7 @@ from xmodal import index as index_module
 from xmodal.cli import main
 from xmodal.extract import IncompatibleError, extract, load_manifest, read_shard
 from xmodal.extract.writer import save_manifest, shard_name, write_shard
-from xmodal.index import SearchIndex, build_faiss, build_index, recall_at_k
+from xmodal.index import SearchIndex, build_faiss, build_index, neighbour_recall
 from xmodal.models.model import CrossModalModel
 from xmodal.processing import MultimodalProcessor
 from xmodal.search import search
@@ -114,8 +114,8 @@ def test_ivf_on_random_vectors_finds_each_vector(setup, tmp_path: Path) -> None:
     exact = faiss.knn(queries, vectors, 10, metric=faiss.METRIC_INNER_PRODUCT)[1]
     few = [[p for p, _ in hits] for hits in loaded.search(queries, 10, nprobe=1)]
     every = [[p for p, _ in hits] for hits in loaded.search(queries, 10, nprobe=params["nlist"])]
-    assert recall_at_k(np.array(every), exact) == 1.0
-    assert recall_at_k(np.array(few), exact) < 1.0
+    assert neighbour_recall(np.array(every), exact) == 1.0
+    assert neighbour_recall(np.array(few), exact) < 1.0
     assert loaded.index.nprobe == params["nprobe"]
 
 
@@ -136,10 +136,10 @@ def test_hnsw_index(setup) -> None:
     assert index.hnsw.efSearch == params["efSearch"] >= 16
 
 
-def test_recall_at_k() -> None:
+def test_neighbour_recall() -> None:
     exact = np.array([[0, 1, 2, 3], [4, 5, 6, 7]])
-    assert recall_at_k(exact, exact, 4) == 1.0
-    assert recall_at_k(np.array([[0, 1, 9, 9], [7, 6, -1, -1]]), exact, 4) == 0.5
+    assert neighbour_recall(exact, exact, 4) == 1.0
+    assert neighbour_recall(np.array([[0, 1, 9, 9], [7, 6, -1, -1]]), exact, 4) == 0.5
 
 
 def test_add_new_shards_and_refuse_other_models(setup, tmp_path: Path) -> None:

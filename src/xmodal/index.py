@@ -97,8 +97,9 @@ def ivf_nlist(count: int) -> int:
     return max(1, min(round(4 * math.sqrt(count)), count // 39))
 
 
-def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int = RECALL_K) -> float:
-    """Mean fraction of each row's exact top-k found in the approximate top-k."""
+def neighbour_recall(approx: np.ndarray, exact: np.ndarray, k: int = RECALL_K) -> float:
+    """Mean fraction of each row's exact top-k neighbours found in the approximate top-k (how
+    closely an index matches exact search; not retrieval Recall@K, which is in evaluate)."""
     hits = sum(len(set(a[:k]) & set(e[:k]) - {-1}) for a, e in zip(approx, exact, strict=True))
     return hits / (k * len(exact))
 
@@ -129,7 +130,7 @@ class Tuner:
         if self.k < 1:
             return 1.0
         _, found = index.search(self.queries, self.k + 1, params=params)
-        return recall_at_k(self._drop_self(found), self.exact, self.k)
+        return neighbour_recall(self._drop_self(found), self.exact, self.k)
 
     def smallest(
         self, index: faiss.Index, make: Any, low: int, high: int, target: float = TARGET_RECALL
