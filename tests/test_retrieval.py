@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor
 
 from xmodal.evaluate import (
@@ -369,3 +371,36 @@ def test_rerank_with_duplicated_captions_matches_reference(k: int) -> None:
     m = rerank_metrics(image, text, t2i, _MatrixScorer(oracle), k=k)
     assert m["i2t_R@1"] == pytest.approx(100.0 * (itc[1] < k).double().mean().item())
     assert m["i2t_R@1"] >= 90.0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    owners=st.lists(st.integers(0, 5), min_size=1, max_size=14),
+    values=st.lists(st.integers(-2, 2), min_size=2 * 7 * 3, max_size=2 * 7 * 3),
+    data=st.data(),
+)
+def test_any_ties_match_the_plain_definition(owners, values, data) -> None:
+    """Small integer embeddings (many exact ties, repeated captions): the ranks are the plain
+    counts of wrong candidates scoring at least as high, and a zero ITM scorer changes none."""
+    n_img = max(owners) + 1
+    t2i = torch.tensor(owners)
+    missing = [i for i in range(n_img) if i not in owners]
+    t2i = torch.cat([t2i, torch.tensor(missing, dtype=torch.long)])
+    grid = torch.tensor(values, dtype=torch.float32).view(14, 3)
+    image = grid[:n_img]
+    text = grid[
+        torch.tensor(data.draw(st.lists(st.integers(0, 13), min_size=len(t2i), max_size=len(t2i))))
+    ]
+    sim = (image @ text.T).tolist()
+    owner = t2i.tolist()
+    want_t2i = [
+        sum(1 for i in range(n_img) if i != owner[t] and sim[i][t] >= sim[owner[t]][t])
+        for t in range(len(owner))
+    ]
+    t2i_rank, i2t_rank = retrieval_ranks(image, text, t2i, chunk_size=3)
+    assert t2i_rank.tolist() == want_t2i
+    assert i2t_rank.tolist() == _plain_i2t_ranks(image, text, t2i)
+    zero = _MatrixScorer(torch.zeros(n_img, len(owner)))
+    for k in (1, 2, 5):
+        got = rerank_ranks(image, text, t2i, zero, k=k, chunk_size=4)
+        assert torch.equal(got[0], t2i_rank) and torch.equal(got[1], i2t_rank)
