@@ -87,6 +87,7 @@ def test_wrong_types(cls, data, key) -> None:
         (ModelConfig, {"init_logit_scale": -1.0}, "init_logit_scale"),
         (ModelConfig, {"max_logit_scale": 1.0}, "max_logit_scale"),
         (ModelConfig, {"init_siglip_scale": 0.0}, "init_siglip_scale"),
+        (ModelConfig, {"max_siglip_scale": 5.0}, "max_siglip_scale"),
         (ModelConfig, {"image": {"name": ""}}, "image.name"),
         (ProcessorConfig, {"image_size": -224}, "image_size"),
         (ProcessorConfig, {"image_size": 0}, "image_size"),

@@ -139,7 +139,7 @@ def test_hnsw_index(setup) -> None:
     assert index.hnsw.efSearch == params["efSearch"] >= 16
 
 
-def test_recall_at_k() -> None:
+def test_neighbour_recall() -> None:
     exact = np.array([[0, 1, 2, 3], [4, 5, 6, 7]])
     assert neighbour_recall(exact, exact, 4) == 1.0
     assert neighbour_recall(np.array([[0, 1, 9, 9], [7, 6, -1, -1]]), exact, 4) == 0.5

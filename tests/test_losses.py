@@ -237,3 +237,175 @@ def test_hard_negatives_peaked_picks_argmax() -> None:
     inverse = torch.empty(6, dtype=torch.long)
     inverse[target_text] = torch.arange(6)
     assert neg_image.tolist() == inverse.tolist()
+
+
+# -- rows scored against all columns, sum reduction (the distributed objective's form) ---------
+
+ROW_SPLITS = [(0, 6), (0, 2), (2, 5), (5, 6), (3, 3)]
+
+
+def ref_clip_rows(img, txt, scale: float, ids: list[int], start: int, stop: int) -> float:
+    """Sum over rows start..stop-1 of (image->text + text->image cross-entropy) / 2, each row
+    against all columns, other columns of its own image left out."""
+    batch = len(ids)
+    total = 0.0
+    for i in range(start, stop):
+        kept = [j for j in range(batch) if j == i or ids[j] != ids[i]]
+        image_row = [scale * float(np.dot(img[i], txt[j])) for j in kept]
+        text_row = [scale * float(np.dot(txt[i], img[j])) for j in kept]
+        positive = scale * float(np.dot(img[i], txt[i]))
+        total += 0.5 * (_logsumexp(image_row) - positive + _logsumexp(text_row) - positive)
+    return total
+
+
+def ref_siglip_rows(img, txt, scale: float, bias: float, ids: list[int], start: int, stop: int):
+    total = 0.0
+    for i in range(start, stop):
+        for j in range(len(ids)):
+            z = 1.0 if ids[i] == ids[j] else -1.0
+            total += math.log1p(math.exp(-z * (scale * float(np.dot(img[i], txt[j])) + bias)))
+    return total
+
+
+def ref_cosine_rows(img, txt, ids: list[int], margin: float, start: int, stop: int) -> float:
+    """Rows start..stop-1's pair terms over the whole batch's positive / negative pair counts."""
+    batch = len(ids)
+    n_pos = sum(1 for i in range(batch) for j in range(batch) if ids[i] == ids[j])
+    n_neg = batch * batch - n_pos
+    positive = negative = 0.0
+    for i in range(start, stop):
+        for j in range(batch):
+            cos = float(np.dot(img[i], txt[j]) / np.linalg.norm(img[i]) / np.linalg.norm(txt[j]))
+            if ids[i] == ids[j]:
+                positive += 1.0 - cos
+            else:
+                negative += max(cos - margin, 0.0)
+    return 0.5 * (positive / n_pos + (negative / n_neg if n_neg else 0.0))
+
+
+@pytest.mark.parametrize("ids", IDS_CASES)
+@pytest.mark.parametrize(("start", "stop"), ROW_SPLITS)
+def test_clip_loss_rows_sum_matches_reference(ids, start, stop) -> None:
+    img, txt = _inputs(seed=5)
+    tid = None if ids is None else torch.tensor(ids)
+    scale = torch.tensor(7.0, dtype=torch.float64)
+    got = clip_loss(img, txt, scale, tid, rows=slice(start, stop), reduction="sum")
+    want = ref_clip_rows(img.numpy(), txt.numpy(), 7.0, _ids(ids, 6), start, stop)
+    assert got.item() == pytest.approx(want, abs=1e-9)
+    if stop > start:
+        mean = clip_loss(img, txt, scale, tid, rows=slice(start, stop))
+        assert mean.item() == pytest.approx(want / (stop - start), abs=1e-9)
+
+
+@pytest.mark.parametrize("ids", IDS_CASES)
+@pytest.mark.parametrize(("start", "stop"), ROW_SPLITS)
+def test_siglip_loss_rows_sum_matches_reference(ids, start, stop) -> None:
+    img, txt = _inputs(seed=6)
+    tid = None if ids is None else torch.tensor(ids)
+    scale, bias = torch.tensor(5.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
+    got = siglip_loss(img, txt, scale, bias, tid, rows=slice(start, stop), reduction="sum")
+    want = ref_siglip_rows(img.numpy(), txt.numpy(), 5.0, -2.0, _ids(ids, 6), start, stop)
+    assert got.item() == pytest.approx(want, abs=1e-9)
+    if stop > start:
+        mean = siglip_loss(img, txt, scale, bias, tid, rows=slice(start, stop))
+        assert mean.item() == pytest.approx(want / (stop - start), abs=1e-9)
+
+
+@pytest.mark.parametrize("ids", IDS_CASES + [[5, 5, 5, 5, 5, 5]])
+@pytest.mark.parametrize(("start", "stop"), ROW_SPLITS)
+@pytest.mark.parametrize("margin", [0.0, 0.2])
+def test_cosine_pair_loss_rows_share_matches_reference(ids, start, stop, margin) -> None:
+    g = torch.Generator().manual_seed(7)
+    img = torch.randn(6, 10, generator=g, dtype=torch.float64) * 2
+    txt = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    tid = None if ids is None else torch.tensor(ids)
+    got = cosine_pair_loss(img, txt, tid, margin, rows=slice(start, stop))
+    want = ref_cosine_rows(img.numpy(), txt.numpy(), _ids(ids, 6), margin, start, stop)
+    assert got.item() == pytest.approx(want, abs=1e-9)
+
+
+@pytest.mark.parametrize("ids", IDS_CASES)
+def test_row_shares_add_up_to_the_whole_batch_value_and_gradient(ids) -> None:
+    """Sums over disjoint row ranges give the whole batch's loss and gradient: what lets each
+    rank score only its own rows of the global batch."""
+    img, txt = _inputs(seed=8)
+    tid = None if ids is None else torch.tensor(ids)
+    scale = torch.tensor(9.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-3.0, dtype=torch.float64)
+    parts = [slice(0, 2), slice(2, 5), slice(5, 6)]
+
+    def whole_and_parts(loss_fn):
+        leaves = [t.clone().requires_grad_(True) for t in (img, txt)]
+        whole = loss_fn(*leaves, None)
+        grads = torch.autograd.grad(whole, [*leaves, scale])
+        leaves = [t.clone().requires_grad_(True) for t in (img, txt)]
+        shared = sum(loss_fn(*leaves, rows) for rows in parts)
+        return whole, shared, grads, torch.autograd.grad(shared, [*leaves, scale])
+
+    cases = {
+        "clip": lambda i, t, rows: clip_loss(i, t, scale, tid, rows=rows, reduction="sum") / 6,
+        "siglip": lambda i, t, rows: (
+            siglip_loss(i, t, scale, bias, tid, rows=rows, reduction="sum") / 6
+        ),
+        "cosine": lambda i, t, rows: cosine_pair_loss(i * scale, t, tid, 0.1, rows=rows),
+    }
+    for name, loss_fn in cases.items():
+        whole, shared, want, got = whole_and_parts(loss_fn)
+        assert shared.item() == pytest.approx(whole.item(), abs=1e-12), name
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    # reduction="sum" over all rows is the mean times the batch size
+    full = clip_loss(img, txt, scale, tid, reduction="sum")
+    assert full.item() == pytest.approx(6 * clip_loss(img, txt, scale, tid).item(), rel=1e-12)
+
+
+def test_itm_loss_sum_reduction() -> None:
+    g = torch.Generator().manual_seed(9)
+    pos, neg = torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(4, 2, generator=g)
+    neg = neg.double()
+    terms = [_logsumexp(r) - r[1] for r in pos.tolist()] + [
+        _logsumexp(r) - r[0] for r in neg.tolist()
+    ]
+    assert itm_loss(pos, neg, reduction="sum").item() == pytest.approx(sum(terms), abs=1e-9)
+
+
+def test_same_image_mask_rows() -> None:
+    ids = torch.tensor([4, 4, 1, 7, 1])
+    assert same_image_mask(ids, 5, rows=slice(1, 3)).tolist() == [
+        [True, True, False, False, False],
+        [False, False, True, False, True],
+    ]
+    assert same_image_mask(None, 3, rows=slice(2, 3)).tolist() == [[False, False, True]]
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (slice(0, 7), "not inside a batch of 6"),
+        (slice(4, 2), "not inside a batch of 6"),
+        (slice(-1, 3), "not inside a batch of 6"),
+        (slice(0, 6, 2), "contiguous"),
+        ([0, 1], "contiguous"),
+    ],
+)
+def test_bad_rows_are_refused(rows, message) -> None:
+    img, txt = _inputs()
+    scale = torch.tensor(2.0, dtype=torch.float64)
+    for loss_fn in (
+        lambda: clip_loss(img, txt, scale, rows=rows),
+        lambda: siglip_loss(img, txt, scale, scale, rows=rows),
+        lambda: cosine_pair_loss(img, txt, rows=rows),
+    ):
+        with pytest.raises(ValueError, match=message):
+            loss_fn()
+
+
+def test_bad_reduction_is_refused() -> None:
+    img, txt = _inputs()
+    scale = torch.tensor(2.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        clip_loss(img, txt, scale, reduction="none")
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        siglip_loss(img, txt, scale, scale, reduction="max")
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        itm_loss(img[:, :2], txt[:, :2], reduction="none")

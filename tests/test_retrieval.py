@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor
 
 from xmodal.evaluate import (
@@ -46,7 +48,8 @@ def _tied_data(counts: list[int], seed: int = 0) -> tuple[Tensor, Tensor, Tensor
 
 
 def _ref_ranks(image: Tensor, text: Tensor, t2i: Tensor) -> tuple[list[int], list[int]]:
-    """Full matrix + explicit sorts; the ground truth sorts after equal-scoring candidates."""
+    """Full matrix + explicit sorts; the ground truth sorts after equal-scoring candidates, and
+    an image's caption is sorted among the other images' captions only."""
     sim = (image @ text.T).tolist()
     n_img, n_txt = len(sim), len(sim[0])
     owner = t2i.tolist()
@@ -58,8 +61,11 @@ def _ref_ranks(image: Tensor, text: Tensor, t2i: Tensor) -> tuple[list[int], lis
     i2t_rank = []
     for i in range(n_img):
         best = n_txt
+        others = [
+            u for u in range(n_txt) if owner[u] != i
+        ]  # the image's own captions never compete
         for t in (t for t in range(n_txt) if owner[t] == i):
-            order = sorted(range(n_txt), key=lambda u, i=i, t=t: (-sim[i][u], u == t))
+            order = sorted([t, *others], key=lambda u, i=i, t=t: (-sim[i][u], u == t))
             best = min(best, order.index(t))
         i2t_rank.append(best)
     return t2i_rank, i2t_rank
@@ -260,3 +266,141 @@ def test_rerank_validation() -> None:
         rerank_ranks(image, text, t2i, bad_scorer, k=2)
     with pytest.raises(ValueError, match="k must be"):
         rerank_ranks(image, text, t2i, bad_scorer, k=0)
+
+
+# -- an image's own captions never compete with each other ------------------------------------
+
+
+def test_two_identical_top_captions_give_rank_zero() -> None:
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # image 0: two identical captions
+    t2i = torch.tensor([0, 0, 1])
+    assert retrieval_ranks(image, text, t2i)[1].tolist() == [0, 0]
+    itm = torch.tensor([[2.0, 2.0, -1.0], [0.0, 0.0, 1.0]])  # the twins score alike
+    for k in (1, 2, 3):
+        assert rerank_ranks(image, text, t2i, _MatrixScorer(itm), k=k)[1].tolist() == [0, 0]
+
+
+def _duplicated_caption_data() -> tuple[Tensor, Tensor, Tensor]:
+    """30 images with one caption each: 27 captions closest to their own image, the captions of
+    images 27-29 closest to images 0-2 (but below those images' own captions). Every third
+    image (0, 3, ..., 27) has a second, identical caption. Small integer entries: every dot
+    product is exact, so the twins tie exactly and other ties are rare."""
+    g = torch.Generator().manual_seed(12)
+    base = torch.randint(-20, 21, (30, 64), generator=g).float()
+    captions = base + torch.randint(-5, 6, (30, 64), generator=g).float()
+    captions[27:] = base[:3] // 2
+    twins = torch.arange(0, 30, 3)
+    t2i = torch.cat([torch.arange(30), twins])
+    order = torch.randperm(len(t2i), generator=g)
+    return base, torch.cat([captions, captions[twins]])[order], t2i[order]
+
+
+def _plain_i2t_ranks(image: Tensor, text: Tensor, t2i: Tensor) -> list[int]:
+    """For each image: the captions of other images scoring at least its best caption."""
+    sim = (image @ text.T).tolist()
+    owner = t2i.tolist()
+    ranks = []
+    for i, row in enumerate(sim):
+        best = max(row[t] for t in range(len(row)) if owner[t] == i)
+        ranks.append(sum(1 for t in range(len(row)) if owner[t] != i and row[t] >= best))
+    return ranks
+
+
+def _ref_rerank_tied(
+    image: Tensor, text: Tensor, t2i: Tensor, itm: Tensor, k: int
+) -> tuple[list[int], list[int]]:
+    """Brute-force re-ranking where only identical captions tie: each top-k is re-ordered by
+    itm + similarity; an item is re-ranked iff fewer than k others score at least as high by
+    similarity; only wrong candidates count; otherwise the ITC rank."""
+    sim = (image @ text.T).tolist()
+    final = (itm + image @ text.T).tolist()
+    n_img, n_txt = len(sim), len(sim[0])
+    owner = t2i.tolist()
+    itc_t2i, itc_i2t = _ref_ranks(image, text, t2i)
+
+    def rank(scores, finals, right: set[int], itc: int) -> int:
+        items = range(len(scores))
+        top = sorted(items, key=lambda u: -scores[u])[:k]
+        ranks = [
+            sum(1 for u in top if u not in right and finals[u] >= finals[c])
+            for c in right
+            if sum(1 for u in items if u != c and scores[u] >= scores[c]) < k
+        ]
+        return min(ranks) if ranks else itc
+
+    t2i_rank = [
+        rank(
+            [sim[i][t] for i in range(n_img)],
+            [final[i][t] for i in range(n_img)],
+            {owner[t]},
+            itc_t2i[t],
+        )
+        for t in range(n_txt)
+    ]
+    i2t_rank = [
+        rank(sim[i], final[i], {t for t in range(n_txt) if owner[t] == i}, itc_i2t[i])
+        for i in range(n_img)
+    ]
+    return t2i_rank, i2t_rank
+
+
+@pytest.mark.parametrize("chunk_size", [1024, 4])
+def test_duplicated_captions_on_a_third_of_the_images(chunk_size: int) -> None:
+    image, text, t2i = _duplicated_caption_data()
+    t2i_rank, i2t_rank = retrieval_ranks(image, text, t2i, chunk_size=chunk_size)
+    assert i2t_rank.tolist() == _plain_i2t_ranks(image, text, t2i)
+    assert (t2i_rank.tolist(), i2t_rank.tolist()) == _ref_ranks(image, text, t2i)
+    m = retrieval_metrics(image, text, t2i, chunk_size=chunk_size)
+    assert m["i2t_R@1"] == pytest.approx(90.0)  # 27 of 30 images; twins do not compete
+    assert m["t2i_R@1"] == pytest.approx(90.0)  # 36 of 40 captions
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_rerank_with_duplicated_captions_matches_reference(k: int) -> None:
+    image, text, t2i = _duplicated_caption_data()
+    g = torch.Generator().manual_seed(k)
+    itm = 100 * torch.randint(-2, 3, (30, 64), generator=g).float() @ text.T  # twins alike
+    got = rerank_ranks(image, text, t2i, _MatrixScorer(itm), k=k, batch_size=32, chunk_size=7)
+    assert (got[0].tolist(), got[1].tolist()) == _ref_rerank_tied(image, text, t2i, itm, k)
+    itc = retrieval_ranks(image, text, t2i)
+    assert not torch.equal(got[1], itc[1]) or k == 1  # the scorer really re-orders
+    zero = rerank_ranks(image, text, t2i, _MatrixScorer(torch.zeros_like(itm)), k=k)
+    assert torch.equal(zero[0], itc[0]) and torch.equal(zero[1], itc[1])
+    oracle = (t2i[None, :] == torch.arange(30)[:, None]).float() * 1e5
+    m = rerank_metrics(image, text, t2i, _MatrixScorer(oracle), k=k)
+    assert m["i2t_R@1"] == pytest.approx(100.0 * (itc[1] < k).double().mean().item())
+    assert m["i2t_R@1"] >= 90.0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    owners=st.lists(st.integers(0, 5), min_size=1, max_size=14),
+    values=st.lists(st.integers(-2, 2), min_size=2 * 7 * 3, max_size=2 * 7 * 3),
+    data=st.data(),
+)
+def test_any_ties_match_the_plain_definition(owners, values, data) -> None:
+    """Small integer embeddings (many exact ties, repeated captions): the ranks are the plain
+    counts of wrong candidates scoring at least as high, and a zero ITM scorer changes none."""
+    n_img = max(owners) + 1
+    t2i = torch.tensor(owners)
+    missing = [i for i in range(n_img) if i not in owners]
+    t2i = torch.cat([t2i, torch.tensor(missing, dtype=torch.long)])
+    grid = torch.tensor(values, dtype=torch.float32).view(14, 3)
+    image = grid[:n_img]
+    text = grid[
+        torch.tensor(data.draw(st.lists(st.integers(0, 13), min_size=len(t2i), max_size=len(t2i))))
+    ]
+    sim = (image @ text.T).tolist()
+    owner = t2i.tolist()
+    want_t2i = [
+        sum(1 for i in range(n_img) if i != owner[t] and sim[i][t] >= sim[owner[t]][t])
+        for t in range(len(owner))
+    ]
+    t2i_rank, i2t_rank = retrieval_ranks(image, text, t2i, chunk_size=3)
+    assert t2i_rank.tolist() == want_t2i
+    assert i2t_rank.tolist() == _plain_i2t_ranks(image, text, t2i)
+    zero = _MatrixScorer(torch.zeros(n_img, len(owner)))
+    for k in (1, 2, 5):
+        got = rerank_ranks(image, text, t2i, zero, k=k, chunk_size=4)
+        assert torch.equal(got[0], t2i_rank) and torch.equal(got[1], i2t_rank)

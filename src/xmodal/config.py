@@ -101,7 +101,13 @@ class FusionConfig:
 
 @dataclass
 class ModelConfig:
-    """The whole model: two towers, a shared embedding space, fusion and the ITM head."""
+    """The whole model: two towers, a shared embedding space, fusion and the ITM head.
+
+    The learned contrastive scales start at ``init_*`` and never exceed ``max_*`` (the forward
+    pass clamps them and the trainer clamps the parameters after each optimiser step): 100 for
+    InfoNCE, CLIP's ceiling, and 100 for SigLIP too (its paper starts the scale at 10;
+    OpenCLIP's training loop clamps every model's logit scale, SigLIP's included, at ln 100).
+    """
 
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
@@ -110,6 +116,7 @@ class ModelConfig:
     init_logit_scale: float = 1 / 0.07
     max_logit_scale: float = 100.0
     init_siglip_scale: float = 10.0
+    max_siglip_scale: float = 100.0
     init_siglip_bias: float = -10.0
 
     def validate(self) -> None:
@@ -126,6 +133,8 @@ class ModelConfig:
         if self.max_logit_scale < self.init_logit_scale:
             raise ConfigError("max_logit_scale must be >= init_logit_scale")
         _check_positive("init_siglip_scale", self.init_siglip_scale)
+        if self.max_siglip_scale < self.init_siglip_scale:
+            raise ConfigError("max_siglip_scale must be >= init_siglip_scale")
 
 
 @dataclass

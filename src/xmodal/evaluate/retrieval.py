@@ -4,8 +4,12 @@ Embeddings are ``(N, D)`` floating tensors with L2-normalised rows; the similari
 image and a caption is their dot product. All functions work on the device of the inputs and
 compute the similarity matrix in row chunks, so memory stays ``O(chunk_size * N)``.
 
-Ranks are 0-based and ties are broken pessimistically: a wrong candidate whose score equals
-the score of the correct one is ranked ahead of it.
+Ranks are 0-based and count only wrong candidates: a caption's rank is the number of other
+images scoring at least as high as its image; an image's rank is the number of other images'
+captions scoring at least as high as its best caption (its own other captions are never
+competitors, even when tied with it). Ties with a wrong candidate are broken pessimistically:
+the wrong candidate is ranked ahead. Two distinct images with the same embedding are two
+gallery items, so each one's captions find the other tied ahead of their own.
 """
 
 from __future__ import annotations
@@ -83,9 +87,10 @@ def retrieval_ranks(
     With ``s(i, t)`` the similarity and ``g(t) = text_to_image[t]``:
 
     - text->image: ``t2i_rank[t] = |{i != g(t) : s(i, t) >= s(g(t), t)}|``.
-    - image->text: ``rank(i, t) = |{t' != t : s(i, t') >= s(i, t)}|`` (the other captions of
-      image ``i`` are candidates too) and ``i2t_rank[i] = min over t with g(t) = i of
-      rank(i, t)``, as in the standard COCO / Flickr30k protocol.
+    - image->text: ``rank(i, t) = |{t' : g(t') != i, s(i, t') >= s(i, t)}|`` (captions of
+      other images only) and ``i2t_rank[i] = min over t with g(t) = i of rank(i, t)``: the
+      position of image ``i``'s first caption in the ranked list, as in the standard COCO /
+      Flickr30k protocol, with ties against other images' captions lost.
 
     Returns ``(t2i_rank (Nt,), i2t_rank (Ni,))`` as int64 tensors on the input device.
     """
@@ -109,7 +114,7 @@ def retrieval_ranks(
         not_own = t2i[None, :] != rows[:, None]
         # The best-scoring own caption has the fewest competitors scoring >= it.
         best_own = scores.masked_fill(not_own, float("-inf")).amax(1, keepdim=True)
-        i2t_rank[start:stop] = (scores >= best_own).sum(1) - 1
+        i2t_rank[start:stop] = ((scores >= best_own) & not_own).sum(1)
     return t2i_rank, i2t_rank
 
 
@@ -167,7 +172,8 @@ def _topk_candidates(
     """Top-``k`` gallery items per query.
 
     Returns ``(idx (Nq, k), sim (Nq, k), itc_rank (Nq, k))`` where ``itc_rank`` is the
-    pessimistic ITC rank ``|{g' != g : s(q, g') >= s(q, g)}|`` of each candidate ``g``.
+    pessimistic ITC rank ``|{g' != g : s(q, g') >= s(q, g)}|`` of each candidate ``g`` among
+    all gallery items (right or wrong): ``< k`` iff ``g`` is in the top-k under any tie order.
     """
     n_q = query.shape[0]
     device = query.device
@@ -222,8 +228,10 @@ def _rerank_direction(
     """Best re-ranked rank per query, falling back to the ITC rank outside the top-k."""
     k = cand_idx.shape[1]
     final = itm_logits + cand_sim.float()
-    # rerank(c) = |{c' in candidates, c' != c : final(c') >= final(c)}|
-    reranked = (final[:, None, :] >= final[:, :, None]).sum(-1) - 1
+    # rerank(c) = |{c' in candidates, c' not positive : final(c') >= final(c)}|: only wrong
+    # candidates compete (another caption of the same image is never ahead of c).
+    ahead = final[:, None, :] >= final[:, :, None]  # [q, c, c']: c' scores >= c
+    reranked = (ahead & ~is_positive[:, None, :]).sum(-1)
     eligible = is_positive & (cand_itc_rank < k)
     best = reranked.masked_fill(~eligible, k).amin(1)
     return torch.where(eligible.any(1), best, itc_rank)
@@ -242,11 +250,13 @@ def rerank_ranks(
 
     For each query the top-``k`` candidates by similarity (``k`` capped at the gallery size) are
     re-ordered by ``pair_scorer(image_idx, text_idx) + similarity``; everything else keeps its
-    ITC order after them. A ground-truth item is re-ranked iff its pessimistic ITC rank is
-    ``< k``; its rank is then ``|{c in top-k, c != it : final(c) >= final(it)}|`` (< k),
-    otherwise its ITC rank (>= k). Text->image ranks one image per caption; image->text takes
-    the best rank among the image's captions. Which items fill ties at the k-th position
-    is decided by ``torch.topk``.
+    ITC order after them. A ground-truth item is re-ranked iff it is in the top-``k`` however
+    ties are broken (fewer than ``k`` other items score at least as high); its rank is then
+    ``|{c in top-k, c wrong : final(c) >= final(it)}|`` (< k), otherwise its ITC rank (as
+    :func:`retrieval_ranks`; >= k unless exact ties at the k-th score put it there).
+    Text->image ranks one image per caption; image->text takes the best rank among the
+    image's captions, and another caption of the same image never counts against it. Which
+    items fill ties at the k-th position is decided by ``torch.topk``.
 
     ``pair_scorer`` receives LongTensors of image and text indices (on the embedding device)
     in batches of at most ``batch_size`` pairs and returns one logit per pair. Each distinct

@@ -152,8 +152,25 @@ class CrossModalModel(nn.Module):
         return logits[:, 1] - logits[:, 0]
 
     def clip_scale(self) -> torch.Tensor:
-        """exp(logit_scale), clamped at ``max_logit_scale`` (100) as in CLIP."""
-        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
+        """exp(logit_scale), at most ``max_logit_scale`` (100) as in CLIP.
+
+        The clamp acts on the log scale: at the ceiling the gradient still flows (exp of the
+        clamped parameter can round above the ceiling, where a clamp of exp would zero it).
+        """
+        return self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
+
+    def siglip_scale(self) -> torch.Tensor:
+        """exp(siglip_logit_scale), at most ``max_siglip_scale`` (100)."""
+        return self.siglip_logit_scale.clamp(max=math.log(self.config.max_siglip_scale)).exp()
+
+    @torch.no_grad()
+    def clamp_logit_scales_(self) -> None:
+        """Clamp the learned log scales in place at their ceilings (ln ``max_logit_scale``,
+        ln ``max_siglip_scale``), as OpenCLIP does after each optimiser step: a parameter left
+        above its ceiling gets no gradient from the clamped forward and could never come back.
+        """
+        self.logit_scale.clamp_(max=math.log(self.config.max_logit_scale))
+        self.siglip_logit_scale.clamp_(max=math.log(self.config.max_siglip_scale))
 
     def forward(
         self,

@@ -5,7 +5,9 @@ the *global* batch, all ranks' rows (and all accumulated micro-batches) together
 this rank's share of it: the mean over ranks of each returned term is that term of
 :func:`compute_losses` on the concatenated batch, and (with the gradient rule of
 :mod:`xmodal.distributed`) so is the gradient. Distribution changes speed, not the
-objective.
+objective. Both are built from the same loss functions of :mod:`xmodal.losses`:
+:func:`compute_losses` applies them to the whole batch, :func:`global_batch_losses` to this
+rank's rows of the gathered batch (``rows=``, ``reduction="sum"``).
 """
 
 from __future__ import annotations
@@ -46,11 +48,7 @@ def compute_losses(
         )
     if weights.siglip:
         terms["siglip"] = losses.siglip_loss(
-            image.embeds,
-            text.embeds,
-            model.siglip_logit_scale.exp(),
-            model.siglip_logit_bias,
-            image_ids,
+            image.embeds, text.embeds, model.siglip_scale(), model.siglip_logit_bias, image_ids
         )
     if weights.itm:
         terms["itm"] = itm_hard_negative_loss(model, image, text, image_ids, generator)
@@ -66,20 +64,28 @@ def itm_hard_negative_loss(
     text: Features,
     image_ids: torch.Tensor,
     generator: torch.Generator | None = None,
+    rows: slice | None = None,
 ) -> torch.Tensor:
     """ITM cross-entropy on the aligned pairs plus one hard negative caption per image and one
-    hard negative image per caption, sampled in-batch from the similarity."""
+    hard negative image per caption, sampled in-batch from the similarity.
+
+    ``rows`` (default: all): only their pairs are scored (their aligned pairs and the negatives
+    drawn for them), summed and divided by the number of pairs of the whole batch, so the
+    shares of disjoint row ranges add up to the loss. The negatives are drawn from the whole
+    batch, so equal ``generator`` states draw the same negatives for every share.
+    """
     # Sample from the scaled logits (as ALBEF does with sim / temperature): raw cosines in
     # [-1, 1] would make the softmax almost uniform, i.e. random rather than hard negatives.
     similarity = model.clip_scale().detach() * image.embeds @ text.embeds.t()
     neg_text, neg_image, valid = losses.sample_hard_negatives(similarity, image_ids, generator)
-    rows = valid.nonzero().squeeze(1)
-    positive = model.itm_logits(image, text)
-    negative_captions = model.itm_logits(
-        select_rows(image, rows), select_rows(text, neg_text[rows])
-    )
-    negative_images = model.itm_logits(select_rows(image, neg_image[rows]), select_rows(text, rows))
-    return losses.itm_loss(positive, torch.cat([negative_captions, negative_images]))
+    rows = losses.row_range(rows, len(image_ids))
+    own = torch.arange(rows.start, rows.stop, device=similarity.device)
+    mine = own[valid[own]]
+    image_rows = torch.cat([own, mine, neg_image[mine]])
+    text_rows = torch.cat([own, neg_text[mine], mine])
+    logits = model.itm_logits(select_rows(image, image_rows), select_rows(text, text_rows))
+    pairs = len(image_ids) + 2 * int(valid.sum())
+    return losses.itm_loss(logits[: len(own)], logits[len(own) :], reduction="sum") / pairs
 
 
 def global_batch_losses(
@@ -106,29 +112,40 @@ def global_batch_losses(
     need = _needed_fields(model, weights)
     image_all, text_all, ids, counts = _gather_batch(image, text, image_ids, need)
     total = sum(counts)
-    device = ids.device
     start = sum(counts[: w.rank])
-    own = torch.arange(start, start + counts[w.rank], device=device)
-    scored = own if local_loss else torch.arange(total, device=device)
+    own = slice(start, start + counts[w.rank])
+    scored = own if local_loss else slice(0, total)
     share = w.size if local_loss else 1
     terms: dict[str, torch.Tensor] = {}
     if weights.infonce:
-        infonce = _infonce_sum(image_all.embeds, text_all.embeds, model.clip_scale(), ids, scored)
-        terms["infonce"] = infonce * share / total
-    if weights.siglip:
-        siglip = _siglip_sum(
+        infonce = losses.clip_loss(
             image_all.embeds,
             text_all.embeds,
-            model.siglip_logit_scale.exp(),
+            model.clip_scale(),
+            ids,
+            rows=scored,
+            reduction="sum",
+        )
+        terms["infonce"] = infonce * share / total
+    if weights.siglip:
+        siglip = losses.siglip_loss(
+            image_all.embeds,
+            text_all.embeds,
+            model.siglip_scale(),
             model.siglip_logit_bias,
             ids,
-            scored,
+            rows=scored,
+            reduction="sum",
         )
         terms["siglip"] = siglip * share / total
     if weights.itm:
-        terms["itm"] = _itm_share(model, image_all, text_all, ids, own, seed) * w.size
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=image_all.embeds.device).manual_seed(seed)
+        itm = itm_hard_negative_loss(model, image_all, text_all, ids, generator, rows=own)
+        terms["itm"] = itm * w.size
     if weights.cosine:
-        cosine = _cosine_share(image_all.projected, text_all.projected, ids, scored)
+        cosine = losses.cosine_pair_loss(image_all.projected, text_all.projected, ids, rows=scored)
         terms["cosine"] = cosine * share
     loss = sum(getattr(weights, name) * value for name, value in terms.items())
     return {"loss": loss, **terms}
@@ -213,85 +230,3 @@ def select_rows(features: Features, rows: torch.Tensor) -> Features:
         features.tokens.index_select(0, rows),
         None if features.mask is None else features.mask.index_select(0, rows),
     )
-
-
-def _infonce_sum(
-    image: torch.Tensor,
-    text: torch.Tensor,
-    scale: torch.Tensor,
-    ids: torch.Tensor,
-    rows: torch.Tensor,
-) -> torch.Tensor:
-    """Sum over ``rows`` of CLIP's symmetric cross-entropy against all columns (clip_loss x N)."""
-    same = ids[rows, None] == ids[None, :]
-    own = torch.zeros_like(same)
-    own[torch.arange(len(rows), device=rows.device), rows] = True
-    ignore = same & ~own
-    image_to_text = (scale * image.index_select(0, rows) @ text.t()).masked_fill(
-        ignore, float("-inf")
-    )
-    text_to_image = (scale * text.index_select(0, rows) @ image.t()).masked_fill(
-        ignore, float("-inf")
-    )
-    return 0.5 * (
-        F.cross_entropy(image_to_text, rows, reduction="sum")
-        + F.cross_entropy(text_to_image, rows, reduction="sum")
-    )
-
-
-def _siglip_sum(
-    image: torch.Tensor,
-    text: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-    ids: torch.Tensor,
-    rows: torch.Tensor,
-) -> torch.Tensor:
-    """Sum over ``rows`` x all columns of SigLIP's pairwise terms (siglip_loss x N)."""
-    logits = scale * image.index_select(0, rows) @ text.t() + bias
-    labels = 2.0 * (ids[rows, None] == ids[None, :]).to(logits.dtype) - 1.0
-    return -F.logsigmoid(labels * logits).sum()
-
-
-def _cosine_share(
-    image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor
-) -> torch.Tensor:
-    """``rows``' part of cosine_pair_loss: their pair terms over the global pair counts."""
-    cos = F.normalize(image.index_select(0, rows), dim=-1) @ F.normalize(text, dim=-1).t()
-    same = ids[rows, None] == ids[None, :]
-    _, per_image = torch.unique(ids, return_counts=True)
-    positives = int((per_image**2).sum())
-    negatives = len(ids) ** 2 - positives
-    positive = (1.0 - cos[same]).sum() / positives
-    negative = cos[~same].clamp(min=0.0).sum() / negatives if negatives else cos.new_zeros(())
-    return 0.5 * (positive + negative)
-
-
-def _itm_share(
-    model: CrossModalModel,
-    image: Features,
-    text: Features,
-    ids: torch.Tensor,
-    own: torch.Tensor,
-    seed: int | None,
-) -> torch.Tensor:
-    """This rank's pairs' part of the ITM loss (its sum of cross-entropies / all pairs).
-
-    Negatives are sampled from the global (N, N) similarity on every rank with the same
-    generator, so all ranks draw the same negatives and each takes its own rows'.
-    """
-    # Sample from the scaled logits (as ALBEF does with sim / temperature): raw cosines in
-    # [-1, 1] would make the softmax almost uniform, i.e. random rather than hard negatives.
-    similarity = model.clip_scale().detach() * image.embeds @ text.embeds.t()
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=similarity.device).manual_seed(seed)
-    neg_text, neg_image, valid = losses.sample_hard_negatives(similarity, ids, generator)
-    pairs = len(ids) + 2 * int(valid.sum())
-    mine = own[valid[own]]
-    image_rows = torch.cat([own, mine, neg_image[mine]])
-    text_rows = torch.cat([own, neg_text[mine], mine])
-    logits = model.itm_logits(select_rows(image, image_rows), select_rows(text, text_rows))
-    labels = torch.zeros(len(image_rows), dtype=torch.long, device=logits.device)
-    labels[: len(own)] = 1
-    return F.cross_entropy(logits, labels, reduction="sum") / pairs

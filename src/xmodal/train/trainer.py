@@ -346,6 +346,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)
             )
         self.optimizer.step()
+        self.model.clamp_logit_scales_()
         self.scheduler.step()
         distributed.broadcast_module(self.model, parameters=False)  # buffers, as DDP does
         return totals, round(means[-1] * self.world.size)
