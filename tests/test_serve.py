@@ -17,6 +17,7 @@ from xmodal.extract import extract, identify, load_manifest
 from xmodal.index import SearchIndex, build_index
 from xmodal.models.model import CrossModalModel
 from xmodal.processing import MultimodalProcessor
+from xmodal.search import Searcher
 from xmodal.serve import ServeSettings, create_app
 
 
@@ -30,14 +31,15 @@ def setup(tmp_path_factory, minilm_tokenizer, minilm_path):
     model = CrossModalModel.from_pretrained(model_dir)
     processor = MultimodalProcessor.from_pretrained(model_dir)
     identity = identify(model, processor, model_dir)
-    app = create_app(model, processor, SearchIndex(root / "idx"), identity=identity)
-    with TestClient(app) as client:
+    searcher = Searcher(model, processor, SearchIndex(root / "idx"), identity)
+    with TestClient(create_app(searcher)) as client:
         yield {
             "root": root,
             "data": data,
             "model": model,
             "processor": processor,
             "identity": identity,
+            "searcher": searcher,
             "client": client,
         }
 
@@ -155,9 +157,8 @@ def test_oversized_upload_is_413(setup) -> None:
 
 def test_small_upload_limit_inside_the_form(setup) -> None:
     """A file over the per-image limit but under the body limit is refused by the reader."""
-    model, processor, root = setup["model"], setup["processor"], setup["root"]
     settings = ServeSettings(max_upload_bytes=100)
-    with TestClient(create_app(model, processor, SearchIndex(root / "idx"), settings)) as client:
+    with TestClient(create_app(setup["searcher"], settings)) as client:
         path = setup["data"] / "img0.png"
         files = {"image": ("img0.png", png_bytes(path), "image/png")}
         response = client.post("/embed", files=files)
@@ -213,8 +214,8 @@ def test_per_request_parameters_do_not_leak(setup, tmp_path) -> None:
     build_index(shards, tmp_path / "ivf", kind="ivf", what="texts")
     index = SearchIndex(tmp_path / "ivf")
     tuned = index.index.nprobe
-    app = create_app(setup["model"], setup["processor"], index, identity=setup["identity"])
-    with TestClient(app) as client:
+    searcher = Searcher(setup["model"], setup["processor"], index, setup["identity"])
+    with TestClient(create_app(searcher)) as client:
         query = {"text": "a query caption"}
         before = client.post("/search", json=query).json()["results"]
         narrow = client.post("/search", json={**query, "k": 3, "nprobe": 1}).json()["results"]

@@ -14,6 +14,7 @@ from xmodal.extract import extract
 from xmodal.index import SearchIndex, build_index
 from xmodal.models.model import CrossModalModel
 from xmodal.processing import MultimodalProcessor
+from xmodal.search import Searcher
 from xmodal.serve import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -47,11 +48,12 @@ def server(tmp_path: Path, minilm_tokenizer, minilm_path):
     data = make_image_folder(tmp_path / "data", broken=False)
     extract(model_dir, data, tmp_path / "emb", what="images", workers=0, progress=False)
     build_index(tmp_path / "emb", tmp_path / "idx")
-    app = create_app(
+    searcher = Searcher(
         CrossModalModel.from_pretrained(model_dir),
         MultimodalProcessor.from_pretrained(model_dir),
         SearchIndex(tmp_path / "idx"),
     )
+    app = create_app(searcher)
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     instance = uvicorn.Server(config)

@@ -6,15 +6,17 @@ import argparse
 
 
 def add(commands) -> None:
+    from xmodal.serve.settings import add_arguments
+
     p = commands.add_parser("serve", help="serve search over HTTP (API + web page)")
     p.add_argument("--index", required=True, help="index directory")
     p.add_argument("--model", required=True, help="model directory or preset name")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    add_arguments(p)  # --host, --port, --expose-sources, the limits: from ServeSettings
 
 
 def run(args: argparse.Namespace) -> int:
     from xmodal.serve import serve
+    from xmodal.serve.settings import from_arguments
 
-    serve(args.index, args.model, host=args.host, port=args.port)
+    serve(args.index, args.model, from_arguments(args))
     return 0
