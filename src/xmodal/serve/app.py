@@ -4,7 +4,7 @@ import mimetypes
 from collections.abc import Callable
 from functools import partial
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
 
 import anyio
@@ -108,6 +108,12 @@ def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> Fas
     app.state.searcher = searcher
     app.state.settings = settings
     problems = {code: {"model": Problem} for code in (400, 413, 415, 422)}
+    # the bodies, validated by the dependency that picks the model by content type
+    EmbedBody = Annotated[
+        BaseModel, Depends(body(models.text_embed, models.image_embed, settings.max_batch))
+    ]
+    SearchBody = Annotated[BaseModel, Depends(body(models.text_search, models.image_search, 1))]
+    MatchBody = Annotated[BaseModel, Depends(body(None, models.match, 1))]
 
     @app.exception_handler(XmodalError)
     async def xmodal_error(_: Request, err: XmodalError) -> JSONResponse:
@@ -153,11 +159,7 @@ def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> Fas
         openapi_extra=openapi_body(models.text_embed, models.image_embed),
         responses=problems,
     )
-    async def embed(
-        request: BaseModel = Depends(
-            body(models.text_embed, models.image_embed, settings.max_batch)
-        ),
-    ) -> Embeddings:
+    async def embed(request: EmbedBody) -> Embeddings:
         if isinstance(request, models.text_embed):
             vectors = await compute(searcher.embed_texts, request.text)
             modality = "text"
@@ -179,9 +181,7 @@ def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> Fas
         openapi_extra=openapi_body(models.text_search, models.image_search),
         responses=problems,
     )
-    async def search(
-        query: BaseModel = Depends(body(models.text_search, models.image_search, 1)),
-    ) -> SearchResponse:
+    async def search(query: SearchBody) -> SearchResponse:
         options = {"nprobe": query.nprobe, "ef_search": query.ef_search}
         if isinstance(query, models.text_search):
             kind = "text"
@@ -203,7 +203,7 @@ def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> Fas
         openapi_extra=openapi_body(None, models.match),
         responses=problems,
     )
-    async def match(pair: BaseModel = Depends(body(None, models.match, 1))) -> Match:
+    async def match(pair: MatchBody) -> Match:
         (image,) = await uploads([pair.image])
         return Match(**await compute(searcher.match, image, pair.caption))
 

@@ -88,10 +88,11 @@ def request_models(settings: ServeSettings) -> RequestModels:
         Field(min_length=1, max_length=settings.max_text_chars),
         AfterValidator(_caption),
     ]
-    Positive = Annotated[int | None, BeforeValidator(_not_bool), Field(ge=1)]
+    Captions = Annotated[list[Caption], Field(min_length=1, max_length=settings.max_batch)]
+    Positive = Annotated[int | None, Field(ge=1), BeforeValidator(_not_bool)]
 
     class Parameters(SearchParameters):
-        k: Annotated[int, BeforeValidator(_not_bool), Field(ge=1, le=settings.max_k)] = Field(
+        k: Annotated[int, Field(ge=1, le=settings.max_k), BeforeValidator(_not_bool)] = Field(
             settings.default_k, description="number of results"
         )
         nprobe: Positive = Field(None, description="IVF lists to visit (IVF indexes only)")
@@ -112,9 +113,7 @@ def request_models(settings: ServeSettings) -> RequestModels:
         """Embed one caption or a list of them."""
 
         text: Annotated[
-            list[Caption],
-            BeforeValidator(_listify),
-            Field(min_length=1, max_length=settings.max_batch),
+            Captions, BeforeValidator(_listify, json_schema_input_type=Caption | Captions)
         ]
 
     class ImageEmbed(BaseModel):
@@ -153,7 +152,8 @@ def body(
         try:
             if media == JSON:
                 return model.model_validate(_json(await request.body()))
-            form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
+            # one file over the limit parses, so that the model's check names the limit
+            form = await request.form(max_files=max_files + 1, max_fields=MAX_FORM_FIELDS)
             return model.model_validate(_form_values(form, model))
         except ValidationError as err:
             raise HTTPException(status_code=422, detail=describe(err, model)) from None
@@ -181,7 +181,12 @@ def _form_values(form: Any, model: type[BaseModel]) -> dict[str, Any]:
             if found:
                 values[name] = found
         elif name in form:
-            values[name] = form[name]
+            found = form.getlist(name)
+            if len(found) > 1:
+                raise HTTPException(
+                    status_code=422, detail=f"{name} must be given once, got {len(found)} values"
+                )
+            values[name] = found[0]
     return values
 
 
@@ -271,4 +276,3 @@ def openapi_body(json_model: type[BaseModel] | None, form_model: type[BaseModel]
         if model is not None:
             content[media] = {"schema": model.model_json_schema()}
     return {"requestBody": {"required": True, "content": content}}
-

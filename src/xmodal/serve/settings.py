@@ -65,7 +65,9 @@ class ServeSettings:
             )
         choices = typing.get_args(LogLevel)
         if self.log_level not in choices:
-            raise ConfigError(f"serve.log_level must be one of {list(choices)}, got {self.log_level!r}")
+            raise ConfigError(
+                f"serve.log_level must be one of {list(choices)}, got {self.log_level!r}"
+            )
         if not self.host:
             raise ConfigError("serve.host must not be empty")
 
@@ -80,7 +82,10 @@ def add_arguments(parser: Any) -> None:
         if hint is bool:
             parser.add_argument(flag, action="store_true", help=help_text)
             continue
-        kwargs: dict[str, Any] = {"default": item.default, "help": f"{help_text} (default {item.default})"}
+        kwargs: dict[str, Any] = {
+            "default": item.default,
+            "help": f"{help_text} (default {item.default})",
+        }
         if typing.get_origin(hint) is Literal:
             kwargs["choices"] = typing.get_args(hint)
         else:
