@@ -65,6 +65,9 @@ def relative(value: str, root: str | None) -> str:
         return value
     if root is None:
         return Path(value).name
+    prefix = root.rstrip(os.sep) + os.sep
+    if value.startswith(prefix) and os.sep == "/":  # the common case, without relpath's cost
+        return value[len(prefix) :]
     try:
         return Path(os.path.relpath(value, root)).as_posix()
     except ValueError:  # another drive (Windows)
