@@ -33,6 +33,7 @@ from xmodal.index import SearchIndex, build_index
 from xmodal.models.identity import identify
 from xmodal.models.model import CrossModalModel
 from xmodal.processing import CaptionError, ImageLoadError, MultimodalProcessor
+from xmodal.search import Searcher
 from xmodal.serve import ServeSettings, create_app
 from xmodal.train import load_train_config
 
@@ -365,9 +366,8 @@ def client(tmp_path_factory, corpus, tiny_model: Path):
     build_index(root / "emb", root / "idx")
     model = CrossModalModel.from_pretrained(tiny_model)
     processor = MultimodalProcessor.from_pretrained(tiny_model)
-    app = create_app(
-        model, processor, SearchIndex(root / "idx"), identity=identify(model, processor, tiny_model)
-    )
+    index = SearchIndex(root / "idx")
+    app = create_app(Searcher(model, processor, index, identify(model, processor, tiny_model)))
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
 
@@ -409,9 +409,7 @@ def test_uploads_with_too_many_pixels_are_413_before_decoding(client, corpus) ->
         "image 'wide.png': 7000x6000 pixels exceeds the limit of 40000000 per image"
     )
     strict = ServeSettings(max_image_pixels=64 * 48 - 1)
-    app = client.app
-    with TestClient(create_app(app.state.searcher.model, app.state.searcher.processor,
-                               app.state.searcher.index, strict)) as small:  # fmt: skip
+    with TestClient(create_app(client.app.state.searcher, strict)) as small:
         assert small.post("/embed", files=upload(corpus["plain.png"])).status_code == 413
         assert small.post("/embed", files=upload(corpus["one-pixel.png"])).status_code == 200
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import io
+import typing
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -13,12 +16,26 @@ from PIL import Image
 from test_extract import make_image_folder, save_tiny_model, tiny_processor
 from test_index import random_vectors, write_fake_shards
 
+from xmodal.cli import main
+from xmodal.commands import serve as serve_command
+from xmodal.config import from_dict
+from xmodal.errors import (
+    CaptionError,
+    ConfigError,
+    ImageLoadError,
+    IncompatibleError,
+    IndexBuildError,
+    InputError,
+    MissingFileError,
+)
 from xmodal.extract import extract, load_manifest
 from xmodal.index import SearchIndex, build_index
 from xmodal.models.identity import identify
 from xmodal.models.model import CrossModalModel
 from xmodal.processing import MultimodalProcessor
+from xmodal.search import Searcher
 from xmodal.serve import ServeSettings, create_app
+from xmodal.serve.settings import LogLevel, from_arguments
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +48,15 @@ def setup(tmp_path_factory, minilm_tokenizer, minilm_path):
     model = CrossModalModel.from_pretrained(model_dir)
     processor = MultimodalProcessor.from_pretrained(model_dir)
     identity = identify(model, processor, model_dir)
-    app = create_app(model, processor, SearchIndex(root / "idx"), identity=identity)
-    with TestClient(app) as client:
+    searcher = Searcher(model, processor, SearchIndex(root / "idx"), identity)
+    with TestClient(create_app(searcher)) as client:
         yield {
             "root": root,
             "data": data,
             "model": model,
             "processor": processor,
             "identity": identity,
+            "searcher": searcher,
             "client": client,
         }
 
@@ -156,9 +174,8 @@ def test_oversized_upload_is_413(setup) -> None:
 
 def test_small_upload_limit_inside_the_form(setup) -> None:
     """A file over the per-image limit but under the body limit is refused by the reader."""
-    model, processor, root = setup["model"], setup["processor"], setup["root"]
     settings = ServeSettings(max_upload_bytes=100)
-    with TestClient(create_app(model, processor, SearchIndex(root / "idx"), settings)) as client:
+    with TestClient(create_app(setup["searcher"], settings)) as client:
         path = setup["data"] / "img0.png"
         files = {"image": ("img0.png", png_bytes(path), "image/png")}
         response = client.post("/embed", files=files)
@@ -214,8 +231,8 @@ def test_per_request_parameters_do_not_leak(setup, tmp_path) -> None:
     build_index(shards, tmp_path / "ivf", kind="ivf", modality="texts")
     index = SearchIndex(tmp_path / "ivf")
     tuned = index.index.nprobe
-    app = create_app(setup["model"], setup["processor"], index, identity=setup["identity"])
-    with TestClient(app) as client:
+    searcher = Searcher(setup["model"], setup["processor"], index, setup["identity"])
+    with TestClient(create_app(searcher)) as client:
         query = {"text": "a query caption"}
         before = client.post("/search", json=query).json()["results"]
         narrow = client.post("/search", json={**query, "k": 3, "nprobe": 1}).json()["results"]
@@ -231,3 +248,113 @@ def test_per_request_parameters_do_not_leak(setup, tmp_path) -> None:
         with ThreadPoolExecutor(4) as pool:
             assert list(pool.map(ask, range(1, 13))) == list(range(1, 13))
         assert index.index.nprobe == tuned
+
+
+def test_openapi_bodies_are_the_request_models_with_the_servers_limits(setup) -> None:
+    settings = ServeSettings(max_k=7, default_k=5, max_text_chars=50, max_batch=4)
+    with TestClient(create_app(setup["searcher"], settings)) as client:
+        paths = client.get("/openapi.json").json()["paths"]
+        search = paths["/search"]["post"]["requestBody"]["content"]
+        text = search["application/json"]["schema"]
+        assert text["required"] == ["text"]
+        assert text["properties"]["text"] == {
+            "maxLength": 50,
+            "minLength": 1,
+            "title": "Text",
+            "type": "string",
+        }
+        k = text["properties"]["k"]
+        assert (k["type"], k["minimum"], k["maximum"], k["default"]) == ("integer", 1, 7, 5)
+        image = search["multipart/form-data"]["schema"]
+        assert image["required"] == ["image"] and image["properties"]["k"] == k
+        embed = paths["/embed"]["post"]["requestBody"]["content"]
+        one, many = embed["application/json"]["schema"]["properties"]["text"]["anyOf"]
+        assert one["type"] == "string" and (many["minItems"], many["maxItems"]) == (1, 4)
+        files = embed["multipart/form-data"]["schema"]["properties"]["image"]
+        assert files["type"] == "array" and files["maxItems"] == 4
+        match = paths["/match"]["post"]["requestBody"]["content"]
+        assert list(match) == ["multipart/form-data"]
+        assert match["multipart/form-data"]["schema"]["required"] == ["image", "caption"]
+        # the server checks what it documents
+        for payload, message in (
+            ({"text": "cat", "k": 8}, "k must be an integer in 1..7, got 8"),
+            ({"text": "x" * 51}, "text has 51 characters; the limit is 50"),
+        ):
+            response = client.post("/search", json=payload)
+            assert response.status_code == 422 and response.json()["detail"] == message
+        assert len(client.post("/search", json={"text": "cat"}).json()["results"]) == 5
+        response = client.post("/embed", json={"text": ["a"] * 5})
+        assert response.json()["detail"] == "5 texts; the limit is 4 per request"
+        png = png_bytes(setup["data"] / "img0.png")
+        response = client.post("/embed", files=[("image", ("a.png", png, "image/png"))] * 5)
+        assert response.status_code == 422
+        assert response.json()["detail"] == "5 images; the limit is 4 per request"
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (ImageLoadError("uploaded file q.png", "not a recognised image format"), 400),
+        (CaptionError("caption 0 is empty"), 422),
+        (InputError("re-ranking needs a caption query"), 422),
+        (IncompatibleError("index vs model: embeddings from different models"), 409),
+        (MissingFileError("shard images-00001.parquet is missing"), 404),
+        (ConfigError("serve.max_k must be >= 1"), 500),
+        (IndexBuildError("ids file and index disagree"), 500),
+    ],
+)
+def test_the_error_family_is_mapped_in_one_handler(setup, monkeypatch, error, status) -> None:
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(setup["searcher"], "search_text", fail)
+    with TestClient(create_app(setup["searcher"])) as client:
+        response = client.post("/search", json={"text": "cat"})
+    assert response.status_code == status
+    assert response.json() == {"detail": str(error)}
+
+
+def test_serve_settings_are_typed_and_validated() -> None:
+    assert from_dict(ServeSettings, {"max_k": 20, "expose_sources": True}) == ServeSettings(
+        max_k=20, expose_sources=True
+    )
+    for data, message in (
+        ({"max_k": 0}, "serve.max_k must be >= 1, got 0"),
+        ({"max_k": "20"}, "serve.max_k must be an integer, got '20'"),
+        ({"default_k": 11, "max_k": 10}, "serve.default_k must be in 1..max_k (10), got 11"),
+        ({"port": 70000}, "serve.port must be in 0..65535, got 70000"),
+        ({"log_level": "loud"}, "serve.log_level must be one of"),
+        ({"expose_sources": "yes"}, "serve.expose_sources must be bool"),
+        ({"max_batchs": 3}, "unknown key(s) ['max_batchs']"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            from_dict(ServeSettings, data, "serve")
+        assert message in str(caught.value), data
+    with pytest.raises(ConfigError, match="max_upload_bytes"):
+        ServeSettings(max_upload_bytes=0)  # checked when built directly too
+
+
+def test_serve_command_options_come_from_the_settings(capsys) -> None:
+    parser = argparse.ArgumentParser()
+    serve_command.add(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--index", "i", "--model", "m", "--max-k", "20"])
+    assert from_arguments(args) == ServeSettings(max_k=20)
+    options = {a.dest: a for a in parser._subparsers._group_actions[0].choices["serve"]._actions}
+    assert {f.name for f in dataclasses.fields(ServeSettings)} <= set(options)
+    assert tuple(options["log_level"].choices) == typing.get_args(LogLevel)
+    args = parser.parse_args(["serve", "--index", "i", "--model", "m", "--expose-sources"])
+    assert from_arguments(args).expose_sources is True
+    # a bad value is refused before any model or index is loaded
+    assert main(["serve", "--index", "nowhere", "--model", "none", "--max-k", "0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "xmodal serve: error: serve.max_k must be >= 1, got 0"
+    )
+
+
+def test_one_image_field_given_twice_is_422(setup) -> None:
+    png = png_bytes(setup["data"] / "img0.png")
+    twice = [("image", ("a.png", png, "image/png"))] * 2
+    for route, data in (("/search", {}), ("/match", {"caption": "photo"})):
+        response = setup["client"].post(route, files=twice, data=data)
+        assert response.status_code == 422
+        assert response.json()["detail"] == "image must be given once, got 2 values"

@@ -1,4 +1,5 @@
-"""The web page in headless Chromium: type a caption, get thumbnails with scores."""
+"""The web page in headless Chromium: type a caption, get thumbnails with scores, and no path
+of the server's in sight."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
-from test_extract import make_image_folder, save_tiny_model, tiny_processor
+from test_extract import save_tiny_model, tiny_processor
+from test_serve_paths import write_rows
 
 from xmodal.extract import extract
 from xmodal.index import SearchIndex, build_index
 from xmodal.models.model import CrossModalModel
 from xmodal.processing import MultimodalProcessor
+from xmodal.search import Searcher
 from xmodal.serve import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -41,17 +44,19 @@ def free_port() -> int:
 
 @pytest.fixture()
 def server(tmp_path: Path, minilm_tokenizer, minilm_path):
-    """uvicorn serving a 10-image index on a free loopback port, in a thread."""
+    """uvicorn serving a 10-image index on a free loopback port, in a thread; the dataset gives
+    no image ids, so each image's stored id is its absolute path."""
     uvicorn = pytest.importorskip("uvicorn")
     model_dir = save_tiny_model(tmp_path / "model", tiny_processor(minilm_tokenizer, minilm_path))
-    data = make_image_folder(tmp_path / "data", broken=False)
-    extract(model_dir, data, tmp_path / "emb", modality="images", workers=0, progress=False)
+    rows = write_rows(tmp_path / "data")
+    extract(model_dir, rows, tmp_path / "emb", modality="images", workers=0, progress=False)
     build_index(tmp_path / "emb", tmp_path / "idx")
-    app = create_app(
+    searcher = Searcher(
         CrossModalModel.from_pretrained(model_dir),
         MultimodalProcessor.from_pretrained(model_dir),
         SearchIndex(tmp_path / "idx"),
     )
+    app = create_app(searcher)
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     instance = uvicorn.Server(config)
@@ -62,13 +67,14 @@ def server(tmp_path: Path, minilm_tokenizer, minilm_path):
         if time.monotonic() > deadline or not thread.is_alive():
             pytest.fail("uvicorn did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", data
+    yield f"http://127.0.0.1:{port}", tmp_path
     instance.should_exit = True
     thread.join(timeout=10)
 
 
 def test_typed_query_shows_thumbnails_with_scores(server: tuple[str, Path]) -> None:
-    url, data = server
+    url, root = server
+    data = root / "data" / "pics"
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -93,10 +99,13 @@ def test_typed_query_shows_thumbnails_with_scores(server: tuple[str, Path]) -> N
                 ".every(img => img.complete && img.naturalWidth > 0)",
                 timeout=15_000,
             )
-            assert thumbs.first.get_attribute("src").startswith("/images/img")
+            assert thumbs.first.get_attribute("src").startswith("/images/pics%2Fimg")
+            shown = page.content() + page.inner_text("body")
+            assert "pics/img" in shown and str(root) not in shown
 
             page.set_input_files("#file", str(data / "img2.png"))  # the drop zone's file picker
             sync_api.expect(page.locator("#status")).to_contain_text("results for image img2.png")
-            sync_api.expect(results.first.locator(".caption")).to_have_text("img2")
+            sync_api.expect(results.first.locator(".caption")).to_have_text("pics/img2.png")
+            assert str(root) not in page.content() + page.inner_text("body")
         finally:
             browser.close()

@@ -8,13 +8,35 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from xmodal.data.refs import image_ref
-from xmodal.errors import IncompatibleError, InputError
+from xmodal.errors import ImageLoadError, IncompatibleError, IndexBuildError, InputError
 from xmodal.index import SearchIndex
 from xmodal.models.identity import ModelIdentity, check_compatible, identify
 from xmodal.models.model import CrossModalModel, Features
 from xmodal.processing import ImageInput, MultimodalProcessor
+
+
+class IndexedImageError(IndexBuildError):
+    """An image the index points at cannot be read any more: deleted, moved or changed since
+    it was indexed. ``reason`` names no path (a service may show it); the message does."""
+
+    def __init__(self, position: int, item_id: str, location: str, reason: str, gone: bool):
+        super().__init__(
+            f"indexed image {item_id!r} ({location}) {reason}; re-extract and re-index the data"
+        )
+        self.position = position
+        self.item_id = item_id
+        self.location = location
+        self.reason = reason
+        self.gone = gone
+
+    def __reduce__(self):
+        return (
+            type(self),
+            (self.position, self.item_id, self.location, self.reason, self.gone),
+        )
 
 
 class Searcher:
@@ -104,6 +126,7 @@ class Searcher:
     def _result(self, position: int, score: float) -> dict[str, Any]:
         result = {
             "rank": 0,
+            "position": position,
             "id": self.index.ids[position],
             "source": self.index.sources[position],
             "score": score,
@@ -116,13 +139,42 @@ class Searcher:
         """ITM score of the query paired with each indexed item (images loaded from disk)."""
         repeat = torch.zeros(len(positions), dtype=torch.long)
         if text_query:
-            image = self.image_features([image_ref(self.index.locations[p]) for p in positions])
+            image = self.image_features([self.indexed_image(p) for p in positions])
             text = query.index(repeat)
         else:
             image = query.index(repeat)
             text = self.text_features([self.index.sources[p] for p in positions])
         with self.lock, torch.inference_mode():
             return self.model.itm_score(image, text).float().tolist()
+
+    def indexed_image_bytes(self, position: int) -> bytes:
+        """The encoded bytes of the indexed image at ``position``, checked to decode as it did
+        when indexed; IndexedImageError when its file is gone or no longer an image."""
+        return self._read_indexed(position)[0]
+
+    def indexed_image(self, position: int) -> Image.Image:
+        """The indexed image at ``position``, decoded (IndexedImageError when it cannot be)."""
+        return self._read_indexed(position)[1]
+
+    def _read_indexed(self, position: int) -> tuple[bytes, Image.Image]:
+        location = self.index.locations[position]
+        ref = image_ref(location) if location else None
+
+        def fail(reason: str, gone: bool = False) -> IndexedImageError:
+            return IndexedImageError(position, self.index.ids[position], str(ref), reason, gone)
+
+        if ref is None:
+            raise fail("has no stored location")
+        try:
+            data = ref.read_bytes() if not isinstance(ref, str) else Path(ref).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise fail("is gone (deleted or moved since indexing)", gone=True) from None
+        except OSError as err:  # its text names the path: keep it out of the reason
+            raise fail(f"cannot be read ({type(err).__name__})") from None
+        try:
+            return data, self.processor.load_image(data)
+        except ImageLoadError as err:  # decoding bytes: the reason names no path
+            raise fail(f"cannot be decoded any more: {err.reason}") from None
 
     def match(self, image: ImageInput, caption: str) -> dict[str, float]:
         """ITM score, match probability and embedding similarity of one (image, caption) pair."""
@@ -158,7 +210,8 @@ def search(
     nprobe: int | None = None,
     ef_search: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Top-k results (dicts with rank, id, source, score) for a caption or an image."""
+    """Top-k results (dicts with rank, index position, id, source, score) for a caption or an
+    image."""
     if (text is None) == (image is None):
         raise InputError("give exactly one of text= or image=")
     if k < 1:

@@ -10,20 +10,22 @@ SERVE_PACKAGES = ("fastapi", "starlette", "pydantic", "uvicorn", "multipart", "p
 
 
 def add(commands) -> None:
+    from xmodal.serve.settings import add_arguments
+
     p = commands.add_parser("serve", help="serve search over HTTP (API + web page)")
     p.add_argument("--index", required=True, help="index directory")
     p.add_argument("--model", required=True, help="model directory or preset name")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    add_arguments(p)  # --host, --port, --expose-sources, the limits: from ServeSettings
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         from xmodal.serve import serve
+        from xmodal.serve.settings import from_arguments
     except ModuleNotFoundError as err:
         if (err.name or "").split(".")[0] not in SERVE_PACKAGES:
             raise
         raise MissingDependencyError(f"{err}: pip install 'xmodal[serve]'") from err
 
-    serve(args.index, args.model, host=args.host, port=args.port)
+    serve(args.index, args.model, from_arguments(args))
     return 0

@@ -1,17 +1,33 @@
 """HTTP search service: ``create_app`` builds the FastAPI app, ``serve`` runs it with uvicorn."""
 
-from xmodal.serve.app import create_app
-from xmodal.serve.payloads import ServeSettings
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from xmodal.serve.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from xmodal.serve.app import create_app
 
 __all__ = ["ServeSettings", "create_app", "serve"]
 
 
-def serve(index_dir: str, model: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+def __getattr__(name: str) -> Any:
+    if name == "create_app":  # FastAPI is imported only when an app is built
+        from xmodal.serve.app import create_app
+
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def serve(index_dir: str | Path, model: str | Path, settings: ServeSettings | None = None) -> None:
     """Load the index and the model, check they belong together, and serve until stopped."""
     import uvicorn
 
     from xmodal.search import open_searcher
+    from xmodal.serve.app import create_app
 
-    searcher = open_searcher(index_dir, model)
-    app = create_app(searcher.model, searcher.processor, searcher.index)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    settings = settings or ServeSettings()
+    app = create_app(open_searcher(index_dir, model), settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)

@@ -1,40 +1,40 @@
 """FastAPI app: embed, search and match over an index, image thumbnails and a small web page."""
 
-from __future__ import annotations
-
 import mimetypes
-import os
 from collections.abc import Callable
 from functools import partial
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
 
 import anyio
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
-from xmodal.data.refs import image_ref
-from xmodal.index import SearchIndex
-from xmodal.models.identity import ModelIdentity
-from xmodal.models.model import CrossModalModel
-from xmodal.processing import CaptionError, ImageLoadError, MultimodalProcessor
-from xmodal.search import Searcher
-from xmodal.serve.limits import BodySizeLimit
-from xmodal.serve.payloads import (
-    QueryParams,
-    ServeSettings,
-    check_text,
-    check_texts,
-    query_params,
-    read_body,
-    read_images,
-    unprocessable,
+from xmodal.errors import (
+    ImageLoadError,
+    IncompatibleError,
+    InputError,
+    MissingFileError,
+    XmodalError,
 )
+from xmodal.search import IndexedImageError, Searcher
+from xmodal.serve.limits import BodySizeLimit, read_uploads
+from xmodal.serve.public import PublicNames
+from xmodal.serve.requests import body, openapi_body, request_models
+from xmodal.serve.settings import ServeSettings
 
 T = TypeVar("T")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and small fields beside the image
+
+# HTTP status of each kind of XmodalError (the first that matches); any other kind is 500
+ERROR_STATUS: tuple[tuple[type[XmodalError], int], ...] = (
+    (ImageLoadError, 400),  # an upload that is not an image
+    (InputError, 422),  # a caption without text, re-ranking the wrong pair of modalities
+    (IncompatibleError, 409),
+    (MissingFileError, 404),
+)
 
 
 class Health(BaseModel):
@@ -78,32 +78,27 @@ class Match(BaseModel):
     similarity: float
 
 
-def _body_doc(json_schema: dict[str, Any] | None, form: dict[str, Any]) -> dict[str, Any]:
-    content: dict[str, Any] = {"multipart/form-data": {"schema": form}}
-    if json_schema is not None:
-        content["application/json"] = {"schema": json_schema}
-    return {"requestBody": {"required": True, "content": content}}
+class Problem(BaseModel):
+    detail: str
 
 
-_PARAMS = {
-    "k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
-    "nprobe": {"type": "integer", "minimum": 1, "description": "IVF lists to visit"},
-    "ef_search": {"type": "integer", "minimum": 1, "description": "HNSW search depth"},
-    "rerank": {"type": "boolean", "default": False},
-}
-_IMAGE = {"type": "string", "format": "binary"}
+def error_response(err: XmodalError, names: PublicNames) -> tuple[int, str]:
+    """Status and one-line detail of an error; an indexed image is named by its public id,
+    never by where it lives on the server."""
+    if isinstance(err, IndexedImageError):
+        detail = str(err) if names.expose else f"image {names.ids[err.position]!r} {err.reason}"
+        return (404 if err.gone else 500), detail
+    status = next((code for kind, code in ERROR_STATUS if isinstance(err, kind)), 500)
+    return status, str(err)
 
 
-def create_app(
-    model: CrossModalModel,
-    processor: MultimodalProcessor,
-    index: SearchIndex,
-    settings: ServeSettings | None = None,
-    identity: ModelIdentity | None = None,
-) -> FastAPI:
-    """The search API over ``index``; ``identity`` (when given) is checked against the index."""
+def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> FastAPI:
+    """The search API over ``searcher``'s index (the searcher has checked that its model and
+    index belong together)."""
     settings = settings or ServeSettings()
-    searcher = Searcher(model, processor, index, identity)
+    index = searcher.index
+    names = PublicNames(index, expose=settings.expose_sources)
+    models = request_models(settings)
     limiter = anyio.CapacityLimiter(settings.max_concurrency)
     app = FastAPI(
         title="xmodal search",
@@ -112,18 +107,28 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD)
     app.state.searcher = searcher
     app.state.settings = settings
+    problems = {code: {"model": Problem} for code in (400, 413, 415, 422)}
+    # the bodies, validated by the dependency that picks the model by content type
+    EmbedBody = Annotated[
+        BaseModel, Depends(body(models.text_embed, models.image_embed, settings.max_batch))
+    ]
+    SearchBody = Annotated[BaseModel, Depends(body(models.text_search, models.image_search, 1))]
+    MatchBody = Annotated[BaseModel, Depends(body(None, models.match, 1))]
 
-    async def compute(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    @app.exception_handler(XmodalError)
+    async def xmodal_error(_: Request, err: XmodalError) -> JSONResponse:
+        status, detail = error_response(err, names)
+        return JSONResponse({"detail": detail}, status_code=status)
+
+    async def compute(fn: Callable[..., T], *args: Any) -> T:
         """Run model work in the threadpool, at most ``max_concurrency`` at once."""
-        try:
-            return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=limiter)
-        except ImageLoadError as err:
-            raise HTTPException(status_code=400, detail=str(err)) from None
-        except CaptionError as err:
-            raise unprocessable(str(err)) from None
+        return await anyio.to_thread.run_sync(partial(fn, *args), limiter=limiter)
 
-    def thumbnail(item_id: str) -> str | None:
-        return f"/images/{quote(item_id, safe='')}" if index.modality == "images" else None
+    async def uploads(files: list[Any]) -> list[Any]:
+        return await read_uploads(files, settings.max_upload_bytes, settings.max_image_pixels)
+
+    def thumbnail(public_id: str) -> str | None:
+        return f"/images/{quote(public_id, safe='')}" if index.modality == "images" else None
 
     @app.get("/", include_in_schema=False)
     def page() -> HTMLResponse:
@@ -132,6 +137,8 @@ def create_app(
 
     @app.get("/health", response_model=Health, summary="Index and model status")
     def health() -> Health:
+        model = dict(index.info["model"])
+        model["id"] = names.model_id(str(model.get("id")))
         return Health(
             status="ok",
             what=index.modality,
@@ -139,7 +146,7 @@ def create_app(
             count=index.count,
             dim=index.dim,
             params=index.info["params"],
-            model=index.info["model"],
+            model=model,
             processor_hash=index.info["processor_hash"],
         )
 
@@ -147,27 +154,17 @@ def create_app(
         "/embed",
         response_model=Embeddings,
         summary="Embed captions or images",
-        description=(
-            'JSON `{"text": [...]}` embeds captions; a multipart upload of one or more `image` '
-            "files embeds images. Returns float32 L2-normalised vectors."
-        ),
-        openapi_extra=_body_doc(
-            {
-                "type": "object",
-                "properties": {"text": {"type": "array", "items": {"type": "string"}}},
-            },
-            {"type": "object", "properties": {"image": {"type": "array", "items": _IMAGE}}},
-        ),
+        description='JSON `{"text": [...]}` embeds captions; a multipart upload of one or more '
+        "`image` files embeds images. Returns float32 L2-normalised vectors.",
+        openapi_extra=openapi_body(models.text_embed, models.image_embed),
+        responses=problems,
     )
-    async def embed(request: Request) -> Embeddings:
-        kind, body = await read_body(request, settings.max_batch)
-        if kind == "json":
-            texts = check_texts(body.get("text"), settings)
-            vectors = await compute(searcher.embed_texts, texts)
+    async def embed(request: EmbedBody) -> Embeddings:
+        if isinstance(request, models.text_embed):
+            vectors = await compute(searcher.embed_texts, request.text)
             modality = "text"
         else:
-            images = await read_images(body, "image", settings)
-            vectors = await compute(searcher.embed_images, images)
+            vectors = await compute(searcher.embed_images, await uploads(request.image))
             modality = "image"
         return Embeddings(
             modality=modality, count=len(vectors), dim=vectors.shape[1], embeddings=vectors.tolist()
@@ -177,94 +174,55 @@ def create_app(
         "/search",
         response_model=SearchResponse,
         summary="Search the index with a caption or an image",
-        description=(
-            'JSON `{"text": "...", "k": 10}` or a multipart `image` upload with form fields '
-            "`k`, `nprobe`, `ef_search`, `rerank`. Parameters apply to this request only."
-        ),
-        openapi_extra=_body_doc(
-            {
-                "type": "object",
-                "required": ["text"],
-                "properties": {"text": {"type": "string"}, **_PARAMS},
-            },
-            {"type": "object", "required": ["image"], "properties": {"image": _IMAGE, **_PARAMS}},
-        ),
+        description='JSON `{"text": "...", "k": 10}` or a multipart `image` upload with form '
+        "fields `k`, `nprobe`, `ef_search`, `rerank`. Parameters apply to this request only. "
+        "Hits name their dataset-relative location"
+        + (" (this server shows locations as stored)." if settings.expose_sources else "."),
+        openapi_extra=openapi_body(models.text_search, models.image_search),
+        responses=problems,
     )
-    async def search(request: Request) -> SearchResponse:
-        kind, body = await read_body(request, 1)
-        params = query_params(body, settings)
-        options = {"nprobe": params.nprobe, "ef_search": params.ef_search}
-        if kind == "json":
-            text = check_text(body.get("text"), settings)
-            run = partial(searcher.search_text, text, params.k, params.rerank, **options)
+    async def search(query: SearchBody) -> SearchResponse:
+        options = {"nprobe": query.nprobe, "ef_search": query.ef_search}
+        if isinstance(query, models.text_search):
+            kind = "text"
+            run = partial(searcher.search_text, query.text, query.k, query.rerank, **options)
         else:
-            (image,) = await read_images(body, "image", settings)
-            run = partial(searcher.search_image, image, params.k, params.rerank, **options)
-        try:
-            results = await compute(run)
-        except ValueError as err:  # re-ranking asked of the wrong pair of modalities
-            if isinstance(err, ImageLoadError | CaptionError):
-                raise
-            raise unprocessable(str(err)) from None
-        return _response(kind, params, results, thumbnail)
+            kind = "image"
+            (image,) = await uploads([query.image])
+            run = partial(searcher.search_image, image, query.k, query.rerank, **options)
+        hits = [names.result(hit, hit["position"]) for hit in await compute(run)]
+        results = [Result(**hit, thumbnail=thumbnail(hit["id"])) for hit in hits]
+        return SearchResponse(query=kind, k=query.k, results=results)
 
     @app.post(
         "/match",
         response_model=Match,
         summary="Image-text matching score of one pair",
-        description="Multipart `image` file and `caption` field: ITM score, its probability and "
-        "the embedding cosine similarity.",
-        openapi_extra=_body_doc(
-            None,
-            {
-                "type": "object",
-                "required": ["image", "caption"],
-                "properties": {"image": _IMAGE, "caption": {"type": "string"}},
-            },
-        ),
+        description="Multipart `image` file and `caption` field: ITM score, its probability "
+        "and the embedding cosine similarity.",
+        openapi_extra=openapi_body(None, models.match),
+        responses=problems,
     )
-    async def match(request: Request) -> Match:
-        kind, body = await read_body(request, 1)
-        if kind != "form":
-            raise unprocessable("send a multipart form with an 'image' file and a 'caption' field")
-        caption = check_text(body.get("caption"), settings, "caption")
-        (image,) = await read_images(body, "image", settings)
-        return Match(**await compute(searcher.match, image, caption))
+    async def match(pair: MatchBody) -> Match:
+        (image,) = await uploads([pair.image])
+        return Match(**await compute(searcher.match, image, pair.caption))
 
     @app.get(
         "/images/{image_id:path}",
         summary="An indexed image (for thumbnails)",
-        description="Only ids present in the image index are served.",
+        description="Only ids present in the image index are served; 404 for any other id and "
+        "for an indexed image whose file is gone, 500 for one that no longer decodes.",
         response_class=Response,
+        responses={404: {"model": Problem}, 500: {"model": Problem}},
     )
-    def image(image_id: str) -> Response:
-        position = index.position(image_id) if index.modality == "images" else None
+    async def image(image_id: str) -> Response:
+        position = names.position(image_id) if index.modality == "images" else None
         if position is None:
             raise HTTPException(
                 status_code=404, detail=f"no image with id {image_id!r} in the index"
             )
-        ref = image_ref(index.locations[position])
-        if isinstance(ref, str):
-            if not os.path.isfile(ref):
-                raise HTTPException(status_code=404, detail=f"image {image_id!r}: file is gone")
-            return FileResponse(ref, media_type=mimetypes.guess_type(ref)[0] or "image/*")
-        try:
-            data = ref.read_bytes()
-        except OSError as err:
-            raise HTTPException(status_code=404, detail=f"image {image_id!r}: {err}") from None
-        return Response(data, media_type=mimetypes.guess_type(ref.name)[0] or "image/*")
+        data = await compute(searcher.indexed_image_bytes, position)
+        media_type = mimetypes.guess_type(index.sources[position])[0] or "image/*"
+        return Response(data, media_type=media_type)
 
     return app
-
-
-def _response(
-    kind: str,
-    params: QueryParams,
-    results: list[dict[str, Any]],
-    thumbnail: Callable[[str], str | None],
-) -> SearchResponse:
-    return SearchResponse(
-        query="text" if kind == "json" else "image",
-        k=params.k,
-        results=[Result(**r, thumbnail=thumbnail(r["id"])) for r in results],
-    )

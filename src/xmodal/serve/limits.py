@@ -1,9 +1,17 @@
-"""Request body size limit as plain ASGI middleware: 413 before or while the body arrives."""
+"""The limits that protect the server: the request body size (plain ASGI middleware: 413
+before or while the body arrives) and, per uploaded image, its size in bytes and in pixels
+(413, read from the image header before anything is decoded)."""
 
 from __future__ import annotations
 
+import io
 import json
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
+
+from fastapi import HTTPException, UploadFile
+from PIL import Image
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -66,3 +74,51 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded image: a byte source whose name shows up in ImageLoadError messages."""
+
+    filename: str
+    data: bytes = field(repr=False)
+
+    def read_bytes(self) -> bytes:
+        return self.data
+
+    def __str__(self) -> str:
+        return f"uploaded file {self.filename}"
+
+
+async def read_uploads(files: list[UploadFile], max_bytes: int, max_pixels: int) -> list[Upload]:
+    """The uploaded images' bytes; 413 for one over ``max_bytes`` or ``max_pixels``."""
+    images = []
+    for upload in files:
+        data = await upload.read(max_bytes + 1)
+        filename = upload.filename or "image"
+        if len(data) > max_bytes:
+            raise HTTPException(
+                status_code=413,
+                detail=f"image {filename!r} exceeds the upload limit of {max_bytes} bytes",
+            )
+        check_pixels(filename, data, max_pixels)
+        images.append(Upload(filename, data))
+    return images
+
+
+def check_pixels(filename: str, data: bytes, limit: int) -> None:
+    """413 when the image header announces more than ``limit`` pixels (read from the header
+    only); undecodable data is left to the decoder, which reports it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = Image.open(io.BytesIO(data)).size
+    except Image.DecompressionBombError as err:
+        reason = f"too many pixels (decompression bomb?): {err}"
+    except Exception:  # noqa: BLE001 - not an image Pillow can even open: the decoder says why
+        return
+    else:
+        if width * height <= limit:
+            return
+        reason = f"{width}x{height} pixels exceeds the limit of {limit} per image"
+    raise HTTPException(status_code=413, detail=f"image {filename!r}: {reason}")
