@@ -159,7 +159,7 @@ def test_mapper_images_equal_plain_encode_image_nchw(make_tiny_config):
 def test_decode_workers_batch_equals_process_images(tmp_path, processor):
     from PIL import Image
 
-    from xmodal.extract.reader import DecodedImages, ImageCollator
+    from xmodal.data.images import DecodedImages, ImageCollator
 
     rgba = Image.new("RGBA", (90, 50), (200, 10, 10, 128))
     grey = Image.fromarray(np.arange(48 * 64, dtype=np.uint8).reshape(48, 64) % 251)
@@ -168,9 +168,8 @@ def test_decode_workers_batch_equals_process_images(tmp_path, processor):
         image.save(tmp_path / name)
         paths.append(str(tmp_path / name))
     refs = [*paths, str(tmp_path / "missing.png")]
-    items = [Item(str(i), ref, ref) for i, ref in enumerate(refs)]
-    decoded = DecodedImages(items, processor)
-    batch = ImageCollator(processor)([decoded[i] for i in range(len(items))])
+    decoded = DecodedImages(refs, processor)
+    batch = ImageCollator(processor)([decoded[i] for i in range(len(refs))])
     assert batch.positions == [0, 1] and batch.failures[0][0] == 2
     expected = processor.process_images(paths)
     assert batch.pixel_values.is_contiguous()

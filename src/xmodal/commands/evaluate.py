@@ -16,7 +16,11 @@ def add(commands) -> None:
     p.add_argument("--label-field", default=None, help="column holding zero-shot class names")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=1, help="image decoding processes")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable rows (reported)")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out unusable rows and undecodable images (with their captions), reported",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         label_field=args.label_field,
         batch_size=args.batch_size,
         num_workers=args.workers,
+        skip_bad=args.skip_bad,
     )
     report["model"] = str(args.model)
     report["data"] = str(args.data)

@@ -109,6 +109,12 @@ class ImageTextDataset(Dataset):
         index = {image_id: i for i, image_id in enumerate(self.image_ids())}
         return torch.tensor([index[ex.image_id] for ex in self.examples], dtype=torch.long)
 
+    def without_images(self, image_ids: Iterable[str]) -> ImageTextDataset:
+        """The same dataset less every row of the given images."""
+        drop = set(image_ids)
+        kept = [ex for ex in self.examples if ex.image_id not in drop]
+        return ImageTextDataset(kept, self.skipped, self.source)
+
     def unique_images(self) -> list[Example]:
         """First example of each image id, in ``image_ids()`` order."""
         first: dict[str, Example] = {}

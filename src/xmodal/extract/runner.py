@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from xmodal.data.datasets import load_dataset
+from xmodal.data.images import image_loader
 from xmodal.errors import ExtractError
 from xmodal.extract.identity import ModelIdentity, check_compatible, identify
 from xmodal.extract.mapper import EmbeddingMapper, MapperOptions
@@ -35,7 +36,6 @@ from xmodal.extract.reader import (
     Item,
     default_workers,
     image_items,
-    image_loader,
     items_fingerprint,
     location,
     model_threads,
@@ -305,8 +305,9 @@ class _Run:
                 batches.append(list(range(b, min(end, b + self.batch_size))))
                 left[k] = left.get(k, 0) + 1
         buffers: dict[int, _ShardBuffer] = {}
+        refs = [item.ref for item in items]
         loader = image_loader(
-            items, self.processor, batches, self.workers, self.mapper.channels_last
+            refs, self.processor, batches, self.workers, self.mapper.channels_last
         )
         waited = 0.0  # seconds the model spent waiting for decoded batches
         started = time.perf_counter()
