@@ -20,8 +20,6 @@ from xmodal.extract.mapper import (
     EmbeddingMapper,
     MapperOptions,
     resolve_backend,
-    resolve_device,
-    resolve_precision,
 )
 from xmodal.extract.reader import Item, TokenizedCaptions, text_batches
 from xmodal.models.checkpointing import checkpoint_modules, is_checkpointed
@@ -33,6 +31,7 @@ from xmodal.models.inference import (
     inference_copy,
 )
 from xmodal.models.model import CrossModalModel
+from xmodal.runtime import pick_autocast, pick_device
 
 CAPTIONS = [
     "a red square",
@@ -286,20 +285,20 @@ def test_precision_resolution(monkeypatch):
     import xmodal.runtime as runtime
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_precision("fp32", cpu) is None
-    assert resolve_precision("fp32", cuda) is None
-    assert resolve_precision("bf16", cpu) is torch.bfloat16
-    assert resolve_precision("fp16", cuda) is torch.float16
+    assert pick_autocast("fp32", cpu) is None
+    assert pick_autocast("fp32", cuda) is None
+    assert pick_autocast("bf16", cpu) is torch.bfloat16
+    assert pick_autocast("fp16", cuda) is torch.float16
     monkeypatch.setattr(runtime, "cpu_has_bf16_hardware", lambda: False)
-    assert resolve_precision("auto", cpu) is None
+    assert pick_autocast("auto", cpu) is None
     monkeypatch.setattr(runtime, "cpu_has_bf16_hardware", lambda: True)
-    assert resolve_precision("auto", cpu) is torch.bfloat16
+    assert pick_autocast("auto", cpu) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_precision("auto", cuda) is torch.bfloat16
+    assert pick_autocast("auto", cuda) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_precision("auto", cuda) is torch.float16
+    assert pick_autocast("auto", cuda) is torch.float16
     with pytest.raises(ValueError, match="precision"):
-        resolve_precision("int8", cpu)
+        pick_autocast("int8", cpu)
 
 
 def test_backend_resolution(monkeypatch):
@@ -319,12 +318,12 @@ def test_backend_resolution(monkeypatch):
 
 def test_device_resolution_and_option_checks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device("auto") == torch.device("cpu")
+    assert pick_device("auto") == torch.device("cpu")
     with pytest.raises(ValueError, match="CUDA is not available"):
-        resolve_device("cuda")
+        pick_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert pick_device("auto") == torch.device("cuda", 1)
     for bad, message in (
         (MapperOptions(backend="onnx"), "onnx_dir"),
         (MapperOptions(backend="tvm"), "backend"),

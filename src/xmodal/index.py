@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,14 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from xmodal.atomic import atomic_path, atomic_write_text
+from xmodal.config import IndexKind
 from xmodal.errors import IndexBuildError
 from xmodal.extract.identity import ModelIdentity, check_compatible
 from xmodal.extract.writer import KINDS, load_manifest, now, read_shard
 
 INDEX_JSON = "index.json"
 INDEX_FORMAT = "xmodal.index/1"
-INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
+INDEX_KINDS = typing.get_args(IndexKind)
 FLAT_MAX = 50_000
 TARGET_RECALL = 0.95
 RECALL_K = 10

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import typing
+
+from xmodal.config import DatasetFormat, KarpathySplit
 
 
 def add(commands) -> None:
@@ -10,8 +13,13 @@ def add(commands) -> None:
     p.add_argument("--model", required=True, help="model directory or preset name")
     p.add_argument("--data", required=True, help="dataset (JSONL, CSV, COCO, Karpathy, ...)")
     p.add_argument("--out", default=None, help="write the JSON report here")
-    p.add_argument("--format", default=None, help="dataset format (default: detected)")
-    p.add_argument("--split", default=None, help="Karpathy split (train/val/test/restval)")
+    p.add_argument(
+        "--format",
+        choices=typing.get_args(DatasetFormat),
+        default=None,
+        help="dataset format (default: detected)",
+    )
+    p.add_argument("--split", choices=typing.get_args(KarpathySplit), help="Karpathy split")
     p.add_argument("--rerank-k", type=int, default=16, help="ITM re-rank the top k (0: off)")
     p.add_argument("--label-field", default=None, help="column holding zero-shot class names")
     p.add_argument("--batch-size", type=int, default=64)

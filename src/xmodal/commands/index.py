@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import typing
+
+from xmodal.config import IndexKind, Modality
 
 
 def add(commands) -> None:
     p = commands.add_parser("index", help="build a FAISS index over extracted shards")
     p.add_argument("--shards", required=True, help="directory written by xmodal extract")
     p.add_argument("--out", required=True, help="index directory")
-    p.add_argument("--kind", choices=("auto", "flat", "ivf", "hnsw"), default="auto")
-    p.add_argument("--what", choices=("images", "texts"), default="images")
+    p.add_argument("--kind", choices=typing.get_args(IndexKind), default="auto")
+    p.add_argument("--what", choices=typing.get_args(Modality), default="images")
     p.add_argument("--add", action="store_true", help="add shards not yet in an existing index")
 
 

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import tarfile
+import typing
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,13 +19,14 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from xmodal.config import DatasetFormat, KarpathySplit
 from xmodal.errors import BadRowError
 from xmodal.processing import caption_problem
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-KARPATHY_SPLITS = ("train", "val", "test", "restval")
+KARPATHY_SPLITS = typing.get_args(KarpathySplit)
 CAPTION_FILES = ("captions.jsonl", "captions.csv", "captions.txt")
-FORMATS = ("jsonl", "csv", "json", "coco", "karpathy", "folder", "tar")
+FORMATS = typing.get_args(DatasetFormat)
 _RESERVED_COLUMNS = ("image", "caption", "image_id", "label")
 
 

@@ -96,8 +96,7 @@ class TokenizedCaptions:
         cfg = processor.config
         for i, caption in enumerate(captions):
             check_caption(caption, i)
-        if cfg.caption_template != "{}":
-            captions = [cfg.caption_template.format(c) for c in captions]
+        captions = processor.apply_template(captions)
         tokenizer = processor.tokenizer
         encoded = tokenizer(list(captions), truncation=True, max_length=cfg.max_length)["input_ids"]
         self.lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))

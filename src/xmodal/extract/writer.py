@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,13 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xmodal.atomic import atomic_path, atomic_write_text
+from xmodal.config import Modality, ShardDtype
 
 MANIFEST_NAME = "manifest.json"
 ERRORS_NAME = "errors.jsonl"
 SKIPPED_NAME = "skipped.jsonl"
 MANIFEST_FORMAT = "xmodal.embeddings/1"
-KINDS = ("images", "texts")
-DTYPES = ("float16", "float32")
+KINDS = typing.get_args(Modality)
+DTYPES = typing.get_args(ShardDtype)
 
 
 def shard_name(kind: str, index: int) -> str:
