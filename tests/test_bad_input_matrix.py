@@ -328,3 +328,13 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         model = save_tiny_model(Path(tmp) / "model", tiny_processor(load_tokenizer(path), path))
         print_matrix(Path(tmp), str(model))
+
+
+def test_serve_answers_404_for_an_indexed_image_deleted_since(model_dir) -> None:
+    client = _client(model_dir)
+    assert client.get("/images/good1").status_code == 200
+    image = Path(model_dir).parent / "serve" / "images" / "good1.png"
+    image.unlink()
+    response = client.get("/images/good1")
+    assert response.status_code == 404
+    assert str(image.parent) not in response.text and "good1.png" not in response.text
