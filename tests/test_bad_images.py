@@ -189,3 +189,44 @@ def test_train_with_skip_bad_drops_records_and_counts(model, tmp_path, tiny_mode
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["bad_images"] == len(records)
     assert "val_t2i_R@1" in log[-1]
+
+
+def test_eval_with_only_undecodable_images_is_one_line(tmp_path, tiny_model_dir, capsys):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for name in BAD:
+        (root / "images" / name).write_bytes(BAD[name][0](root / "images" / name))
+        rows.append({"image": f"images/{name}", "caption": f"picture of {name}"})
+    data = root / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["eval", "--model", tiny_model_dir, "--data", str(data), "--workers", "0"]
+    capsys.readouterr()
+    assert main([*argv, "--skip-bad"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("xmodal eval: error: no image of ") and "zero-bytes.jpg" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_train_resume_keeps_the_record_of_bad_images(tmp_path, tiny_model_dir):
+    from xmodal.train import Trainer, load_train_config
+
+    data, _ = dataset_with_bad_images(tmp_path / "data", list(BAD), n_good=6)
+    path = train_config(tmp_path, tiny_model_dir, data, skip_bad=True, num_workers=0)
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["val"] = None
+    raw["optim"]["steps"] = 8
+    path.write_text(yaml.safe_dump(raw))
+    Trainer(load_train_config(path)).train(stop_after=5)  # one epoch of 5 batches: all met
+    errors = tmp_path / "run" / "errors.jsonl"
+    first = errors.read_text()
+    assert sorted(Path(json.loads(r)["source"]).name for r in first.splitlines()) == sorted(BAD)
+    Trainer(load_train_config(path)).train(resume=True)
+    assert errors.read_text() == first  # met again in epoch 2: still once each
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in log] == list(range(1, 9))
+    assert all(r["bad_images"] == 4 for r in log[5:])
+    stale = {"dataset": "train", "image_id": "gone", "source": "gone.png", "row": "", "reason": ""}
+    errors.write_text(first + json.dumps(stale) + "\n")
+    Trainer(load_train_config(path)).train()  # a fresh run in the same folder: a new record
+    assert errors.read_text() == first
