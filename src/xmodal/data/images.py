@@ -111,8 +111,8 @@ def image_loader(
     workers: int,
     channels_last: bool = False,
 ) -> DataLoader:
-    """:class:`ImageBatch` es of ``images``, in the order of ``batches`` (lists of positions);
-    ``channels_last`` for conv towers (see :class:`PixelNormaliser`)."""
+    """Decoded batches (:class:`ImageBatch`) of ``images``, in the order of ``batches`` (lists
+    of positions); ``channels_last`` for conv towers (see :class:`PixelNormaliser`)."""
     return data_loader(
         DecodedImages(images, processor),
         workers,
