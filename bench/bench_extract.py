@@ -37,9 +37,10 @@ from common import (
 )
 
 from xmodal.data import load_dataset
+from xmodal.data.images import image_loader
 from xmodal.extract import extract
 from xmodal.extract.mapper import EmbeddingMapper, MapperOptions
-from xmodal.extract.reader import TokenizedCaptions, image_items, image_loader
+from xmodal.extract.reader import TokenizedCaptions, image_items
 from xmodal.extract.reader import text_items as caption_items
 from xmodal.presets import load_model
 
@@ -132,7 +133,9 @@ def streamed_images(mapper, processor, items, batch_size, workers, threads) -> t
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        loader = iter(image_loader(items, processor, batches, workers, mapper.channels_last))
+        loader = iter(
+            image_loader([i.ref for i in items], processor, batches, workers, mapper.channels_last)
+        )
         mapper.images(next(loader).pixel_values)  # timed from here: worker start-up not counted
         start, done, waited = time.perf_counter(), 0, 0.0
         for _ in batches[1:]:

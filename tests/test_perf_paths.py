@@ -20,8 +20,6 @@ from xmodal.extract.mapper import (
     EmbeddingMapper,
     MapperOptions,
     resolve_backend,
-    resolve_device,
-    resolve_precision,
 )
 from xmodal.extract.reader import Item, TokenizedCaptions, text_batches
 from xmodal.models.checkpointing import checkpoint_modules, is_checkpointed
@@ -33,6 +31,7 @@ from xmodal.models.inference import (
     inference_copy,
 )
 from xmodal.models.model import CrossModalModel
+from xmodal.runtime import pick_autocast, pick_device
 
 CAPTIONS = [
     "a red square",
@@ -159,7 +158,7 @@ def test_mapper_images_equal_plain_encode_image_nchw(make_tiny_config):
 def test_decode_workers_batch_equals_process_images(tmp_path, processor):
     from PIL import Image
 
-    from xmodal.extract.reader import DecodedImages, ImageCollator
+    from xmodal.data.images import DecodedImages, ImageCollator
 
     rgba = Image.new("RGBA", (90, 50), (200, 10, 10, 128))
     grey = Image.fromarray(np.arange(48 * 64, dtype=np.uint8).reshape(48, 64) % 251)
@@ -168,9 +167,8 @@ def test_decode_workers_batch_equals_process_images(tmp_path, processor):
         image.save(tmp_path / name)
         paths.append(str(tmp_path / name))
     refs = [*paths, str(tmp_path / "missing.png")]
-    items = [Item(str(i), ref, ref) for i, ref in enumerate(refs)]
-    decoded = DecodedImages(items, processor)
-    batch = ImageCollator(processor)([decoded[i] for i in range(len(items))])
+    decoded = DecodedImages(refs, processor)
+    batch = ImageCollator(processor)([decoded[i] for i in range(len(refs))])
     assert batch.positions == [0, 1] and batch.failures[0][0] == 2
     expected = processor.process_images(paths)
     assert batch.pixel_values.is_contiguous()
@@ -287,20 +285,20 @@ def test_precision_resolution(monkeypatch):
     import xmodal.runtime as runtime
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_precision("fp32", cpu) is None
-    assert resolve_precision("fp32", cuda) is None
-    assert resolve_precision("bf16", cpu) is torch.bfloat16
-    assert resolve_precision("fp16", cuda) is torch.float16
+    assert pick_autocast("fp32", cpu) is None
+    assert pick_autocast("fp32", cuda) is None
+    assert pick_autocast("bf16", cpu) is torch.bfloat16
+    assert pick_autocast("fp16", cuda) is torch.float16
     monkeypatch.setattr(runtime, "cpu_has_bf16_hardware", lambda: False)
-    assert resolve_precision("auto", cpu) is None
+    assert pick_autocast("auto", cpu) is None
     monkeypatch.setattr(runtime, "cpu_has_bf16_hardware", lambda: True)
-    assert resolve_precision("auto", cpu) is torch.bfloat16
+    assert pick_autocast("auto", cpu) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_precision("auto", cuda) is torch.bfloat16
+    assert pick_autocast("auto", cuda) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_precision("auto", cuda) is torch.float16
+    assert pick_autocast("auto", cuda) is torch.float16
     with pytest.raises(ValueError, match="precision"):
-        resolve_precision("int8", cpu)
+        pick_autocast("int8", cpu)
 
 
 def test_backend_resolution(monkeypatch):
@@ -320,12 +318,12 @@ def test_backend_resolution(monkeypatch):
 
 def test_device_resolution_and_option_checks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device("auto") == torch.device("cpu")
+    assert pick_device("auto") == torch.device("cpu")
     with pytest.raises(ValueError, match="CUDA is not available"):
-        resolve_device("cuda")
+        pick_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert pick_device("auto") == torch.device("cuda", 1)
     for bad, message in (
         (MapperOptions(backend="onnx"), "onnx_dir"),
         (MapperOptions(backend="tvm"), "backend"),

@@ -88,7 +88,7 @@ def test_accumulation_and_locked_image_with_cache(tmp_path, tiny_model_dir) -> N
     assert result.progress.samples_seen == 4 * 2 * 8
     after = trainer.model.image_tower.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # locked: BN stats too
-    assert trainer.cache is not None and trainer.cache[0].shape[0] == 24
+    assert trainer.cache is not None and trainer.cache.pooled.shape[0] == 24
 
 
 def test_gradient_checkpointing_setting_trains_to_the_same_weights(tmp_path, tiny_model_dir):

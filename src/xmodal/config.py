@@ -22,6 +22,21 @@ from xmodal.errors import ConfigError, MissingFileError
 
 T = TypeVar("T")
 
+# -- choices shared by configs, options and the command line (``typing.get_args`` lists them)
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+"""Autocast: ``auto`` (bf16 on CUDA with bf16, fp16 on older GPUs, bf16 on CPUs with AMX /
+AVX-512 BF16, else fp32), or fp32, bf16, fp16 (see :func:`xmodal.runtime.pick_autocast`)."""
+Backend = Literal["auto", "torch", "onnx"]
+"""Extraction backend (see :class:`xmodal.extract.mapper.MapperOptions`)."""
+Modality = Literal["images", "texts"]
+"""What a shard or an index holds."""
+ExtractModality = Literal[Modality, "both"]
+ShardDtype = Literal["float16", "float32"]
+IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
+DatasetFormat = Literal["jsonl", "csv", "json", "coco", "karpathy", "folder", "tar", "webdataset"]
+"""Dataset readers of :func:`xmodal.data.load_dataset` (``webdataset`` is ``tar``)."""
+KarpathySplit = Literal["train", "val", "test", "restval"]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -172,20 +187,32 @@ class ProcessorConfig:
         _check_choice("processor.padding", self.padding, ("longest", "max_length"))
         _check_positive("processor.max_length", self.max_length)
         _check_positive("processor.max_image_pixels", self.max_image_pixels)
-        if self.caption_template.count("{}") != 1:
-            raise ConfigError("processor.caption_template must contain exactly one '{}'")
-        try:
-            self.caption_template.format("")
-        except (IndexError, KeyError, ValueError) as err:
-            raise ConfigError(
-                f"processor.caption_template {self.caption_template!r} is not a valid template "
-                f"({type(err).__name__}: {err}); write literal braces as '{{{{' and '}}}}'"
-            ) from None
+        check_caption_template(self.caption_template, "processor.caption_template")
         for name, values in (("mean", self.mean), ("std", self.std)):
             if len(values) != 3:
                 raise ConfigError(f"processor.{name} needs 3 values, got {len(values)}")
         if any(s <= 0 for s in self.std):
             raise ConfigError("processor.std values must be > 0")
+
+
+def check_caption_template(template: str, key: str) -> None:
+    """Refuse a caption template without exactly one ``{}`` or that ``str.format`` rejects."""
+    if template.count("{}") != 1:
+        raise ConfigError(f"{key} must contain exactly one '{{}}', got {template!r}")
+    try:
+        template.format("")
+    except (IndexError, KeyError, ValueError) as err:
+        raise ConfigError(
+            f"{key} {template!r} is not a valid template ({type(err).__name__}: {err}); "
+            "write literal braces as '{{{{' and '}}}}'"
+        ) from None
+
+
+def check_choice(key: str, value: Any, choices: Any) -> None:
+    """Refuse ``value`` unless it is one of ``choices`` (a tuple, or a Literal type)."""
+    allowed = typing.get_args(choices) or tuple(choices)
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from xmodal.atomic import atomic_path, atomic_write_text, make_dir
+from xmodal.config import IndexKind
 from xmodal.errors import IndexBuildError, InputError, MissingDependencyError, MissingFileError
 from xmodal.extract.writer import MODALITIES, load_manifest, now, read_shard
 from xmodal.models.identity import ModelIdentity, check_compatible
@@ -32,7 +34,7 @@ except ImportError as exc:  # an optional extra, needed only to build or search 
 
 INDEX_JSON = "index.json"
 INDEX_FORMAT = "xmodal.index/1"
-INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
+INDEX_KINDS = typing.get_args(IndexKind)
 FLAT_MAX = 50_000
 TARGET_RECALL = 0.95
 RECALL_K = 10

@@ -259,8 +259,8 @@ class MultimodalProcessor:
         for i, caption in enumerate(texts):
             check_caption(caption, i)
         cfg = self.config
-        if apply_template and cfg.caption_template != "{}":
-            texts = [cfg.caption_template.format(t) for t in texts]
+        if apply_template:
+            texts = self.apply_template(texts)
         encoded = self.tokenizer(
             texts,
             padding=cfg.padding,
@@ -271,6 +271,13 @@ class MultimodalProcessor:
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
     process_texts = process_text
+
+    def apply_template(self, captions: Sequence[str]) -> list[str]:
+        """The captions wrapped in ``caption_template`` (the one place it is applied)."""
+        template = self.config.caption_template
+        if template == "{}":
+            return list(captions)
+        return [template.format(caption) for caption in captions]
 
     def __call__(
         self,

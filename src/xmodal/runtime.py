@@ -3,24 +3,43 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
+import re
 from pathlib import Path
 
 import torch
 
-from xmodal.config import ConfigError
+from xmodal.config import ConfigError, Precision, check_choice
+
+DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def check_device_name(name: str, key: str = "device") -> None:
+    """Refuse a device name other than ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
 def pick_device(name: str) -> torch.device:
+    """The device for ``name``: ``auto`` is this process's GPU when CUDA is available, else the
+    CPU; ``cuda`` this process's GPU (``LOCAL_RANK`` under torchrun, else 0); ``cpu`` and
+    ``cuda:N`` as named. The one place every command decides where to run; ConfigError for an
+    unknown name or missing CUDA."""
+    check_device_name(name)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda requested but no CUDA device is available")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
 
 
 def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. On CPUs bf16 only pays with AMX / AVX-512 BF16."""
+    """The autocast dtype, or None for fp32. On CPUs bf16 only pays with AMX / AVX-512 BF16.
+    The one place every command decides its precision; ConfigError for an unknown one."""
+    check_choice("precision", precision, Precision)
     if precision == "fp32":
         return None
     if precision == "bf16":

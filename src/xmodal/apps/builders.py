@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from xmodal.atomic import make_dir
+from xmodal.atomic import atomic_write_bytes, make_dir
 from xmodal.errors import ConfigError, InputError, MissingDependencyError, MissingFileError
 
 EMOJI_PACKAGE = "emoji-datasource-google@16.0.0"
@@ -56,26 +56,13 @@ _NPM_TIMEOUT_S = 900
 # ---------------------------------------------------------------- file helpers
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file next to ``path`` and rename it into place."""
-    make_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_jsonl(path: Path, records: Iterable[dict]) -> None:
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    _atomic_write_bytes(path, lines.encode("utf-8"))
+    atomic_write_bytes(path, lines.encode("utf-8"))
 
 
 def _write_json(path: Path, data: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -319,7 +306,7 @@ def build_emoji(
     assignment = split_names((r["name"] for r in records), seed, val_fraction, test_fraction)
     for record in tqdm(records, desc="emoji images", unit="img"):
         image = _on_white(pngs[record["image_id"]], size)
-        _atomic_write_bytes(out / record["image"], _png_bytes(image))
+        atomic_write_bytes(out / record["image"], _png_bytes(image))
     splits = {s: [r for r in records if assignment[r["name"]] == s] for s in EMOJI_SPLITS}
     for split, rows in splits.items():
         _write_jsonl(out / f"{split}.jsonl", rows)
@@ -398,7 +385,7 @@ def build_fashion_mnist(
     ):
         image_id = f"{split}_{i}"
         name = FASHION_MNIST_CLASSES[int(label)]
-        _atomic_write_bytes(out / "images" / f"{image_id}.png", _png_bytes(Image.fromarray(pixels)))
+        atomic_write_bytes(out / "images" / f"{image_id}.png", _png_bytes(Image.fromarray(pixels)))
         row = {"image": f"images/{image_id}.png", "caption": f"a photo of a {name}"}
         rows.append({**row, "label": name, "image_id": image_id})
     _write_jsonl(out / f"{split}.jsonl", rows)

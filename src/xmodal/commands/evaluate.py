@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import typing
+
+from xmodal.config import DatasetFormat, KarpathySplit
 
 
 def add(commands) -> None:
@@ -10,13 +13,22 @@ def add(commands) -> None:
     p.add_argument("--model", required=True, help="model directory or preset name")
     p.add_argument("--data", required=True, help="dataset (JSONL, CSV, COCO, Karpathy, ...)")
     p.add_argument("--out", default=None, help="write the JSON report here")
-    p.add_argument("--format", default=None, help="dataset format (default: detected)")
-    p.add_argument("--split", default=None, help="Karpathy split (train/val/test/restval)")
+    p.add_argument(
+        "--format",
+        choices=typing.get_args(DatasetFormat),
+        default=None,
+        help="dataset format (default: detected)",
+    )
+    p.add_argument("--split", choices=typing.get_args(KarpathySplit), help="Karpathy split")
     p.add_argument("--rerank-k", type=int, default=16, help="ITM re-rank the top k (0: off)")
     p.add_argument("--label-field", default=None, help="column holding zero-shot class names")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=1, help="image decoding processes")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable rows (reported)")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out unusable rows and undecodable images (with their captions), reported",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         label_field=args.label_field,
         batch_size=args.batch_size,
         num_workers=args.workers,
+        skip_bad=args.skip_bad,
     )
     report["model"] = str(args.model)
     report["data"] = str(args.data)

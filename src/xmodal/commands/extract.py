@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import typing
+
+from xmodal.config import Backend, ExtractModality, Precision, ShardDtype
 
 
 def add(commands) -> None:
@@ -11,13 +14,13 @@ def add(commands) -> None:
     p.add_argument("--data", required=True, help="dataset path (any format load_dataset reads)")
     p.add_argument("--out", required=True, help="output directory for shards + manifest.json")
     p.add_argument(
-        "--modality", choices=("images", "texts", "both"), default="both", help="what to embed"
+        "--modality", choices=typing.get_args(ExtractModality), default="both", help="what to embed"
     )
     p.add_argument(  # the flag's earlier name, still accepted
-        "--what", dest="modality", choices=("images", "texts", "both"), help=argparse.SUPPRESS
+        "--what", dest="modality", choices=typing.get_args(ExtractModality), help=argparse.SUPPRESS
     )
     p.add_argument("--shard-size", type=int, default=10_000)
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float32")
+    p.add_argument("--dtype", choices=typing.get_args(ShardDtype), default="float32")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None, help="decode workers (default: auto)")
     p.add_argument("--format", default=None, help="dataset format (default: detected)")
@@ -25,14 +28,14 @@ def add(commands) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda or cuda:N")
     p.add_argument(
         "--precision",
-        choices=("auto", "fp32", "bf16", "fp16"),
+        choices=typing.get_args(Precision),
         default="auto",
         help="autocast: auto = bf16 on CUDA (fp16 without bf16), fp32 on CPUs without AMX",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the towers")
     p.add_argument(
         "--backend",
-        choices=("auto", "torch", "onnx"),
+        choices=typing.get_args(Backend),
         default="auto",
         help="auto: ONNX Runtime on a CPU when installed (towers exported at start), else torch",
     )
@@ -40,6 +43,7 @@ def add(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from xmodal.config import from_dict
     from xmodal.extract import extract
     from xmodal.extract.mapper import MapperOptions
 
@@ -54,12 +58,15 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         skip_bad=args.skip_bad,
         data_format=args.format,
-        options=MapperOptions(
-            device=args.device,
-            precision=args.precision,
-            compile=args.compile,
-            backend=args.backend,
-            onnx_dir=args.onnx_dir,
+        options=from_dict(
+            MapperOptions,
+            {
+                "device": args.device,
+                "precision": args.precision,
+                "compile": args.compile,
+                "backend": args.backend,
+                "onnx_dir": args.onnx_dir,
+            },
         ),
     )
     for modality, record in manifest["modalities"].items():

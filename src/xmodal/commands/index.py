@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import typing
+
+from xmodal.config import IndexKind, Modality
 
 
 def add(commands) -> None:
     p = commands.add_parser("index", help="build a FAISS index over extracted shards")
     p.add_argument("--shards", required=True, help="directory written by xmodal extract")
     p.add_argument("--out", required=True, help="index directory")
+    p.add_argument("--kind", choices=typing.get_args(IndexKind), default="auto", help="index type")
     p.add_argument(
-        "--kind", choices=("auto", "flat", "ivf", "hnsw"), default="auto", help="index type"
-    )
-    p.add_argument(
-        "--modality", choices=("images", "texts"), default="images", help="what to index"
+        "--modality", choices=typing.get_args(Modality), default="images", help="what to index"
     )
     p.add_argument(  # the flag's earlier name, still accepted
-        "--what", dest="modality", choices=("images", "texts"), help=argparse.SUPPRESS
+        "--what", dest="modality", choices=typing.get_args(Modality), help=argparse.SUPPRESS
     )
     p.add_argument("--add", action="store_true", help="add shards not yet in an existing index")
 

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import tarfile
+import typing
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,13 +19,14 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from xmodal.config import DatasetFormat, KarpathySplit
 from xmodal.errors import BadRowError, ConfigError, InputError, MissingFileError
 from xmodal.processing import caption_problem
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-KARPATHY_SPLITS = ("train", "val", "test", "restval")
+KARPATHY_SPLITS = typing.get_args(KarpathySplit)
 CAPTION_FILES = ("captions.jsonl", "captions.csv", "captions.txt")
-FORMATS = ("jsonl", "csv", "json", "coco", "karpathy", "folder", "tar")
+FORMATS = typing.get_args(DatasetFormat)
 _RESERVED_COLUMNS = ("image", "caption", "image_id", "label")
 
 
@@ -108,6 +110,12 @@ class ImageTextDataset(Dataset):
         """Index into ``image_ids()`` of each example's image (LongTensor, one per example)."""
         index = {image_id: i for i, image_id in enumerate(self.image_ids())}
         return torch.tensor([index[ex.image_id] for ex in self.examples], dtype=torch.long)
+
+    def without_images(self, image_ids: Iterable[str]) -> ImageTextDataset:
+        """The same dataset less every row of the given images."""
+        drop = set(image_ids)
+        kept = [ex for ex in self.examples if ex.image_id not in drop]
+        return ImageTextDataset(kept, self.skipped, self.source)
 
     def unique_images(self) -> list[Example]:
         """First example of each image id, in ``image_ids()`` order."""

@@ -5,36 +5,27 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from xmodal.atomic import atomic_write_text
+from xmodal.data.images import drop_failed_images, image_loader
 from xmodal.models.model import CrossModalModel, Features
 from xmodal.processing import MultimodalProcessor
 
 
-class _ImageBatches(Dataset):
-    """Decodes and transforms a batch of images per item (so DataLoader workers do the work)."""
+@dataclass
+class ImageOutputs:
+    """The image tower's outputs for the images that decoded (in input order), and the reasons
+    of those that did not (position in the input list -> reason)."""
 
-    def __init__(self, images: Sequence[Any], processor: MultimodalProcessor, batch_size: int):
-        self.images = list(images)
-        self.processor = processor
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return (len(self.images) + self.batch_size - 1) // self.batch_size
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        chunk = self.images[i * self.batch_size : (i + 1) * self.batch_size]
-        return self.processor.process_images(chunk)
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
+    pooled: torch.Tensor  # (N_ok, Di) float32
+    tokens: torch.Tensor | None  # (N_ok, T, Di) float16, or None
+    failures: dict[int, str] = field(default_factory=dict)
 
 
 @torch.inference_mode()
@@ -46,25 +37,27 @@ def image_tower_outputs(
     num_workers: int = 1,
     keep_tokens: bool = True,
     desc: str = "images",
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the image tower over images: pooled (N, Di) float32 and tokens (N, T, Di) float16."""
+) -> ImageOutputs:
+    """Run the image tower over images decoded in ``num_workers`` DataLoader workers; images
+    that cannot be decoded are left out and listed in ``failures``."""
     device = next(model.parameters()).device
-    loader = DataLoader(
-        _ImageBatches(images, processor, batch_size),
-        batch_size=None,
-        num_workers=num_workers,
-        worker_init_fn=_worker_init if num_workers else None,
-        generator=torch.Generator().manual_seed(0),  # leaves the global RNG untouched
-    )
-    pooled, tokens = [], []
+    batches = [
+        list(range(start, min(len(images), start + batch_size)))
+        for start in range(0, len(images), batch_size)
+    ]
+    pooled, tokens, failures = [], [], {}
     with tqdm(total=len(images), desc=desc, unit="img", disable=None) as bar:
-        for pixels in loader:
-            out = model.image_tower(pixels.to(device))
-            pooled.append(out.pooled.float().cpu())
-            if keep_tokens:
-                tokens.append(out.tokens.half().cpu())
-            bar.update(len(pixels))
-    return torch.cat(pooled), (torch.cat(tokens) if keep_tokens else None)
+        for batch in image_loader(images, processor, batches, num_workers):
+            failures.update(batch.failures)
+            if batch.pixel_values is not None:
+                out = model.image_tower(batch.pixel_values.to(device))
+                pooled.append(out.pooled.float().cpu())
+                if keep_tokens:
+                    tokens.append(out.tokens.half().cpu())
+            bar.update(len(batch.positions) + len(batch.failures))
+    if not pooled:
+        return ImageOutputs(torch.empty(0), None, failures)
+    return ImageOutputs(torch.cat(pooled), torch.cat(tokens) if keep_tokens else None, failures)
 
 
 @torch.inference_mode()
@@ -132,20 +125,26 @@ def evaluate_model(
     label_field: str | None = None,
     batch_size: int = 64,
     num_workers: int = 1,
-    image_outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    image_outputs: ImageOutputs | None = None,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Retrieval (ITC, and ITM re-ranked over the top ``rerank_k``) and, when the dataset has
-    labels (or ``label_field`` names an extra column), zero-shot classification."""
+    labels (or ``label_field`` names an extra column), zero-shot classification.
+
+    An image that cannot be decoded raises :class:`ImageLoadError` naming the file and its
+    dataset row; with ``skip_bad`` it is left out of the whole evaluation together with its
+    captions (which would have no image to retrieve), and listed under ``bad_images``."""
     from xmodal.evaluate.retrieval import rerank_metrics, retrieval_metrics
 
     model.eval()
     started = time.time()
-    unique = dataset.unique_images()
     if image_outputs is None:
-        image_outputs = image_tower_outputs(
-            model, processor, [ex.image for ex in unique], batch_size, num_workers
-        )
-    pooled, tokens = image_outputs
+        images = [ex.image for ex in dataset.unique_images()]
+        image_outputs = image_tower_outputs(model, processor, images, batch_size, num_workers)
+    n_rows = len(dataset)
+    dataset, bad_images = drop_failed_images(dataset, image_outputs.failures, skip_bad)
+    unique = dataset.unique_images()
+    pooled, tokens = image_outputs.pooled, image_outputs.tokens
     with torch.inference_mode():
         device = next(model.parameters()).device
         image_embeds = torch.nn.functional.normalize(
@@ -159,6 +158,10 @@ def evaluate_model(
         "n_texts": len(captions),
         "retrieval_itc": retrieval_metrics(image_embeds, text_embeds, text_to_image),
     }
+    if bad_images:
+        report["bad_images"] = bad_images
+        report["n_bad_images"] = len(bad_images)
+        report["n_dropped_captions"] = n_rows - len(dataset)
     if rerank_k > 0 and tokens is not None:
         scorer = ImagePairScorer(model, processor, pooled, tokens, captions)
         report["retrieval_itm_rerank"] = rerank_metrics(
@@ -208,6 +211,11 @@ def zeroshot_report(
 def format_report(report: dict[str, Any]) -> str:
     """The headline numbers as a printed table."""
     lines = [f"images: {report['n_images']}  captions: {report['n_texts']}"]
+    if report.get("n_bad_images"):
+        lines.append(
+            f"left out: {report['n_bad_images']} undecodable images and their "
+            f"{report['n_dropped_captions']} captions (listed under bad_images in the report)"
+        )
     header = f"{'':22}{'R@1':>8}{'R@5':>8}{'R@10':>8}"
     lines.append(header)
     for key, title in (("retrieval_itc", "ITC"), ("retrieval_itm_rerank", "ITC + ITM re-rank")):

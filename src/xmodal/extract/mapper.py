@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
+import typing
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,14 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmodal.errors import ConfigError
+from xmodal.config import Backend, ConfigError, Precision, check_choice
 from xmodal.models.inference import has_conv, inference_copy
 from xmodal.models.model import CrossModalModel
-from xmodal.runtime import reuse_freed_memory
+from xmodal.runtime import check_device_name, pick_autocast, pick_device, reuse_freed_memory
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-BACKENDS = ("auto", "torch", "onnx")
-DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = typing.get_args(Precision)
+BACKENDS = typing.get_args(Backend)
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +38,12 @@ __all__ = ["BACKENDS", "PRECISIONS", "EmbeddingMapper", "MapperOptions", "has_co
 
 @dataclass
 class MapperOptions:
-    """How to run the model.
+    """How to run the model; typed and validated like the other configs (build it from plain
+    data with ``xmodal.config.from_dict(MapperOptions, {...})``).
 
     device: ``auto`` (this rank's GPU when there is one, else the CPU), ``cpu``, ``cuda`` or
-        ``cuda:N``.
-    precision: ``auto`` (bf16 on CUDA with bf16 support, fp16 on older GPUs, bf16 on CPUs with
-        AMX / AVX-512 BF16, else fp32), ``fp32``, ``bf16`` or ``fp16`` (autocast).
+        ``cuda:N`` (:func:`xmodal.runtime.pick_device`).
+    precision: autocast (:data:`xmodal.config.Precision`, :func:`xmodal.runtime.pick_autocast`).
     compile: ``torch.compile`` the towers (slow to start; pays off on long runs).
     backend: ``torch``; ``onnx`` (ONNX Runtime towers from ``onnx_dir``, see
         ``xmodal export-onnx``); ``auto``: ONNX Runtime (fp32) on a CPU when onnxruntime is
@@ -56,46 +55,25 @@ class MapperOptions:
     """
 
     device: str = "cpu"
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     compile: bool = False
-    backend: str = "torch"
+    backend: Backend = "torch"
     onnx_dir: str | None = None
     threads: int | None = None
     reuse_memory: bool = True
 
     def on_gpu(self) -> bool:
         """Whether the model runs on a GPU (decoding then gets the CPU cores)."""
-        return resolve_device(self.device).type == "cuda"
+        return pick_device(self.device).type == "cuda"
 
     def validate(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_device_name(self.device)
+        check_choice("precision", self.precision, Precision)
+        check_choice("backend", self.backend, Backend)
         if self.backend == "onnx" and not self.onnx_dir:
             raise ConfigError("the onnx backend needs onnx_dir (from `xmodal export-onnx`)")
-        if self.device.split(":")[0] not in DEVICES:
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: this process's GPU (``LOCAL_RANK`` under torchrun) when CUDA is available."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``, or None for plain fp32."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    from xmodal.runtime import pick_autocast
-
-    return pick_autocast(precision, device)
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
 
 
 def resolve_backend(options: MapperOptions, device: torch.device) -> str:
@@ -119,7 +97,7 @@ class EmbeddingMapper:
         options = options or MapperOptions()
         options.validate()
         self.options = options
-        self.device = resolve_device(options.device)
+        self.device = pick_device(options.device)
         self.model = model.eval().to(self.device)
         if self.device.type == "cpu" and options.reuse_memory:
             reuse_freed_memory()
@@ -132,7 +110,7 @@ class EmbeddingMapper:
             self.autocast = None  # ONNX Runtime runs the exported fp32 graphs
             return
         self.backend = "torch"
-        self.autocast = resolve_precision(options.precision, self.device)
+        self.autocast = pick_autocast(options.precision, self.device)
         self.channels_last = has_conv(model.image_tower)
         self.image_tower: nn.Module = inference_copy(
             model.image_tower, widen_kernels=self.device.type == "cpu"

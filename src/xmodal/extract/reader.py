@@ -1,4 +1,5 @@
-"""Dataset -> items to embed; images decoded in DataLoader workers, captions batched by length."""
+"""Dataset -> items to embed; captions batched by length (images are decoded by
+:func:`xmodal.data.images.image_loader`)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from xmodal.data.datasets import ImageTextDataset, TarMember
-from xmodal.processing import ImageLoadError, MultimodalProcessor, check_caption
+from xmodal.processing import MultimodalProcessor, check_caption
 
 
 @dataclass(frozen=True)
@@ -64,82 +64,6 @@ def model_threads(workers: int) -> int:
     return left if 3 * left >= 2 * cores else max(1, cores)
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-
-
-class DecodedImages(Dataset):
-    """Decode, resize and crop images to uint8 (S, S, 3) arrays; a failure yields its reason
-    (a str) instead of raising. Normalising waits for the batch (:class:`ImageCollator`)."""
-
-    def __init__(self, items: Sequence[Item], processor: MultimodalProcessor):
-        self.items = items
-        self.processor = processor
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | str]:
-        try:
-            image = self.processor.load_image(self.items[position].ref)
-            crop = self.processor.image_transform.resize_crop(image)
-            return position, torch.from_numpy(np.array(crop))  # a writable copy
-        except ImageLoadError as err:
-            return position, err.reason
-
-
-@dataclass
-class ImageBatch:
-    positions: list[int]  # item positions of the rows of pixel_values
-    pixel_values: torch.Tensor | None
-    failures: list[tuple[int, str]]  # (item position, reason)
-
-
-class ImageCollator:
-    """Stacks a batch of uint8 crops and normalises it in one vectorised pass: the values of
-    ``processor.process_image`` (to float rounding) for a fraction of the per-image cost.
-    ``channels_last`` keeps the crops' pixel-major layout (a straight copy, and what conv towers
-    run on) instead of transposing to planes."""
-
-    def __init__(self, processor: MultimodalProcessor, channels_last: bool = False):
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        std = torch.tensor(processor.config.std, dtype=torch.float32).view(1, 3, 1, 1)
-        mean = torch.tensor(processor.config.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.scale = 1.0 / (255.0 * std)
-        self.shift = -mean / std
-
-    def __call__(self, samples: list[tuple[int, torch.Tensor | str]]) -> ImageBatch:
-        good = [(pos, px) for pos, px in samples if isinstance(px, torch.Tensor)]
-        failures = [(pos, px) for pos, px in samples if isinstance(px, str)]
-        pixels = None
-        if good:
-            crops = torch.stack([px for _, px in good])  # (B, S, S, 3) uint8
-            shape = (crops.shape[0], 3, *crops.shape[1:3])
-            pixels = torch.empty(shape, memory_format=self.memory_format)
-            pixels.copy_(crops.permute(0, 3, 1, 2))  # cast (and transpose) in one pass
-            pixels.mul_(self.scale).add_(self.shift)
-        return ImageBatch([pos for pos, _ in good], pixels, failures)
-
-
-def image_loader(
-    items: Sequence[Item],
-    processor: MultimodalProcessor,
-    batches: list[list[int]],
-    workers: int,
-    channels_last: bool = False,
-) -> DataLoader:
-    """Batches of decoded images, in the order of ``batches`` (lists of item positions);
-    ``channels_last`` for conv towers (see :class:`ImageCollator`)."""
-    return DataLoader(
-        DecodedImages(items, processor),
-        batch_sampler=batches,
-        num_workers=workers,
-        collate_fn=ImageCollator(processor, channels_last),
-        worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=4 if workers else None,
-    )
-
-
 @dataclass
 class TextBatch:
     positions: list[int]
@@ -155,8 +79,7 @@ class TokenizedCaptions:
         cfg = processor.config
         for i, caption in enumerate(captions):
             check_caption(caption, i)
-        if cfg.caption_template != "{}":
-            captions = [cfg.caption_template.format(c) for c in captions]
+        captions = processor.apply_template(captions)
         tokenizer = processor.tokenizer
         encoded = tokenizer(list(captions), truncation=True, max_length=cfg.max_length)["input_ids"]
         self.lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from xmodal import distributed
 from xmodal.atomic import make_dir
 from xmodal.data.datasets import load_dataset
+from xmodal.data.images import image_loader
 from xmodal.data.refs import location
 from xmodal.distributed import World
 from xmodal.errors import ExtractError
@@ -38,7 +39,6 @@ from xmodal.extract.reader import (
     Item,
     default_workers,
     image_items,
-    image_loader,
     items_fingerprint,
     model_threads,
     text_batches,
@@ -309,8 +309,9 @@ class _Run:
                 batches.append(list(range(b, min(end, b + self.batch_size))))
                 left[k] = left.get(k, 0) + 1
         buffers: dict[int, _ShardBuffer] = {}
+        refs = [item.ref for item in items]
         loader = image_loader(
-            items, self.processor, batches, self.workers, self.mapper.channels_last
+            refs, self.processor, batches, self.workers, self.mapper.channels_last
         )
         waited = 0.0  # seconds the model spent waiting for decoded batches
         started = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from xmodal.atomic import atomic_path, atomic_write_text
+from xmodal.config import Modality, ShardDtype
 from xmodal.errors import ExtractError, IndexBuildError, MissingDependencyError
 
 try:
@@ -25,8 +27,8 @@ MANIFEST_NAME = "manifest.json"
 ERRORS_NAME = "errors.jsonl"
 SKIPPED_NAME = "skipped.jsonl"
 MANIFEST_FORMAT = "xmodal.embeddings/1"
-MODALITIES = ("images", "texts")
-DTYPES = ("float16", "float32")
+MODALITIES = typing.get_args(Modality)
+DTYPES = typing.get_args(ShardDtype)
 
 
 def shard_name(modality: str, index: int) -> str:

@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import Dataset
 
 from xmodal.data import ImageTextDataset
-from xmodal.processing import ImageLoadError, MultimodalProcessor
+from xmodal.data.images import PixelNormaliser, decode_crop
+from xmodal.processing import MultimodalProcessor
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -36,7 +37,13 @@ def rank_micro_batches(
 
 
 class PairBatches(Dataset):
-    """Item i = the i-th batch of a fixed list of index batches, decoded and tokenised."""
+    """Item i = the i-th batch of a fixed list of index batches, decoded and tokenised.
+
+    Images are decoded as everywhere else (:mod:`xmodal.data.images`); one that cannot be
+    decoded is left out of the batch with its caption and listed under ``bad_images`` as
+    (dataset index, reason): the trainer, in the main process, records or refuses it. A batch
+    whose images all fail holds only ``bad_images``.
+    """
 
     def __init__(
         self,
@@ -45,37 +52,34 @@ class PairBatches(Dataset):
         processor: MultimodalProcessor,
         image_index: dict[str, int],
         decode_images: bool,
-        skip_bad: bool,
     ):
         self.dataset = dataset
         self.batches = batches
         self.processor = processor
         self.image_index = image_index
         self.decode_images = decode_images
-        self.skip_bad = skip_bad
+        self.normalise = PixelNormaliser(processor)
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> dict:
-        examples = [self.dataset[j] for j in self.batches[i]]
-        batch: dict = {}
+        rows = self.batches[i]
+        batch: dict = {"bad_images": []}
         if self.decode_images:
-            pixels, kept = [], []
-            for ex in examples:
-                try:
-                    pixels.append(self.processor.process_image(ex.image))
-                    kept.append(ex)
-                except ImageLoadError as exc:
-                    if not self.skip_bad:
-                        raise ImageLoadError(ex.origin or exc.source, exc.reason) from exc
+            crops, kept = [], []
+            for j in rows:
+                crop = decode_crop(self.processor, self.dataset[j].image)
+                if isinstance(crop, str):
+                    batch["bad_images"].append((j, crop))
+                else:
+                    crops.append(crop)
+                    kept.append(j)
             if not kept:
-                raise ImageLoadError(
-                    f"batch {i} ({len(examples)} images)",
-                    "every image failed to decode; the dataset has too many unreadable images",
-                )
-            examples = kept
-            batch["pixel_values"] = torch.stack(pixels)
+                return batch
+            rows = kept
+            batch["pixel_values"] = self.normalise(crops)
+        examples = [self.dataset[j] for j in rows]
         batch.update(self.processor.process_text([ex.caption for ex in examples]))
         batch["image_index"] = torch.tensor([self.image_index[ex.image_id] for ex in examples])
         return batch

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from xmodal.config import ConfigError, from_dict, load_yaml_or_json
+from xmodal.config import (
+    ConfigError,
+    DatasetFormat,
+    check_caption_template,
+    from_dict,
+    load_yaml_or_json,
+)
 
 
 @dataclass
@@ -17,7 +23,8 @@ class DataSection:
     """train: dataset file/folder (any format ``xmodal.data.load_dataset`` reads).
     val: optional held-out dataset for retrieval recall during training.
     format: force a reader (``jsonl``, ``csv``, ``coco``, ``karpathy``, ``folder``, ``tar``).
-    skip_bad: skip unreadable rows (reported and counted) instead of stopping.
+    skip_bad: leave out unusable rows and undecodable images (with their captions) instead of
+        stopping; they are listed in ``errors.jsonl`` in ``out_dir`` and counted in the log.
     caption_template: applied to every caption, e.g. ``"an emoji of {}"``; saved with the model
         (in its processor config), so evaluation and search use it too.
     num_workers: DataLoader processes decoding images (0 = in the main process).
@@ -25,7 +32,7 @@ class DataSection:
 
     train: str = ""
     val: str | None = None
-    format: str | None = None
+    format: DatasetFormat | None = None
     skip_bad: bool = False
     caption_template: str = "{}"
     num_workers: int = 1
@@ -33,12 +40,7 @@ class DataSection:
     def validate(self) -> None:
         if not self.train:
             raise ConfigError("data.train is required (a dataset file or folder)")
-        if self.caption_template.count("{}") != 1:
-            raise ConfigError("data.caption_template must contain exactly one '{}'")
-        try:
-            self.caption_template.format("")
-        except (IndexError, KeyError, ValueError) as err:
-            raise ConfigError(f"data.caption_template is not a valid template: {err}") from None
+        check_caption_template(self.caption_template, "data.caption_template")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
 

@@ -27,7 +27,9 @@ from xmodal import distributed
 from xmodal.atomic import atomic_write_text, make_dir
 from xmodal.config import ConfigError
 from xmodal.data import ImageTextDataset, load_dataset
-from xmodal.evaluate.runner import _worker_init, evaluate_model, image_tower_outputs
+from xmodal.data.images import data_loader, drop_failed_images, failure_record, image_error
+from xmodal.errors import InputError
+from xmodal.evaluate.runner import ImageOutputs, evaluate_model, image_tower_outputs
 from xmodal.models.model import CrossModalModel, Features
 from xmodal.models.towers import TowerOutput
 from xmodal.presets import load_model
@@ -136,10 +138,8 @@ class Trainer:
         config.validate()
         self.config = config
         self.out_dir = Path(config.out_dir)
-        device = pick_device(config.device)
+        device = pick_device(config.device)  # this rank's GPU under torchrun
         self.world = distributed.init_distributed("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda" and self.world.distributed:
-            device = torch.device("cuda", self.world.local_rank)
         self.device = device
         if device.type == "cpu" and config.cpu_reuse_memory:
             reuse_freed_memory()  # faster steps, higher peak: docs/performance.md
@@ -172,8 +172,9 @@ class Trainer:
             self.optimizer, optim.warmup_steps, optim.steps, optim.min_lr_ratio
         )
         self.image_index = {iid: i for i, iid in enumerate(self.train_set.image_ids())}
-        self.cache = None
-        self.val_cache = None
+        self.cache: ImageOutputs | None = None
+        self.val_cache: ImageOutputs | None = None
+        self.bad_images: dict[tuple[str, str], dict] = {}  # (dataset, image id) -> record
 
     @property
     def global_batch(self) -> int:
@@ -225,22 +226,71 @@ class Trainer:
             self.processor,
             self.image_index,
             decode_images=not self._use_cache(),
-            skip_bad=cfg.data.skip_bad,
         )
-        workers = cfg.data.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=None,
-            shuffle=False,
-            num_workers=workers,
-            persistent_workers=False,
-            worker_init_fn=_worker_init if workers else None,
-            generator=torch.Generator().manual_seed(cfg.seed + epoch),  # not the global RNG
+        return data_loader(dataset, cfg.data.num_workers, cfg.seed + epoch, batch_size=None)
+
+    def _checked(self, batch: dict) -> dict:
+        """The batch, once its undecodable images are recorded (``data.skip_bad``) or refused
+        (ImageLoadError naming the file and row)."""
+        if batch["bad_images"]:
+            failed = [(self.train_set[j], reason) for j, reason in batch["bad_images"]]
+            if not self.config.data.skip_bad:
+                raise image_error(*failed[0])
+            self._record_bad_images("train", [failure_record(*f) for f in failed])
+            if "image_index" not in batch:
+                raise InputError(
+                    f"no image of a training micro-batch could be decoded (first: "
+                    f"{failed[0][0].image}: {failed[0][1]}); see {self.out_dir / 'errors.jsonl'}"
+                )
+        return batch
+
+    def _record_bad_images(self, dataset: str, records: list[dict]) -> None:
+        """Add undecodable images to ``errors.jsonl`` (rank 0), each once, with a warning."""
+        new = [r for r in records if (dataset, r["image_id"]) not in self.bad_images]
+        for record in new:
+            self.bad_images[(dataset, record["image_id"])] = {"dataset": dataset, **record}
+            tqdm.write(
+                f"skipped undecodable {dataset} image {record['source']} "
+                f"({record['row']}): {record['reason']}"
+            )
+        if new and self.world.is_main:
+            lines = "".join(json.dumps(r) + "\n" for r in self.bad_images.values())
+            atomic_write_text(self.out_dir / "errors.jsonl", lines)
+
+    def _load_bad_images(self, resume: bool) -> None:
+        """A resumed run keeps the images recorded so far; a fresh one starts a new log."""
+        path = self.out_dir / "errors.jsonl"
+        if not path.exists():
+            return
+        if not resume:
+            if self.world.is_main:
+                path.unlink()
+            return
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            self.bad_images[(record["dataset"], record["image_id"])] = record
+
+    def _cache_train_images(self) -> None:
+        """Run the locked image tower once over the training images; an undecodable one is
+        refused, or (``data.skip_bad``) dropped from the run with its captions."""
+        cache = self._cache_images(self.train_set, "caching train images")
+        kept, records = drop_failed_images(
+            self.train_set, cache.failures, self.config.data.skip_bad
         )
+        if records:
+            self._record_bad_images("train", records)
+            self.train_set = kept
+            self.image_index = {iid: i for i, iid in enumerate(kept.image_ids())}
+            if len(kept) < self.global_batch:
+                raise InputError(
+                    f"{len(kept)} training pairs are left once {len(records)} undecodable "
+                    f"images are dropped: fewer than one global batch ({self.global_batch})"
+                )
+        self.cache = cache
 
     def _image_features(self, batch: dict):
         if self.cache is not None:
-            pooled, tokens = self.cache
+            pooled, tokens = self.cache.pooled, self.cache.tokens
             idx = batch["image_index"]
             out = TowerOutput(pooled[idx].to(self.device), tokens[idx].to(self.device).float())
             return self.model.image_features_from_tower(out)
@@ -259,8 +309,9 @@ class Trainer:
             progress = self._resume(progress)
         if main:
             self._truncate_log(progress.step)
+        self._load_bad_images(resume)
         if self._use_cache():
-            self.cache = self._cache_images(self.train_set, "caching train images")
+            self._cache_train_images()
         last_metrics: dict = {}
         micro_per_epoch = len(self._micro_batches(0))
         bar = tqdm(
@@ -275,7 +326,7 @@ class Trainer:
             micro: list[dict] = []
             for batch in self._loader(progress.epoch, progress.batch_in_epoch):
                 progress.batch_in_epoch += 1
-                micro.append(batch)
+                micro.append(self._checked(batch))
                 if len(micro) < cfg.optim.accum_steps:
                     continue
                 losses, samples = self._optimizer_step(micro, progress.step)
@@ -389,6 +440,8 @@ class Trainer:
             record["lr"] = self.scheduler.get_last_lr()[-1]
             record["logit_scale"] = float(self.model.clip_scale().detach())
             record["samples_per_s"] = round(rate, 2)
+            if self.bad_images:
+                record["bad_images"] = len(self.bad_images)
         if self.val_set is not None and (
             final or (cfg.eval_every and progress.step % cfg.eval_every == 0)
         ):
@@ -432,12 +485,14 @@ class Trainer:
             rerank_k=0,
             num_workers=self.config.data.num_workers,
             image_outputs=self.val_cache,
+            skip_bad=self.config.data.skip_bad,
         )
         torch.set_rng_state(rng)
+        self._record_bad_images("val", report.get("bad_images", []))
         metrics = report["retrieval_itc"]
         return {f"val_{k}": v for k, v in metrics.items() if "R@" in k}
 
-    def _cache_images(self, dataset: ImageTextDataset, desc: str):
+    def _cache_images(self, dataset: ImageTextDataset, desc: str) -> ImageOutputs:
         self.model.eval()
         images = [ex.image for ex in dataset.unique_images()]
         return image_tower_outputs(

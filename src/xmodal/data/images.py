@@ -1,0 +1,164 @@
+"""Decoding a dataset's images in DataLoader workers: the one image path of ``eval``, ``train``
+and ``extract``.
+
+A worker decodes, resizes and crops each image to uint8 pixels; a batch is normalised in one
+vectorised pass in the collate function. An image that cannot be decoded never raises inside a
+worker (where the exception would lose its type and come back as a traceback): it comes back as
+its reason, and the caller decides (skip and record it, or raise :func:`image_error` naming the
+file and the dataset row in the main process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from xmodal.data.datasets import Example, ImageTextDataset
+from xmodal.errors import ImageLoadError, InputError
+from xmodal.processing import ImageInput, MultimodalProcessor
+
+
+def worker_init(_: int) -> None:
+    """Each decode worker runs single-threaded torch: the model needs the cores."""
+    torch.set_num_threads(1)
+
+
+def data_loader(dataset: Dataset, workers: int, seed: int = 0, **options: Any) -> DataLoader:
+    """A DataLoader with xmodal's worker settings: single-threaded workers and a generator of
+    its own (so iterating it leaves the global RNG untouched)."""
+    return DataLoader(
+        dataset,
+        num_workers=workers,
+        worker_init_fn=worker_init if workers else None,
+        generator=torch.Generator().manual_seed(seed),
+        **options,
+    )
+
+
+def decode_crop(processor: MultimodalProcessor, image: ImageInput) -> torch.Tensor | str:
+    """Decode, resize and crop ``image`` to uint8 (S, S, 3); its reason (a str) on failure."""
+    try:
+        crop = processor.image_transform.resize_crop(processor.load_image(image))
+        return torch.from_numpy(np.array(crop))  # a writable copy
+    except ImageLoadError as err:
+        return err.reason
+
+
+class PixelNormaliser:
+    """Stacks uint8 crops and normalises them in one vectorised pass: the values of
+    ``processor.process_image`` (to float rounding) for a fraction of the per-image cost.
+    ``channels_last`` keeps the crops' pixel-major layout (a straight copy, and what conv towers
+    run on) instead of transposing to planes."""
+
+    def __init__(self, processor: MultimodalProcessor, channels_last: bool = False):
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        std = torch.tensor(processor.config.std, dtype=torch.float32).view(1, 3, 1, 1)
+        mean = torch.tensor(processor.config.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std)
+        self.shift = -mean / std
+
+    def __call__(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack(list(crops))  # (B, S, S, 3) uint8
+        shape = (stacked.shape[0], 3, *stacked.shape[1:3])
+        pixels = torch.empty(shape, memory_format=self.memory_format)
+        pixels.copy_(stacked.permute(0, 3, 1, 2))  # cast (and transpose) in one pass
+        return pixels.mul_(self.scale).add_(self.shift)
+
+
+class DecodedImages(Dataset):
+    """Item i = (i, uint8 crop) of ``images[i]``, or (i, reason) when it cannot be decoded."""
+
+    def __init__(self, images: Sequence[ImageInput], processor: MultimodalProcessor):
+        self.images = images
+        self.processor = processor
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | str]:
+        return position, decode_crop(self.processor, self.images[position])
+
+
+@dataclass
+class ImageBatch:
+    positions: list[int]  # positions (in the image list) of the rows of pixel_values
+    pixel_values: torch.Tensor | None  # None when no image of the batch could be decoded
+    failures: list[tuple[int, str]]  # (position, reason)
+
+
+class ImageCollator:
+    """Collates :class:`DecodedImages` items into an :class:`ImageBatch`."""
+
+    def __init__(self, processor: MultimodalProcessor, channels_last: bool = False):
+        self.normalise = PixelNormaliser(processor, channels_last)
+
+    def __call__(self, samples: list[tuple[int, torch.Tensor | str]]) -> ImageBatch:
+        good = [(pos, px) for pos, px in samples if isinstance(px, torch.Tensor)]
+        failures = [(pos, px) for pos, px in samples if isinstance(px, str)]
+        pixels = self.normalise([px for _, px in good]) if good else None
+        return ImageBatch([pos for pos, _ in good], pixels, failures)
+
+
+def image_loader(
+    images: Sequence[ImageInput],
+    processor: MultimodalProcessor,
+    batches: list[list[int]],
+    workers: int,
+    channels_last: bool = False,
+) -> DataLoader:
+    """Decoded batches (:class:`ImageBatch`) of ``images``, in the order of ``batches`` (lists
+    of positions); ``channels_last`` for conv towers (see :class:`PixelNormaliser`)."""
+    return data_loader(
+        DecodedImages(images, processor),
+        workers,
+        batch_sampler=batches,
+        collate_fn=ImageCollator(processor, channels_last),
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def image_error(example: Example, reason: str) -> ImageLoadError:
+    """The error for an undecodable image of a dataset: names the file and its (first) row."""
+    where = f" (dataset row {example.origin})" if example.origin else ""
+    return ImageLoadError(f"{example.image}{where}", reason)
+
+
+def failure_record(example: Example, reason: str) -> dict[str, str]:
+    """One undecodable image as recorded in a report or an ``errors.jsonl`` line."""
+    return {
+        "image_id": example.image_id,
+        "source": str(example.image),
+        "row": example.origin,
+        "reason": reason,
+    }
+
+
+def drop_failed_images(
+    dataset: ImageTextDataset, failures: dict[int, str], skip_bad: bool
+) -> tuple[ImageTextDataset, list[dict[str, str]]]:
+    """``dataset`` less the images that failed to decode (``failures``: position in
+    ``dataset.unique_images()`` -> reason) and every row of them, with their records.
+
+    Without ``skip_bad`` the first failure raises :func:`image_error`; when no image is left,
+    :class:`InputError`.
+    """
+    if not failures:
+        return dataset, []
+    unique = dataset.unique_images()
+    if not skip_bad:
+        position = min(failures)
+        raise image_error(unique[position], failures[position])
+    records = [failure_record(unique[p], failures[p]) for p in sorted(failures)]
+    kept = dataset.without_images(record["image_id"] for record in records)
+    if not len(kept):
+        first = records[0]
+        raise InputError(
+            f"no image of {dataset.source or 'the dataset'} could be decoded "
+            f"(first: {first['source']}: {first['reason']})"
+        )
+    return kept, records
