@@ -148,6 +148,7 @@ def _preset_tokenizer(text: TextTowerConfig, processor: ProcessorConfig):
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 TEXT_POOLINGS = ("mean", "cls", "eos")
 FUSIONS = ("cross", "pooled", "none")
+MIN_VOCABULARY = 100  # fewer tokens: no real tokenizer files were found
 _BICUBIC = 3  # PIL's resample code in a transformers image processor config
 
 
@@ -316,13 +317,21 @@ def _hf_config(name: str) -> Any:
 
 
 def _tower_tokenizer(name: str, key: str) -> Any:
+    """The text encoder's tokenizer; refused when the folder has none (transformers would
+    otherwise build an empty vocabulary that maps every word to [UNK])."""
+    hint = "; save the text encoder's tokenizer with it (tokenizer.save_pretrained(folder))"
     try:
-        return load_tokenizer(name)
+        tokenizer = load_tokenizer(name)
     except (OSError, ValueError, TypeError) as err:
         raise ConfigError(
-            f"{key}: no tokenizer could be loaded from {name!r}: {_first_line(err)}; save the "
-            "text encoder's tokenizer with it (tokenizer.save_pretrained(folder))"
+            f"{key}: no tokenizer could be loaded from {name!r}: {_first_line(err)}{hint}"
         ) from None
+    if len(tokenizer) < MIN_VOCABULARY:
+        raise ConfigError(
+            f"{key}: no tokenizer could be loaded from {name!r}: its vocabulary has only "
+            f"{len(tokenizer)} tokens{hint}"
+        )
+    return tokenizer
 
 
 def _image_processor_config(name: str) -> dict[str, Any] | None:
