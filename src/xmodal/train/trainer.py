@@ -15,6 +15,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -355,7 +356,9 @@ class Trainer:
             totals["grad_scale"] = self.scaler.get_scale()
         self.scaler.step(self.optimizer)  # skipped when an fp16 gradient overflowed
         self.scaler.update()
-        self.scheduler.step()
+        with warnings.catch_warnings():  # the schedule follows steps, skipped ones included
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            self.scheduler.step()
         distributed.broadcast_module(self.model, parameters=False)  # buffers, as DDP does
         return totals, round(means[-1] * self.world.size)
 
