@@ -252,7 +252,7 @@ def split_names(
 
 
 def _slice_by_name(records: list[dict], limit: int, seed: int) -> list[dict]:
-    """At most ``limit`` records, whole names taken in a seeded order (at least one name)."""
+    """At most ``limit`` records (or the first name's, if more), whole names in a seeded order."""
     by_name: dict[str, list[dict]] = {}
     for record in records:
         by_name.setdefault(record["name"], []).append(record)
@@ -307,9 +307,9 @@ def build_emoji(
 
     The tarball of ``emoji-datasource-google@16.0.0`` comes from ``tarball`` or from
     ``npm pack`` (cached in ``cache_dir``). Splits are by base name, so all skin-tone
-    variants of an emoji share a split. ``limit``: a slice of at most this many images, whole
-    names drawn in a seeded order (a quick run or a test). Returns the summary also written to
-    summary.json.
+    variants of an emoji share a split. ``limit``: a slice of at most this many images (but at
+    least one whole name), whole names drawn in a seeded order (a quick run or a test).
+    Returns the summary also written to summary.json.
     """
     if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
         raise ValueError("need 0 <= val_fraction, test_fraction and their sum < 1")
