@@ -226,7 +226,8 @@ def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainC
 
 
 def _resolve_paths(config: TrainConfig, base: Path) -> None:
-    """Dataset and tower folder paths in a config file are relative to that file's folder."""
+    """Dataset and tower folder paths in a config file are relative to that file's folder
+    (a tower written ``./x`` or ``../x`` always is: it names a folder, never a hub id)."""
     for section, name in (
         ("data", "train"),
         ("data", "val"),
@@ -235,5 +236,8 @@ def _resolve_paths(config: TrainConfig, base: Path) -> None:
     ):
         part = getattr(config, section)
         value = getattr(part, name)
-        if value and not Path(value).is_absolute() and (base / value).exists():
+        if not value or Path(value).is_absolute():
+            continue
+        explicit = section == "model" and value.startswith(("./", "../"))
+        if explicit or (base / value).exists():
             setattr(part, name, str(base / value))
