@@ -2,9 +2,9 @@
 
 A checkpoint is a folder ``step-000100/`` holding the model directory files plus
 ``train_state.safetensors`` (optimiser moments, RNG states) and ``train_state.json`` (step, data
-position, scheduler, optimiser hyper-parameters, the fp16 gradient scaler's scale and growth
-tracker). It is written under a temporary name and
-renamed when complete, so a crash never leaves a half-written checkpoint under its final name.
+position, scheduler, optimiser hyper-parameters, an fp16 run's gradient scaler state). It is
+written under a temporary name and renamed when complete, so a crash never leaves a
+half-written checkpoint under its final name.
 
 A distributed run saves every rank's RNG states: rank 0's under the plain names (``rng.torch``,
 ``python_random``), rank r's under ``rank{r}.rng.torch`` and ``python_random_ranks[r]``.
