@@ -181,8 +181,10 @@ class TrainConfig:
     """A whole training run.
 
     out_dir: where checkpoints, the final model, ``metrics.jsonl`` and ``training.png`` go.
-    precision: ``auto`` (bf16 autocast on GPUs that support it, fp16 on older GPUs, fp32 on
-        CPUs without bf16 hardware), or ``fp32``, ``bf16``, ``fp16``.
+    precision: ``auto`` (bf16 autocast on GPUs that support it and on CPUs with AVX512-BF16 or
+        AMX, fp16 on older GPUs, fp32 on other CPUs), or ``fp32``, ``bf16``, ``fp16``. fp16
+        trains with a dynamic gradient scaler (overflowing steps are skipped and the scale
+        halves); its state is checkpointed, so resuming stays exact.
     device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     cpu_reuse_memory: on a CPU, keep freed memory for reuse instead of taking fresh pages from
         the kernel for every large activation (1.1-1.6x faster steps here, but a 10-50% higher
