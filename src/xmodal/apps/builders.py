@@ -247,6 +247,23 @@ def split_names(
     return split
 
 
+def _slice_by_name(records: list[dict], limit: int, seed: int) -> list[dict]:
+    """At most ``limit`` records (or the first name's, if more), whole names in a seeded order."""
+    by_name: dict[str, list[dict]] = {}
+    for record in records:
+        by_name.setdefault(record["name"], []).append(record)
+    order = sorted(by_name)
+    random.Random(f"slice-{seed}").shuffle(order)
+    kept: list[dict] = []
+    for name in order:
+        if kept and len(kept) + len(by_name[name]) > limit:
+            continue
+        kept.extend(by_name[name])
+        if len(kept) >= limit:
+            break
+    return kept
+
+
 def _on_white(data: bytes, size: int) -> Image.Image:
     """Composite an RGBA PNG on white and resize to ``size`` if needed."""
     with Image.open(io.BytesIO(data)) as img:
@@ -280,21 +297,27 @@ def build_emoji(
     test_fraction: float = 0.2,
     size: int = 64,
     force: bool = False,
+    limit: int | None = None,
 ) -> dict:
     """Build train/val/test JSONL sets of Google emoji images captioned with their names.
 
     The tarball of ``emoji-datasource-google@16.0.0`` comes from ``tarball`` or from
     ``npm pack`` (cached in ``cache_dir``). Splits are by base name, so all skin-tone
-    variants of an emoji share a split. Returns the summary also written to summary.json.
+    variants of an emoji share a split. ``limit``: a slice of at most this many images (but at
+    least one whole name), whole names drawn in a seeded order (a quick run or a test).
+    Returns the summary also written to summary.json.
     """
     if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
         raise ConfigError("need 0 <= val_fraction, test_fraction and their sum < 1")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be a positive number of images, got {limit}")
     out = Path(out_dir)
     params = {
         "seed": seed,
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "size": size,
+        "limit": limit,
     }
     if not force and (summary := _reusable_summary(out / "summary.json", params)):
         return summary
@@ -303,6 +326,8 @@ def build_emoji(
     records, skipped = _emoji_records(entries, pngs)
     if not records:
         raise InputError(f"{path}: no usable emoji images found under {EMOJI_IMG_DIR}")
+    if limit is not None:
+        records = _slice_by_name(records, limit, seed)
     assignment = split_names((r["name"] for r in records), seed, val_fraction, test_fraction)
     for record in tqdm(records, desc="emoji images", unit="img"):
         image = _on_white(pngs[record["image_id"]], size)

@@ -27,12 +27,19 @@ def run_quickstart(
     tarball: str | None = None,
     steps: int | None = None,
     num_workers: int = 1,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict:
-    """Build data, train, evaluate; return the test report (also written to out_dir)."""
+    """Build data, train, evaluate; return the test report (also written to out_dir).
+
+    ``steps`` / ``batch_size`` override the config's; ``limit`` uses a slice of at most that
+    many emoji images (a quick check; the batch is then capped at the training split's size).
+    """
     started = time.time()
     out_dir = Path(out_dir)
     data_dir = out_dir / "emoji"
-    summary = build_emoji(data_dir, tarball=tarball)
+    summary = build_emoji(data_dir, cache_dir=cache_dir, tarball=tarball, limit=limit)
     print(f"emoji data: {summary['images']} images, {summary['names']} names in {data_dir}")
     overrides: dict = {
         "data": {
@@ -42,8 +49,15 @@ def run_quickstart(
         },
         "out_dir": str(out_dir / "train"),
     }
+    optim: dict = {}
     if steps:
-        overrides["optim"] = {"steps": steps}
+        optim["steps"] = steps
+    if batch_size:
+        optim["batch_size"] = batch_size
+    elif limit is not None:
+        optim["batch_size"] = min(128, summary["splits"]["train"]["images"])
+    if optim:
+        overrides["optim"] = optim
     config = load_train_config(quickstart_config_path(), overrides)
     result = train(config, resume=True)
 

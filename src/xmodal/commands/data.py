@@ -15,6 +15,9 @@ def add(commands) -> None:
     emoji.add_argument("--cache-dir", default=None, help="where the npm tarball is kept")
     emoji.add_argument("--seed", type=int, default=0)
     emoji.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    emoji.add_argument(
+        "--limit", type=int, default=None, help="a slice of at most this many images (whole names)"
+    )
     fmnist = builders.add_parser("fashion-mnist", help="Fashion-MNIST from the Debian package")
     fmnist.add_argument("--out", required=True, help="output folder")
     fmnist.add_argument("--split", choices=("train", "test"), default="test")
@@ -31,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
             tarball=args.tarball,
             seed=args.seed,
             force=args.force,
+            limit=args.limit,
         )
     else:
         summary = build_fashion_mnist(args.out, split=args.split, limit=args.limit)

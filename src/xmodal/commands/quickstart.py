@@ -11,10 +11,23 @@ def add(commands) -> None:
     p.add_argument("--from", dest="tarball", default=None, help="emoji npm tarball to use")
     p.add_argument("--steps", type=int, default=None, help="override the training steps")
     p.add_argument("--workers", type=int, default=1, help="image decoding processes")
+    p.add_argument("--batch-size", type=int, default=None, help="override optim.batch_size")
+    p.add_argument(
+        "--limit", type=int, default=None, help="a slice of at most this many emoji images"
+    )
+    p.add_argument("--cache-dir", default=None, help="where the emoji npm tarball is kept")
 
 
 def run(args: argparse.Namespace) -> int:
     from xmodal.apps.quickstart import run_quickstart
 
-    run_quickstart(args.out, tarball=args.tarball, steps=args.steps, num_workers=args.workers)
+    run_quickstart(
+        args.out,
+        tarball=args.tarball,
+        steps=args.steps,
+        num_workers=args.workers,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
+    )
     return 0

@@ -19,13 +19,14 @@ def add(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from xmodal.serve import serve
-        from xmodal.serve.settings import from_arguments
+    from xmodal.serve import serve
+    from xmodal.serve.settings import from_arguments
+
+    settings = from_arguments(args)
+    try:  # FastAPI and uvicorn are imported when the app is built
+        serve(args.index, args.model, settings)
     except ModuleNotFoundError as err:
         if (err.name or "").split(".")[0] not in SERVE_PACKAGES:
             raise
         raise MissingDependencyError(f"{err}: pip install 'xmodal[serve]'") from err
-
-    serve(args.index, args.model, from_arguments(args))
     return 0

@@ -59,8 +59,13 @@ class HFTextTower(nn.Module):
 
 
 def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """``cls``: the first token; ``mean``: the mean of the real (unmasked) tokens."""
+    """``cls``: the first token; ``eos``: the last real (unmasked) token, wherever the padding
+    is; ``mean``: the mean of the real tokens."""
     if pooling == "cls":
         return hidden[:, 0]
+    if pooling == "eos":
+        positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+        last = (mask.to(torch.long) * positions).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     weights = mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)

@@ -2,8 +2,9 @@
 
 A checkpoint is a folder ``step-000100/`` holding the model directory files plus
 ``train_state.safetensors`` (optimiser moments, RNG states) and ``train_state.json`` (step, data
-position, scheduler, optimiser hyper-parameters). It is written under a temporary name and
-renamed when complete, so a crash never leaves a half-written checkpoint under its final name.
+position, scheduler, optimiser hyper-parameters, an fp16 run's gradient scaler state). It is
+written under a temporary name and renamed when complete, so a crash never leaves a
+half-written checkpoint under its final name.
 
 A distributed run saves every rank's RNG states: rank 0's under the plain names (``rng.torch``,
 ``python_random``), rank r's under ``rank{r}.rng.torch`` and ``python_random_ranks[r]``.
@@ -57,10 +58,12 @@ def save_checkpoint(
     progress: TrainProgress,
     extra: dict | None = None,
     rng_states: Sequence[dict] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     """Write a complete checkpoint atomically (temporary folder, then rename).
 
     ``rng_states``: every rank's :func:`rng_state`, in rank order (default: this process's).
+    ``scaler``: the fp16 gradient scaler, whose state (plain numbers) is saved when enabled.
     """
     rng_states = list(rng_states) if rng_states is not None else [rng_state()]
     final = Path(directory) / checkpoint_name(progress.step)
@@ -78,6 +81,8 @@ def save_checkpoint(
             "python_random": rng_states[0]["python"],
             "extra": extra or {},
         }
+        if scaler is not None and scaler.is_enabled():
+            state["grad_scaler"] = scaler.state_dict()
         if len(rng_states) > 1:
             state["python_random_ranks"] = {
                 str(rank): rng["python"] for rank, rng in enumerate(rng_states) if rank
@@ -105,8 +110,11 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     rank: int = 0,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[TrainProgress, dict]:
-    """Restore model weights, optimiser, scheduler and ``rank``'s RNG states.
+    """Restore model weights, optimiser, scheduler, ``rank``'s RNG states and, for an enabled
+    ``scaler``, the fp16 gradient scaler (its defaults when the checkpoint has none, e.g. one
+    written by an fp32 or bf16 run).
 
     Returns the progress and the ``extra`` dict saved with the checkpoint.
     """
@@ -118,6 +126,8 @@ def load_checkpoint(
     tensors = load_safetensors(path / STATE_TENSORS)
     optimizer.load_state_dict(_optimizer_from_flat(tensors, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and scaler.is_enabled() and "grad_scaler" in state:
+        scaler.load_state_dict(state["grad_scaler"])
     if rank:
         prefix = f"rank{rank}."
         python_state = state.get("python_random_ranks", {}).get(str(rank))

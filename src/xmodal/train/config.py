@@ -45,19 +45,39 @@ class DataSection:
             raise ConfigError("data.num_workers must be >= 0")
 
 
+DEFAULT_MODEL = "offline-default"
+
+
 @dataclass
 class ModelSection:
-    """name: a preset (``offline-default``, ``seed``) or a saved model directory to fine-tune.
+    """The model to train: a whole model by ``name``, or a new one from two towers.
+
+    name: a preset (``offline-default``, ``seed``) or a saved model directory to fine-tune
+        (default: ``offline-default`` when neither ``name`` nor ``image``/``text`` is given).
+    image / text: assemble a NEW model from any transformers vision backbone and any text
+        encoder, each a local folder (relative to the config file) or a hub id; both needed,
+        and not together with ``name``. The processor follows the image backbone's
+        ``preprocessor_config.json`` and the text encoder's tokenizer
+        (:func:`xmodal.presets.assemble`).
+    text_pooling: with image/text, how the text tower pools: ``mean``, ``cls`` or ``eos`` (the
+        last real token, for CLIP-style causal encoders). Default ``mean``.
+    fusion: ``cross``, ``pooled`` or ``none`` (a pure dual encoder, where the model supports
+        it): the fusion of an assembled model, or a fresh fusion replacing a named model's.
     lock_image / lock_text: freeze a tower (locked-image or locked-text tuning).
     text_trainable_layers: with an unlocked text tower, train only its last N layers (None: all).
     cache_image_features: with a locked image tower, run it once per image and train from the
         cached outputs (much faster; no image augmentation then).
-    fusion_layers / embed_dim: override the preset's values for a new model (None: keep).
+    fusion_layers / embed_dim: override the preset's values for a new model (None: keep; an
+        assembled model defaults to 512-d and 2 cross / 1 pooled fusion layers).
     gradient_checkpointing: recompute the towers' and fusion's activations in the backward pass:
         less peak memory for slower steps (measured in docs/performance.md, "Training").
     """
 
-    name: str = "offline-default"
+    name: str | None = None
+    image: str | None = None
+    text: str | None = None
+    text_pooling: Literal["mean", "cls", "eos"] | None = None
+    fusion: Literal["cross", "pooled", "none"] | None = None
     lock_image: bool = False
     lock_text: bool = False
     text_trainable_layers: int | None = None
@@ -66,6 +86,16 @@ class ModelSection:
     embed_dim: int | None = None
     gradient_checkpointing: bool = False
 
+    @property
+    def assembled(self) -> bool:
+        """True when the model is assembled from ``image`` + ``text`` towers."""
+        return self.image is not None or self.text is not None
+
+    @property
+    def source(self) -> str:
+        """The whole model to load when not assembled: ``name`` or the default preset."""
+        return self.name or DEFAULT_MODEL
+
     def validate(self) -> None:
         if self.text_trainable_layers is not None and self.text_trainable_layers < 0:
             raise ConfigError("model.text_trainable_layers must be >= 0")
@@ -73,6 +103,25 @@ class ModelSection:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {value}")
+        if self.name is not None and not self.name:
+            raise ConfigError("model.name must not be empty")
+        if self.assembled:
+            if self.name is not None:
+                raise ConfigError(
+                    "model.name and model.image/model.text are mutually exclusive: name loads "
+                    "a whole model, image + text assemble a new one from two towers"
+                )
+            for key in ("image", "text"):
+                if not getattr(self, key):
+                    other = "text" if key == "image" else "image"
+                    raise ConfigError(
+                        f"model.{key} is required with model.{other} (a folder or hub id)"
+                    )
+        elif self.text_pooling is not None:
+            raise ConfigError(
+                "model.text_pooling applies to a model assembled from model.image and "
+                "model.text; a named model keeps its text tower's pooling"
+            )
 
 
 @dataclass
@@ -133,8 +182,10 @@ class TrainConfig:
     """A whole training run.
 
     out_dir: where checkpoints, the final model, ``metrics.jsonl`` and ``training.png`` go.
-    precision: ``auto`` (bf16 autocast on GPUs that support it, fp16 on older GPUs, fp32 on
-        CPUs without bf16 hardware), or ``fp32``, ``bf16``, ``fp16``.
+    precision: ``auto`` (bf16 autocast on GPUs that support it and on CPUs with AVX512-BF16 or
+        AMX, fp16 on older GPUs, fp32 on other CPUs), or ``fp32``, ``bf16``, ``fp16``. fp16
+        trains with a dynamic gradient scaler (overflowing steps are skipped and the scale
+        halves); its state is checkpointed, so resuming stays exact.
     device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     cpu_reuse_memory: on a CPU, keep freed memory for reuse instead of taking fresh pages from
         the kernel for every large activation: faster steps for a higher peak (measured in
@@ -178,8 +229,18 @@ def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainC
 
 
 def _resolve_paths(config: TrainConfig, base: Path) -> None:
-    """Dataset paths in a config file are relative to that file's folder."""
-    for name in ("train", "val"):
-        value = getattr(config.data, name)
-        if value and not Path(value).is_absolute() and (base / value).exists():
-            setattr(config.data, name, str(base / value))
+    """Dataset and tower folder paths in a config file are relative to that file's folder
+    (a tower written ``./x`` or ``../x`` always is: it names a folder, never a hub id)."""
+    for section, name in (
+        ("data", "train"),
+        ("data", "val"),
+        ("model", "image"),
+        ("model", "text"),
+    ):
+        part = getattr(config, section)
+        value = getattr(part, name)
+        if not value or Path(value).is_absolute():
+            continue
+        explicit = section == "model" and value.startswith(("./", "../"))
+        if explicit or (base / value).exists():
+            setattr(part, name, str(base / value))

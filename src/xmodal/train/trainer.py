@@ -15,6 +15,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from xmodal.errors import InputError
 from xmodal.evaluate.runner import ImageOutputs, evaluate_model, image_tower_outputs
 from xmodal.models.model import CrossModalModel, Features
 from xmodal.models.towers import TowerOutput
-from xmodal.presets import load_model
+from xmodal.presets import assemble, load_model
 from xmodal.processing import MultimodalProcessor
 from xmodal.runtime import pick_autocast, pick_device, reuse_freed_memory
 from xmodal.train.accumulate import accumulated_backward
@@ -46,7 +47,7 @@ from xmodal.train.checkpoint import (
     save_checkpoint,
     save_final_model,
 )
-from xmodal.train.config import TrainConfig
+from xmodal.train.config import ModelSection, TrainConfig
 from xmodal.train.objective import global_batch_losses, negatives_seed
 from xmodal.train.plot import plot_metrics, read_metrics
 
@@ -144,6 +145,8 @@ class Trainer:
         if device.type == "cpu" and config.cpu_reuse_memory:
             reuse_freed_memory()  # faster steps, higher peak: docs/performance.md
         self.autocast = pick_autocast(config.precision, self.device)
+        # fp16 gradients underflow without loss scaling: a dynamic scaler (bf16/fp32: a no-op).
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast == torch.float16)
         seed_everything(config.seed)
         self.model, self.processor = self._build_model()
         self.train_set = load_dataset(
@@ -183,21 +186,18 @@ class Trainer:
 
     def _build_model(self) -> tuple[CrossModalModel, MultimodalProcessor]:
         section = self.config.model
-        model, processor = load_model(section.name)
-        if section.fusion_layers is not None or section.embed_dim is not None:
-            model_config = model.config
-            if section.fusion_layers is not None:
-                model_config.fusion.layers = section.fusion_layers
-            if section.embed_dim is not None:
-                model_config.embed_dim = section.embed_dim
-            towers = (model.image_tower, model.text_tower)
-            model_config.image.pretrained = model_config.text.pretrained = False
-            model_config.image.hf_config = getattr(towers[0], "architecture", lambda: None)()
-            model_config.text.hf_config = towers[1].architecture()
-            fresh = CrossModalModel(model_config)
-            fresh.image_tower.load_state_dict(towers[0].state_dict())
-            fresh.text_tower.load_state_dict(towers[1].state_dict())
-            model = fresh
+        if section.assembled:
+            model, processor = assemble(
+                section.image,
+                section.text,
+                text_pooling=section.text_pooling or "mean",
+                embed_dim=section.embed_dim or 512,
+                fusion=section.fusion or "cross",
+                fusion_layers=section.fusion_layers,
+            )
+        else:
+            model, processor = load_model(section.source)
+            model = _with_new_heads(model, section)
         processor.config.caption_template = self.config.data.caption_template
         processor.config.validate()
         return model, processor
@@ -359,7 +359,12 @@ class Trainer:
         if checkpoint is None:
             return progress
         progress, extra = load_checkpoint(
-            checkpoint, self.model, self.optimizer, self.scheduler, rank=self.world.rank
+            checkpoint,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            rank=self.world.rank,
+            scaler=self.scaler,
         )
         ranks = extra.get("world_size", 1)
         if ranks != self.world.size:
@@ -380,8 +385,9 @@ class Trainer:
             self.model,
             micro,
             self._features,
-            lambda image, text, ids: self._objective(image, text, ids, seed),
+            lambda image, text, ids: self._scaled(self._objective(image, text, ids, seed)),
         )
+        terms["loss"] = terms.pop("unscaled_loss")
         distributed.average_gradients(self.model.parameters())
         names = list(terms)
         rows = sum(len(b["image_index"]) for b in micro)
@@ -391,16 +397,27 @@ class Trainer:
         )
         means = means.tolist()
         totals = dict(zip(names, means[:-1], strict=True))
+        self.scaler.unscale_(self.optimizer)  # true gradients before clipping (fp16 only)
         if self.config.optim.grad_clip:
             params = [p for p in self.model.parameters() if p.grad is not None]
             totals["grad_norm"] = float(
                 torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)
             )
-        self.optimizer.step()
+        if self.scaler.is_enabled():
+            totals["grad_scale"] = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)  # skipped when an fp16 gradient overflowed
+        self.scaler.update()
         self.model.clamp_logit_scales_()
-        self.scheduler.step()
+        with warnings.catch_warnings():  # the schedule follows steps, skipped ones included
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            self.scheduler.step()
         distributed.broadcast_module(self.model, parameters=False)  # buffers, as DDP does
         return totals, round(means[-1] * self.world.size)
+
+    def _scaled(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loss terms with ``loss`` multiplied by the fp16 loss scale (to back-propagate)
+        and the true loss kept under ``unscaled_loss``."""
+        return {**terms, "loss": self.scaler.scale(terms["loss"]), "unscaled_loss": terms["loss"]}
 
     def _autocast(self):
         return torch.autocast(
@@ -469,6 +486,7 @@ class Trainer:
                 progress,
                 extra={"world_size": self.world.size},
                 rng_states=states,
+                scaler=self.scaler,
             )
             plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir / "training.png")
         distributed.barrier()
@@ -510,6 +528,32 @@ class Trainer:
             return
         kept = [record for record in read_metrics(path) if record["step"] <= step]
         atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+
+
+def _with_new_heads(model: CrossModalModel, section: ModelSection) -> CrossModalModel:
+    """The model's towers under a fresh fusion, projections and ITM head when ``fusion``,
+    ``fusion_layers`` or ``embed_dim`` is given (else the model unchanged)."""
+    if section.fusion is None and section.fusion_layers is None and section.embed_dim is None:
+        return model
+    model_config = model.config
+    if section.fusion is not None:
+        model_config.fusion.kind = section.fusion  # type: ignore[assignment]
+    if section.fusion_layers is not None:
+        model_config.fusion.layers = section.fusion_layers
+    if section.embed_dim is not None:
+        model_config.embed_dim = section.embed_dim
+    try:
+        model_config.validate()
+    except ConfigError as err:
+        raise ConfigError(f"model: {err}") from None
+    towers = (model.image_tower, model.text_tower)
+    model_config.image.pretrained = model_config.text.pretrained = False
+    model_config.image.hf_config = getattr(towers[0], "architecture", lambda: None)()
+    model_config.text.hf_config = towers[1].architecture()
+    fresh = CrossModalModel(model_config)
+    fresh.image_tower.load_state_dict(towers[0].state_dict())
+    fresh.text_tower.load_state_dict(towers[1].state_dict())
+    return fresh
 
 
 def train(config: TrainConfig, resume: bool = False) -> TrainResult:

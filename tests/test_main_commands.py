@@ -1,0 +1,107 @@
+"""The main commands as a user runs them, on the real packaged towers and the real emoji data:
+``xmodal demo``, ``xmodal data emoji`` and ``xmodal quickstart`` (a slice, a few steps), the
+last one checked end to end: trained on cached image features, it must retrieve held-out names
+far better than chance."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from xmodal.apps import builders
+from xmodal.cli import main as cli_main
+from xmodal.data import load_dataset
+from xmodal.presets import load_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def emoji_available() -> None:
+    """The emoji tarball comes from the cache or from ``npm pack`` (the npm registry)."""
+    cache = Path.home() / ".cache" / "xmodal" / "emoji"
+    if builders._cached_tarball(cache) is None and shutil.which("npm") is None:
+        pytest.skip(
+            f"needs npm (apt-get install npm) to download {builders.EMOJI_PACKAGE}, or the "
+            f"tarball cached in {cache}"
+        )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def table_rows(text: str, title: str, count: int) -> list[list[float]]:
+    """The numbers of a similarity table printed under ``title``."""
+    lines = text.splitlines()
+    start = lines.index(title) + 2  # title, header
+    return [[float(v) for v in line.split()[-count:]] for line in lines[start : start + count]]
+
+
+def test_demo_embeds_real_photos_and_captions(capsys) -> None:
+    assert cli_main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "preset: offline-default" in out
+    assert "image embeddings: (6, 512)  image tokens: (6, 49, 1280)" in out
+    assert "text embeddings:  (5, 512)" in out and "fused embeddings: (5, 512)" in out
+    captions = table_rows(out, "caption-to-caption cosine similarity (pretrained text tower)", 5)
+    photos = table_rows(out, "photo-to-photo cosine similarity (pretrained image tower)", 6)
+    assert [row[i] for i, row in enumerate(captions)] == [1.0] * 5
+    assert [row[i] for i, row in enumerate(photos)] == [1.0] * 6
+    cat, kitten, stocks = 0, 1, 3  # "a cat lying on a rug", "a kitten sleeping", "stock prices"
+    assert captions[cat][kitten] > captions[cat][stocks] + 0.2
+
+
+def test_data_emoji_builds_a_slice_split_by_name(tmp_path, emoji_available, capsys) -> None:
+    out = tmp_path / "emoji"
+    assert cli_main(["data", "emoji", "--out", str(out), "--limit", "40"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["limit"] == 40 and 30 <= summary["images"] <= 40
+    assert summary["package"] == builders.EMOJI_PACKAGE
+    splits = {s: read_jsonl(out / f"{s}.jsonl") for s in builders.EMOJI_SPLITS}
+    assert sum(len(rows) for rows in splits.values()) == summary["images"]
+    names = {s: {r["name"] for r in rows} for s, rows in splits.items()}
+    assert all(names[s] for s in names)
+    assert not (names["train"] & names["test"] or names["train"] & names["val"])
+    row = splits["train"][0]
+    assert row["caption"].startswith(row["name"])
+    with Image.open(out / row["image"]) as image:
+        assert image.size == (64, 64) and image.mode == "RGB"
+    assert len(load_dataset(out / "test.jsonl")) == len(splits["test"])
+    # The same command again reuses the build; another slice rebuilds it.
+    assert cli_main(["data", "emoji", "--out", str(out), "--limit", "40"]) == 0
+    assert json.loads(capsys.readouterr().out) == summary
+    assert cli_main(["data", "emoji", "--out", str(out), "--limit", "60"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] > summary["images"]
+    assert cli_main(["data", "emoji", "--out", str(out), "--limit", "0"]) == 2
+
+
+def test_quickstart_slice_learns_held_out_names(tmp_path, emoji_available, capsys) -> None:
+    """End to end on the offline towers: 12 steps of 32 pairs on cached image features (the
+    quickstart's locked image tower), one data worker, then the held-out test names."""
+    out = tmp_path / "qs"
+    argv = ["quickstart", "--out", str(out), "--limit", "300", "--steps", "12"]
+    assert cli_main([*argv, "--batch-size", "32"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out emoji names (test split)" in printed and "ITC text->image" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["train_steps"] == 12
+    n = report["n_images"]
+    train_names = {r["name"] for r in read_jsonl(out / "emoji" / "train.jsonl")}
+    test_rows = read_jsonl(out / "emoji" / "test.jsonl")
+    assert n == len({r["image_id"] for r in test_rows}) >= 50
+    assert not train_names & {r["name"] for r in test_rows}
+    itc = report["retrieval_itc"]
+    chance_r1, chance_r5 = 100 / n, 500 / n
+    for direction in ("t2i", "i2t"):  # measured here: R@1 10-12%, R@5 40% (chance 1.3 / 6.5)
+        assert itc[f"{direction}_R@1"] >= 4 * chance_r1, itc
+        assert itc[f"{direction}_R@5"] >= 3 * chance_r5, itc
+    assert 0 <= report["zeroshot"]["top1"] <= 100
+    assert (out / "train" / "training.png").read_bytes()[:4] == b"\x89PNG"
+    model, processor = load_model(report["model"])
+    assert processor.config.caption_template == "an emoji of {}"
+    assert model.config.fusion.layers == 1
