@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 
-
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table (what byte-level BPE vocabularies spell)."""
     printable = (
@@ -22,6 +21,7 @@ def bytes_to_unicode() -> dict[int, str]:
             codes.append(256 + extra)
             extra += 1
     return dict(zip(printable, map(chr, codes), strict=True))
+
 
 VISION = {
     "hidden_size": 32,
@@ -91,11 +91,12 @@ def save_clip(directory: Path, projection_dim: int = 24) -> Path:
     return directory
 
 
-def save_bert_tokenizer(directory: Path, minilm_path: str) -> int:
+def save_bert_tokenizer(directory: Path, minilm_path: str, max_length: int = 512) -> int:
     """The bert-base-uncased WordPiece tokenizer of the MiniLM package; returns its size."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path, local_files_only=True)
+    tokenizer.model_max_length = max_length  # SigLIP's is its text length (64 in real ones)
     tokenizer.save_pretrained(str(directory))
     return len(tokenizer)
 
@@ -105,7 +106,7 @@ def save_siglip(directory: Path, minilm_path: str) -> Path:
     import torch
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
 
-    vocab = save_bert_tokenizer(directory, minilm_path)
+    vocab = save_bert_tokenizer(directory, minilm_path, max_length=16)
     torch.manual_seed(0)
     config = SiglipConfig(
         text_config={
@@ -151,10 +152,10 @@ def save_dual_encoder(directory: Path, minilm_path: str) -> Path:
     import torch
     from transformers import (
         BertConfig,
-        ViTConfig,
-        ViTImageProcessor,
         VisionTextDualEncoderConfig,
         VisionTextDualEncoderModel,
+        ViTConfig,
+        ViTImageProcessor,
     )
 
     vocab = save_bert_tokenizer(directory, minilm_path)

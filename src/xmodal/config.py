@@ -181,7 +181,9 @@ class ProcessorConfig:
         _check_choice("processor.interpolation", self.interpolation, INTERPOLATIONS)
         _check_choice("processor.resize_rounding", self.resize_rounding, ("round", "floor"))
         if self.reducing_gap is not None and self.reducing_gap < 1.0:
-            raise ConfigError(f"processor.reducing_gap must be >= 1 or null, got {self.reducing_gap}")
+            raise ConfigError(
+                f"processor.reducing_gap must be >= 1 or null, got {self.reducing_gap}"
+            )
         _check_choice("processor.padding", self.padding, ("longest", "max_length"))
         _check_positive("processor.max_length", self.max_length)
         _check_positive("processor.max_image_pixels", self.max_image_pixels)

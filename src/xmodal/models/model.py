@@ -140,6 +140,7 @@ class CrossModalModel(nn.Module):
     def has_itm(self) -> bool:
         """Whether the model has a fusion and ITM head (``fusion.kind`` is not ``none``)."""
         return self.fusion is not None
+
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D) L2-normalised image embeddings."""
         return self.image_features(pixel_values).embeds

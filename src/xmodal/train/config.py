@@ -45,7 +45,12 @@ class DataSection:
 
 @dataclass
 class ModelSection:
-    """name: a preset (``offline-default``, ``seed``) or a saved model directory to fine-tune.
+    """name: a preset (``offline-default``, ``seed``), a saved model directory to fine-tune, or
+        an aligned dual encoder (a transformers CLIP / SigLIP / ChineseCLIP /
+        VisionTextDualEncoder folder or ``hf:<hub id>``, or ``open_clip:<name>``): training
+        then starts from its alignment (its projections and logit scale).
+    fusion: ``cross``, ``pooled`` or ``none`` (a pure dual encoder, no ITM head); None keeps
+        the model's (new fusion layers on an aligned model: ``cross``).
     lock_image / lock_text: freeze a tower (locked-image or locked-text tuning).
     text_trainable_layers: with an unlocked text tower, train only its last N layers (None: all).
     cache_image_features: with a locked image tower, run it once per image and train from the
@@ -63,6 +68,7 @@ class ModelSection:
     cache_image_features: bool = True
     fusion_layers: int | None = None
     embed_dim: int | None = None
+    fusion: Literal["cross", "pooled", "none"] | None = None
     gradient_checkpointing: bool = False
 
     def validate(self) -> None:

@@ -182,21 +182,37 @@ class Trainer:
 
     def _build_model(self) -> tuple[CrossModalModel, MultimodalProcessor]:
         section = self.config.model
-        model, processor = load_model(section.name)
-        if section.fusion_layers is not None or section.embed_dim is not None:
+        model, processor = load_model(section.name, fusion=section.fusion)
+        new_fusion = section.fusion is not None and section.fusion != model.config.fusion.kind
+        new_dim = section.embed_dim is not None and section.embed_dim != model.config.embed_dim
+        if section.fusion_layers is not None or new_dim or new_fusion:
             model_config = model.config
             if section.fusion_layers is not None:
                 model_config.fusion.layers = section.fusion_layers
-            if section.embed_dim is not None:
+            if new_fusion:
+                model_config.fusion.kind = section.fusion
+            if new_dim:
                 model_config.embed_dim = section.embed_dim
             towers = (model.image_tower, model.text_tower)
             model_config.image.pretrained = model_config.text.pretrained = False
             model_config.image.hf_config = getattr(towers[0], "architecture", lambda: None)()
             model_config.text.hf_config = towers[1].architecture()
             fresh = CrossModalModel(model_config)
-            fresh.image_tower.load_state_dict(towers[0].state_dict())
-            fresh.text_tower.load_state_dict(towers[1].state_dict())
+            # The towers, and (same shared space) the projections and logit scales: an aligned
+            # model keeps its alignment under a new fusion.
+            kept = ("image_tower.", "text_tower.")
+            if not new_dim:
+                kept += ("image_proj.", "text_proj.", "logit_scale", "siglip_logit_")
+            state = {k: v for k, v in model.state_dict().items() if k.startswith(kept)}
+            missing, unexpected = fresh.load_state_dict(state, strict=False)
+            if unexpected or any(k.startswith(kept) for k in missing):
+                raise RuntimeError(f"rebuilt model lost weights: {missing[:3]} {unexpected[:3]}")
             model = fresh
+        if not model.has_itm and self.config.loss.itm:
+            if self.world.is_main:
+                print("the model has no fusion (fusion: none): the ITM loss term is off")
+            self.config.loss.itm = 0.0
+            self.config.loss.validate()
         processor.config.caption_template = self.config.data.caption_template
         processor.config.validate()
         return model, processor
