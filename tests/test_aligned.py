@@ -205,12 +205,16 @@ def test_onnx_export_parity(kind, checkpoints, photos, tmp_path) -> None:
     pixels = processor.process_images(photos)
     scores = parity(model, processor, towers, pixel_values=pixels, captions=CAPTIONS)
     assert min(scores.values()) >= 0.99999, scores
-    mapper = EmbeddingMapper(model, MapperOptions(backend="onnx", onnx_dir=str(tmp_path / "onnx")))
     ref = reference(checkpoints[kind], photos, CAPTIONS)
-    assert min_cosine(torch.from_numpy(mapper.images(pixels)), ref["image"]) >= 0.99999
     batch = processor.process_text(CAPTIONS)
-    text = mapper.texts(batch["input_ids"], batch["attention_mask"])
-    assert min_cosine(torch.from_numpy(text), ref["text"]) >= 0.99999
+    for options in (
+        MapperOptions(backend="onnx", onnx_dir=str(tmp_path / "onnx")),
+        MapperOptions(backend="torch"),  # the inference copy of the towers
+    ):
+        mapper = EmbeddingMapper(model, options)
+        assert min_cosine(torch.from_numpy(mapper.images(pixels)), ref["image"]) >= 0.99999
+        text = mapper.texts(batch["input_ids"], batch["attention_mask"])
+        assert min_cosine(torch.from_numpy(text), ref["text"]) >= 0.99999
 
 
 def train_config(tmp_path: Path, name: str, **model):
@@ -232,9 +236,13 @@ def train_config(tmp_path: Path, name: str, **model):
     )
 
 
+def image_embeddings(model, processor, dataset) -> torch.Tensor:
+    return embed(model, processor, [ex.image for ex in dataset.unique_images()], ["x"])[1]
+
+
 def test_fine_tune_starts_from_the_alignment_and_reloads(checkpoints, photos, tmp_path) -> None:
     from xmodal.data import load_dataset
-    from xmodal.evaluate.runner import evaluate_model
+    from xmodal.evaluate.runner import evaluate_model, zeroshot_report
     from xmodal.train import Trainer
 
     config = train_config(
@@ -251,6 +259,12 @@ def test_fine_tune_starts_from_the_alignment_and_reloads(checkpoints, photos, tm
     before = evaluate_model(model, trainer.processor, dataset, rerank_k=0, num_workers=0)
     direct = evaluate_model(source, source_processor, dataset, rerank_k=0, num_workers=0)
     assert before["retrieval_itc"] == direct["retrieval_itc"]
+    labels = [ex.caption.split()[1] for ex in dataset.unique_images()]  # the colour
+    zeroshot = [
+        zeroshot_report(m, p, image_embeddings(m, p, dataset), dataset.unique_images(), labels)
+        for m, p in ((model, trainer.processor), (source, source_processor))
+    ]
+    assert zeroshot[0] == zeroshot[1] and zeroshot[0]["top1"] > 0
     # Locked image tower; only the last text layer of the CLIP text encoder trains.
     assert not any(p.requires_grad for p in model.image_tower.parameters())
     trainable = {n for n, p in model.text_tower.named_parameters() if p.requires_grad}

@@ -80,6 +80,14 @@ def test_open_clip_name_without_open_clip(tmp_path, monkeypatch, capsys) -> None
     assert "open_clip:ViT-B-32/laion2b_s34b_b79k" in err and "pip install" in err
 
 
+def test_siglip2_folder_is_refused_with_the_reason(tmp_path, capsys) -> None:
+    folder = tmp_path / "siglip2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "siglip2"}))
+    err = run_cli(tmp_path, str(folder), capsys)
+    assert "'siglip2'" in err and "not supported yet" in err
+
+
 def test_folder_with_bad_config_json(tmp_path, capsys) -> None:
     folder = tmp_path / "broken"
     folder.mkdir()

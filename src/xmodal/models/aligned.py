@@ -11,7 +11,6 @@ are new layers on top (seeded), or absent with ``fusion="none"``.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from xmodal.config import (
     ModelConfig,
     ProcessorConfig,
     TextTowerConfig,
+    load_json_config,
 )
 from xmodal.errors import ModelLoadError
 from xmodal.models.model import CONFIG_NAME, PICKLE_SUFFIXES, CrossModalModel
@@ -40,12 +40,7 @@ _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "
 
 def folder_model_type(directory: Path) -> str | None:
     """The ``model_type`` in a folder's config.json (None when it has none, e.g. xmodal's)."""
-    try:
-        data = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{directory / CONFIG_NAME}: not readable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{directory / CONFIG_NAME}: not a JSON object")
+    data = load_json_config(directory / CONFIG_NAME, "the model config")
     if data.get("library") == "xmodal":
         return None
     return str(data.get("model_type", ""))
