@@ -200,7 +200,11 @@ def test_onnx_export_parity(kind, checkpoints, photos, tmp_path) -> None:
     from xmodal.extract.mapper import EmbeddingMapper, MapperOptions
 
     model, processor = xmodal.load_model(checkpoints[kind])
-    export_onnx(model, processor, tmp_path / "onnx")
+    if kind == "clip":  # through the CLI, which prints the parity it checked
+        argv = ["export-onnx", "--model", str(checkpoints[kind]), "--out", str(tmp_path / "onnx")]
+        assert main(argv) == 0
+    else:
+        export_onnx(model, processor, tmp_path / "onnx")
     towers = OnnxTowers(tmp_path / "onnx")
     pixels = processor.process_images(photos)
     scores = parity(model, processor, towers, pixel_values=pixels, captions=CAPTIONS)
@@ -331,3 +335,33 @@ def test_processor_matches_hf_resize_rounding(photos) -> None:
     crop_round = np.asarray(rounded.resize_crop(chelsea), dtype=np.int16)
     assert crop_floor.shape == crop_round.shape == (224, 224, 3)
     assert np.abs(crop_floor - crop_round).max() > 0
+
+
+def test_train_cli_yaml_fine_tunes_an_hf_prefixed_siglip(checkpoints, photos, tmp_path) -> None:
+    """``xmodal train`` with ``model.name: hf:<folder>`` and ``fusion: none`` in the YAML."""
+    import yaml
+
+    data = write_colour_dataset(tmp_path / "data", n=12)
+    config = {
+        "data": {"train": data, "num_workers": 0},
+        "model": {"name": f"hf:{checkpoints['siglip']}", "fusion": "none", "lock_image": True},
+        "loss": {"infonce": 0.0, "siglip": 1.0, "itm": 0.0},
+        "optim": {"steps": 3, "batch_size": 6, "lr": 1e-2, "warmup_steps": 1},
+        "out_dir": str(tmp_path / "run"),
+        "device": "cpu",
+        "precision": "fp32",
+        "eval_every": 0,
+        "save_every": 0,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(path)]) == 0
+    trained, processor = xmodal.load_model(tmp_path / "run" / "model")
+    source, _ = xmodal.load_model(checkpoints["siglip"])
+    assert trained.fusion is None and processor.config.padding == "max_length"
+    # The SigLIP scale and bias were learned from the source's values, not from fresh ones.
+    assert trained.siglip_logit_bias.item() != source.siglip_logit_bias.item()
+    assert abs(trained.siglip_logit_bias.item() - source.siglip_logit_bias.item()) < 0.1
+    ref = reference(checkpoints["siglip"], photos, CAPTIONS)
+    _, image, _ = embed(trained, processor, photos, CAPTIONS)
+    assert min_cosine(image, ref["image"]) >= 0.99999  # locked image tower, no projection
