@@ -49,7 +49,9 @@ def reference(directory: Path, photos, captions) -> dict[str, torch.Tensor]:
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     model = AutoModel.from_pretrained(str(directory)).eval()
-    pixels = AutoImageProcessor.from_pretrained(str(directory))(photos, return_tensors="pt")
+    # The PIL backend (the one without torchvision); torchvision's resizes differently.
+    image_processor = AutoImageProcessor.from_pretrained(str(directory), backend="pil")
+    pixels = image_processor(photos, return_tensors="pt")
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     if model.config.model_type == "siglip":  # as SigLIP is used: fixed length, no mask
         text = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")

@@ -185,7 +185,10 @@ def processor_from_hf(source: str, hf_config: Any) -> Any:
 
     local = Path(source).is_dir()
     try:
-        image_processor = AutoImageProcessor.from_pretrained(source, local_files_only=local)
+        # Its settings as data; xmodal resizes with PIL as the PIL backend does.
+        image_processor = AutoImageProcessor.from_pretrained(
+            source, local_files_only=local, backend="pil"
+        )
         tokenizer = load_tokenizer(source)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
