@@ -276,6 +276,9 @@ def test_fine_tune_starts_from_the_alignment_and_reloads(checkpoints, photos, tm
     trainable = {n for n, p in model.text_tower.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("model.encoder.layers.1.") for n in trainable)
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    lr_of = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert lr_of[id(model.text_proj.weight)] == config.optim.tower_lr  # pretrained projection
+    assert lr_of[id(model.itm_head.weight)] == config.optim.lr  # new layer
 
     result = trainer.train()
     after = model.state_dict()

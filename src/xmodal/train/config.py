@@ -103,9 +103,10 @@ class OptimSection:
     accum_steps micro-batches make one step, so a step trains on a global batch of
     batch_size x accum_steps x ranks pairs, every pair scored against all the others (the
     loss is that of the global batch however it is split). lr: peak learning rate of new
-    layers; tower_lr: of the pretrained towers. warmup_steps: linear warm-up, then cosine decay
-    to ``min_lr_ratio`` x lr. weight_decay: AdamW decay (never on norms, biases, embeddings or
-    logit scales). grad_clip: max global gradient norm (0 = off).
+    layers; tower_lr: of the pretrained towers (and of an aligned model's projections).
+    warmup_steps: linear warm-up, then cosine decay to ``min_lr_ratio`` x lr. weight_decay:
+    AdamW decay (never on norms, biases, embeddings or logit scales). grad_clip: max global
+    gradient norm (0 = off).
     local_loss: under torchrun, each rank scores only its own pairs' rows of the contrastive
     similarity (O(local x global) instead of O(global^2) memory); same loss and gradient.
     """

@@ -95,12 +95,16 @@ def set_train_mode(model: CrossModalModel) -> None:
 
 
 def build_optimizer(model: CrossModalModel, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW: towers at ``tower_lr``, new layers at ``lr``; no decay on norms, biases, scales."""
+    """AdamW: towers at ``tower_lr``, new layers at ``lr``; no decay on norms, biases, scales.
+    An aligned model's projections (bias-free, from its checkpoint) are pretrained too."""
     groups: dict[tuple[bool, bool], list] = {}
+    pretrained = ("image_tower.", "text_tower.")
+    if model.config.projection == "linear_no_bias":
+        pretrained += ("image_proj.", "text_proj.")
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        is_tower = name.startswith(("image_tower.", "text_tower."))
+        is_tower = name.startswith(pretrained)
         no_decay = (
             param.ndim < 2 or "norm" in name.lower() or "embeddings" in name or "logit" in name
         )
