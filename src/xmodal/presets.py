@@ -104,9 +104,10 @@ def load_model(
     VisionTextDualEncoder model, or ``open_clip:ARCH/TAG`` (``open_clip:hf-hub:ID``) through the
     optional open_clip library. Aligned models keep their projections, pooling, logit scale and
     preprocessing; ``fusion`` (``cross`` by default, ``pooled`` or ``none``) is the new fusion
-    and ITM head put on top of them. ``pretrained=False`` builds a preset's architecture with
-    random weights (no download). Raises :class:`ModelLoadError` for a name that is none of
-    these.
+    and ITM head put on top of them (or a preset's fusion; a saved xmodal model keeps its own:
+    training's ``model.fusion`` rebuilds it). ``pretrained=False`` builds a preset's
+    architecture with random weights (no download). Raises :class:`ModelLoadError` for a name
+    that is none of these.
     """
     name = str(name_or_dir)
     if name.startswith(OPEN_CLIP_PREFIX):
