@@ -80,16 +80,19 @@ def test_data_emoji_builds_a_slice_split_by_name(tmp_path, emoji_available, caps
     assert cli_main(["data", "emoji", "--out", str(out), "--limit", "0"]) == 2
 
 
+STEPS = 24  # 12 steps left R@1 at 4-12% depending on the initialisation: too close to the bar
+
+
 def test_quickstart_slice_learns_held_out_names(tmp_path, emoji_available, capsys) -> None:
-    """End to end on the offline towers: 12 steps of 32 pairs on cached image features (the
+    """End to end on the offline towers: 24 steps of 32 pairs on cached image features (the
     quickstart's locked image tower), one data worker, then the held-out test names."""
     out = tmp_path / "qs"
-    argv = ["quickstart", "--out", str(out), "--limit", "300", "--steps", "12"]
+    argv = ["quickstart", "--out", str(out), "--limit", "300", "--steps", str(STEPS)]
     assert cli_main([*argv, "--batch-size", "32"]) == 0
     printed = capsys.readouterr().out
     assert "held-out emoji names (test split)" in printed and "ITC text->image" in printed
     report = json.loads((out / "report.json").read_text())
-    assert report["train_steps"] == 12
+    assert report["train_steps"] == STEPS
     n = report["n_images"]
     train_names = {r["name"] for r in read_jsonl(out / "emoji" / "train.jsonl")}
     test_rows = read_jsonl(out / "emoji" / "test.jsonl")
@@ -97,7 +100,10 @@ def test_quickstart_slice_learns_held_out_names(tmp_path, emoji_available, capsy
     assert not train_names & {r["name"] for r in test_rows}
     itc = report["retrieval_itc"]
     chance_r1, chance_r5 = 100 / n, 500 / n
-    for direction in ("t2i", "i2t"):  # measured here: R@1 10-12%, R@5 40% (chance 1.3 / 6.5)
+    for direction in (
+        "t2i",
+        "i2t",
+    ):  # measured (24 steps): R@1 13-17%, R@5 34-43% (chance 1.3 / 6.5)
         assert itc[f"{direction}_R@1"] >= 4 * chance_r1, itc
         assert itc[f"{direction}_R@5"] >= 3 * chance_r5, itc
     assert 0 <= report["zeroshot"]["top1"] <= 100

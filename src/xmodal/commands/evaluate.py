@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import typing
 
+from xmodal.commands import MODEL_HELP
 from xmodal.config import DatasetFormat, KarpathySplit
 
 
 def add(commands) -> None:
     p = commands.add_parser("eval", help="retrieval Recall@K (+ ITM re-ranking) and zero-shot")
-    p.add_argument("--model", required=True, help="model directory or preset name")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, help="dataset (JSONL, CSV, COCO, Karpathy, ...)")
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument(

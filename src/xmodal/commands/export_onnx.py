@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from xmodal.commands import MODEL_HELP
 from xmodal.errors import MissingDependencyError
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -11,7 +12,7 @@ ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 def add(commands) -> None:
     p = commands.add_parser("export-onnx", help="export the image and text towers to ONNX")
-    p.add_argument("--model", required=True, help="model directory or preset name")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--out", required=True, help="output directory for the .onnx files")
     p.add_argument(
         "--no-check", action="store_true", help="skip comparing ONNX Runtime with PyTorch"

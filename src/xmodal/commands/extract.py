@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import typing
 
+from xmodal.commands import MODEL_HELP
 from xmodal.config import Backend, ExtractModality, Precision, ShardDtype
 
 
 def add(commands) -> None:
     p = commands.add_parser("extract", help="embed a dataset's images and captions into shards")
-    p.add_argument("--model", required=True, help="model directory or preset name")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, help="dataset path (any format load_dataset reads)")
     p.add_argument("--out", required=True, help="output directory for shards + manifest.json")
     p.add_argument(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from xmodal.commands import MODEL_HELP
+
 
 def add(commands) -> None:
     p = commands.add_parser("search", help="query an index with a caption or an image")
     p.add_argument("--index", required=True, help="index directory")
-    p.add_argument("--model", required=True, help="model directory or preset name")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="caption query")
     query.add_argument("--image", help="image query (path)")

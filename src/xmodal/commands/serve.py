@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from xmodal.commands import MODEL_HELP
 from xmodal.errors import MissingDependencyError
 
 SERVE_PACKAGES = ("fastapi", "starlette", "pydantic", "uvicorn", "multipart", "python_multipart")
@@ -14,7 +15,7 @@ def add(commands) -> None:
 
     p = commands.add_parser("serve", help="serve search over HTTP (API + web page)")
     p.add_argument("--index", required=True, help="index directory")
-    p.add_argument("--model", required=True, help="model directory or preset name")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     add_arguments(p)  # --host, --port, --expose-sources, the limits: from ServeSettings
 
 

@@ -147,9 +147,7 @@ def evaluate_model(
     pooled, tokens = image_outputs.pooled, image_outputs.tokens
     with torch.inference_mode():
         device = next(model.parameters()).device
-        image_embeds = torch.nn.functional.normalize(
-            model.image_proj(pooled.to(device)), dim=-1
-        ).cpu()
+        image_embeds = model.embed_image_pooled(pooled.to(device)).cpu()
     captions = dataset.captions()
     text_embeds = text_embeddings(model, processor, captions)
     text_to_image = dataset.text_to_image()
@@ -162,7 +160,9 @@ def evaluate_model(
         report["bad_images"] = bad_images
         report["n_bad_images"] = len(bad_images)
         report["n_dropped_captions"] = n_rows - len(dataset)
-    if rerank_k > 0 and tokens is not None:
+    if rerank_k > 0 and tokens is not None and not model.has_itm:
+        report["retrieval_itm_rerank_skipped"] = "the model has no ITM head (fusion: none)"
+    elif rerank_k > 0 and tokens is not None:
         scorer = ImagePairScorer(model, processor, pooled, tokens, captions)
         report["retrieval_itm_rerank"] = rerank_metrics(
             image_embeds, text_embeds, text_to_image, scorer, k=rerank_k
@@ -225,6 +225,8 @@ def format_report(report: dict[str, Any]) -> str:
         for direction, name in (("t2i", "text->image"), ("i2t", "image->text")):
             values = [metrics[f"{direction}_R@{k}"] for k in (1, 5, 10)]
             lines.append(f"{title + ' ' + name:22}" + "".join(f"{v:8.1f}" for v in values))
+    if "retrieval_itm_rerank_skipped" in report:
+        lines.append(f"ITM re-rank skipped: {report['retrieval_itm_rerank_skipped']}")
     if "zeroshot" in report:
         zs = report["zeroshot"]
         lines.append(

@@ -49,6 +49,8 @@ class OnnxTowers:
         towers = self.meta["towers"]
         self._image = _session(self.directory / towers["image"]["file"], threads)
         self._text = _session(self.directory / towers["text"]["file"], threads)
+        # A tower that ignores the mask (SigLIP's text) exports without that input.
+        self._text_inputs = {node.name for node in self._text.get_inputs()}
 
     def check(self, model: CrossModalModel) -> None:
         """Raise IncompatibleError unless ``model``'s towers are the exported ones."""
@@ -72,13 +74,13 @@ class OnnxTowers:
 
     def text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TowerOutput:
         """(B, L) -> pooled (B, D), tokens (B, L, D) and the mask."""
-        feed = self._text_feed(input_ids, attention_mask)
+        feed = self._text_feed(input_ids, attention_mask, self._text_inputs)
         pooled, tokens = self._text.run(["pooled", "tokens"], feed)
         return TowerOutput(torch.from_numpy(pooled), torch.from_numpy(tokens), attention_mask)
 
     def text_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) -> pooled (B, D) only."""
-        feed = self._text_feed(input_ids, attention_mask)
+        feed = self._text_feed(input_ids, attention_mask, self._text_inputs)
         return torch.from_numpy(self._text.run(["pooled"], feed)[0])
 
     @staticmethod
@@ -86,11 +88,13 @@ class OnnxTowers:
         return {"pixel_values": np.ascontiguousarray(pixel_values.float().numpy())}
 
     @staticmethod
-    def _text_feed(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, np.ndarray]:
-        return {
-            "input_ids": input_ids.long().numpy(),
-            "attention_mask": attention_mask.long().numpy(),
-        }
+    def _text_feed(
+        input_ids: torch.Tensor, attention_mask: torch.Tensor, names: set[str]
+    ) -> dict[str, np.ndarray]:
+        feed = {"input_ids": input_ids.long().numpy()}
+        if "attention_mask" in names:
+            feed["attention_mask"] = attention_mask.long().numpy()
+        return feed
 
 
 def parity(
@@ -112,11 +116,11 @@ def parity(
         pairs = {
             "image": (
                 model.encode_image(pixels.to(device)).cpu(),
-                model.image_proj(towers.image_pooled(pixels).to(device)).cpu(),
+                model.embed_image_pooled(towers.image_pooled(pixels).to(device)).cpu(),
             ),
             "text": (
                 model.encode_text(ids.to(device), mask.to(device)).cpu(),
-                model.text_proj(towers.text_pooled(ids, mask).to(device)).cpu(),
+                model.embed_text_pooled(towers.text_pooled(ids, mask).to(device)).cpu(),
             ),
         }
         return {

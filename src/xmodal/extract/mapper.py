@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from xmodal.config import Backend, ConfigError, Precision, check_choice
@@ -144,10 +143,6 @@ class EmbeddingMapper:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
-    def _embed(self, projection: nn.Module, pooled: torch.Tensor) -> np.ndarray:
-        """Project (in fp32) and L2-normalise."""
-        return F.normalize(projection(pooled.float()), dim=-1).float().cpu().numpy()
-
     @torch.inference_mode()
     def images(self, pixel_values: torch.Tensor) -> np.ndarray:
         """(B, 3, H, W) -> (B, D) float32."""
@@ -159,7 +154,7 @@ class EmbeddingMapper:
                 pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 pooled = self.image_tower(pixel_values).pooled
-        return self._embed(self.model.image_proj, pooled.to(self.device))
+        return self.model.embed_image_pooled(pooled.to(self.device)).cpu().numpy()
 
     @torch.inference_mode()
     def texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
@@ -171,4 +166,4 @@ class EmbeddingMapper:
             attention_mask = attention_mask.to(self.device, non_blocking=True)
             with self._autocast():
                 pooled = self.text_tower(input_ids, attention_mask).pooled
-        return self._embed(self.model.text_proj, pooled.to(self.device))
+        return self.model.embed_text_pooled(pooled.to(self.device)).cpu().numpy()

@@ -87,13 +87,16 @@ class TokenizedCaptions:
         self.ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64)
         self.pad_id = tokenizer.pad_token_id or 0
         self.left = getattr(tokenizer, "padding_side", "right") == "left"
+        # Models trained on fixed-length captions without a mask (SigLIP) see the padding.
+        self.fixed = cfg.max_length if cfg.padding == "max_length" else None
 
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """``input_ids`` and ``attention_mask`` (len(rows), longest) of the captions ``rows``."""
         lengths = self.lengths[rows]
-        steps = np.arange(int(lengths.max()))[None, :]
+        width = self.fixed or int(lengths.max())
+        steps = np.arange(width)[None, :]
         if self.left:
-            steps = steps - (int(lengths.max()) - lengths)[:, None]
+            steps = steps - (width - lengths)[:, None]
         mask = (steps >= 0) & (steps < lengths[:, None])
         index = np.clip(self.offsets[rows][:, None] + steps, 0, max(len(self.ids) - 1, 0))
         ids = np.where(mask, self.ids[index], self.pad_id)
@@ -107,8 +110,8 @@ def text_batches(
     batch_size: int,
 ) -> Iterator[TextBatch]:
     """Captions at ``positions``, sorted by token length into batches padded to their longest
-    caption. Padding is masked, so this changes no embedding, only the time taken (the
-    processor's ``padding`` setting is for fixed-shape consumers, not needed here)."""
+    caption. Padding is masked, so this changes no embedding, only the time taken; a processor
+    with ``padding: max_length`` (SigLIP, whose text tower sees the padding) pads to it."""
     tokens = TokenizedCaptions([items[p].source for p in positions], processor)
     order = np.argsort(tokens.lengths, kind="stable")
     where = np.asarray(positions, dtype=np.int64)

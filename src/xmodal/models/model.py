@@ -19,7 +19,7 @@ from torch import nn
 
 from xmodal.atomic import atomic_path, atomic_write_text, make_dir
 from xmodal.config import ConfigError, ModelConfig, from_dict, load_json_config, to_dict
-from xmodal.errors import MissingFileError, ModelLoadError, XmodalError
+from xmodal.errors import IncompatibleError, MissingFileError, ModelLoadError, XmodalError
 from xmodal.models.fusion import CrossAttentionFusion, PooledFusion
 from xmodal.models.image import build_image_tower
 from xmodal.models.text import HFTextTower
@@ -61,10 +61,10 @@ class CrossModalOutput:
 
     image_embeds: torch.Tensor  # (B, D) normalised
     text_embeds: torch.Tensor  # (B, D) normalised
-    fused_embeds: torch.Tensor  # (B, D) fused vector of each aligned pair
+    fused_embeds: torch.Tensor | None  # (B, D) fused vector of each pair; None: no fusion
     logits_per_text: torch.Tensor  # (B, B) scaled similarity, row = caption
     logits_per_image: torch.Tensor  # (B, B) its transpose
-    itm_logits: torch.Tensor  # (B, 2) [mismatch, match] for each aligned pair
+    itm_logits: torch.Tensor | None  # (B, 2) [mismatch, match] per pair; None: no ITM head
     image: Features
     text: Features
 
@@ -79,11 +79,15 @@ class CrossModalModel(nn.Module):
         self.image_tower = build_image_tower(config.image)
         self.text_tower = HFTextTower(config.text)
         dim = config.embed_dim
-        self.image_proj = nn.Linear(self.image_tower.output_dim, dim)
-        self.text_proj = nn.Linear(self.text_tower.output_dim, dim)
+        self.image_proj = _projection(config, self.image_tower.output_dim, "image")
+        self.text_proj = _projection(config, self.text_tower.output_dim, "text")
         fusion = config.fusion
-        if fusion.kind == "pooled":
-            self.fusion: nn.Module = PooledFusion(dim, fusion.heads)
+        self.fusion: nn.Module | None
+        self.itm_head: nn.Module | None
+        if fusion.kind == "none":
+            self.fusion = None
+        elif fusion.kind == "pooled":
+            self.fusion = PooledFusion(dim, fusion.heads)
         else:
             self.fusion = CrossAttentionFusion(
                 self.image_tower.output_dim,
@@ -96,7 +100,7 @@ class CrossModalModel(nn.Module):
             )
         # ITM reads the fused vector and the element-wise agreement of the two embeddings: the
         # head can express the contrastive similarity itself, and the fusion refines it.
-        self.itm_head = nn.Linear(2 * dim, 2)
+        self.itm_head = None if self.fusion is None else nn.Linear(2 * dim, 2)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.init_logit_scale)))
         self.siglip_logit_scale = nn.Parameter(torch.tensor(math.log(config.init_siglip_scale)))
         self.siglip_logit_bias = nn.Parameter(torch.tensor(config.init_siglip_bias))
@@ -105,7 +109,7 @@ class CrossModalModel(nn.Module):
         """Recompute tower (and fusion) activations in the backward pass: much less activation
         memory for about one more forward pass of compute. Only acts in training mode."""
         for part in (self.image_tower, self.text_tower, self.fusion):
-            if hasattr(part, "set_gradient_checkpointing"):
+            if part is not None and hasattr(part, "set_gradient_checkpointing"):
                 part.set_gradient_checkpointing(enabled)
 
     # -- features -------------------------------------------------------------------------------
@@ -124,6 +128,20 @@ class CrossModalModel(nn.Module):
         projected = self.text_proj(out.pooled)
         return Features(F.normalize(projected, dim=-1), projected, out.tokens, out.mask)
 
+    def embed_image_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, D_tower) pooled image tower outputs (e.g. cached or from ONNX Runtime) -> (B, D)
+        L2-normalised embeddings, computed in float32."""
+        return F.normalize(self.image_proj(pooled.float()), dim=-1)
+
+    def embed_text_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, D_tower) pooled text tower outputs -> (B, D) L2-normalised embeddings (float32)."""
+        return F.normalize(self.text_proj(pooled.float()), dim=-1)
+
+    @property
+    def has_itm(self) -> bool:
+        """Whether the model has a fusion and ITM head (``fusion.kind`` is not ``none``)."""
+        return self.fusion is not None
+
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D) L2-normalised image embeddings."""
         return self.image_features(pixel_values).embeds
@@ -135,6 +153,7 @@ class CrossModalModel(nn.Module):
     # -- fusion and matching --------------------------------------------------------------------
     def fuse(self, image: Features, text: Features) -> torch.Tensor:
         """Fused vector (B, D) of the pairs (image[i], text[i])."""
+        self._require_itm()
         if isinstance(self.fusion, PooledFusion):
             return self.fusion(image.projected, text.projected)
         return self.fusion(image.tokens, image.mask, text.tokens, text.mask)
@@ -144,12 +163,20 @@ class CrossModalModel(nn.Module):
         return self.itm_from_fused(self.fuse(image, text), image, text)
 
     def itm_from_fused(self, fused: torch.Tensor, image: Features, text: Features) -> torch.Tensor:
+        self._require_itm()
         return self.itm_head(torch.cat([fused, image.embeds * text.embeds], dim=-1))
 
     def itm_score(self, image: Features, text: Features) -> torch.Tensor:
         """(B,) match logit minus mismatch logit: a pair's ITM score for re-ranking."""
         logits = self.itm_logits(image, text)
         return logits[:, 1] - logits[:, 0]
+
+    def _require_itm(self) -> None:
+        if self.fusion is None:
+            raise IncompatibleError(
+                "this model is a pure dual encoder (fusion: none): it has no fusion or ITM head "
+                "to score pairs with; re-rank off, or load it with a fusion (e.g. fusion='cross')"
+            )
 
     def clip_scale(self) -> torch.Tensor:
         """exp(logit_scale), at most ``max_logit_scale`` (100) as in CLIP.
@@ -183,7 +210,7 @@ class CrossModalModel(nn.Module):
         return self.output_from_features(image, text)
 
     def output_from_features(self, image: Features, text: Features) -> CrossModalOutput:
-        fused = self.fuse(image, text)
+        fused = self.fuse(image, text) if self.has_itm else None
         logits_per_text = self.clip_scale() * text.embeds @ image.embeds.t()
         return CrossModalOutput(
             image_embeds=image.embeds,
@@ -191,7 +218,7 @@ class CrossModalModel(nn.Module):
             fused_embeds=fused,
             logits_per_text=logits_per_text,
             logits_per_image=logits_per_text.t(),
-            itm_logits=self.itm_from_fused(fused, image, text),
+            itm_logits=None if fused is None else self.itm_from_fused(fused, image, text),
             image=image,
             text=text,
         )
@@ -249,6 +276,18 @@ class CrossModalModel(nn.Module):
                 f"unexpected {unexpected[:5]})"
             )
         return model.eval()
+
+
+def _projection(config: ModelConfig, tower_dim: int, modality: str) -> nn.Module:
+    """A tower's projection into the shared space, as ``config.projection`` says."""
+    if config.projection == "none":
+        if tower_dim != config.embed_dim:
+            raise ConfigError(
+                f"projection 'none' needs the {modality} tower's width ({tower_dim}) to equal "
+                f"embed_dim ({config.embed_dim})"
+            )
+        return nn.Identity()
+    return nn.Linear(tower_dim, config.embed_dim, bias=config.projection == "linear")
 
 
 def load_model_config(directory: str | Path) -> ModelConfig:

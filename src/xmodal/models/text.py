@@ -36,26 +36,42 @@ class HFTextTower(nn.Module):
             model = model.text_model
         # pool_tokens pools the hidden states itself; the model's own pooler (BERT's dense + tanh
         # on [CLS]) never reaches an output, so freeze it: every trainable parameter gets a grad.
+        # (With ``pooling: pooler`` the model's own pooled output is the one used.)
         pooler = getattr(model, "pooler", None)
-        if isinstance(pooler, nn.Module):
+        if isinstance(pooler, nn.Module) and config.pooling != "pooler":
             pooler.requires_grad_(False)
         self.model = model
         self.pooling = config.pooling
-        self.output_dim = model.config.hidden_size
+        self.use_attention_mask = config.use_attention_mask
+        self.output_dim = pooled_width(model) if config.pooling == "pooler" else _width(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TowerOutput:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return TowerOutput(
-            pooled=pool_tokens(hidden, attention_mask, self.pooling),
-            tokens=hidden,
-            mask=attention_mask,
-        )
+        mask = attention_mask if self.use_attention_mask else None
+        out = self.model(input_ids=input_ids, attention_mask=mask)
+        hidden = out.last_hidden_state
+        if self.pooling == "pooler":
+            pooled = out.pooler_output
+        else:
+            pooled = pool_tokens(hidden, attention_mask, self.pooling)
+        return TowerOutput(pooled=pooled, tokens=hidden, mask=attention_mask)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         set_hf_checkpointing(self.model, enabled)
 
     def architecture(self) -> dict:
         return hf_config_dict(self.model)
+
+
+def _width(model: nn.Module) -> int:
+    return model.config.hidden_size
+
+
+def pooled_width(model: nn.Module) -> int:
+    """Width of a text model's ``pooler_output``: SigLIP's head may project to another width."""
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear):
+        return head.out_features
+    return _width(model)
 
 
 def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -61,7 +61,19 @@ def load_hf_backbone(
             config = AutoConfig.from_pretrained(name_or_path, local_files_only=local)
     except OSError as err:  # transformers: no such folder / hub name, or no safetensors weights
         raise MissingFileError(f"cannot load tower {name_or_path!r}: {err}") from err
+    part = PART_CLASSES.get(config.model_type)
+    if part is not None:  # halves of dual encoders that AutoModel does not map
+        import transformers
+
+        return getattr(transformers, part)._from_config(config)
     return AutoModel.from_config(config)
+
+
+# Text halves of aligned dual encoders that ``AutoModel`` has no mapping for.
+PART_CLASSES = {
+    "siglip_text_model": "SiglipTextModel",
+    "chinese_clip_text_model": "ChineseCLIPTextModel",
+}
 
 
 def hf_config_dict(model: nn.Module) -> dict[str, Any]:

@@ -52,8 +52,11 @@ DEFAULT_MODEL = "offline-default"
 class ModelSection:
     """The model to train: a whole model by ``name``, or a new one from two towers.
 
-    name: a preset (``offline-default``, ``seed``) or a saved model directory to fine-tune
-        (default: ``offline-default`` when neither ``name`` nor ``image``/``text`` is given).
+    name: a preset (``offline-default``, ``seed``), a saved model directory to fine-tune, or
+        an aligned dual encoder (a transformers CLIP / SigLIP / ChineseCLIP /
+        VisionTextDualEncoder folder or ``hf:<hub id>``, or ``open_clip:<name>``): training
+        then starts from its alignment (its projections and logit scale). Default:
+        ``offline-default`` when neither ``name`` nor ``image``/``text`` is given.
     image / text: assemble a NEW model from any transformers vision backbone and any text
         encoder, each a local folder (relative to the config file) or a hub id; both needed,
         and not together with ``name``. The processor follows the image backbone's
@@ -61,8 +64,9 @@ class ModelSection:
         (:func:`xmodal.presets.assemble`).
     text_pooling: with image/text, how the text tower pools: ``mean``, ``cls`` or ``eos`` (the
         last real token, for CLIP-style causal encoders). Default ``mean``.
-    fusion: ``cross``, ``pooled`` or ``none`` (a pure dual encoder, where the model supports
-        it): the fusion of an assembled model, or a fresh fusion replacing a named model's.
+    fusion: ``cross``, ``pooled`` or ``none`` (a pure dual encoder, no ITM head): the fusion
+        of an assembled model, or a fresh fusion replacing a named model's (None keeps the
+        model's; new fusion layers on an aligned model: ``cross``).
     lock_image / lock_text: freeze a tower (locked-image or locked-text tuning).
     text_trainable_layers: with an unlocked text tower, train only its last N layers (None: all).
     cache_image_features: with a locked image tower, run it once per image and train from the
@@ -147,9 +151,10 @@ class OptimSection:
     accum_steps micro-batches make one step, so a step trains on a global batch of
     batch_size x accum_steps x ranks pairs, every pair scored against all the others (the
     loss is that of the global batch however it is split). lr: peak learning rate of new
-    layers; tower_lr: of the pretrained towers. warmup_steps: linear warm-up, then cosine decay
-    to ``min_lr_ratio`` x lr. weight_decay: AdamW decay (never on norms, biases, embeddings or
-    logit scales). grad_clip: max global gradient norm (0 = off).
+    layers; tower_lr: of the pretrained towers (and of an aligned model's projections).
+    warmup_steps: linear warm-up, then cosine decay to ``min_lr_ratio`` x lr. weight_decay:
+    AdamW decay (never on norms, biases, embeddings or logit scales). grad_clip: max global
+    gradient norm (0 = off).
     local_loss: under torchrun, each rank scores only its own pairs' rows of the contrastive
     similarity (O(local x global) instead of O(global^2) memory); same loss and gradient.
     """

@@ -98,12 +98,16 @@ def set_train_mode(model: CrossModalModel) -> None:
 
 
 def build_optimizer(model: CrossModalModel, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW: towers at ``tower_lr``, new layers at ``lr``; no decay on norms, biases, scales."""
+    """AdamW: towers at ``tower_lr``, new layers at ``lr``; no decay on norms, biases, scales.
+    An aligned model's projections (bias-free, from its checkpoint) are pretrained too."""
     groups: dict[tuple[bool, bool], list] = {}
+    pretrained = ("image_tower.", "text_tower.")
+    if model.config.projection == "linear_no_bias":
+        pretrained += ("image_proj.", "text_proj.")
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        is_tower = name.startswith(("image_tower.", "text_tower."))
+        is_tower = name.startswith(pretrained)
         no_decay = (
             param.ndim < 2 or "norm" in name.lower() or "embeddings" in name or "logit" in name
         )
@@ -196,8 +200,13 @@ class Trainer:
                 fusion_layers=section.fusion_layers,
             )
         else:
-            model, processor = load_model(section.source)
+            model, processor = load_model(section.source, fusion=section.fusion)
             model = _with_new_heads(model, section)
+        if not model.has_itm and self.config.loss.itm:
+            if self.world.is_main:
+                print("the model has no fusion (fusion: none): the ITM loss term is off")
+            self.config.loss.itm = 0.0
+            self.config.loss.validate()
         processor.config.caption_template = self.config.data.caption_template
         processor.config.validate()
         return model, processor
@@ -531,17 +540,24 @@ class Trainer:
 
 
 def _with_new_heads(model: CrossModalModel, section: ModelSection) -> CrossModalModel:
-    """The model's towers under a fresh fusion, projections and ITM head when ``fusion``,
-    ``fusion_layers`` or ``embed_dim`` is given (else the model unchanged)."""
-    if section.fusion is None and section.fusion_layers is None and section.embed_dim is None:
-        return model
+    """The model under a fresh fusion and ITM head when ``fusion``, ``fusion_layers`` or
+    ``embed_dim`` change it (else the model unchanged).
+
+    The towers are kept, and in the same shared space the projections and logit scales too, so
+    an aligned model keeps its alignment under a new fusion; a new ``embed_dim`` gets fresh
+    projections.
+    """
     model_config = model.config
-    if section.fusion is not None:
+    new_fusion = section.fusion is not None and section.fusion != model_config.fusion.kind
+    new_dim = section.embed_dim is not None and section.embed_dim != model_config.embed_dim
+    if section.fusion_layers is None and not new_fusion and not new_dim:
+        return model
+    if new_fusion:
         model_config.fusion.kind = section.fusion  # type: ignore[assignment]
     if section.fusion_layers is not None:
         model_config.fusion.layers = section.fusion_layers
-    if section.embed_dim is not None:
-        model_config.embed_dim = section.embed_dim
+    if new_dim:
+        model_config.embed_dim = section.embed_dim  # type: ignore[assignment]
     try:
         model_config.validate()
     except ConfigError as err:
@@ -551,8 +567,13 @@ def _with_new_heads(model: CrossModalModel, section: ModelSection) -> CrossModal
     model_config.image.hf_config = getattr(towers[0], "architecture", lambda: None)()
     model_config.text.hf_config = towers[1].architecture()
     fresh = CrossModalModel(model_config)
-    fresh.image_tower.load_state_dict(towers[0].state_dict())
-    fresh.text_tower.load_state_dict(towers[1].state_dict())
+    kept: tuple[str, ...] = ("image_tower.", "text_tower.")
+    if not new_dim:
+        kept += ("image_proj.", "text_proj.", "logit_scale", "siglip_logit_")
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(kept)}
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    if unexpected or any(k.startswith(kept) for k in missing):
+        raise RuntimeError(f"rebuilt model lost weights: {missing[:3]} {unexpected[:3]}")
     return fresh
 
 
