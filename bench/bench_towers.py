@@ -1,12 +1,13 @@
-"""Tower throughput: xmodal's extraction path against the design note's and against peers.
+"""Tower throughput: xmodal's extraction path against the original design's (README,
+``seed`` preset: eager PyTorch, autograd on, captions padded to 128) and against peers.
 
 For each tower (EfficientNet-Lite0 image, MiniLM-L6 text) and the fused model it prints items/s,
 the GFLOP/s executed (``FlopCounterMode``) as a share of a matmul peak measured in the same run,
-and the ratio to the design note's way of running the same backbone, also in this run:
+and the ratio to that original way of running the same backbone, also in this run:
 
-- images: eager, NCHW, grad enabled (the note) -> inference_mode -> channels_last -> batch norm
+- images: eager, NCHW, grad enabled (original) -> inference_mode -> channels_last -> batch norm
   folded (xmodal's default) -> bf16 autocast -> ONNX Runtime -> torch.compile (``--compile``);
-- captions: padded to 128 with grad enabled (the note); transformers ``AutoModel`` + mean pooling
+- captions: padded to 128 with grad enabled (original); transformers ``AutoModel`` + mean pooling
   padded to 128 and sentence-transformers style (sorted by length, padded to the longest); xmodal
   (length-bucketed batches, inference_mode); ONNX Runtime; bf16 autocast for both;
 - fusion: the cross-attention fusion on cached tower outputs, and the whole model.
@@ -94,7 +95,7 @@ class Path:
 
     name: str
     fn: Callable[[], object]
-    grad: bool = False  # the note's way: autograd on
+    grad: bool = False  # the original way: autograd on
     dtype: torch.dtype | None = None  # autocast around fn (for paths without their own)
     precision: str = "fp32"  # which matmul peak it is compared with
     note: str = ""

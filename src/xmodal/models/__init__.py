@@ -6,7 +6,7 @@ from xmodal.models.model import CrossModalModel, CrossModalOutput, Features
 from xmodal.models.text import HFTextTower
 from xmodal.models.towers import TowerOutput
 
-CrossModalExtractor = CrossModalModel  # the design note's name
+CrossModalExtractor = CrossModalModel  # the original design's name (README)
 
 __all__ = [
     "CrossAttentionFusion",

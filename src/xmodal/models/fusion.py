@@ -1,6 +1,6 @@
 """Cross-modal fusion: from an image and a caption to one fused vector.
 
-- :class:`PooledFusion` is the design note's fusion, verbatim: one ``MultiheadAttention`` over
+- :class:`PooledFusion` (the ``seed`` preset's fusion): one ``MultiheadAttention`` over
   the stacked [image, text] pair of projected vectors, returning the first position.
 - :class:`CrossAttentionFusion` (the default) runs pre-norm transformer layers in which the
   caption's tokens attend to each other and to the image's grid tokens; padding is masked, so

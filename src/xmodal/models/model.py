@@ -1,6 +1,7 @@
 """CrossModalModel: two towers, projections into a shared space, fusion and an ITM head.
 
-The design note's ``CrossModalExtractor`` is this model with the ``pooled`` fusion.
+``CrossModalExtractor`` (the name in the project's original design, README) is an alias; that
+design is this model with the ``pooled`` fusion (the ``seed`` preset).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Features:
     """One modality's features for a batch.
 
     embeds: (B, D) L2-normalised embeddings in the shared space (the retrieval contract).
-    projected: (B, D) the same before normalisation (the note's fusion input).
+    projected: (B, D) the same before normalisation (the ``pooled`` fusion's input).
     tokens: (B, T, D_tower) tower tokens (the cross-attention fusion input).
     mask: (B, T) 1 for real tokens, or None.
     """
