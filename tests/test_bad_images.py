@@ -10,33 +10,18 @@ from __future__ import annotations
 
 import io
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import write_colour_dataset
 from PIL import Image
+from test_bad_inputs import png_claiming
 
 from xmodal.cli import main
 from xmodal.data import load_dataset
 from xmodal.evaluate.runner import evaluate_model
 from xmodal.presets import load_model
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A PNG header claiming width x height pixels, with almost no data (a decompression bomb)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    rows = zlib.compress(b"\x00" * (width + 1) * 4, 9)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
-    )
 
 
 def truncated_png(path: Path) -> bytes:
