@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import typing
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from xmodal.atomic import atomic_write_bytes, make_dir
+from xmodal.config import FashionMnistSplit
 from xmodal.errors import ConfigError, InputError, MissingDependencyError, MissingFileError
 
 EMOJI_PACKAGE = "emoji-datasource-google@16.0.0"
@@ -370,10 +372,10 @@ def _read_idx(path: Path, magic: int, header: int) -> tuple[np.ndarray, tuple[in
 
 
 def read_fashion_mnist(
-    source_dir: str | Path = FASHION_MNIST_DIR, split: str = "test"
+    source_dir: str | Path = FASHION_MNIST_DIR, split: FashionMnistSplit = "test"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 28, 28) uint8 and labels (N,) of a Fashion-MNIST split."""
-    if split not in ("train", "test"):
+    if split not in typing.get_args(FashionMnistSplit):
         raise ConfigError(f"unknown Fashion-MNIST split {split!r}; expected 'train' or 'test'")
     prefix = "t10k" if split == "test" else "train"
     source = Path(source_dir)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import typing
+
+from xmodal.config import FashionMnistSplit
 
 
 def add(commands) -> None:
@@ -20,7 +23,7 @@ def add(commands) -> None:
     )
     fmnist = builders.add_parser("fashion-mnist", help="Fashion-MNIST from the Debian package")
     fmnist.add_argument("--out", required=True, help="output folder")
-    fmnist.add_argument("--split", choices=("train", "test"), default="test")
+    fmnist.add_argument("--split", choices=typing.get_args(FashionMnistSplit), default="test")
     fmnist.add_argument("--limit", type=int, default=None, help="at most this many images")
 
 
