@@ -214,3 +214,17 @@ def test_index_reads_float16_shards_normalised(setup, tmp_path: Path) -> None:
     (position, score), *_ = loaded.search(own, 1)[0]
     assert loaded.ids[position] == "img2" and score == pytest.approx(1.0, abs=1e-3)
     assert np.linalg.norm(loaded.index.reconstruct(0)) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("damage", [b"{", b"\xff\xfe not UTF-8"])
+def test_a_damaged_manifest_is_one_line_naming_it(tmp_path: Path, capsys, damage) -> None:
+    like = {"format": "xmodal.embeddings/1", "model": {"id": "m", "weights_hash": "0" * 64}}
+    shards = write_fake_shards(
+        tmp_path / "emb", random_vectors(8), {**like, "processor_hash": "0", "created": "x"}
+    )
+    (shards / "manifest.json").write_bytes(damage)
+    argv = ["index", "--shards", str(shards), "--out", str(tmp_path / "i"), "--modality", "texts"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("xmodal index: error: ") and "manifest.json: not valid JSON" in err
+    assert "\n" not in err and not (tmp_path / "i").exists()

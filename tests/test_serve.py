@@ -68,7 +68,7 @@ def png_bytes(path) -> bytes:
 def test_health_and_docs(setup) -> None:
     client = setup["client"]
     body = client.get("/health").json()
-    assert (body["status"], body["what"], body["kind"], body["count"], body["dim"]) == (
+    assert (body["status"], body["modality"], body["kind"], body["count"], body["dim"]) == (
         "ok",
         "images",
         "flat",

@@ -418,9 +418,6 @@ class SearchIndex:
                 f"{self.directory}: index holds {self.index.ntotal} vectors, ids file "
                 f"{len(self.ids)}, {INDEX_JSON} says {info['count']}"
             )
-        self._positions: dict[str, int] = {}
-        for position, item_id in enumerate(self.ids):
-            self._positions.setdefault(item_id, position)
 
     @property
     def kind(self) -> str:
@@ -443,9 +440,6 @@ class SearchIndex:
     @property
     def identity(self) -> ModelIdentity:
         return ModelIdentity.from_record(self.info)
-
-    def position(self, item_id: str) -> int | None:
-        return self._positions.get(item_id)
 
     def search_parameters(
         self, nprobe: int | None = None, ef_search: int | None = None, k: int = RECALL_K

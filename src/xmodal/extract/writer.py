@@ -116,7 +116,7 @@ def load_manifest(directory: str | Path) -> dict[str, Any] | None:
         return None
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # bad UTF-8 or JSON
         raise IndexBuildError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise IndexBuildError(f"{path}: not an xmodal embeddings manifest ({MANIFEST_FORMAT})")

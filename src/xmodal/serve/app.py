@@ -39,7 +39,7 @@ ERROR_STATUS: tuple[tuple[type[XmodalError], int], ...] = (
 
 class Health(BaseModel):
     status: str
-    what: str
+    modality: str
     kind: str
     count: int
     dim: int
@@ -141,7 +141,7 @@ def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> Fas
         model["id"] = names.model_id(str(model.get("id")))
         return Health(
             status="ok",
-            what=index.modality,
+            modality=index.modality,
             kind=index.kind,
             count=index.count,
             dim=index.dim,
