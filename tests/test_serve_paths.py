@@ -122,6 +122,31 @@ def test_names_without_the_shards_manifest_fall_back_to_the_common_folder(setup,
     assert names.position("img4.png") is not None and names.position("pics/img4.png") is None
 
 
+def test_images_outside_the_dataset_folder_are_named_without_climbing(setup, tmp_path) -> None:
+    """A dataset file listing absolute paths elsewhere: names relative to the folder of those
+    images, never ``../..`` up the server's folders from the dataset file."""
+    make_image_folder(tmp_path / "store" / "pics", broken=False)
+    (tmp_path / "lists").mkdir()
+    pics = tmp_path / "store" / "pics"
+    rows = [{"image": str(pics / f"img{i}.png"), "caption": f"photo {i}"} for i in range(10)]
+    (tmp_path / "lists" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows_file = tmp_path / "lists" / "rows.jsonl"
+    extract(setup["model_dir"], rows_file, tmp_path / "emb", workers=0, progress=False)
+    build_index(tmp_path / "emb", tmp_path / "images")
+    build_index(tmp_path / "emb", tmp_path / "texts", modality="texts")
+    searcher = setup["searcher"]("images")
+    names = {f"img{i}.png" for i in range(10)}
+    for modality in ("images", "texts"):
+        index = SearchIndex(tmp_path / modality)
+        with TestClient(create_app(Searcher(searcher.model, searcher.processor, index))) as client:
+            hits = client.post("/search", json={"text": "photo 3", "k": 10}).json()["results"]
+            field = "id" if modality == "images" else "image_id"
+            assert {h[field] for h in hits} == names
+            if modality == "images":
+                image = client.get(hits[0]["thumbnail"])
+                assert image.content == (pics / hits[0]["id"]).read_bytes()
+
+
 def test_deleted_or_damaged_indexed_images_answer_without_paths(setup, tmp_path) -> None:
     rows = write_rows(tmp_path / "data")
     extract(

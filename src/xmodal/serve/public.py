@@ -77,8 +77,10 @@ def relative(value: str, root: str | None) -> str:
 def dataset_roots(index: SearchIndex) -> list[str | None]:
     """Per index position, the folder of the dataset its shard was extracted from.
 
-    Read from the manifests of the shard folders the index was built from; when a manifest is
-    gone, the deepest folder holding all of that shard group's image paths stands in for it."""
+    Read from the manifests of the shard folders the index was built from. When a manifest is
+    gone, or an image lies outside its dataset's folder (a dataset file listing absolute paths
+    elsewhere: relative to the dataset, its name would climb the server's folders with ``..``),
+    the deepest folder holding all such images stands in for it."""
     roots: list[str | None] = []
     manifests: dict[str, str | None] = {}
     for entry in index.info.get("shards", []):
@@ -88,7 +90,9 @@ def dataset_roots(index: SearchIndex) -> list[str | None]:
         roots += [manifests[directory]] * entry["rows"]
     if len(roots) != index.count:  # an index description without per-shard rows
         roots = [None] * index.count
-    missing = [p for p, root in enumerate(roots) if root is None]
+    missing = [
+        p for p, root in enumerate(roots) if root is None or not _inside(_path_of(index, p), root)
+    ]
     if missing:
         fallback = _common_folder([_path_of(index, p) for p in missing])
         for position in missing:
@@ -112,6 +116,11 @@ def _path_of(index: SearchIndex, position: int) -> str | None:
     captions), if any."""
     value = index.sources[position] if index.modality == "images" else index.image_ids[position]
     return value if value and os.path.isabs(value) else None
+
+
+def _inside(path: str | None, root: str) -> bool:
+    """Whether ``path`` (when it is one) lies under the folder ``root``."""
+    return path is None or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _common_folder(paths: list[str | None]) -> str | None:
