@@ -122,6 +122,16 @@ def test_names_without_the_shards_manifest_fall_back_to_the_common_folder(setup,
     assert names.position("img4.png") is not None and names.position("pics/img4.png") is None
 
 
+def test_a_model_folder_is_shown_by_its_name(setup) -> None:
+    names = PublicNames(SearchIndex(setup["root"] / "images"))
+    assert names.model_id("/srv/models/clip-b32") == "clip-b32"
+    assert names.model_id("hf:/srv/models/clip-b32") == "hf:clip-b32"  # a folder, hf: prefixed
+    for kept in ("hf:openai/clip-vit-base-patch32", "open_clip:ViT-B-32/laion2b", "offline"):
+        assert names.model_id(kept) == kept
+    exposed = PublicNames(SearchIndex(setup["root"] / "images"), expose=True)
+    assert exposed.model_id("hf:/srv/models/clip-b32") == "hf:/srv/models/clip-b32"
+
+
 def test_images_outside_the_dataset_folder_are_named_without_climbing(setup, tmp_path) -> None:
     """A dataset file listing absolute paths elsewhere: names relative to the folder of those
     images, never ``../..`` up the server's folders from the dataset file."""

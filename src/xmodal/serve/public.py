@@ -54,8 +54,14 @@ class PublicNames:
         return shown
 
     def model_id(self, model_id: str) -> str:
-        """A model directory is shown by its name only."""
-        return model_id if self.expose or not os.path.isabs(model_id) else Path(model_id).name
+        """A model directory is shown by its name only (after its prefix: ``hf:/x/clip`` ->
+        ``hf:clip``); a preset or hub id as it is."""
+        if self.expose:
+            return model_id
+        if os.path.isabs(model_id):
+            return Path(model_id).name
+        prefix, colon, rest = model_id.partition(":")
+        return f"{prefix}:{Path(rest).name}" if colon and os.path.isabs(rest) else model_id
 
 
 def relative(value: str, root: str | None) -> str:
