@@ -1,8 +1,9 @@
 """The errors xmodal raises for problems a user can fix: one family, one base class.
 
 Everything here derives from :class:`XmodalError`. The command line prints such an error as one
-line and exits with code 2; the service maps it to a 4xx answer. Any other exception is a bug
-in xmodal (or in a library under it) and keeps its traceback.
+line and exits with code 2; the service answers with the status its kind maps to
+(``xmodal.serve.app.ERROR_STATUS``: 4xx for a request's input, 500 for the server's own data).
+Any other exception is a bug in xmodal (or in a library under it) and keeps its traceback.
 
 Each kind also derives from the built-in exception it refines (``ValueError`` for bad values,
 ``FileNotFoundError`` for missing files), so ``except ValueError`` keeps working for callers
