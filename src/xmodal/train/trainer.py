@@ -182,6 +182,7 @@ class Trainer:
         self.cache: ImageOutputs | None = None
         self.val_cache: ImageOutputs | None = None
         self.bad_images: dict[tuple[str, str], dict] = {}  # (dataset, image id) -> record
+        self.step_bad_images: list[dict] = []  # this rank's, met since the last step
 
     @property
     def global_batch(self) -> int:
@@ -244,13 +245,13 @@ class Trainer:
         return data_loader(dataset, cfg.data.num_workers, cfg.seed + epoch, batch_size=None)
 
     def _checked(self, batch: dict) -> dict:
-        """The batch, once its undecodable images are recorded (``data.skip_bad``) or refused
-        (ImageLoadError naming the file and row)."""
+        """The batch, once its undecodable images are kept for the step's record
+        (``data.skip_bad``) or refused (ImageLoadError naming the file and row)."""
         if batch["bad_images"]:
             failed = [(self.train_set[j], reason) for j, reason in batch["bad_images"]]
             if not self.config.data.skip_bad:
                 raise image_error(*failed[0])
-            self._record_bad_images("train", [failure_record(*f) for f in failed])
+            self.step_bad_images += [failure_record(*f) for f in failed]
             if "image_index" not in batch:
                 raise InputError(
                     f"no image of a training micro-batch could be decoded (first: "
@@ -258,15 +259,24 @@ class Trainer:
                 )
         return batch
 
+    def _record_step_bad_images(self) -> None:
+        """Record the undecodable training images every rank met in this step (rank 0 writes
+        the log, so it gathers the other ranks' records)."""
+        if self.config.data.skip_bad:  # the same on every rank: all take part in the gather
+            parts = distributed.gather_objects(self.step_bad_images)
+            self._record_bad_images("train", [record for part in parts for record in part])
+        self.step_bad_images = []
+
     def _record_bad_images(self, dataset: str, records: list[dict]) -> None:
-        """Add undecodable images to ``errors.jsonl`` (rank 0), each once, with a warning."""
+        """Add undecodable images to ``errors.jsonl``, each once, with a warning (rank 0)."""
         new = [r for r in records if (dataset, r["image_id"]) not in self.bad_images]
         for record in new:
             self.bad_images[(dataset, record["image_id"])] = {"dataset": dataset, **record}
-            tqdm.write(
-                f"skipped undecodable {dataset} image {record['source']} "
-                f"({record['row']}): {record['reason']}"
-            )
+            if self.world.is_main:
+                tqdm.write(
+                    f"skipped undecodable {dataset} image {record['source']} "
+                    f"({record['row']}): {record['reason']}"
+                )
         if new and self.world.is_main:
             lines = "".join(json.dumps(r) + "\n" for r in self.bad_images.values())
             atomic_write_text(self.out_dir / "errors.jsonl", lines)
@@ -348,6 +358,7 @@ class Trainer:
                 if len(micro) < cfg.optim.accum_steps:
                     continue
                 losses, samples = self._optimizer_step(micro, progress.step)
+                self._record_step_bad_images()
                 progress.step += 1
                 progress.samples_seen += samples
                 micro = []
