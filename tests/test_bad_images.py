@@ -215,3 +215,33 @@ def test_train_resume_keeps_the_record_of_bad_images(tmp_path, tiny_model_dir):
     errors.write_text(first + json.dumps(stale) + "\n")
     Trainer(load_train_config(path)).train()  # a fresh run in the same folder: a new record
     assert errors.read_text() == first
+
+
+def test_torchrun_records_the_bad_images_every_rank_met(tmp_path, tiny_model_dir):
+    """Rank 0 writes errors.jsonl: it lists the images rank 1 alone met too, once each."""
+    from test_distributed import WORLD, torchrun
+
+    from xmodal.train import load_train_config
+    from xmodal.train.batches import rank_micro_batches
+
+    data, _ = dataset_with_bad_images(tmp_path / "data", list(BAD), n_good=6)
+    path = train_config(tmp_path, tiny_model_dir, data, skip_bad=True, num_workers=0)
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["val"] = None
+    raw["optim"]["steps"] = 2  # 1 epoch: 2 global batches of 2 x 4 of the 20 pairs
+    raw["seed"] = 1  # an order in which rank 1 alone meets an image
+    path.write_text(yaml.safe_dump(raw))
+    config = load_train_config(path)
+    rows = load_dataset(data).examples
+    met: list[set[str]] = []
+    for rank in range(WORLD):
+        batches = rank_micro_batches(len(rows), 4, 1, WORLD, rank, config.seed, epoch=0)
+        names = {Path(str(rows[j].image)).name for batch in batches for j in batch}
+        met.append(names & set(BAD))
+    assert met[1] - met[0]  # an image only rank 1 decodes
+    torchrun(["--config", str(path)], tmp_path)
+    out = tmp_path / "run"
+    records = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert sorted(Path(r["source"]).name for r in records) == sorted(met[0] | met[1])
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["bad_images"] == len(records)

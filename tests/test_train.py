@@ -183,3 +183,68 @@ def test_cpu_memory_reuse_follows_the_setting(tmp_path, tiny_model_dir, monkeypa
     config = make_config(tmp_path, tiny_model_dir, "reuse")
     Trainer(config)
     assert calls == [1]
+
+
+def test_new_embed_dim_on_an_aligned_clip_gets_new_projections_at_lr(tmp_path) -> None:
+    """Fresh projections are new layers (lr, with bias); the aligned towers stay at tower_lr."""
+    from aligned_fixtures import save_clip
+
+    clip = save_clip(tmp_path / "clip", projection_dim=24)
+    config = make_config(tmp_path, str(clip), "dim")
+    config.model.embed_dim = 16
+    trainer = Trainer(config)
+    model = trainer.model
+    assert model.config.projection == "linear" and model.text_proj.weight.shape[0] == 16
+    assert model.text_proj.bias is not None
+    groups = trainer.optimizer.param_groups  # initial_lr: the peak, before the warm-up factor
+    lr_of = {id(p): g["initial_lr"] for g in groups for p in g["params"]}
+    assert lr_of[id(model.text_proj.weight)] == lr_of[id(model.image_proj.weight)] == 3e-3
+    tower = next(p for p in model.text_tower.parameters() if p.requires_grad)
+    assert lr_of[id(tower)] == 1e-3
+
+
+def test_fusion_settings_equal_to_the_models_keep_its_trained_heads(tiny_model_dir) -> None:
+    from xmodal.presets import load_model
+    from xmodal.train.trainer import _with_new_heads
+
+    model, _ = load_model(tiny_model_dir)
+    same = ModelSection(name=tiny_model_dir, fusion="cross", fusion_layers=2, embed_dim=32)
+    assert _with_new_heads(model, same) is model
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    rebuilt = _with_new_heads(model, ModelSection(name=tiny_model_dir, fusion_layers=1))
+    assert rebuilt.config.fusion.layers == 1 and len(rebuilt.fusion.layers) == 1
+    state = rebuilt.state_dict()
+    tower = "image_tower.model.embedder.embedder.convolution.weight"
+    for key in ("text_proj.weight", "logit_scale", tower):
+        assert torch.equal(state[key], saved[key]), key
+    assert not torch.equal(state["itm_head.weight"], saved["itm_head.weight"])  # a new head
+
+
+def test_pure_dual_encoder_trains_from_cached_pooled_features_only(tmp_path, tiny_model_dir):
+    """fusion: none turns ITM off, so the image cache holds no token grids, accumulation runs
+    on the pooled features, and eval reports the re-rank as skipped."""
+    from xmodal.data import load_dataset
+    from xmodal.evaluate.runner import evaluate_model
+
+    config = make_config(tmp_path, tiny_model_dir, "none", steps=2, accum_steps=2)
+    config.model.fusion = "none"
+    config.model.lock_image = True
+    trainer = Trainer(config)
+    assert trainer.model.fusion is None and config.loss.itm == 0.0
+    result = trainer.train()
+    assert result.progress.step == 2
+    assert trainer.cache.tokens is None and trainer.cache.pooled.shape[0] == 24
+    assert trainer.val_cache.tokens is None
+    report = evaluate_model(
+        trainer.model, trainer.processor, load_dataset(config.data.val), num_workers=0
+    )
+    assert "retrieval_itm_rerank" not in report
+    assert "no ITM head" in report["retrieval_itm_rerank_skipped"]
+
+
+def test_itm_as_the_only_loss_of_a_pure_dual_encoder_is_refused(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path, tiny_model_dir, "itm-only")
+    config.model.fusion = "none"
+    config.loss = LossSection(infonce=0.0, siglip=0.0, itm=1.0, cosine=0.0)
+    with pytest.raises(ConfigError, match=r"itm is the only loss .*fusion: none"):
+        Trainer(config)

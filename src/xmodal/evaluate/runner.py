@@ -140,7 +140,10 @@ def evaluate_model(
     started = time.time()
     if image_outputs is None:
         images = [ex.image for ex in dataset.unique_images()]
-        image_outputs = image_tower_outputs(model, processor, images, batch_size, num_workers)
+        keep_tokens = rerank_k > 0 and model.has_itm  # only re-ranking reads the token grids
+        image_outputs = image_tower_outputs(
+            model, processor, images, batch_size, num_workers, keep_tokens
+        )
     n_rows = len(dataset)
     dataset, bad_images = drop_failed_images(dataset, image_outputs.failures, skip_bad)
     unique = dataset.unique_images()
@@ -160,7 +163,7 @@ def evaluate_model(
         report["bad_images"] = bad_images
         report["n_bad_images"] = len(bad_images)
         report["n_dropped_captions"] = n_rows - len(dataset)
-    if rerank_k > 0 and tokens is not None and not model.has_itm:
+    if rerank_k > 0 and not model.has_itm:
         report["retrieval_itm_rerank_skipped"] = "the model has no ITM head (fusion: none)"
     elif rerank_k > 0 and tokens is not None:
         scorer = ImagePairScorer(model, processor, pooled, tokens, captions)

@@ -109,7 +109,7 @@ def global_batch_losses(
     With one process both modes equal :func:`compute_losses`.
     """
     w = world()
-    need = _needed_fields(model, weights)
+    need = needed_fields(model, weights)
     image_all, text_all, ids, counts = _gather_batch(image, text, image_ids, need)
     total = sum(counts)
     start = sum(counts[: w.rank])
@@ -151,7 +151,7 @@ def global_batch_losses(
     return {"loss": loss, **terms}
 
 
-def _needed_fields(model: CrossModalModel, weights: LossSection) -> set[str]:
+def needed_fields(model: CrossModalModel, weights: LossSection) -> set[str]:
     """The Features fields the enabled terms read (only those are gathered across ranks)."""
     need = set()
     if weights.infonce or weights.siglip or weights.itm:

@@ -48,7 +48,7 @@ from xmodal.train.checkpoint import (
     save_final_model,
 )
 from xmodal.train.config import ModelSection, TrainConfig
-from xmodal.train.objective import global_batch_losses, negatives_seed
+from xmodal.train.objective import global_batch_losses, needed_fields, negatives_seed
 from xmodal.train.plot import plot_metrics, read_metrics
 
 
@@ -182,6 +182,7 @@ class Trainer:
         self.cache: ImageOutputs | None = None
         self.val_cache: ImageOutputs | None = None
         self.bad_images: dict[tuple[str, str], dict] = {}  # (dataset, image id) -> record
+        self.step_bad_images: list[dict] = []  # this rank's, met since the last step
 
     @property
     def global_batch(self) -> int:
@@ -202,11 +203,16 @@ class Trainer:
         else:
             model, processor = load_model(section.source, fusion=section.fusion)
             model = _with_new_heads(model, section)
-        if not model.has_itm and self.config.loss.itm:
+        loss = self.config.loss
+        if not model.has_itm and loss.itm:
             if self.world.is_main:
                 print("the model has no fusion (fusion: none): the ITM loss term is off")
-            self.config.loss.itm = 0.0
-            self.config.loss.validate()
+            loss.itm = 0.0
+            if not (loss.infonce or loss.siglip or loss.cosine):
+                raise ConfigError(
+                    "loss: itm is the only loss and the model has no fusion (fusion: none); "
+                    "give infonce, siglip or cosine a weight > 0"
+                )
         processor.config.caption_template = self.config.data.caption_template
         processor.config.validate()
         return model, processor
@@ -239,13 +245,13 @@ class Trainer:
         return data_loader(dataset, cfg.data.num_workers, cfg.seed + epoch, batch_size=None)
 
     def _checked(self, batch: dict) -> dict:
-        """The batch, once its undecodable images are recorded (``data.skip_bad``) or refused
-        (ImageLoadError naming the file and row)."""
+        """The batch, once its undecodable images are kept for the step's record
+        (``data.skip_bad``) or refused (ImageLoadError naming the file and row)."""
         if batch["bad_images"]:
             failed = [(self.train_set[j], reason) for j, reason in batch["bad_images"]]
             if not self.config.data.skip_bad:
                 raise image_error(*failed[0])
-            self._record_bad_images("train", [failure_record(*f) for f in failed])
+            self.step_bad_images += [failure_record(*f) for f in failed]
             if "image_index" not in batch:
                 raise InputError(
                     f"no image of a training micro-batch could be decoded (first: "
@@ -253,15 +259,24 @@ class Trainer:
                 )
         return batch
 
+    def _record_step_bad_images(self) -> None:
+        """Record the undecodable training images every rank met in this step (rank 0 writes
+        the log, so it gathers the other ranks' records)."""
+        if self.config.data.skip_bad:  # the same on every rank: all take part in the gather
+            parts = distributed.gather_objects(self.step_bad_images)
+            self._record_bad_images("train", [record for part in parts for record in part])
+        self.step_bad_images = []
+
     def _record_bad_images(self, dataset: str, records: list[dict]) -> None:
-        """Add undecodable images to ``errors.jsonl`` (rank 0), each once, with a warning."""
+        """Add undecodable images to ``errors.jsonl``, each once, with a warning (rank 0)."""
         new = [r for r in records if (dataset, r["image_id"]) not in self.bad_images]
         for record in new:
             self.bad_images[(dataset, record["image_id"])] = {"dataset": dataset, **record}
-            tqdm.write(
-                f"skipped undecodable {dataset} image {record['source']} "
-                f"({record['row']}): {record['reason']}"
-            )
+            if self.world.is_main:
+                tqdm.write(
+                    f"skipped undecodable {dataset} image {record['source']} "
+                    f"({record['row']}): {record['reason']}"
+                )
         if new and self.world.is_main:
             lines = "".join(json.dumps(r) + "\n" for r in self.bad_images.values())
             atomic_write_text(self.out_dir / "errors.jsonl", lines)
@@ -282,7 +297,8 @@ class Trainer:
     def _cache_train_images(self) -> None:
         """Run the locked image tower once over the training images; an undecodable one is
         refused, or (``data.skip_bad``) dropped from the run with its captions."""
-        cache = self._cache_images(self.train_set, "caching train images")
+        keep_tokens = "tokens" in needed_fields(self.model, self.config.loss)  # ITM, cross fusion
+        cache = self._cache_images(self.train_set, "caching train images", keep_tokens)
         kept, records = drop_failed_images(
             self.train_set, cache.failures, self.config.data.skip_bad
         )
@@ -299,10 +315,13 @@ class Trainer:
 
     def _image_features(self, batch: dict):
         if self.cache is not None:
-            pooled, tokens = self.cache.pooled, self.cache.tokens
             idx = batch["image_index"]
-            out = TowerOutput(pooled[idx].to(self.device), tokens[idx].to(self.device).float())
-            return self.model.image_features_from_tower(out)
+            pooled = self.cache.pooled[idx].to(self.device)
+            if self.cache.tokens is None:  # no loss reads them: (B, 0, D) stands in
+                tokens = pooled.new_zeros(len(idx), 0, pooled.shape[-1])
+            else:
+                tokens = self.cache.tokens[idx].to(self.device).float()
+            return self.model.image_features_from_tower(TowerOutput(pooled, tokens))
         return self.model.image_features(batch["pixel_values"].to(self.device))
 
     # -- loop -----------------------------------------------------------------------------------
@@ -339,6 +358,7 @@ class Trainer:
                 if len(micro) < cfg.optim.accum_steps:
                     continue
                 losses, samples = self._optimizer_step(micro, progress.step)
+                self._record_step_bad_images()
                 progress.step += 1
                 progress.samples_seen += samples
                 micro = []
@@ -503,7 +523,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Retrieval recall on the validation set (ITC only: fast enough to run often)."""
         if self._use_cache() and self.val_cache is None:
-            self.val_cache = self._cache_images(self.val_set, "caching val images")
+            self.val_cache = self._cache_images(self.val_set, "caching val images", False)
         rng = torch.get_rng_state()
         report = evaluate_model(
             self.model,
@@ -519,7 +539,10 @@ class Trainer:
         metrics = report["retrieval_itc"]
         return {f"val_{k}": v for k, v in metrics.items() if "R@" in k}
 
-    def _cache_images(self, dataset: ImageTextDataset, desc: str) -> ImageOutputs:
+    def _cache_images(
+        self, dataset: ImageTextDataset, desc: str, keep_tokens: bool
+    ) -> ImageOutputs:
+        """The locked image tower's outputs; its token grids only when ``keep_tokens``."""
         self.model.eval()
         images = [ex.image for ex in dataset.unique_images()]
         return image_tower_outputs(
@@ -527,6 +550,7 @@ class Trainer:
             self.processor,
             images,
             num_workers=self.config.data.num_workers,
+            keep_tokens=keep_tokens,
             desc=desc,
         )
 
@@ -545,19 +569,23 @@ def _with_new_heads(model: CrossModalModel, section: ModelSection) -> CrossModal
 
     The towers are kept, and in the same shared space the projections and logit scales too, so
     an aligned model keeps its alignment under a new fusion; a new ``embed_dim`` gets fresh
-    projections.
+    projections (``linear``, trained at ``lr`` as new layers are).
     """
     model_config = model.config
     new_fusion = section.fusion is not None and section.fusion != model_config.fusion.kind
+    new_layers = (
+        section.fusion_layers is not None and section.fusion_layers != model_config.fusion.layers
+    )
     new_dim = section.embed_dim is not None and section.embed_dim != model_config.embed_dim
-    if section.fusion_layers is None and not new_fusion and not new_dim:
+    if not (new_fusion or new_layers or new_dim):
         return model
     if new_fusion:
         model_config.fusion.kind = section.fusion  # type: ignore[assignment]
-    if section.fusion_layers is not None:
-        model_config.fusion.layers = section.fusion_layers
+    if new_layers:
+        model_config.fusion.layers = section.fusion_layers  # type: ignore[assignment]
     if new_dim:
         model_config.embed_dim = section.embed_dim  # type: ignore[assignment]
+        model_config.projection = "linear"  # not the aligned model's pretrained projections
     try:
         model_config.validate()
     except ConfigError as err:
