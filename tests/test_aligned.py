@@ -126,6 +126,34 @@ def test_save_and_reload_offline_is_exact(kind, checkpoints, photos, tmp_path) -
         assert torch.equal(value, loaded.state_dict()[key]), key
 
 
+def test_half_precision_checkpoint_loads_as_float32(checkpoints, photos, tmp_path) -> None:
+    """A checkpoint saved in fp16 (config.json ``dtype: float16``, as many on the hub are):
+    transformers would build its towers in fp16 next to xmodal's float32 projections."""
+    import shutil
+
+    from transformers import CLIPModel
+
+    half = tmp_path / "clip-fp16"
+    CLIPModel.from_pretrained(str(checkpoints["clip"])).half().save_pretrained(str(half))
+    for file in checkpoints["clip"].iterdir():
+        if not (half / file.name).exists():
+            shutil.copy(file, half / file.name)
+    assert json.loads((half / "config.json").read_text())["dtype"] == "float16"
+    model, processor = xmodal.load_model(half)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    hf = CLIPModel.from_pretrained(str(half), dtype=torch.float32).eval()
+    _, image, text = embed(model, processor, photos, CAPTIONS)
+    batch = processor.process_text(CAPTIONS)
+    with torch.no_grad():
+        pixels = processor.process_images(photos)
+        ref_image = F.normalize(hf.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        ref_text = F.normalize(hf.get_text_features(**batch).pooler_output, dim=-1)
+    assert min_cosine(image, ref_image) >= 0.99999 and min_cosine(text, ref_text) >= 0.99999
+    model.save_pretrained(tmp_path / "saved", processor)
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())["model"]
+    assert saved["image"]["hf_config"]["dtype"] == saved["text"]["hf_config"]["dtype"] == "float32"
+
+
 def test_pure_dual_encoder_has_no_fusion(checkpoints, photos, tmp_path) -> None:
     model, processor = xmodal.load_model(checkpoints["clip"], fusion="none")
     assert model.fusion is None and model.itm_head is None and not model.has_itm

@@ -96,6 +96,19 @@ def test_assemble_keeps_tower_weights_and_follows_their_preprocessing(towers) ->
     assert torch.allclose(text.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
+def test_assemble_builds_fp16_saved_towers_in_float32(towers, tmp_path) -> None:
+    from transformers import ViTModel
+
+    half = tmp_path / "vit-fp16"
+    ViTModel.from_pretrained(towers["vit"]).half().save_pretrained(half)
+    shutil.copy(towers["vit"] / "preprocessor_config.json", half)
+    model, processor = assemble(half, towers["bert"], embed_dim=32, fusion="none")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with torch.no_grad():
+        image = model.encode_image(processor.process_images(photos()))
+    assert image.dtype == torch.float32 and image.shape == (3, 32)
+
+
 def test_resnet_without_preprocessor_config_gets_defaults(towers) -> None:
     model, processor = assemble(towers["resnet"], towers["bert"], embed_dim=32, fusion="cross")
     cfg = processor.config

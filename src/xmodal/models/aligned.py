@@ -95,7 +95,9 @@ def load_hf_dual_encoder(source: str, fusion: str = "cross"):
         ) from None
     check_supported(hf_config.model_type, source)
     try:
-        hf_model = AutoModel.from_pretrained(source, local_files_only=local, use_safetensors=True)
+        hf_model = AutoModel.from_pretrained(
+            source, local_files_only=local, use_safetensors=True, dtype=torch.float32
+        )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"{source}: cannot load its weights from safetensors ({str(exc).splitlines()[0][:200]}"
