@@ -154,6 +154,26 @@ def test_half_precision_checkpoint_loads_as_float32(checkpoints, photos, tmp_pat
     assert saved["image"]["hf_config"]["dtype"] == saved["text"]["hf_config"]["dtype"] == "float32"
 
 
+@pytest.mark.parametrize("kind", ("clip", "siglip"))
+def test_identity_is_the_same_for_every_spelling_and_load(kind, checkpoints, tmp_path) -> None:
+    """Extract then serve must agree: a folder with or without ``hf:``, loaded twice, and a
+    saved ``fusion: none`` copy reloaded."""
+    from xmodal.models.identity import check_compatible, identify
+
+    folder = checkpoints[kind]
+    identities = []
+    for ref in (str(folder), f"hf:{folder}", f"hf:{folder}"):
+        model, processor = xmodal.load_model(ref)
+        identities.append(identify(model, processor, ref))
+    assert len({(i.weights_hash, i.processor_hash) for i in identities}) == 1
+    assert identities[1].model_id == str(folder.resolve())
+    model, processor = xmodal.load_model(folder, fusion="none")
+    model.save_pretrained(tmp_path / "dual", processor)
+    saved = [identify(*xmodal.load_model(tmp_path / "dual"), tmp_path / "dual") for _ in "ab"]
+    check_compatible(saved[0], saved[1], "extract vs serve")
+    assert saved[0].processor_hash == identities[0].processor_hash
+
+
 def test_pure_dual_encoder_has_no_fusion(checkpoints, photos, tmp_path) -> None:
     model, processor = xmodal.load_model(checkpoints["clip"], fusion="none")
     assert model.fusion is None and model.itm_head is None and not model.has_itm

@@ -34,7 +34,7 @@ from xmodal.config import (
     TextTowerConfig,
 )
 from xmodal.errors import MissingFileError, ModelLoadError
-from xmodal.models.aligned import folder_model_type, load_hf_dual_encoder
+from xmodal.models.aligned import HF_PREFIX, folder_model_type, load_hf_dual_encoder
 from xmodal.models.model import CONFIG_NAME, CrossModalModel
 from xmodal.models.text import resolve_text_source
 from xmodal.processing import MultimodalProcessor, load_tokenizer
@@ -159,7 +159,6 @@ def load_model(
     return model, MultimodalProcessor(processor_config, tokenizer)
 
 
-HF_PREFIX = "hf:"
 OPEN_CLIP_PREFIX = "open_clip:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

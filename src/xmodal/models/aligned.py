@@ -32,6 +32,8 @@ from xmodal.models.towers import hf_config_dict
 
 log = logging.getLogger(__name__)
 
+# ``hf:<folder or hub id>``: a transformers dual encoder (the prefix is optional).
+HF_PREFIX = "hf:"
 # transformers ``model_type`` of the dual encoders loaded here.
 SUPPORTED_TYPES = ("clip", "siglip", "chinese_clip", "vision-text-dual-encoder")
 # HF image processors' ``resample`` codes (PIL's).
