@@ -174,6 +174,23 @@ def test_identity_is_the_same_for_every_spelling_and_load(kind, checkpoints, tmp
     assert saved[0].processor_hash == identities[0].processor_hash
 
 
+def test_siglip_text_tower_ignores_the_mask_but_fusion_reads_it(checkpoints) -> None:
+    """SigLIP's text tower sees the fixed-length padding (as trained); the mask it returns
+    still marks the real tokens, so the fusion on top attends to those only."""
+    model, processor = xmodal.load_model(checkpoints["siglip"])
+    batch = processor.process_text(CAPTIONS)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape[1] == 16 and not bool(mask.all())
+    with torch.no_grad():
+        text = model.text_features(ids, mask)
+        unmasked = model.text_features(ids, torch.ones_like(mask))
+        image = model.image_features(torch.zeros(len(CAPTIONS), 3, 32, 32))
+        fused = model.fuse(image, text)
+        fused_unmasked = model.fuse(image, unmasked)
+    assert torch.equal(text.embeds, unmasked.embeds) and torch.equal(text.mask, mask)
+    assert not torch.allclose(fused, fused_unmasked)
+
+
 def test_pure_dual_encoder_has_no_fusion(checkpoints, photos, tmp_path) -> None:
     model, processor = xmodal.load_model(checkpoints["clip"], fusion="none")
     assert model.fusion is None and model.itm_head is None and not model.has_itm
