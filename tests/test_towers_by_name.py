@@ -132,6 +132,10 @@ def test_image_processor_options_of_common_checkpoints() -> None:
     options = image_processor_options(convnext)
     assert (options["resize_size"], options["image_size"]) == (256, 224)
     assert options["interpolation"] == "bilinear"
+    # google/efficientnet-b0 resizes with NEAREST (0), not bilinear
+    efficientnet = {"size": {"height": 224, "width": 224}, "resample": 0}
+    assert image_processor_options(efficientnet)["interpolation"] == "nearest"
+    assert image_processor_options({"size": 64, "resample": 1})["interpolation"] == "lanczos"
     unnormalised = image_processor_options({"size": 64, "do_normalize": False})
     assert unnormalised["mean"] == (0, 0, 0) and unnormalised["std"] == (1, 1, 1)
     with pytest.raises(ConfigError, match="model.image .*only square"):

@@ -37,7 +37,7 @@ HF_PREFIX = "hf:"
 # transformers ``model_type`` of the dual encoders loaded here.
 SUPPORTED_TYPES = ("clip", "siglip", "chinese_clip", "vision-text-dual-encoder")
 # HF image processors' ``resample`` codes (PIL's).
-_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 def folder_model_type(directory: Path) -> str | None:
@@ -250,10 +250,10 @@ def processor_config_from_hf(image_processor: Any, source: str = "") -> Processo
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     resample = get("resample", 2)
     try:
-        interpolation = _RESAMPLE_NAMES[int(resample)]
+        interpolation = RESAMPLE_NAMES[int(resample)]
     except (TypeError, ValueError, KeyError):
         interpolation = str(getattr(resample, "name", resample)).lower()
-    if interpolation not in _RESAMPLE_NAMES.values():
+    if interpolation not in RESAMPLE_NAMES.values():
         raise unsupported(f"interpolation {resample!r}")
     return ProcessorConfig(
         image_size=image_size,
