@@ -191,6 +191,28 @@ def test_siglip_text_tower_ignores_the_mask_but_fusion_reads_it(checkpoints) -> 
     assert not torch.allclose(fused, fused_unmasked)
 
 
+def test_siglip_text_head_of_another_width_under_cross_fusion() -> None:
+    """SigLIP's text head may project the hidden states (width 48 here) to another width (32):
+    the fusion reads the hidden states, the shared space the head's output."""
+    from aligned_fixtures import TEXT, VISION
+    from transformers import SiglipConfig, SiglipModel
+
+    from xmodal.models.aligned import from_hf_model
+
+    torch.manual_seed(0)
+    text_config = {**TEXT, "hidden_size": 48, "projection_size": 32, "vocab_size": 100}
+    config = SiglipConfig(text_config=text_config, vision_config=dict(VISION))
+    hf = SiglipModel(config).eval()
+    model = from_hf_model(hf, fusion="cross", source="siglip")
+    ids = torch.randint(1, 100, (2, 16))
+    with torch.no_grad():
+        out = model(torch.zeros(2, 3, 32, 32), ids, torch.ones_like(ids))
+        expected = F.normalize(hf.get_text_features(input_ids=ids).pooler_output, dim=-1)
+    assert out.text.tokens.shape == (2, 16, 48) and out.text_embeds.shape == (2, 32)
+    assert out.itm_logits.shape == (2, 2)
+    assert min_cosine(out.text_embeds, expected) >= 0.99999
+
+
 def test_pure_dual_encoder_has_no_fusion(checkpoints, photos, tmp_path) -> None:
     model, processor = xmodal.load_model(checkpoints["clip"], fusion="none")
     assert model.fusion is None and model.itm_head is None and not model.has_itm
