@@ -126,6 +126,93 @@ def test_save_and_reload_offline_is_exact(kind, checkpoints, photos, tmp_path) -
         assert torch.equal(value, loaded.state_dict()[key]), key
 
 
+def test_half_precision_checkpoint_loads_as_float32(checkpoints, photos, tmp_path) -> None:
+    """A checkpoint saved in fp16 (config.json ``dtype: float16``, as many on the hub are):
+    transformers would build its towers in fp16 next to xmodal's float32 projections."""
+    import shutil
+
+    from transformers import CLIPModel
+
+    half = tmp_path / "clip-fp16"
+    CLIPModel.from_pretrained(str(checkpoints["clip"])).half().save_pretrained(str(half))
+    for file in checkpoints["clip"].iterdir():
+        if not (half / file.name).exists():
+            shutil.copy(file, half / file.name)
+    assert json.loads((half / "config.json").read_text())["dtype"] == "float16"
+    model, processor = xmodal.load_model(half)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    hf = CLIPModel.from_pretrained(str(half), dtype=torch.float32).eval()
+    _, image, text = embed(model, processor, photos, CAPTIONS)
+    batch = processor.process_text(CAPTIONS)
+    with torch.no_grad():
+        pixels = processor.process_images(photos)
+        ref_image = F.normalize(hf.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        ref_text = F.normalize(hf.get_text_features(**batch).pooler_output, dim=-1)
+    assert min_cosine(image, ref_image) >= 0.99999 and min_cosine(text, ref_text) >= 0.99999
+    model.save_pretrained(tmp_path / "saved", processor)
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())["model"]
+    assert saved["image"]["hf_config"]["dtype"] == saved["text"]["hf_config"]["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("kind", ("clip", "siglip"))
+def test_identity_is_the_same_for_every_spelling_and_load(kind, checkpoints, tmp_path) -> None:
+    """Extract then serve must agree: a folder with or without ``hf:``, loaded twice, and a
+    saved ``fusion: none`` copy reloaded."""
+    from xmodal.models.identity import check_compatible, identify
+
+    folder = checkpoints[kind]
+    identities = []
+    for ref in (str(folder), f"hf:{folder}", f"hf:{folder}"):
+        model, processor = xmodal.load_model(ref)
+        identities.append(identify(model, processor, ref))
+    assert len({(i.weights_hash, i.processor_hash) for i in identities}) == 1
+    assert identities[1].model_id == str(folder.resolve())
+    model, processor = xmodal.load_model(folder, fusion="none")
+    model.save_pretrained(tmp_path / "dual", processor)
+    saved = [identify(*xmodal.load_model(tmp_path / "dual"), tmp_path / "dual") for _ in "ab"]
+    check_compatible(saved[0], saved[1], "extract vs serve")
+    assert saved[0].processor_hash == identities[0].processor_hash
+
+
+def test_siglip_text_tower_ignores_the_mask_but_fusion_reads_it(checkpoints) -> None:
+    """SigLIP's text tower sees the fixed-length padding (as trained); the mask it returns
+    still marks the real tokens, so the fusion on top attends to those only."""
+    model, processor = xmodal.load_model(checkpoints["siglip"])
+    batch = processor.process_text(CAPTIONS)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape[1] == 16 and not bool(mask.all())
+    with torch.no_grad():
+        text = model.text_features(ids, mask)
+        unmasked = model.text_features(ids, torch.ones_like(mask))
+        image = model.image_features(torch.zeros(len(CAPTIONS), 3, 32, 32))
+        fused = model.fuse(image, text)
+        fused_unmasked = model.fuse(image, unmasked)
+    assert torch.equal(text.embeds, unmasked.embeds) and torch.equal(text.mask, mask)
+    assert not torch.allclose(fused, fused_unmasked)
+
+
+def test_siglip_text_head_of_another_width_under_cross_fusion() -> None:
+    """SigLIP's text head may project the hidden states (width 48 here) to another width (32):
+    the fusion reads the hidden states, the shared space the head's output."""
+    from aligned_fixtures import TEXT, VISION
+    from transformers import SiglipConfig, SiglipModel
+
+    from xmodal.models.aligned import from_hf_model
+
+    torch.manual_seed(0)
+    text_config = {**TEXT, "hidden_size": 48, "projection_size": 32, "vocab_size": 100}
+    config = SiglipConfig(text_config=text_config, vision_config=dict(VISION))
+    hf = SiglipModel(config).eval()
+    model = from_hf_model(hf, fusion="cross", source="siglip")
+    ids = torch.randint(1, 100, (2, 16))
+    with torch.no_grad():
+        out = model(torch.zeros(2, 3, 32, 32), ids, torch.ones_like(ids))
+        expected = F.normalize(hf.get_text_features(input_ids=ids).pooler_output, dim=-1)
+    assert out.text.tokens.shape == (2, 16, 48) and out.text_embeds.shape == (2, 32)
+    assert out.itm_logits.shape == (2, 2)
+    assert min_cosine(out.text_embeds, expected) >= 0.99999
+
+
 def test_pure_dual_encoder_has_no_fusion(checkpoints, photos, tmp_path) -> None:
     model, processor = xmodal.load_model(checkpoints["clip"], fusion="none")
     assert model.fusion is None and model.itm_head is None and not model.has_itm

@@ -184,3 +184,24 @@ def test_seed_preset_forward(seed_preset) -> None:
     assert out.text.tokens.shape == (2, 128, 768)
     assert torch.isfinite(out.fused_embeds).all()
     torch.testing.assert_close(out.fused_embeds, note)
+
+
+class _FixedVocabulary:
+    """A tokenizer stand-in: the hash then depends on the processor config alone."""
+
+    def get_vocab(self) -> dict[str, int]:
+        return {"[PAD]": 0, "a": 1, "cat": 2}
+
+
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [("offline-default", "865ca2d7d4d738dd"), ("seed", "20ef00aa420e5b77")],
+)
+def test_preset_processor_hashes_are_those_of_existing_extractions(preset, expected) -> None:
+    """Shards and indexes record the processor hash: a new ProcessorConfig field must leave
+    the presets' hashes as they were (these values were computed before the aligned models'
+    fields were added), or every existing extraction is refused as incompatible."""
+    from xmodal.processing import MultimodalProcessor
+
+    _, processor_config = xmodal.preset_configs(preset)
+    assert MultimodalProcessor(processor_config, _FixedVocabulary()).config_hash == expected

@@ -96,6 +96,19 @@ def test_assemble_keeps_tower_weights_and_follows_their_preprocessing(towers) ->
     assert torch.allclose(text.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
+def test_assemble_builds_fp16_saved_towers_in_float32(towers, tmp_path) -> None:
+    from transformers import ViTModel
+
+    half = tmp_path / "vit-fp16"
+    ViTModel.from_pretrained(towers["vit"]).half().save_pretrained(half)
+    shutil.copy(towers["vit"] / "preprocessor_config.json", half)
+    model, processor = assemble(half, towers["bert"], embed_dim=32, fusion="none")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with torch.no_grad():
+        image = model.encode_image(processor.process_images(photos()))
+    assert image.dtype == torch.float32 and image.shape == (3, 32)
+
+
 def test_resnet_without_preprocessor_config_gets_defaults(towers) -> None:
     model, processor = assemble(towers["resnet"], towers["bert"], embed_dim=32, fusion="cross")
     cfg = processor.config
@@ -119,6 +132,10 @@ def test_image_processor_options_of_common_checkpoints() -> None:
     options = image_processor_options(convnext)
     assert (options["resize_size"], options["image_size"]) == (256, 224)
     assert options["interpolation"] == "bilinear"
+    # google/efficientnet-b0 resizes with NEAREST (0), not bilinear
+    efficientnet = {"size": {"height": 224, "width": 224}, "resample": 0}
+    assert image_processor_options(efficientnet)["interpolation"] == "nearest"
+    assert image_processor_options({"size": 64, "resample": 1})["interpolation"] == "lanczos"
     unnormalised = image_processor_options({"size": 64, "do_normalize": False})
     assert unnormalised["mean"] == (0, 0, 0) and unnormalised["std"] == (1, 1, 1)
     with pytest.raises(ConfigError, match="model.image .*only square"):

@@ -64,7 +64,7 @@ class ImageTowerConfig:
     hf_config: dict[str, Any] | None = None
 
     def validate(self) -> None:
-        _check_choice("image.kind", self.kind, ("efficientnet_lite", "hf"))
+        check_choice("image.kind", self.kind, ("efficientnet_lite", "hf"))
         if not self.name:
             raise ConfigError("image.name must not be empty")
 
@@ -94,7 +94,7 @@ class TextTowerConfig:
     use_attention_mask: bool = True
 
     def validate(self) -> None:
-        _check_choice("text.pooling", self.pooling, ("cls", "mean", "eos", "pooler"))
+        check_choice("text.pooling", self.pooling, ("cls", "mean", "eos", "pooler"))
         if not self.name:
             raise ConfigError("text.name must not be empty")
 
@@ -116,7 +116,7 @@ class FusionConfig:
     dropout: float = 0.0
 
     def validate(self) -> None:
-        _check_choice("fusion.kind", self.kind, ("cross", "pooled", "none"))
+        check_choice("fusion.kind", self.kind, ("cross", "pooled", "none"))
         _check_positive("fusion.layers", self.layers)
         _check_positive("fusion.heads", self.heads)
         _check_positive("fusion.mlp_ratio", self.mlp_ratio)
@@ -154,7 +154,7 @@ class ModelConfig:
         self.text.validate()
         self.fusion.validate()
         _check_positive("embed_dim", self.embed_dim)
-        _check_choice("projection", self.projection, ("linear", "linear_no_bias", "none"))
+        check_choice("projection", self.projection, ("linear", "linear_no_bias", "none"))
         if self.fusion.kind != "none" and self.embed_dim % self.fusion.heads:
             raise ConfigError(
                 f"embed_dim ({self.embed_dim}) must be divisible by fusion.heads "
@@ -204,16 +204,16 @@ class ProcessorConfig:
 
     def validate(self) -> None:
         _check_positive("processor.image_size", self.image_size)
-        _check_choice("processor.resize", self.resize, ("shorter", "squash"))
+        check_choice("processor.resize", self.resize, ("shorter", "squash"))
         if self.resize_size is not None and self.resize_size < self.image_size:
             raise ConfigError("processor.resize_size must be >= processor.image_size")
-        _check_choice("processor.interpolation", self.interpolation, INTERPOLATIONS)
-        _check_choice("processor.resize_rounding", self.resize_rounding, ("round", "floor"))
+        check_choice("processor.interpolation", self.interpolation, INTERPOLATIONS)
+        check_choice("processor.resize_rounding", self.resize_rounding, ("round", "floor"))
         if self.reducing_gap is not None and self.reducing_gap < 1.0:
             raise ConfigError(
                 f"processor.reducing_gap must be >= 1 or null, got {self.reducing_gap}"
             )
-        _check_choice("processor.padding", self.padding, ("longest", "max_length"))
+        check_choice("processor.padding", self.padding, ("longest", "max_length"))
         _check_positive("processor.max_length", self.max_length)
         _check_positive("processor.max_image_pixels", self.max_image_pixels)
         check_caption_template(self.caption_template, "processor.caption_template")
@@ -368,8 +368,3 @@ def stable_hash(data: Any) -> str:
 def _check_positive(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ConfigError(f"{name} must be a positive number, got {value!r}")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")

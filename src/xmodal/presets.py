@@ -34,7 +34,12 @@ from xmodal.config import (
     TextTowerConfig,
 )
 from xmodal.errors import MissingFileError, ModelLoadError
-from xmodal.models.aligned import folder_model_type, load_hf_dual_encoder
+from xmodal.models.aligned import (
+    HF_PREFIX,
+    RESAMPLE_NAMES,
+    folder_model_type,
+    load_hf_dual_encoder,
+)
 from xmodal.models.model import CONFIG_NAME, CrossModalModel
 from xmodal.models.text import resolve_text_source
 from xmodal.processing import MultimodalProcessor, load_tokenizer
@@ -159,7 +164,6 @@ def load_model(
     return model, MultimodalProcessor(processor_config, tokenizer)
 
 
-HF_PREFIX = "hf:"
 OPEN_CLIP_PREFIX = "open_clip:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -193,7 +197,6 @@ IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 TEXT_POOLINGS = ("mean", "cls", "eos")
 FUSIONS = ("cross", "pooled", "none")
 MIN_VOCABULARY = 100  # fewer tokens: no real tokenizer files were found
-_BICUBIC = 3  # PIL's resample code in a transformers image processor config
 
 
 def assemble(
@@ -267,7 +270,7 @@ def image_processor_options(data: dict[str, Any] | None, key: str = "image") -> 
 
     ``size: {shortest_edge}`` (+ ``crop_size``) resizes the shorter side then centre-crops;
     ``size: {height, width}`` without a crop squashes; ConvNeXt's ``crop_pct`` resizes to
-    ``shortest_edge / crop_pct`` first; ``resample`` 3 is bicubic, anything else bilinear.
+    ``shortest_edge / crop_pct`` first; ``resample`` is PIL's filter code (bilinear if unknown).
     """
     if data is None:
         return {
@@ -295,7 +298,7 @@ def image_processor_options(data: dict[str, Any] | None, key: str = "image") -> 
     normalise = data.get("do_normalize", True)
     options["mean"] = tuple(data.get("image_mean") or IMAGENET_MEAN) if normalise else (0, 0, 0)
     options["std"] = tuple(data.get("image_std") or IMAGENET_STD) if normalise else (1, 1, 1)
-    options["interpolation"] = "bicubic" if data.get("resample") == _BICUBIC else "bilinear"
+    options["interpolation"] = RESAMPLE_NAMES.get(data.get("resample", 2), "bilinear")
     return options
 
 

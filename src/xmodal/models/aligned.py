@@ -32,10 +32,12 @@ from xmodal.models.towers import hf_config_dict
 
 log = logging.getLogger(__name__)
 
+# ``hf:<folder or hub id>``: a transformers dual encoder (the prefix is optional).
+HF_PREFIX = "hf:"
 # transformers ``model_type`` of the dual encoders loaded here.
 SUPPORTED_TYPES = ("clip", "siglip", "chinese_clip", "vision-text-dual-encoder")
 # HF image processors' ``resample`` codes (PIL's).
-_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 def folder_model_type(directory: Path) -> str | None:
@@ -95,7 +97,9 @@ def load_hf_dual_encoder(source: str, fusion: str = "cross"):
         ) from None
     check_supported(hf_config.model_type, source)
     try:
-        hf_model = AutoModel.from_pretrained(source, local_files_only=local, use_safetensors=True)
+        hf_model = AutoModel.from_pretrained(
+            source, local_files_only=local, use_safetensors=True, dtype=torch.float32
+        )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"{source}: cannot load its weights from safetensors ({str(exc).splitlines()[0][:200]}"
@@ -246,10 +250,10 @@ def processor_config_from_hf(image_processor: Any, source: str = "") -> Processo
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     resample = get("resample", 2)
     try:
-        interpolation = _RESAMPLE_NAMES[int(resample)]
+        interpolation = RESAMPLE_NAMES[int(resample)]
     except (TypeError, ValueError, KeyError):
         interpolation = str(getattr(resample, "name", resample)).lower()
-    if interpolation not in _RESAMPLE_NAMES.values():
+    if interpolation not in RESAMPLE_NAMES.values():
         raise unsupported(f"interpolation {resample!r}")
     return ProcessorConfig(
         image_size=image_size,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from xmodal.errors import IncompatibleError
+from xmodal.models.aligned import HF_PREFIX
 from xmodal.models.model import CONFIG_NAME, WEIGHTS_NAME
 
 
@@ -52,8 +53,11 @@ def state_dict_sha256(model: nn.Module) -> str:
 
 
 def identify(model: nn.Module, processor: Any, ref: str | Path) -> ModelIdentity:
-    """A directory's identity is its weights file's hash; a preset's, a hash of its tensors."""
-    path = Path(ref)
+    """A directory's identity is its weights file's hash; a preset's, a hash of its tensors.
+
+    ``hf:<folder>`` is that folder, so both spellings of a transformers checkpoint agree.
+    """
+    path = Path(str(ref).removeprefix(HF_PREFIX))
     if (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
         return ModelIdentity(
             str(path.resolve()), file_sha256(path / WEIGHTS_NAME), processor.config_hash

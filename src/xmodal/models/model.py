@@ -92,7 +92,7 @@ class CrossModalModel(nn.Module):
         else:
             self.fusion = CrossAttentionFusion(
                 self.image_tower.output_dim,
-                self.text_tower.output_dim,
+                self.text_tower.token_dim,  # SigLIP's pooled head may have another width
                 dim,
                 fusion.layers,
                 fusion.heads,

@@ -43,7 +43,8 @@ class HFTextTower(nn.Module):
         self.model = model
         self.pooling = config.pooling
         self.use_attention_mask = config.use_attention_mask
-        self.output_dim = pooled_width(model) if config.pooling == "pooler" else _width(model)
+        self.token_dim = _width(model)  # the hidden states' width (the fusion's input)
+        self.output_dim = pooled_width(model) if config.pooling == "pooler" else self.token_dim
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TowerOutput:
         mask = attention_mask if self.use_attention_mask else None

@@ -44,7 +44,9 @@ def load_hf_backbone(
     """A transformers ``AutoModel``: weights from a folder or the hub, or random from a config.
 
     Nothing is fetched from the hub unless ``name_or_path`` is not a local folder and no
-    ``hf_config`` describes the architecture.
+    ``hf_config`` describes the architecture. The tower is float32 whatever dtype the
+    checkpoint was saved in (transformers would otherwise build an fp16 checkpoint in fp16,
+    next to xmodal's float32 projections).
     """
     from transformers import AutoConfig, AutoModel
 
@@ -52,7 +54,7 @@ def load_hf_backbone(
     try:
         if pretrained:  # safetensors only: pickled weights (pytorch_model.bin) are never loaded
             return AutoModel.from_pretrained(
-                name_or_path, local_files_only=local, use_safetensors=True
+                name_or_path, local_files_only=local, use_safetensors=True, dtype=torch.float32
             )
         if hf_config is not None:
             kwargs = dict(hf_config)
@@ -65,8 +67,8 @@ def load_hf_backbone(
     if part is not None:  # halves of dual encoders that AutoModel does not map
         import transformers
 
-        return getattr(transformers, part)._from_config(config)
-    return AutoModel.from_config(config)
+        return getattr(transformers, part)._from_config(config, dtype=torch.float32)
+    return AutoModel.from_config(config, dtype=torch.float32)
 
 
 # Text halves of aligned dual encoders that ``AutoModel`` has no mapping for.
