@@ -74,12 +74,14 @@ def from_open_clip_model(oc_model: nn.Module, fusion: str = "cross", source: str
         "size": oc_model.visual.image_size
     }
     config = processor_config_from_open_clip(preprocess, source)
-    tokenizer_dir = write_clip_tokenizer(Path(tempfile.mkdtemp(prefix="xmodal-openclip-bpe-")))
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    # The tokenizer lives in memory once loaded (and is saved with the model by save_pretrained):
+    # its files are written to a folder that is removed right after loading.
+    with tempfile.TemporaryDirectory(prefix="xmodal-openclip-bpe-") as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(Path(tmp))))
     tokenizer.model_max_length = context
-    config.tokenizer, config.max_length = str(tokenizer_dir), context
+    config.tokenizer, config.max_length = source, context
     return model, MultimodalProcessor(config, tokenizer)
 
 
