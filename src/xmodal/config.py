@@ -346,16 +346,27 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
-def load_json_config(path: str | Path, what: str) -> dict[str, Any]:
-    """A JSON config file (``what`` names it in errors) as a mapping; ConfigError when it is
-    not valid UTF-8 JSON or not an object."""
+def load_json_config(
+    path: str | Path,
+    what: str,
+    error: type[Exception] = ConfigError,
+    file_format: str | None = None,
+) -> dict[str, Any]:
+    """A JSON file (``what`` names it in errors) as a mapping.
+
+    Raises ``error`` (an :mod:`xmodal.errors` kind; ConfigError by default) naming the file when
+    it is not valid UTF-8 JSON, not an object, or (with ``file_format``) lacks
+    ``"format": file_format``, the marker xmodal writes into its manifests and descriptions.
+    """
     path = Path(path)
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, huge numbers, deep nesting
-        raise ConfigError(f"{path}: {what} is not valid JSON: {str(exc)[:200]}") from None
+        raise error(f"{path}: {what} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
+        raise error(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
+    if file_format is not None and data.get("format") != file_format:
+        raise error(f"{path}: not an xmodal {what} ({file_format})")
     return data
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from xmodal.atomic import atomic_path, atomic_write_text, make_dir
-from xmodal.config import IndexKind
+from xmodal.config import IndexKind, load_json_config
 from xmodal.errors import IndexBuildError, InputError, MissingDependencyError, MissingFileError
 from xmodal.extract.writer import MODALITIES, load_manifest, now, read_shard
 from xmodal.models.identity import ModelIdentity, check_compatible
@@ -266,12 +266,7 @@ def read_info(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / INDEX_JSON
     if not path.is_file():
         return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:  # bad UTF-8 or JSON
-        raise IndexBuildError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT:
-        raise IndexBuildError(f"{path}: not an xmodal index description ({INDEX_FORMAT})")
+    info = load_json_config(path, "index description", IndexBuildError, INDEX_FORMAT)
     if "modality" not in info and "what" in info:  # written before the key was renamed
         info["modality"] = info.pop("what")
     return info

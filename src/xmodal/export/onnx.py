@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from xmodal.atomic import atomic_path, atomic_write_text, make_dir
+from xmodal.config import load_json_config
 from xmodal.errors import MissingFileError, ModelLoadError
 from xmodal.models.identity import state_dict_sha256
 from xmodal.models.model import CrossModalModel
@@ -149,10 +150,4 @@ def load_meta(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / META_NAME
     if not path.is_file():
         raise MissingFileError(f"{directory} is not an ONNX export (no {META_NAME})")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:  # bad UTF-8 or JSON
-        raise ModelLoadError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
-        raise ModelLoadError(f"{path}: not an xmodal ONNX export ({META_FORMAT})")
-    return meta
+    return load_json_config(path, "ONNX export", ModelLoadError, META_FORMAT)

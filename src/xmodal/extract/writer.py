@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from xmodal.atomic import atomic_path, atomic_write_text
-from xmodal.config import Modality, ShardDtype
+from xmodal.config import Modality, ShardDtype, load_json_config
 from xmodal.errors import ExtractError, IndexBuildError, MissingDependencyError
 
 try:
@@ -114,12 +114,7 @@ def load_manifest(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:  # bad UTF-8 or JSON
-        raise IndexBuildError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise IndexBuildError(f"{path}: not an xmodal embeddings manifest ({MANIFEST_FORMAT})")
+    manifest = load_json_config(path, "embeddings manifest", IndexBuildError, MANIFEST_FORMAT)
     if "modalities" not in manifest and "kinds" in manifest:  # written before the rename
         manifest["modalities"] = manifest.pop("kinds")
     return manifest
