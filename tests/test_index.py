@@ -226,5 +226,6 @@ def test_a_damaged_manifest_is_one_line_naming_it(tmp_path: Path, capsys, damage
     argv = ["index", "--shards", str(shards), "--out", str(tmp_path / "i"), "--modality", "texts"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("xmodal index: error: ") and "manifest.json: embeddings manifest is not valid JSON" in err
+    assert err.startswith("xmodal index: error: ")
+    assert "manifest.json: embeddings manifest is not valid JSON" in err
     assert "\n" not in err and not (tmp_path / "i").exists()
