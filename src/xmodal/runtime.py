@@ -12,8 +12,6 @@ import torch
 
 from xmodal.config import ConfigError, Precision, check_choice
 
-DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N")
-
 
 def check_device_name(name: str, key: str = "device") -> None:
     """Refuse a device name other than ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
