@@ -123,7 +123,7 @@ def test_ivf_on_random_vectors_finds_each_vector(setup, tmp_path: Path) -> None:
 
 
 def test_auto_keeps_exact_search_for_structureless_data(setup, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(index_module, "FLAT_MAX", 1000)
+    monkeypatch.setattr(index_module.legacy, "FLAT_MAX", 1000)
     _, params = build_faiss(random_vectors(4000), "auto")
     assert params["kind"] == "flat" and "little cluster structure" in params["ivf_rejected"]
     index, params = build_faiss(clustered_vectors(4000, 40), "auto")

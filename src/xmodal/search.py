@@ -12,7 +12,7 @@ from PIL import Image
 
 from xmodal.data.refs import image_ref
 from xmodal.errors import ImageLoadError, IncompatibleError, IndexBuildError, InputError
-from xmodal.index import SearchIndex
+from xmodal.index import SearchIndex, ShardedIndex, open_index
 from xmodal.models.identity import ModelIdentity, check_compatible, identify
 from xmodal.models.model import CrossModalModel, Features
 from xmodal.processing import ImageInput, MultimodalProcessor
@@ -46,7 +46,7 @@ class Searcher:
         self,
         model: CrossModalModel,
         processor: MultimodalProcessor,
-        index: SearchIndex,
+        index: SearchIndex | ShardedIndex,
         identity: ModelIdentity | None = None,
     ):
         expected = index.identity
@@ -110,7 +110,11 @@ class Searcher:
         self, query: Features, k: int, rerank: bool, text_query: bool, params: dict[str, Any]
     ) -> list[dict[str, Any]]:
         found = self.index.search(
-            query.embeds.numpy(), k, params.get("nprobe"), params.get("ef_search")
+            query.embeds.numpy(),
+            k,
+            params.get("nprobe"),
+            params.get("ef_search"),
+            params.get("refine"),
         )[0]
         results = [self._result(position, score) for position, score in found]
         if rerank and found:
@@ -190,17 +194,21 @@ class Searcher:
         }
 
 
-def open_searcher(index_dir: str | Path, model: str | Path) -> Searcher:
-    """Load an index and a model (directory or preset) and check that they belong together."""
+IndexPlace = str | Path | list[str | Path]
+
+
+def open_searcher(index_dir: IndexPlace, model: str | Path) -> Searcher:
+    """Load an index (a folder, a sharded index or several folders searched as one) and a
+    model (directory or preset) and check that they belong together."""
     from xmodal.presets import load_model
 
-    index = SearchIndex(index_dir)
+    index = open_index(index_dir)
     net, processor = load_model(model)
     return Searcher(net, processor, index, identify(net, processor, model))
 
 
 def search(
-    index_dir: str | Path,
+    index_dir: IndexPlace,
     model: str | Path,
     *,
     text: str | None = None,
@@ -209,17 +217,19 @@ def search(
     rerank: bool = False,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    refine: int | None = None,
 ) -> list[dict[str, Any]]:
     """Top-k results (dicts with rank, index position, id, source, score) for a caption or an
-    image."""
+    image; ``refine``: re-rank that many candidates exactly (default: the index's setting)."""
     if (text is None) == (image is None):
         raise InputError("give exactly one of text= or image=")
     if k < 1:
         raise InputError(f"k must be >= 1, got {k}")
     searcher = open_searcher(index_dir, model)
+    params = {"nprobe": nprobe, "ef_search": ef_search, "refine": refine}
     if text is not None:
-        return searcher.search_text(text, k, rerank, nprobe=nprobe, ef_search=ef_search)
-    return searcher.search_image(image, k, rerank, nprobe=nprobe, ef_search=ef_search)
+        return searcher.search_text(text, k, rerank, **params)
+    return searcher.search_image(image, k, rerank, **params)
 
 
 def format_results(results: list[dict[str, Any]]) -> str:

@@ -1,4 +1,5 @@
-"""``xmodal index``: a FAISS index over extracted shards (exact, IVF or HNSW)."""
+"""``xmodal index``: a FAISS index over extracted shards (by kind, or the best one that fits a
+memory budget), or a sharded index over several built ones."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from xmodal.config import IndexKind, Modality
 
 def add(commands) -> None:
     p = commands.add_parser("index", help="build a FAISS index over extracted shards")
-    p.add_argument("--shards", required=True, help="directory written by xmodal extract")
+    p.add_argument("--shards", help="directory written by xmodal extract")
     p.add_argument("--out", required=True, help="index directory")
     p.add_argument("--kind", choices=typing.get_args(IndexKind), default="auto", help="index type")
     p.add_argument(
@@ -20,12 +21,58 @@ def add(commands) -> None:
         "--what", dest="modality", choices=typing.get_args(Modality), help=argparse.SUPPRESS
     )
     p.add_argument("--add", action="store_true", help="add shards not yet in an existing index")
+    p.add_argument(
+        "--max-index-memory",
+        help="memory the index may use (e.g. 2G): picks flat, IVF-Flat, IVF-SQ or IVF-PQ and "
+        "builds it out of RAM with on-disk inverted lists",
+    )
+    p.add_argument("--max-build-memory", help="memory the build may use (e.g. 4G)")
+    p.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        help="keep the vectors on disk and re-rank this many candidates exactly per query",
+    )
+    p.add_argument(
+        "--target-recall", type=float, default=0.95, help="recall@10 nprobe is tuned to reach"
+    )
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="INDEX",
+        help="write a sharded index in --out over these built index directories",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from xmodal.index import build_index
+    from xmodal.errors import InputError
+    from xmodal.index import build_index, combine_indexes, describe
 
-    info = build_index(args.shards, args.out, kind=args.kind, modality=args.modality, add=args.add)
-    params = ", ".join(f"{k}={v}" for k, v in info["params"].items()) or "exact"
-    print(f"{info['kind']} index of {info['count']} {info['modality']} in {args.out} ({params})")
+    if args.combine:
+        if args.shards:
+            raise InputError("--combine takes built indexes, not --shards")
+        info = combine_indexes(args.combine, args.out)
+        print(
+            f"sharded index of {info['count']} {info['modality']} in {args.out} "
+            f"({len(info['parts'])} parts)"
+        )
+        return 0
+    if not args.shards:
+        raise InputError("give --shards (or --combine with built indexes)")
+    info = build_index(
+        args.shards,
+        args.out,
+        kind=args.kind,
+        modality=args.modality,
+        add=args.add,
+        max_index_memory=args.max_index_memory,
+        max_build_memory=args.max_build_memory,
+        refine=args.refine,
+        target_recall=args.target_recall,
+    )
+    print(f"{describe(info)} in {args.out}")
+    params = info["params"]
+    if params.get("recall_at_10", 1.0) < params.get("target_recall", 0.0):
+        hint = "" if params.get("refine") else "; --refine 100 would re-rank exactly"
+        print(f"note: recall@10 {params['recall_at_10']} is below the target{hint}")
     return 0

@@ -9,7 +9,12 @@ from xmodal.commands import MODEL_HELP
 
 def add(commands) -> None:
     p = commands.add_parser("search", help="query an index with a caption or an image")
-    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument(
+        "--index",
+        required=True,
+        nargs="+",
+        help="index directory (a sharded index, or several directories searched as one)",
+    )
     p.add_argument("--model", required=True, help=MODEL_HELP)
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="caption query")
@@ -17,6 +22,12 @@ def add(commands) -> None:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--rerank", action="store_true", help="re-rank the top-k with the ITM head")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit")
+    p.add_argument(
+        "--refine",
+        type=int,
+        default=None,
+        help="re-rank this many candidates exactly (default: as the index was built; 0: off)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         k=args.k,
         rerank=args.rerank,
         nprobe=args.nprobe,
+        refine=args.refine,
     )
     print(format_results(results))
     return 0

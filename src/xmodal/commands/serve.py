@@ -14,7 +14,12 @@ def add(commands) -> None:
     from xmodal.serve.settings import add_arguments
 
     p = commands.add_parser("serve", help="serve search over HTTP (API + web page)")
-    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument(
+        "--index",
+        required=True,
+        nargs="+",
+        help="index directory (a sharded index, or several directories searched as one)",
+    )
     p.add_argument("--model", required=True, help=MODEL_HELP)
     add_arguments(p)  # --host, --port, --expose-sources, the limits: from ServeSettings
 

@@ -21,8 +21,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def serve(index_dir: str | Path, model: str | Path, settings: ServeSettings | None = None) -> None:
-    """Load the index and the model, check they belong together, and serve until stopped."""
+def serve(
+    index_dir: str | Path | list[str | Path],
+    model: str | Path,
+    settings: ServeSettings | None = None,
+) -> None:
+    """Load the index (one folder, a sharded index or several folders searched as one) and the
+    model, check they belong together, and serve until stopped."""
     import uvicorn
 
     from xmodal.search import open_searcher

@@ -1,4 +1,4 @@
-"""FAISS inner-product indexes over extracted embedding shards: build, add, tune, load, search.
+"""Indexes built in memory by kind (``xmodal index --kind``): every embedding loaded at once.
 
 Exact (flat) search below ``FLAT_MAX`` vectors; above it IVF with nlist ~ 4 sqrt(N) and the
 smallest nprobe that reaches recall@10 >= 0.95 against exact search on a sample of the data
@@ -18,9 +18,11 @@ import numpy as np
 from tqdm import tqdm
 
 from xmodal.atomic import atomic_path, atomic_write_text, make_dir
-from xmodal.config import IndexKind, load_json_config
-from xmodal.errors import IndexBuildError, InputError, MissingDependencyError, MissingFileError
+from xmodal.config import IndexKind
+from xmodal.errors import IndexBuildError, MissingDependencyError, MissingFileError
 from xmodal.extract.writer import MODALITIES, load_manifest, now, read_shard
+from xmodal.index.description import INDEX_FORMAT, INDEX_JSON, read_info
+from xmodal.index.tuning import neighbour_recall
 from xmodal.models.identity import ModelIdentity, check_compatible
 
 try:
@@ -32,8 +34,6 @@ except ImportError as exc:  # an optional extra, needed only to build or search 
         f"FAISS indexes need faiss-cpu and pyarrow ({exc}): pip install 'xmodal[index]'"
     ) from exc
 
-INDEX_JSON = "index.json"
-INDEX_FORMAT = "xmodal.index/1"
 INDEX_KINDS = typing.get_args(IndexKind)
 FLAT_MAX = 50_000
 TARGET_RECALL = 0.95
@@ -110,14 +110,6 @@ def load_vectors(
 def ivf_nlist(count: int) -> int:
     """~4 sqrt(N) lists, with at least 39 training points per list."""
     return max(1, min(round(4 * math.sqrt(count)), count // 39))
-
-
-def neighbour_recall(approx: np.ndarray, exact: np.ndarray, k: int = RECALL_K) -> float:
-    """Mean fraction of each row's exact top-k found in the approximate top-k: how well an
-    approximate index finds the exact nearest neighbours (not retrieval Recall@K, which is
-    :func:`xmodal.evaluate.retrieval.recall_at_k`)."""
-    hits = sum(len(set(a[:k]) & set(e[:k]) - {-1}) for a, e in zip(approx, exact, strict=True))
-    return hits / (k * len(exact))
 
 
 class Tuner:
@@ -262,16 +254,6 @@ def _hnsw(vectors: np.ndarray, seed: int, target: float) -> tuple[faiss.Index, d
 # ------------------------------------------------------------------------------- on disk
 
 
-def read_info(directory: str | Path) -> dict[str, Any] | None:
-    path = Path(directory) / INDEX_JSON
-    if not path.is_file():
-        return None
-    info = load_json_config(path, "index description", IndexBuildError, INDEX_FORMAT)
-    if "modality" not in info and "what" in info:  # written before the key was renamed
-        info["modality"] = info.pop("what")
-    return info
-
-
 def _write(out: Path, index: faiss.Index, vectors: Vectors, info: dict[str, Any]) -> None:
     """New generation of the index and ids files, then index.json (atomic), then cleanup."""
     generation = info["generation"]
@@ -349,14 +331,16 @@ def _add(shards: Path, out: Path, modality: str, seed: int) -> dict[str, Any]:
     _, new = load_vectors(shards, modality, skip=included)
     if not new.ids:
         return info
+    from xmodal.index.searching import SearchIndex
+
     current = SearchIndex(out)
     index = current.index
     index.add(new.embeddings)
     merged = Vectors(
-        current.ids + new.ids,
-        current.sources + new.sources,
-        current.locations + new.locations,
-        current.image_ids + new.image_ids,
+        list(current.ids) + new.ids,
+        list(current.sources) + new.sources,
+        list(current.locations) + new.locations,
+        list(current.image_ids) + new.image_ids,
         new.embeddings,
         info["shards"] + new.shards,
     )
@@ -380,91 +364,3 @@ def _all_embeddings(shards: list[dict[str, Any]], modality: str) -> np.ndarray:
         )
         parts.append(vectors.embeddings)
     return np.concatenate(parts)
-
-
-# ------------------------------------------------------------------------------- searching
-
-
-class SearchIndex:
-    """A built index loaded for searching: the FAISS index, ids, sources and description."""
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        info = read_info(self.directory)
-        if info is None:
-            raise MissingFileError(
-                f"{self.directory}: no {INDEX_JSON} (build it with xmodal index)"
-            )
-        self.info = info
-        self.index = faiss.read_index(str(self.directory / info["index_file"]))
-        table = pq.read_table(str(self.directory / info["ids_file"]))
-        self.ids: list[str] = table.column("id").to_pylist()
-        self.sources: list[str] = table.column("source").to_pylist()
-        none = [None] * len(self.ids)
-        columns = set(table.column_names)  # older ids files hold only the modality's column
-        self.locations: list[str | None] = (
-            table.column("location").to_pylist() if "location" in columns else none
-        )
-        self.image_ids: list[str | None] = (
-            table.column("image_id").to_pylist() if "image_id" in columns else none
-        )
-        if not self.index.ntotal == len(self.ids) == info["count"]:
-            raise IndexBuildError(
-                f"{self.directory}: index holds {self.index.ntotal} vectors, ids file "
-                f"{len(self.ids)}, {INDEX_JSON} says {info['count']}"
-            )
-
-    @property
-    def kind(self) -> str:
-        """The index type: flat, ivf or hnsw."""
-        return self.info["kind"]
-
-    @property
-    def modality(self) -> str:
-        """What the index holds: images or texts."""
-        return self.info["modality"]
-
-    @property
-    def count(self) -> int:
-        return self.index.ntotal
-
-    @property
-    def dim(self) -> int:
-        return self.info["dim"]
-
-    @property
-    def identity(self) -> ModelIdentity:
-        return ModelIdentity.from_record(self.info)
-
-    def search_parameters(
-        self, nprobe: int | None = None, ef_search: int | None = None, k: int = RECALL_K
-    ) -> faiss.SearchParameters | None:
-        """Per-call parameters (the shared index is never modified)."""
-        params = self.info["params"]
-        if self.kind == "ivf":
-            chosen = params["nprobe"] if nprobe is None else nprobe
-            return faiss.SearchParametersIVF(nprobe=max(1, min(chosen, params["nlist"])))
-        if self.kind == "hnsw":  # deeper than the index is large changes nothing
-            chosen = params["efSearch"] if ef_search is None else ef_search
-            return faiss.SearchParametersHNSW(efSearch=max(min(chosen, self.count), k))
-        return None
-
-    def search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-    ) -> list[list[tuple[int, float]]]:
-        """For each query row, up to k (position, score) pairs, best first."""
-        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if queries.shape[1] != self.dim:
-            raise InputError(f"query dimension {queries.shape[1]} != index dimension {self.dim}")
-        if k < 1:
-            raise InputError(f"k must be >= 1, got {k}")
-        params = self.search_parameters(nprobe, ef_search, k)
-        scores, found = self.index.search(queries, min(k, self.count), params=params)
-        return [
-            [(int(p), float(s)) for p, s in zip(row_p, row_s, strict=True) if p >= 0]
-            for row_p, row_s in zip(found, scores, strict=True)
-        ]

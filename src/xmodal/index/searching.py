@@ -1,0 +1,181 @@
+"""A built index loaded for searching: FAISS index (inverted lists memory-mapped when on
+disk), ids read from Parquet by position, optional exact re-ranking."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from xmodal.errors import IndexBuildError, InputError, MissingFileError
+from xmodal.index.description import INDEX_JSON, read_info
+from xmodal.index.ondisk import READ_FLAGS, check_lists, file_digest, read_index
+from xmodal.index.store import IdsFile, open_vectors
+from xmodal.index.tuning import search_index
+from xmodal.models.identity import ModelIdentity
+
+RECALL_K = 10
+Hits = list[list[tuple[int, float]]]
+
+
+class SearchIndex:
+    """A built index loaded for searching: the FAISS index, ids, sources and description.
+
+    ``ids``, ``sources``, ``locations`` and ``image_ids`` are sequences read from the ids
+    Parquet file a row group at a time, never whole.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        info = read_info(self.directory)
+        if info is None:
+            raise MissingFileError(
+                f"{self.directory}: no {INDEX_JSON} (build it with xmodal index)"
+            )
+        if info.get("kind") == "sharded":
+            raise IndexBuildError(
+                f"{self.directory} is a sharded index: open it with xmodal.index.open_index"
+            )
+        self.info = info
+        index_path = self.directory / info["index_file"]
+        if "digest" in info and file_digest(index_path) != info["digest"]:
+            raise IndexBuildError(
+                f"{index_path}: index file does not match its checksum in {INDEX_JSON} "
+                "(corrupted); rebuild the index"
+            )
+        if "lists_file" in info:
+            lists = self.directory / info["lists_file"]
+            if not lists.is_file():
+                raise IndexBuildError(f"{lists}: inverted lists file is missing")
+            if lists.stat().st_size != info.get("lists_bytes", lists.stat().st_size):
+                raise IndexBuildError(
+                    f"{lists}: inverted lists file is {lists.stat().st_size:,} bytes, "
+                    f"{INDEX_JSON} says {info['lists_bytes']:,}: truncated or corrupted; "
+                    "rebuild the index"
+                )
+            self.index = read_index(index_path, READ_FLAGS)
+            check_lists(self.index, lists)
+        else:
+            self.index = read_index(index_path)
+        self.vectors: np.ndarray | None = None
+        if "vectors_file" in info:
+            self.vectors = open_vectors(
+                self.directory / info["vectors_file"], info["count"], info["dim"], info["dtype"]
+            )
+        self.ids_file = IdsFile(self.directory / info["ids_file"])
+        self.ids: Sequence[str] = self.ids_file.column("id")
+        self.sources: Sequence[str] = self.ids_file.column("source")
+        self.locations: Sequence[str | None] = self.ids_file.column("location")
+        self.image_ids: Sequence[str | None] = self.ids_file.column("image_id")
+        if not self.index.ntotal == len(self.ids) == info["count"]:
+            raise IndexBuildError(
+                f"{self.directory}: index holds {self.index.ntotal} vectors, ids file "
+                f"{len(self.ids)}, {INDEX_JSON} says {info['count']}"
+            )
+
+    @property
+    def kind(self) -> str:
+        """The index type: flat, ivf or hnsw (built by kind), or flat, ivf-flat, ivf-sq8,
+        ivf-sq4 or ivf-pq (picked by a memory budget)."""
+        return self.info["kind"]
+
+    @property
+    def modality(self) -> str:
+        """What the index holds: images or texts."""
+        return self.info["modality"]
+
+    @property
+    def count(self) -> int:
+        return self.index.ntotal
+
+    @property
+    def dim(self) -> int:
+        return self.info["dim"]
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity.from_record(self.info)
+
+    @property
+    def budgeted(self) -> bool:
+        return "plan" in self.info
+
+    def search_parameters(
+        self, nprobe: int | None = None, ef_search: int | None = None, k: int = RECALL_K
+    ) -> faiss.SearchParameters | None:
+        """Per-call parameters of an index built by kind (the shared index is never
+        modified)."""
+        params = self.info["params"]
+        if self.kind == "ivf":
+            chosen = params["nprobe"] if nprobe is None else nprobe
+            return faiss.SearchParametersIVF(nprobe=max(1, min(chosen, params["nlist"])))
+        if self.kind == "hnsw":  # deeper than the index is large changes nothing
+            chosen = params["efSearch"] if ef_search is None else ef_search
+            return faiss.SearchParametersHNSW(efSearch=max(min(chosen, self.count), k))
+        return None
+
+    def search_arrays(
+        self,
+        queries: np.ndarray,
+        k: int,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        refine: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, positions), each (Q, k) best first; position -1 where fewer were found.
+
+        ``refine``: re-rank a shortlist of that many candidates exactly (default: the
+        index's own setting; 0 turns it off)."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.dim:
+            raise InputError(f"query dimension {queries.shape[1]} != index dimension {self.dim}")
+        if k < 1:
+            raise InputError(f"k must be >= 1, got {k}")
+        if refine is not None and refine < 0:
+            raise InputError(f"refine must be >= 0, got {refine}")
+        k = min(k, self.count)
+        if self.budgeted:
+            params = self.info["params"]
+            if refine and self.vectors is None:
+                raise InputError(
+                    f"{self.directory} keeps no vectors for re-ranking: rebuild it with --refine"
+                )
+            chosen = params.get("refine", 0) if refine is None else refine
+            return search_index(
+                self.index,
+                queries,
+                k,
+                params.get("nprobe") if nprobe is None else nprobe,
+                chosen,
+                self.vectors,
+            )
+        params = self.search_parameters(nprobe, ef_search, k)
+        return self.index.search(queries, k, params=params)
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        refine: int | None = None,
+    ) -> Hits:
+        """For each query row, up to k (position, score) pairs, best first."""
+        scores, found = self.search_arrays(queries, k, nprobe, ef_search, refine)
+        return hits(scores, found)
+
+
+def hits(scores: np.ndarray, found: np.ndarray) -> Hits:
+    return [
+        [(int(p), float(s)) for p, s in zip(row_p, row_s, strict=True) if p >= 0]
+        for row_p, row_s in zip(found, scores, strict=True)
+    ]
+
+
+def describe(info: dict[str, Any]) -> str:
+    """One line: kind and the parameters that matter."""
+    params = ", ".join(f"{k}={v}" for k, v in info.get("params", {}).items()) or "exact"
+    return f"{info['kind']} index of {info['count']} {info['modality']} ({params})"
