@@ -1,0 +1,159 @@
+"""Memory-budgeted indexes on Parquet shards: build time, peak RSS of build and search,
+queries/s and recall@10 against exact search, for the index a budget picks vs today's
+in-memory IVF-Flat (``--kind ivf``), each build and search in its own process.
+
+Shards come from ``bench/synthetic_shards.py`` (the queries are drawn from the same
+generator, a stream no shard uses, so they are not in the index):
+
+    python bench/synthetic_shards.py --out /work/scratch/index/1m --count 1000000
+    python bench/bench_budget.py --shards /work/scratch/index/1m --work /work/scratch/index/b1m \
+        --budget 200M --refine 100 --compare-ivf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic_shards import add_arguments, generator_from  # noqa: E402
+
+
+def run_child(argv: list[str]) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MiB) and stdout of a child process."""
+    start = time.perf_counter()
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = child.stdout.read() if child.stdout else ""
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise SystemExit(f"{argv} failed ({child.returncode}): {out[-2000:]}")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024, out
+
+
+def exact_top(shards: Path, queries: np.ndarray, k: int = 10) -> np.ndarray:
+    """Exact top-k positions by streaming over the shards (never all in memory)."""
+    from xmodal.index.stream import ShardSource
+    from xmodal.index.tuning import HeldOut
+
+    held = HeldOut(np.zeros(0, np.int64), queries, k)
+    for batch in ShardSource(shards, "images").batches(65_536, with_ids=False):
+        held.update(batch.start, batch.embeddings)
+    return held.found
+
+
+def search_worker(index: str, queries_file: str, out_file: str, repeats: int) -> None:
+    """Child: load the index, search the queries ``repeats`` times, save positions, print
+    queries/s and the resident memory (anonymous and file-backed) after searching."""
+    from xmodal.index import open_index
+
+    queries = np.load(queries_file)
+    loaded = open_index(index)
+    loaded.search_arrays(queries[:10], 10)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _, found = loaded.search_arrays(queries, 10)
+        best = min(best, time.perf_counter() - start)
+    np.save(out_file, found)
+    status = Path("/proc/self/status").read_text()
+    rss = {line.split(":")[0]: line.split()[1] for line in status.splitlines() if "Rss" in line}
+    print(json.dumps({"qps": len(queries) / best, "rss_kib": rss}))
+
+
+def human(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shards", type=Path)
+    parser.add_argument("--work", type=Path, help="folder for the indexes and queries")
+    parser.add_argument("--budget", default="200M", help="--max-index-memory")
+    parser.add_argument("--build-memory", default=None, help="--max-build-memory")
+    parser.add_argument("--refine", type=int, default=100)
+    parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compare-ivf", action="store_true", help="also today's IVF-Flat")
+    parser.add_argument("--search-worker", nargs=3, help=argparse.SUPPRESS)
+    add_arguments(parser)
+    args = parser.parse_args()
+    if args.search_worker:
+        search_worker(*args.search_worker, args.repeats)
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; load average "
+        f"{os.getloadavg()[0]:.1f} at start (the machine is shared)",
+        flush=True,
+    )
+    queries = generator_from(args).queries(args.queries)
+    np.save(args.work / "queries.npy", queries)
+    start = time.perf_counter()
+    exact = exact_top(args.shards, queries)
+    print(
+        f"exact top-10 of {len(queries)} queries, streamed: {time.perf_counter() - start:.0f}s",
+        flush=True,
+    )
+    xmodal = [sys.executable, "-m", "xmodal.cli", "index", "--shards", str(args.shards)]
+    runs = {
+        f"budget {args.budget}": [
+            "--max-index-memory",
+            args.budget,
+            "--refine",
+            str(args.refine),
+            *(["--max-build-memory", args.build_memory] if args.build_memory else []),
+        ],
+    }
+    if args.compare_ivf:
+        runs["today's --kind ivf"] = ["--kind", "ivf"]
+    rows = []
+    for name, flags in runs.items():
+        out = args.work / name.split()[0].strip("'")
+        built_s, build_rss, _ = run_child([*xmodal, "--out", str(out), *flags])
+        info = json.loads((out / "index.json").read_text())
+        found_file = args.work / "found.npy"
+        worker = [
+            sys.executable,
+            __file__,
+            "--search-worker",
+            str(out),
+            str(args.work / "queries.npy"),
+            str(found_file),
+            "--repeats",
+            str(args.repeats),
+        ]
+        _, search_rss, text = run_child(worker)
+        report = json.loads(text.strip().splitlines()[-1])
+        found = np.load(found_file)
+        recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(found, exact, strict=True)])
+        rows.append(
+            {
+                "index": name,
+                "kind": info["kind"],
+                "factory": info.get("plan", {}).get("factory", "IVF,Flat (in memory)"),
+                "params": {k: v for k, v in info["params"].items() if k != "factory"},
+                "disk_mib": round(human(out), 1),
+                "build_s": round(built_s, 1),
+                "build_peak_rss_mib": round(build_rss),
+                "search_peak_rss_mib": round(search_rss),
+                "search_rss_kib": report["rss_kib"],
+                "qps": round(report["qps"]),
+                "recall_at_10": round(float(recall), 4),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    (args.work / "results.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
