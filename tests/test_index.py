@@ -229,3 +229,24 @@ def test_a_damaged_manifest_is_one_line_naming_it(tmp_path: Path, capsys, damage
     assert err.startswith("xmodal index: error: ")
     assert "manifest.json: embeddings manifest is not valid JSON" in err
     assert "\n" not in err and not (tmp_path / "i").exists()
+
+
+def test_search_several_index_folders_as_one(setup, tmp_path: Path, capsys) -> None:
+    """xmodal search --index A B: each part's top-k merged by score, positions run on."""
+    for name in ("a", "b"):
+        info = build_index(setup["shards"], tmp_path / name, max_index_memory="64M")
+        assert info["kind"] == "flat" and info["plan"]["factory"] == "Flat"
+    image = setup["data"] / "img7.png"
+    parts = [tmp_path / "a", tmp_path / "b"]
+    results = search(parts, setup["model"], image=image, k=3)
+    assert [r["id"] for r in results[:2]] == ["img7", "img7"]
+    assert sorted(r["position"] for r in results[:2]) == [7, 17]
+    assert results[1]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert results[2]["score"] < results[1]["score"]
+    argv = ["search", "--index", *map(str, parts), "--model", str(setup["model"]), "-k", "2"]
+    assert main([*argv, "--image", str(image)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[2] for line in lines[1:]] == ["img7", "img7"]
+    argv = ["index", "--combine", *map(str, parts), "--out", str(tmp_path / "both")]
+    assert main(argv) == 0 and "sharded index of 20 images" in capsys.readouterr().out
+    assert search(tmp_path / "both", setup["model"], image=image, k=1)[0]["id"] == "img7"
