@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,16 +28,36 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_shards import add_arguments, generator_from  # noqa: E402
 
 
-def run_child(argv: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MiB) and stdout of a child process."""
+def sample_rss(pid: int, peaks: dict[str, int], done: threading.Event) -> None:
+    """Peak anonymous and file-backed resident memory (KiB) of ``pid``, polled every 0.1 s:
+    mapped index files count as RssFile (page cache the kernel can drop), heap as RssAnon."""
+    while not done.wait(0.1):
+        try:
+            text = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return
+        for line in text.splitlines():
+            key = line.split(":")[0]
+            if key in ("RssAnon", "RssFile"):
+                peaks[key] = max(peaks.get(key, 0), int(line.split()[1]))
+
+
+def run_child(argv: list[str]) -> tuple[float, float, str, dict[str, int]]:
+    """Wall seconds, peak RSS (MiB), stdout and peak RssAnon / RssFile (KiB) of a child."""
     start = time.perf_counter()
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peaks: dict[str, int] = {}
+    done = threading.Event()
+    sampler = threading.Thread(target=sample_rss, args=(child.pid, peaks, done), daemon=True)
+    sampler.start()
     out = child.stdout.read() if child.stdout else ""
+    done.set()
+    sampler.join()
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode:
         raise SystemExit(f"{argv} failed ({child.returncode}): {out[-2000:]}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024, out
+    return time.perf_counter() - start, usage.ru_maxrss / 1024, out, peaks
 
 
 def exact_top(shards: Path, queries: np.ndarray, k: int = 10) -> np.ndarray:
@@ -83,6 +104,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compare-ivf", action="store_true", help="also today's IVF-Flat")
+    parser.add_argument("--reuse", action="store_true", help="search indexes already built")
     parser.add_argument("--search-worker", nargs=3, help=argparse.SUPPRESS)
     add_arguments(parser)
     args = parser.parse_args()
@@ -118,7 +140,10 @@ def main() -> None:
     rows = []
     for name, flags in runs.items():
         out = args.work / name.split()[0].strip("'")
-        built_s, build_rss, _ = run_child([*xmodal, "--out", str(out), *flags])
+        if args.reuse and (out / "index.json").is_file():
+            built_s, build_rss, build_peaks = 0.0, 0.0, {"reused": 1}  # not measured here
+        else:
+            built_s, build_rss, _, build_peaks = run_child([*xmodal, "--out", str(out), *flags])
         info = json.loads((out / "index.json").read_text())
         found_file = args.work / "found.npy"
         worker = [
@@ -131,7 +156,7 @@ def main() -> None:
             "--repeats",
             str(args.repeats),
         ]
-        _, search_rss, text = run_child(worker)
+        _, search_rss, text, search_peaks = run_child(worker)
         report = json.loads(text.strip().splitlines()[-1])
         found = np.load(found_file)
         recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(found, exact, strict=True)])
@@ -145,6 +170,8 @@ def main() -> None:
                 "build_s": round(built_s, 1),
                 "build_peak_rss_mib": round(build_rss),
                 "search_peak_rss_mib": round(search_rss),
+                "build_peak_kib": build_peaks,
+                "search_peak_kib": search_peaks,
                 "search_rss_kib": report["rss_kib"],
                 "qps": round(report["qps"]),
                 "recall_at_10": round(float(recall), 4),

@@ -4,6 +4,7 @@ time, never loaded whole) and the raw vectors used for exact re-ranking (memory-
 from __future__ import annotations
 
 import bisect
+import mmap
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -176,7 +177,12 @@ def open_vectors(path: Path, count: int, dim: int, dtype: str) -> np.ndarray:
         )
     if count == 0:
         return np.zeros((0, dim), dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(count, dim))
+    mapped = np.memmap(path, dtype=dtype, mode="r", shape=(count, dim))
+    advise = getattr(mmap, "MADV_RANDOM", None)
+    if advise is not None and getattr(mapped, "_mmap", None) is not None:
+        # re-ranking reads scattered rows: no read-ahead or fault-around of their neighbours
+        mapped._mmap.madvise(advise)
+    return mapped
 
 
 def exact_rerank(
