@@ -118,6 +118,13 @@ class ColumnView(Sequence):
         for group in range(len(self.ids.starts) - 1):
             yield from self.ids.group(self.name, group)
 
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(self) == len(other) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
 
 class ConcatView(Sequence):
     """Several sequences end to end (the columns of a sharded index's parts)."""
@@ -143,6 +150,13 @@ class ConcatView(Sequence):
     def __iter__(self) -> Iterator[Any]:
         for part in self.parts:
             yield from part
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(self) == len(other) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 class VectorsWriter:
