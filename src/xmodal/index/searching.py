@@ -152,6 +152,11 @@ class SearchIndex:
                 chosen,
                 self.vectors,
             )
+        if refine:
+            raise InputError(
+                f"{self.directory} is a {self.kind} index built by kind: it keeps no vectors to "
+                "re-rank (build it with --max-index-memory ... --refine K)"
+            )
         params = self.search_parameters(nprobe, ef_search, k)
         return self.index.search(queries, k, params=params)
 
