@@ -13,7 +13,7 @@ import pytest
 from test_index import clustered_vectors, write_fake_shards
 
 from xmodal.cli import main
-from xmodal.errors import IncompatibleError, IndexBuildError, MissingFileError
+from xmodal.errors import IncompatibleError, IndexBuildError, InputError, MissingFileError
 from xmodal.index import (
     IndexPlan,
     SearchIndex,
@@ -294,3 +294,16 @@ def test_damaged_files_are_named_and_a_failed_build_keeps_the_old_index(
     (out / "index.json").write_text(json.dumps(record))
     with pytest.raises(IndexBuildError, match=rf"{index_file.name}: cannot read the FAISS index"):
         SearchIndex(out)
+
+
+def test_refine_needs_stored_vectors(data, tmp_path: Path) -> None:
+    build_index(data["shards"], tmp_path / "by_kind", modality="texts")
+    budget = budget_for("ivf-sq8")
+    build_index(data["shards"], tmp_path / "plain", modality="texts", max_index_memory=budget)
+    for name in ("by_kind", "plain"):
+        loaded = SearchIndex(tmp_path / name)
+        with pytest.raises(InputError, match="keeps no vectors"):
+            loaded.search(data["queries"][:2], 5, refine=10)
+        assert len(loaded.search(data["queries"][:2], 5)[0]) == 5
+    with pytest.raises(IndexBuildError, match="need --max-index-memory"):
+        build_index(data["shards"], tmp_path / "x", modality="texts", refine=10)
