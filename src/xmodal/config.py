@@ -30,7 +30,8 @@ Backend = Literal["auto", "torch", "onnx"]
 """Extraction backend (see :class:`xmodal.extract.mapper.MapperOptions`)."""
 Modality = Literal["images", "texts"]
 """What a shard or an index holds."""
-ExtractModality = Literal[Modality, "both"]
+ExtractModality = Literal[Modality, "both", "pairs"]
+"""What ``xmodal extract`` embeds; ``pairs`` scores every row as an (image, caption) pair."""
 ShardDtype = Literal["float16", "float32"]
 IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
 DatasetFormat = Literal["jsonl", "csv", "json", "coco", "karpathy", "folder", "tar", "webdataset"]
