@@ -298,6 +298,7 @@ def test_filter_refuses_data_other_than_the_scored(setup, tmp_path: Path) -> Non
 
 
 def test_probe_matches_a_direct_logistic_regression(setup, tmp_path: Path, capsys) -> None:
+    pytest.importorskip("sklearn", reason="scikit-learn (xmodal[probe]) is not installed")
     data = tmp_path / "data"
     make_image_folder(data, broken=False)
     rows = [json.loads(line) for line in (data / "captions.jsonl").open()]
