@@ -23,6 +23,7 @@ from xmodal.data.datasets import load_dataset
 from xmodal.errors import ExtractError, IncompatibleError, InputError
 from xmodal.extract import extract, load_manifest, read_pair_shards, read_shard
 from xmodal.extract.mapper import EmbeddingMapper, MapperOptions, mapper_pairs
+from xmodal.extract.pairs import PairItem, plan_pairs
 from xmodal.models.model import CrossModalModel
 from xmodal.pairs import filter_pairs, keep_mask, probe, read_pair_scores, score_pairs
 from xmodal.pairs.probe import fit_and_score, group_split
@@ -379,3 +380,17 @@ def test_two_ranks_score_what_one_process_does(setup, tmp_path: Path) -> None:
     assert (out / "errors.jsonl").read_text() == (setup["scored"] / "errors.jsonl").read_text()
     want = load_manifest(setup["scored"])["modalities"]["pairs"]["shards"]
     assert load_manifest(out)["modalities"]["pairs"]["shards"] == want
+
+
+def test_plan_refuses_unusable_captions_and_buckets_by_length(processor) -> None:
+    captions = ["a dog", "\u200b\u200b", "a very long caption about a dog in a park", "cat", 7]
+    items = [PairItem(str(i), f"i{i}", f"/x/{i}.png", c, f"d.jsonl:{i + 1}") for i, c in
+             enumerate(captions)]  # fmt: skip
+    plan = plan_pairs(items, [(0, 0, 3), (1, 3, 5)], processor, batch_size=2)
+    empty = "caption is empty or has only whitespace or invisible characters"
+    assert plan.refused == {0: [(1, empty)], 1: [(4, "caption is int, not a string")]}
+    assert plan.batches == [[0, 2], [3]]  # shard 0 sorted by length, shard 1 alone
+    assert plan.shard_of_batch == [0, 1] and plan.batches_left == {0: 1, 1: 1}
+    ids, mask = plan.tokens.batch(plan.token_row[[3, 0]])
+    want = processor.process_text(["cat", "a dog"])
+    assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"])
