@@ -8,7 +8,8 @@ noise: the test split (held-out names) with ``--noise`` of its captions swapped 
 probe: emoji ``category`` from fused / image / text / concatenated features, probe trained on the
     train split's features and tested on the test split (held-out names); and trained on the
     validation split (names the model never saw either).
-speed: ``extract`` of the same rows as images, texts, pairs and pairs with fused vectors,
+speed: ``extract`` of the same rows as images, texts, pairs, pairs with fused vectors and
+    pairs with the fusion in fp32 (``--precision fp32``; the others use ``--precision``),
     alternating for ``--rounds`` rounds; each run's steady rate is taken between its first and
     last finished shard (model loading and worker start-up not counted), as bench_extract.py
     does. Reported: the median items/s, and pairs time against images + texts time per round.
@@ -45,6 +46,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--speed-split", default="train", help="split timed by the speed part")
     parser.add_argument("--shard-size", type=int, default=256, help="speed part's shard size")
     parser.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
+    parser.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto", help="as extract's"
+    )
     add_machine_args(parser)
     return parser.parse_args()
 
@@ -163,20 +167,26 @@ def speed_part(args, options: MapperOptions) -> dict:
         "texts": {"modality": "texts"},
         "pairs": {"modality": "pairs"},
         "pairs --fused": {"modality": "pairs", "fused": True},
+        "pairs fp32": {"modality": "pairs", "precision": "fp32"},
     }
     rates: dict[str, list[float]] = {name: [] for name in runs}
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     loads = []
     for round_ in range(args.rounds):
         for name, kwargs in runs.items():
-            out = Path(args.out) / "speed" / f"{round_}-{name.replace(' --', '-')}"
+            kwargs = dict(kwargs)
+            precision = kwargs.pop("precision", options.precision)
+            run_options = MapperOptions(
+                device=options.device, backend=options.backend, precision=precision
+            )
+            out = Path(args.out) / "speed" / f"{round_}-{name.replace(' ', '-')}"
             stamps: list[float] = []
             manifest = extract(
                 args.model,
                 data,
                 out,
                 shard_size=args.shard_size,
-                options=options,
+                options=run_options,
                 progress=False,
                 on_shard=lambda kind, k, stamps=stamps: stamps.append(time.perf_counter()),
                 **kwargs,
@@ -196,10 +206,15 @@ def speed_part(args, options: MapperOptions) -> dict:
         seconds["pairs --fused"][r] / (seconds["images"][r] + seconds["texts"][r])
         for r in range(args.rounds)
     ]
+    ratio_fp32 = [
+        seconds["pairs fp32"][r] / (seconds["images"][r] + seconds["texts"][r])
+        for r in range(args.rounds)
+    ]
     result = {
         "items_per_s": {n: statistics.median(v) for n, v in rates.items()},
         "pairs_over_images_plus_texts": statistics.median(ratio),
         "fused_over_images_plus_texts": statistics.median(ratio_fused),
+        "fp32_pairs_over_images_plus_texts": statistics.median(ratio_fp32),
         "load_average": [min(loads), max(loads)],
         "rows": sum(1 for _ in data.open()),
     }
@@ -208,7 +223,8 @@ def speed_part(args, options: MapperOptions) -> dict:
         print(f"  {name:<14} {rate:8.1f} items/s")
     print(
         f"  pairs time / (images + texts time): {result['pairs_over_images_plus_texts']:.3f}; "
-        f"with --fused {result['fused_over_images_plus_texts']:.3f} "
+        f"with --fused {result['fused_over_images_plus_texts']:.3f}; fp32 fusion "
+        f"{result['fp32_pairs_over_images_plus_texts']:.3f} "
         f"(load average {min(loads):.1f}-{max(loads):.1f})"
     )
     return result
@@ -217,7 +233,7 @@ def speed_part(args, options: MapperOptions) -> dict:
 def main() -> None:
     args = parse_args()
     setup_machine(args)
-    options = MapperOptions(device="cpu", backend=args.backend)
+    options = MapperOptions(device="cpu", backend=args.backend, precision=args.precision)
     results = {"model": args.model, "threads": args.threads, "pid": os.getpid()}
     for part in args.parts:
         results[part] = {"noise": noise_part, "probe": probe_part, "speed": speed_part}[part](

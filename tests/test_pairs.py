@@ -394,3 +394,16 @@ def test_plan_refuses_unusable_captions_and_buckets_by_length(processor) -> None
     ids, mask = plan.tokens.batch(plan.token_row[[3, 0]])
     want = processor.process_text(["cat", "a dog"])
     assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"])
+
+
+def test_fusion_of_the_first_token_only_equals_the_full_fusion() -> None:
+    model = CrossModalModel(tiny_model_config()).eval()
+    image = torch.randn(5, 9, model.image_tower.output_dim)
+    text = torch.randn(5, 7, model.text_tower.token_dim)
+    mask = torch.ones(5, 7, dtype=torch.long)
+    mask[1, 3:] = 0
+    mask[4, 1:] = 0
+    with torch.no_grad():
+        full = model.fusion(image, None, text, mask)
+        first = model.fusion.forward_first(image, None, text, mask)
+    torch.testing.assert_close(first, full, atol=1e-5, rtol=1e-5)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmodal.config import Backend, ConfigError, Precision, check_choice
+from xmodal.models.fusion import CrossAttentionFusion
 from xmodal.models.inference import has_conv, inference_copy
 from xmodal.models.model import CrossModalModel, Features
 from xmodal.models.towers import TowerOutput
@@ -212,7 +213,10 @@ def score_pairs(
     if not model.has_itm:
         return PairScores(similarity.cpu().numpy(), None, None)
     with autocast:
-        vectors = model.fuse(image, text)
+        if isinstance(model.fusion, CrossAttentionFusion):  # model.fuse, less work
+            vectors = model.fusion.forward_first(image.tokens, image.mask, text.tokens, text.mask)
+        else:
+            vectors = model.fuse(image, text)
         logits = model.itm_from_fused(vectors, image, text).float()
     itm = torch.softmax(logits, dim=-1)[:, 1]
     return PairScores(
@@ -236,8 +240,17 @@ def mapper_pairs(
     fused: bool = False,
 ) -> PairScores:
     """Both towers on a batch of pairs (image i with caption i), then :func:`score_pairs`, on
-    the mapper's backend (torch or ONNX Runtime towers) and device."""
+    the mapper's backend (torch or ONNX Runtime towers) and device. The fusion and ITM head run
+    under the precision's autocast also beside the (fp32) ONNX towers: with ``auto`` that is
+    bf16 on CPUs with bf16 hardware, where it halves the fusion's time (ITM probabilities within
+    0.002 of fp32, fused vectors at cosine >= 0.9999 here); ``fp32`` keeps everything fp32."""
     device = mapper.device
+    dtype = mapper.autocast
+    if mapper.onnx is not None:
+        dtype = pick_autocast(mapper.options.precision, device)
+    fusion_autocast = (
+        contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    )
     if mapper.onnx is not None:
         image_out = mapper.onnx.image(pixel_values)
         text_out = mapper.onnx.text(input_ids, attention_mask)
@@ -252,7 +265,7 @@ def mapper_pairs(
             text_out = mapper.text_tower(input_ids, attention_mask)
     image_out = _on(image_out, device)
     text_out = _on(text_out, device)
-    return score_pairs(mapper.model, image_out, text_out, fused, mapper._autocast())
+    return score_pairs(mapper.model, image_out, text_out, fused, fusion_autocast)
 
 
 def _on(out: TowerOutput, device: torch.device) -> TowerOutput:
