@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from xmodal import distributed
 from xmodal.atomic import make_dir
-from xmodal.data.datasets import load_dataset
+from xmodal.data.datasets import ImageTextDataset, load_dataset
 from xmodal.data.images import image_loader
 from xmodal.data.refs import location
 from xmodal.distributed import World
@@ -150,7 +150,8 @@ def extract(
         return manifest
 
 
-def _items(modality: str, dataset) -> list:
+def _items(modality: str, dataset: ImageTextDataset) -> list[Item] | list[PairItem]:
+    """What one modality embeds: unique images, every caption, or every row as a pair."""
     if modality == "images":
         return image_items(dataset)
     return pair_items(dataset) if modality == PAIRS else text_items(dataset)
