@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import typing
 
-from xmodal.extract.pairs import SCORE_COLUMNS
+from xmodal.config import PairScore
 
 
 def add(commands) -> None:
@@ -22,7 +23,10 @@ def add(commands) -> None:
         "--keep-fraction", type=float, default=None, help="keep this best fraction (0, 1] by --by"
     )
     p.add_argument(
-        "--by", choices=SCORE_COLUMNS, default="similarity", help="score for --keep-fraction"
+        "--by",
+        choices=typing.get_args(PairScore),
+        default="similarity",
+        help="score for --keep-fraction",
     )
     p.add_argument("--no-histogram", action="store_true", help="skip the score histogram PNG")
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import typing
 
-from xmodal.pairs.probe import KINDS
+from xmodal.config import ProbeFeatures
 
 
 def add(commands) -> None:
@@ -21,7 +22,13 @@ def add(commands) -> None:
     p.add_argument("--test-fraction", type=float, default=0.25, help="held-out share of images")
     p.add_argument("--seed", type=int, default=0, help="seed of the split")
     p.add_argument("--C", dest="c", type=float, default=1.0, help="inverse L2 strength")
-    p.add_argument("--kinds", nargs="+", choices=KINDS, default=None, help="features to probe")
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=typing.get_args(ProbeFeatures),
+        default=None,
+        help="features to probe",
+    )
     p.add_argument("--out", default=None, help="write the report as JSON here")
 
 

@@ -11,25 +11,26 @@ from __future__ import annotations
 
 import hashlib
 import math
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from xmodal.atomic import atomic_path
+from xmodal.config import PairScore
 from xmodal.data.datasets import ImageTextDataset, TarMember
 from xmodal.data.refs import location
 from xmodal.errors import ExtractError, IncompatibleError, IndexBuildError
 from xmodal.extract.mapper import PairScores
 from xmodal.extract.reader import TokenizedCaptions
+from xmodal.extract.writer import pa, pq  # MissingDependencyError without pyarrow
 from xmodal.processing import MultimodalProcessor, caption_problem
 
 PAIRS = "pairs"
-SCORE_COLUMNS = ("similarity", "itm")
+SCORE_COLUMNS = typing.get_args(PairScore)
 FUSED_COLUMN = "fused"
 
 

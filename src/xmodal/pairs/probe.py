@@ -14,20 +14,21 @@ folder (``test``) made by the same model, e.g. of a split with unseen names.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from xmodal.config import ConfigError
+from xmodal.config import ConfigError, ProbeFeatures
 from xmodal.errors import InputError, MissingDependencyError
 from xmodal.extract.pairs import PAIRS
 from xmodal.extract.writer import read_shard
 from xmodal.models.identity import ModelIdentity, check_compatible
 from xmodal.pairs.scores import Extraction, column_value, load_matching_dataset, open_extraction
 
-KINDS = ("fused", "image", "text", "image+text", "fused+image+text")
+KINDS = typing.get_args(ProbeFeatures)
 
 
 @dataclass
