@@ -17,7 +17,9 @@ from xmodal.config import (
     IndexKind,
     KarpathySplit,
     Modality,
+    PairScore,
     Precision,
+    ProbeFeatures,
     ProcessorConfig,
     ShardDtype,
     from_dict,
@@ -82,7 +84,9 @@ def test_cli_choices_are_the_types_values() -> None:
     }
     assert _choices("index") == {"kind": args(IndexKind), "modality": args(Modality)}
     assert _choices("eval") == {"format": args(DatasetFormat), "split": args(KarpathySplit)}
-    assert args(ExtractModality) == ("images", "texts", "both")
+    assert args(ExtractModality) == ("images", "texts", "both", "pairs")
+    assert _choices("filter") == {"by": args(PairScore)}
+    assert _choices("probe") == {"kinds": args(ProbeFeatures)}
 
 
 def test_extract_cli_refuses_a_bad_device_in_one_line(monkeypatch, capsys) -> None:

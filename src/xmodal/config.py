@@ -30,8 +30,13 @@ Backend = Literal["auto", "torch", "onnx"]
 """Extraction backend (see :class:`xmodal.extract.mapper.MapperOptions`)."""
 Modality = Literal["images", "texts"]
 """What a shard or an index holds."""
-ExtractModality = Literal[Modality, "both"]
+ExtractModality = Literal[Modality, "both", "pairs"]
+"""What ``xmodal extract`` embeds; ``pairs`` scores every row as an (image, caption) pair."""
 ShardDtype = Literal["float16", "float32"]
+PairScore = Literal["similarity", "itm"]
+"""The scores ``xmodal extract --what pairs`` writes per pair and ``xmodal filter`` selects by."""
+ProbeFeatures = Literal["fused", "image", "text", "image+text", "fused+image+text"]
+"""The feature kinds ``xmodal probe`` compares (``+``: concatenated)."""
 IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
 DatasetFormat = Literal["jsonl", "csv", "json", "coco", "karpathy", "folder", "tar", "webdataset"]
 """Dataset readers of :func:`xmodal.data.load_dataset` (``webdataset`` is ``tar``)."""

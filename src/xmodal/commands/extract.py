@@ -10,15 +10,24 @@ from xmodal.config import Backend, ExtractModality, Precision, ShardDtype
 
 
 def add(commands) -> None:
-    p = commands.add_parser("extract", help="embed a dataset's images and captions into shards")
+    p = commands.add_parser(
+        "extract", help="embed a dataset's images and captions, or score its pairs, into shards"
+    )
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, help="dataset path (any format load_dataset reads)")
     p.add_argument("--out", required=True, help="output directory for shards + manifest.json")
     p.add_argument(
-        "--modality", choices=typing.get_args(ExtractModality), default="both", help="what to embed"
+        "--modality",
+        choices=typing.get_args(ExtractModality),
+        default="both",
+        help="what to embed; pairs: score every row as an (image, caption) pair "
+        "(similarity, ITM probability)",
     )
     p.add_argument(  # the flag's earlier name, still accepted
         "--what", dest="modality", choices=typing.get_args(ExtractModality), help=argparse.SUPPRESS
+    )
+    p.add_argument(
+        "--fused", action="store_true", help="pairs: also write each pair's fused vector"
     )
     p.add_argument("--shard-size", type=int, default=10_000)
     p.add_argument("--dtype", choices=typing.get_args(ShardDtype), default="float32")
@@ -59,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         skip_bad=args.skip_bad,
         data_format=args.format,
+        fused=args.fused,
         options=from_dict(
             MapperOptions,
             {

@@ -15,9 +15,10 @@ _LAZY = {
     "Shard": "xmodal.extract.writer",
     "load_manifest": "xmodal.extract.writer",
     "read_shard": "xmodal.extract.writer",
+    "read_pair_shards": "xmodal.extract.pairs",
 }
 
-__all__ = ["Shard", "extract", "load_manifest", "read_shard"]
+__all__ = ["Shard", "extract", "load_manifest", "read_pair_shards", "read_shard"]
 
 
 def __getattr__(name: str) -> Any:

@@ -20,11 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from xmodal.config import Backend, ConfigError, Precision, check_choice
+from xmodal.models.fusion import CrossAttentionFusion
 from xmodal.models.inference import has_conv, inference_copy
-from xmodal.models.model import CrossModalModel
+from xmodal.models.model import CrossModalModel, Features
+from xmodal.models.towers import TowerOutput
 from xmodal.runtime import check_device_name, pick_autocast, pick_device, reuse_freed_memory
 
 PRECISIONS = typing.get_args(Precision)
@@ -32,7 +35,16 @@ BACKENDS = typing.get_args(Backend)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "PRECISIONS", "EmbeddingMapper", "MapperOptions", "has_conv"]
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "EmbeddingMapper",
+    "MapperOptions",
+    "PairScores",
+    "has_conv",
+    "mapper_pairs",
+    "score_pairs",
+]
 
 
 @dataclass
@@ -167,3 +179,95 @@ class EmbeddingMapper:
             with self._autocast():
                 pooled = self.text_tower(input_ids, attention_mask).pooled
         return self.model.embed_text_pooled(pooled.to(self.device)).cpu().numpy()
+
+
+@dataclass
+class PairScores:
+    """Scores of a batch of aligned (image, caption) pairs.
+
+    similarity: (B,) cosine of the two embeddings (those ``images`` / ``texts`` return).
+    itm: (B,) ITM match probability, softmax of the ITM head's [mismatch, match] logits; None
+        for a model without fusion.
+    fused: (B, D) the fused vector of each pair (``CrossModalModel.fuse``), when asked for.
+    """
+
+    similarity: np.ndarray
+    itm: np.ndarray | None
+    fused: np.ndarray | None
+
+
+def score_pairs(
+    model: CrossModalModel,
+    image_out: TowerOutput,
+    text_out: TowerOutput,
+    fused: bool,
+    autocast: contextlib.AbstractContextManager,
+) -> PairScores:
+    """Similarity, ITM probability and (optionally) fused vectors from the two towers' outputs.
+
+    The embeddings are computed in float32 exactly as for ``--what images`` / ``texts``; the
+    fusion and ITM head run under ``autocast`` (a null context in fp32)."""
+    image = _features(model.image_proj, image_out)
+    text = _features(model.text_proj, text_out)
+    similarity = (image.embeds * text.embeds).sum(dim=-1)
+    if not model.has_itm:
+        return PairScores(similarity.cpu().numpy(), None, None)
+    with autocast:
+        if isinstance(model.fusion, CrossAttentionFusion):  # model.fuse, less work
+            vectors = model.fusion.forward_first(image.tokens, image.mask, text.tokens, text.mask)
+        else:
+            vectors = model.fuse(image, text)
+        logits = model.itm_from_fused(vectors, image, text).float()
+    itm = torch.softmax(logits, dim=-1)[:, 1]
+    return PairScores(
+        similarity.cpu().numpy(),
+        itm.cpu().numpy(),
+        vectors.float().cpu().numpy() if fused else None,
+    )
+
+
+def _features(projection: nn.Module, out: TowerOutput) -> Features:
+    projected = projection(out.pooled.float())
+    return Features(F.normalize(projected, dim=-1), projected, out.tokens, out.mask)
+
+
+@torch.inference_mode()
+def mapper_pairs(
+    mapper: EmbeddingMapper,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    fused: bool = False,
+) -> PairScores:
+    """Both towers on a batch of pairs (image i with caption i), then :func:`score_pairs`, on
+    the mapper's backend (torch or ONNX Runtime towers) and device. The fusion and ITM head run
+    under the precision's autocast also beside the (fp32) ONNX towers: with ``auto`` that is
+    bf16 on CPUs with bf16 hardware, where it halves the fusion's time (ITM probabilities within
+    0.002 of fp32, fused vectors at cosine >= 0.9999 here); ``fp32`` keeps everything fp32."""
+    device = mapper.device
+    dtype = mapper.autocast
+    if mapper.onnx is not None:
+        dtype = pick_autocast(mapper.options.precision, device)
+    fusion_autocast = (
+        contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    )
+    if mapper.onnx is not None:
+        image_out = mapper.onnx.image(pixel_values)
+        text_out = mapper.onnx.text(input_ids, attention_mask)
+    else:
+        pixel_values = pixel_values.to(device, non_blocking=True)
+        if mapper.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        input_ids = input_ids.to(device, non_blocking=True)
+        attention_mask = attention_mask.to(device, non_blocking=True)
+        with mapper._autocast():
+            image_out = mapper.image_tower(pixel_values)
+            text_out = mapper.text_tower(input_ids, attention_mask)
+    image_out = _on(image_out, device)
+    text_out = _on(text_out, device)
+    return score_pairs(mapper.model, image_out, text_out, fused, fusion_autocast)
+
+
+def _on(out: TowerOutput, device: torch.device) -> TowerOutput:
+    mask = None if out.mask is None else out.mask.to(device)
+    return TowerOutput(out.pooled.to(device), out.tokens.to(device), mask)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from xmodal.atomic import atomic_write_text
-from xmodal.extract.writer import MODALITIES, upgrade_error_record
+from xmodal.extract.writer import SHARD_KINDS, upgrade_error_record
 
 PARTS_DIR = ".parts"
 
@@ -28,7 +28,7 @@ def rank_shards(pending: list[int], rank: int, size: int) -> list[int]:
 
 def new_part() -> dict[str, Any]:
     """An empty record of one rank's finished shards and error records."""
-    return {"shards": {modality: [] for modality in MODALITIES}, "errors": []}
+    return {"shards": {kind: [] for kind in SHARD_KINDS}, "errors": []}
 
 
 def save_part(out: Path, rank: int, part: dict[str, Any]) -> None:
@@ -73,4 +73,4 @@ def fold_errors(
             if key not in seen and (keep is None or record["shard"] in keep):
                 seen.add(key)
                 merged.append(record)
-    return sorted(merged, key=lambda e: (MODALITIES.index(e["modality"]), e["shard"]))
+    return sorted(merged, key=lambda e: (SHARD_KINDS.index(e["modality"]), e["shard"]))

@@ -20,12 +20,22 @@ from tqdm import tqdm
 
 from xmodal import distributed
 from xmodal.atomic import make_dir
-from xmodal.data.datasets import load_dataset
+from xmodal.data.datasets import ImageTextDataset, load_dataset
 from xmodal.data.images import image_loader
 from xmodal.data.refs import location
 from xmodal.distributed import World
 from xmodal.errors import ExtractError
-from xmodal.extract.mapper import EmbeddingMapper, MapperOptions
+from xmodal.extract.mapper import EmbeddingMapper, MapperOptions, mapper_pairs
+from xmodal.extract.pairs import (
+    PAIRS,
+    PairBuffer,
+    PairItem,
+    check_fused,
+    pair_items,
+    pairs_record,
+    plan_pairs,
+    write_pair_shard,
+)
 from xmodal.extract.ranks import (
     fold_errors,
     fold_shards,
@@ -92,8 +102,11 @@ def extract(
     progress: bool = True,
     on_shard: ShardHook | None = None,
     options: MapperOptions | None = None,
+    fused: bool = False,
 ) -> dict[str, Any]:
-    """Embed the unique images and/or the captions of ``data`` into Parquet shards in ``out``.
+    """Embed the unique images and/or the captions of ``data`` into Parquet shards in ``out``;
+    ``modality="pairs"`` scores every row as an (image, caption) pair instead (similarity, ITM
+    probability and, with ``fused``, the fused vector: :mod:`xmodal.extract.pairs`).
 
     Shard k holds items [k * shard_size, (k + 1) * shard_size); finished shards are skipped on
     a re-run, so an interrupted run resumes where it stopped. Returns the manifest. Under
@@ -101,21 +114,24 @@ def extract(
     precision, backend (torch or ONNX Runtime) and torch.compile (default: fp32 torch on CPU).
     """
     modalities = _check_options(modality, shard_size, dtype, batch_size, workers)
+    if fused and PAIRS not in modalities:
+        raise ExtractError("fused vectors are written for pairs only (--what pairs --fused)")
     with distributed.process_group("gloo") as world:  # only CPU objects cross ranks
         if workers is None:
             workers = default_workers(options is not None and options.on_gpu())
         net, processor = load_model(model)
+        check_fused(net.has_itm, fused and PAIRS in modalities)
         identity = identify(net, processor, model)
         dataset = load_dataset(data, data_format, skip_bad)
         out = Path(out)
         mapper = EmbeddingMapper(net, options, processor)
         manifest = _open_manifest(out, identity, mapper.dim, dtype, shard_size, data)
-        items = {
-            modality: image_items(dataset) if modality == "images" else text_items(dataset)
-            for modality in modalities
-        }
+        items = {modality: _items(modality, dataset) for modality in modalities}
         for modality in modalities:
-            _modality_record(manifest, modality, items[modality], out, data)
+            if modality == PAIRS:
+                pairs_record(manifest, items[modality], fused, net.has_itm, out)
+            else:
+                _modality_record(manifest, modality, items[modality], out, data)
         done, errors = _resume_state(out, manifest, world)
         manifest["skipped_rows"] = len(dataset.skipped)
         if world.is_main:
@@ -124,6 +140,7 @@ def extract(
             out, manifest, processor, mapper, errors, batch_size, workers, progress, on_shard
         )
         run.world = world
+        run.fused = fused
         with torch_threads(model_threads(workers)):
             for modality in modalities:
                 run.embed(modality, items[modality], set(done[modality]))
@@ -131,6 +148,13 @@ def extract(
             return _merge_ranks(out, manifest, run)
         save_manifest(out, manifest)
         return manifest
+
+
+def _items(modality: str, dataset: ImageTextDataset) -> list[Item] | list[PairItem]:
+    """What one modality embeds: unique images, every caption, or every row as a pair."""
+    if modality == "images":
+        return image_items(dataset)
+    return pair_items(dataset) if modality == PAIRS else text_items(dataset)
 
 
 def _resume_state(
@@ -179,8 +203,8 @@ def _merge_ranks(out: Path, manifest: dict[str, Any], run: _Run) -> dict[str, An
 def _check_options(
     modality: str, shard_size: int, dtype: str, batch_size: int, workers: int | None
 ) -> tuple[str, ...]:
-    if modality not in (*MODALITIES, "both"):
-        raise ExtractError(f"modality must be images, texts or both, got {modality!r}")
+    if modality not in (*MODALITIES, "both", PAIRS):
+        raise ExtractError(f"modality must be images, texts, both or pairs, got {modality!r}")
     if dtype not in DTYPES:
         raise ExtractError(f"dtype must be float16 or float32, got {dtype!r}")
     for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
@@ -283,6 +307,7 @@ class _Run:
         self.size = manifest["shard_size"]
         self.world = World()
         self.part = new_part()  # this rank's finished shards and errors (distributed runs)
+        self.fused = False  # pairs: write the fused vectors too
 
     def _bounds(self, k: int, count: int) -> tuple[int, int]:
         return k * self.size, min(count, (k + 1) * self.size)
@@ -292,11 +317,13 @@ class _Run:
         pending = [k for k in range(num_shards) if k not in done]
         pending = rank_shards(pending, self.world.rank, self.world.size)
         total = sum(end - start for start, end in (self._bounds(k, len(items)) for k in pending))
-        unit = "img" if modality == "images" else "txt"
+        unit = {"images": "img", "texts": "txt", PAIRS: "pair"}[modality]
         quiet = not self.progress or not self.world.is_main
         with tqdm(total=total, desc=modality, unit=unit, disable=quiet) as bar:
             if modality == "images":
                 self._images(items, pending, bar)
+            elif modality == PAIRS:
+                self._pairs(items, pending, bar)
             else:
                 self._texts(items, pending, bar)
 
@@ -393,3 +420,83 @@ class _Run:
             save_manifest(self.out, self.manifest)
         if self.on_shard is not None:
             self.on_shard(modality, k)
+
+    def _pairs(self, items: Sequence[PairItem], pending: list[int], bar: tqdm) -> None:
+        """Score the pending shards' pairs: images decoded in the workers, captions bucketed by
+        length within a shard, then both towers, the fusion and the ITM head per batch."""
+        bounds = [(k, *self._bounds(k, len(items))) for k in pending]
+        plan = plan_pairs(items, bounds, self.processor, self.batch_size)
+        buffers = {
+            k: PairBuffer(start, end, self.mapper.dim, self.fused) for k, start, end in bounds
+        }
+        for k, refused in plan.refused.items():
+            buffers[k].failures.extend(refused)
+            bar.update(len(refused))
+        for k in [k for k in pending if not plan.batches_left.get(k)]:
+            self._finish_pairs(k, items, buffers.pop(k))  # nothing usable in this shard
+        if not plan.batches:
+            return
+        refs = [item.ref for item in items]
+        loader = image_loader(
+            refs, self.processor, plan.batches, self.workers, self.mapper.channels_last
+        )
+        for k, batch in zip(plan.shard_of_batch, loader, strict=True):
+            buffer = buffers[k]
+            if batch.pixel_values is not None:
+                rows = plan.token_row[np.asarray(batch.positions, dtype=np.int64)]
+                input_ids, attention_mask = plan.tokens.batch(rows)
+                scores = mapper_pairs(
+                    self.mapper, batch.pixel_values, input_ids, attention_mask, self.fused
+                )
+                buffer.put(batch.positions, scores)
+            buffer.failures.extend((p, f"image: {reason}") for p, reason in batch.failures)
+            bar.update(len(batch.positions) + len(batch.failures))
+            plan.batches_left[k] -= 1
+            if not plan.batches_left[k]:
+                self._finish_pairs(k, items, buffers.pop(k))
+
+    def _finish_pairs(self, k: int, items: Sequence[PairItem], buffer: PairBuffer) -> None:
+        """Write pairs shard k, then the error log and the manifest, as :meth:`_finish` does."""
+        file = shard_name(PAIRS, k)
+        record = self.manifest["modalities"][PAIRS]
+        rows = write_pair_shard(
+            self.out / file, items, buffer, record["scores"], self.manifest["dtype"]
+        )
+        failures = [
+            {
+                "modality": PAIRS,
+                "shard": file,
+                "id": items[position].id,
+                "source": items[position].source,
+                "caption": items[position].caption,
+                "row": items[position].row,
+                "reason": reason,
+            }
+            for position, reason in sorted(buffer.failures)
+        ]
+        entry = {
+            "index": k,
+            "file": file,
+            "start": buffer.start,
+            "end": buffer.end,
+            "rows": rows,
+            "failed": len(buffer.failures),
+        }
+        self._record_shard(PAIRS, k, entry, failures)
+
+    def _record_shard(
+        self, kind: str, k: int, entry: dict[str, Any], failures: list[dict[str, Any]]
+    ) -> None:
+        """Record a written shard: this rank's part file (torchrun), else errors + manifest."""
+        if self.world.distributed:  # rank 0 writes the manifest once all ranks are done
+            self.part["shards"][kind].append(entry)
+            self.part["errors"] += failures
+            save_part(self.out, self.world.rank, self.part)
+        else:
+            self.errors += failures
+            save_errors(self.out, self.errors)
+            record = self.manifest["modalities"][kind]
+            record["shards"] = sorted([*record["shards"], entry], key=lambda e: e["index"])
+            save_manifest(self.out, self.manifest)
+        if self.on_shard is not None:
+            self.on_shard(kind, k)

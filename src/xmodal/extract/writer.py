@@ -28,6 +28,7 @@ ERRORS_NAME = "errors.jsonl"
 SKIPPED_NAME = "skipped.jsonl"
 MANIFEST_FORMAT = "xmodal.embeddings/1"
 MODALITIES = typing.get_args(Modality)
+SHARD_KINDS = (*MODALITIES, "pairs")  # what a shard holds: images, texts or scored pairs
 DTYPES = typing.get_args(ShardDtype)
 
 
@@ -145,7 +146,7 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     """Delete temporary files an interrupted (killed) run left behind; returns them."""
     stale = []
     patterns = (".manifest.json.*.tmp", ".errors.jsonl.*.tmp", ".skipped.jsonl.*.tmp")
-    for pattern in (*patterns, ".images-*.tmp", ".texts-*.tmp"):
+    for pattern in (*patterns, *(f".{kind}-*.tmp" for kind in SHARD_KINDS)):
         for path in Path(directory).glob(pattern):
             path.unlink(missing_ok=True)
             stale.append(path)

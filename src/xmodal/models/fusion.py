@@ -84,6 +84,20 @@ class FusionLayer(nn.Module):
         text = text + self.cross_attn(self.norm_cross(text), self.norm_image(image), image_mask)
         return text + self.mlp(self.norm_mlp(text))
 
+    def first_token(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        image: torch.Tensor,
+        image_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """:meth:`forward` at the first text token only, (B, 1, D): it still attends to every
+        token, but only its own query, attention output and feed-forward are computed."""
+        h = self.norm_self(text)
+        first = text[:, :1] + self.self_attn(h[:, :1], h, text_mask)
+        first = first + self.cross_attn(self.norm_cross(first), self.norm_image(image), image_mask)
+        return first + self.mlp(self.norm_mlp(first))
+
 
 class CrossAttentionFusion(nn.Module):
     """Text tokens attend to image tokens over ``layers`` layers; output at the first text token."""
@@ -121,3 +135,19 @@ class CrossAttentionFusion(nn.Module):
         for layer in self.layers:
             text = layer(text, text_mask, image, image_mask)
         return self.norm(text[:, 0])
+
+    def forward_first(
+        self,
+        image_tokens: torch.Tensor,
+        image_mask: torch.Tensor | None,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The same as :meth:`forward` (to float rounding) for inference: the last layer runs
+        only for the first text token, the one returned (~20% less work for short captions)."""
+        image = self.image_in(image_tokens)
+        text = self.text_in(text_tokens)
+        for layer in self.layers[:-1]:
+            text = layer(text, text_mask, image, image_mask)
+        last = self.layers[-1].first_token(text, text_mask, image, image_mask)
+        return self.norm(last[:, 0])
