@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import time
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,7 +33,15 @@ BACKENDS = typing.get_args(Backend)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "PRECISIONS", "EmbeddingMapper", "MapperOptions", "has_conv"]
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "DeviceTimer",
+    "EmbeddingMapper",
+    "MapperOptions",
+    "Pending",
+    "has_conv",
+]
 
 
 @dataclass
@@ -85,6 +94,37 @@ def resolve_backend(options: MapperOptions, device: torch.device) -> str:
     return "torch"
 
 
+class Pending:
+    """Embeddings on their way to the host: on a GPU the copy runs asynchronously into pinned
+    memory and :meth:`result` waits for it, so the host prepares the next batch meanwhile."""
+
+    def __init__(self, values: torch.Tensor, event=None):
+        self.values, self.event = values, event
+
+    def result(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.values.numpy()
+
+
+@dataclass
+class DeviceTimer:
+    """CUDA events around each model call: the time the GPU spent on them (for the share of
+    wall time it was busy). Recording events does not synchronise; :meth:`busy_seconds` does."""
+
+    events: list = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    def busy_seconds(self) -> float:
+        torch.cuda.synchronize()
+        return sum(start.elapsed_time(end) for start, end in self.events) / 1000.0
+
+    def busy_share(self) -> float:
+        """GPU busy time over wall time since the timer was created."""
+        busy = self.busy_seconds()
+        return busy / max(time.perf_counter() - self.started, 1e-9)
+
+
 class EmbeddingMapper:
     """Wraps a model for extraction; the model itself is left unchanged (its towers are copied
     or exported for speed, never rewritten in place). ``processor`` is needed only to export the
@@ -96,6 +136,7 @@ class EmbeddingMapper:
         options = options or MapperOptions()
         options.validate()
         self.options = options
+        self.timer: DeviceTimer | None = None  # see time_device
         self.device = pick_device(options.device)
         self.model = model.eval().to(self.device)
         if self.device.type == "cpu" and options.reuse_memory:
@@ -143,9 +184,32 @@ class EmbeddingMapper:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
+    def time_device(self) -> DeviceTimer | None:
+        """Start recording the GPU time of every model call (None unless on a GPU)."""
+        self.timer = DeviceTimer() if self.device.type == "cuda" else None
+        return self.timer
+
+    def _pending(self, embeddings: torch.Tensor, start) -> Pending:
+        if self.device.type != "cuda":
+            return Pending(embeddings)
+        host = embeddings.to("cpu", non_blocking=True)  # into pinned memory
+        done = torch.cuda.Event(enable_timing=self.timer is not None)
+        done.record()
+        if self.timer is not None:
+            self.timer.events.append((start, done))
+        return Pending(host, done)
+
+    def _start_event(self):
+        if self.timer is None:
+            return None
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start
+
     @torch.inference_mode()
-    def images(self, pixel_values: torch.Tensor) -> np.ndarray:
-        """(B, 3, H, W) -> (B, D) float32."""
+    def start_images(self, pixel_values: torch.Tensor) -> Pending:
+        """(B, 3, H, W) -> (B, D) float32, without waiting for a GPU to finish."""
+        start = self._start_event()
         if self.onnx is not None:
             pooled = self.onnx.image_pooled(pixel_values)
         else:
@@ -154,11 +218,16 @@ class EmbeddingMapper:
                 pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 pooled = self.image_tower(pixel_values).pooled
-        return self.model.embed_image_pooled(pooled.to(self.device)).cpu().numpy()
+        return self._pending(self.model.embed_image_pooled(pooled.to(self.device)), start)
+
+    def images(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """(B, 3, H, W) -> (B, D) float32."""
+        return self.start_images(pixel_values).result()
 
     @torch.inference_mode()
-    def texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
-        """(B, L) token ids -> (B, D) float32."""
+    def start_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Pending:
+        """(B, L) token ids -> (B, D) float32, without waiting for a GPU to finish."""
+        start = self._start_event()
         if self.onnx is not None:
             pooled = self.onnx.text_pooled(input_ids, attention_mask)
         else:
@@ -166,4 +235,8 @@ class EmbeddingMapper:
             attention_mask = attention_mask.to(self.device, non_blocking=True)
             with self._autocast():
                 pooled = self.text_tower(input_ids, attention_mask).pooled
-        return self.model.embed_text_pooled(pooled.to(self.device)).cpu().numpy()
+        return self._pending(self.model.embed_text_pooled(pooled.to(self.device)), start)
+
+    def texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+        """(B, L) token ids -> (B, D) float32."""
+        return self.start_texts(input_ids, attention_mask).result()

@@ -7,6 +7,8 @@ manifest.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,11 +23,13 @@ from tqdm import tqdm
 from xmodal import distributed
 from xmodal.atomic import make_dir
 from xmodal.data.datasets import load_dataset
-from xmodal.data.images import image_loader
+from xmodal.data.images import ImageBatch, ThreadedImageBatches, image_loader
 from xmodal.data.refs import location
 from xmodal.distributed import World
 from xmodal.errors import ExtractError
-from xmodal.extract.mapper import EmbeddingMapper, MapperOptions
+from xmodal.extract.background import OrderedWriter, run_ahead
+from xmodal.extract.mapper import EmbeddingMapper, MapperOptions, Pending
+from xmodal.extract.plan import DecodePlan, explicit_plan, local_cores, plan_decoding
 from xmodal.extract.ranks import (
     fold_errors,
     fold_shards,
@@ -37,10 +41,9 @@ from xmodal.extract.ranks import (
 )
 from xmodal.extract.reader import (
     Item,
-    default_workers,
+    TextBatch,
     image_items,
     items_fingerprint,
-    model_threads,
     text_batches,
     text_items,
 )
@@ -64,6 +67,7 @@ from xmodal.presets import load_model
 from xmodal.processing import MultimodalProcessor
 
 ShardHook = Callable[[str, int], None]
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -102,8 +106,6 @@ def extract(
     """
     modalities = _check_options(modality, shard_size, dtype, batch_size, workers)
     with distributed.process_group("gloo") as world:  # only CPU objects cross ranks
-        if workers is None:
-            workers = default_workers(options is not None and options.on_gpu())
         net, processor = load_model(model)
         identity = identify(net, processor, model)
         dataset = load_dataset(data, data_format, skip_bad)
@@ -124,7 +126,7 @@ def extract(
             out, manifest, processor, mapper, errors, batch_size, workers, progress, on_shard
         )
         run.world = world
-        with torch_threads(model_threads(workers)):
+        with torch_threads(local_cores()):
             for modality in modalities:
                 run.embed(modality, items[modality], set(done[modality]))
         if world.distributed:
@@ -242,6 +244,45 @@ def _modality_record(
 
 
 @dataclass
+class _Embedded:
+    """A batch embedded already (the timed first batch of the images)."""
+
+    batch: ImageBatch
+    embeddings: np.ndarray | None
+
+
+def _lagged(
+    stream: Iterator, start: Callable[[Any], Pending | None]
+) -> Iterator[tuple[Any, np.ndarray | None, float]]:
+    """(batch, embeddings, seconds waited for the batch) for each batch of ``stream``. Batch
+    i + 1 is fetched and started before the embeddings of batch i are collected, so the host
+    prepares the next batch while a GPU works (on a CPU, ``start`` returns finished work)."""
+    previous: tuple[Any, Pending | None] | None = None
+    while True:
+        asked = time.perf_counter()
+        batch = next(stream, None)
+        waited = time.perf_counter() - asked
+        if previous is not None:
+            done, handle = previous
+            yield done, None if handle is None else handle.result(), waited
+            waited = 0.0
+        if batch is None:
+            return
+        if isinstance(batch, _Embedded):
+            previous = (batch.batch, _Ready(batch.embeddings))
+            continue
+        previous = (batch, start(batch))
+
+
+class _Ready:
+    def __init__(self, values: np.ndarray | None):
+        self.values = values
+
+    def result(self) -> np.ndarray | None:
+        return self.values
+
+
+@dataclass
 class _ShardBuffer:
     """Embeddings of one shard's items as they arrive, in any order."""
 
@@ -273,7 +314,7 @@ class _Run:
         mapper: EmbeddingMapper,
         errors: list[dict[str, Any]],
         batch_size: int,
-        workers: int,
+        workers: int | None,
         progress: bool,
         on_shard: ShardHook | None,
     ):
@@ -283,6 +324,7 @@ class _Run:
         self.size = manifest["shard_size"]
         self.world = World()
         self.part = new_part()  # this rank's finished shards and errors (distributed runs)
+        self.plan: DecodePlan | None = None  # how the images were decoded (set by _images)
 
     def _bounds(self, k: int, count: int) -> tuple[int, int]:
         return k * self.size, min(count, (k + 1) * self.size)
@@ -308,46 +350,104 @@ class _Run:
             for b in range(start, end, self.batch_size):
                 batches.append(list(range(b, min(end, b + self.batch_size))))
                 left[k] = left.get(k, 0) + 1
+        if not batches:
+            return
         buffers: dict[int, _ShardBuffer] = {}
         refs = [item.ref for item in items]
-        loader = image_loader(
-            refs, self.processor, batches, self.workers, self.mapper.channels_last
-        )
+        stream, plan = self._image_stream(refs, batches)
+        self.plan = plan
         waited = 0.0  # seconds the model spent waiting for decoded batches
         started = time.perf_counter()
-        batches_iter = iter(loader)
-        for positions in batches:
+        with OrderedWriter() as writer, torch_threads(plan.model_threads):
+            for batch, embeddings, wait in _lagged(stream, self._start_images):
+                waited += wait
+                k = (batch.positions or [p for p, _ in batch.failures])[0] // self.size
+                buffer = buffers.setdefault(
+                    k, _ShardBuffer(*self._bounds(k, len(items)), self.mapper.dim)
+                )
+                if embeddings is not None:
+                    buffer.put(batch.positions, embeddings)
+                buffer.failures.extend(batch.failures)
+                bar.update(len(batch.positions) + len(batch.failures))
+                bar.set_postfix(
+                    data_wait=f"{waited / (time.perf_counter() - started):.0%}", refresh=False
+                )
+                left[k] -= 1
+                if not left[k]:
+                    writer.submit(
+                        functools.partial(self._finish, "images", k, items, buffers.pop(k))
+                    )
+
+    def _start_images(self, batch: ImageBatch) -> Pending | None:
+        if batch.pixel_values is None:
+            return None
+        return self.mapper.start_images(batch.pixel_values)
+
+    def _image_stream(
+        self, refs: list, batches: list[list[int]]
+    ) -> tuple[Iterator[ImageBatch], DecodePlan]:
+        """Decoded batches, and how the cores are split. With ``workers`` left to ``extract()``,
+        the first batch is decoded on one core and embedded, timed, and the plan for the rest
+        follows from those costs (:func:`xmodal.extract.plan.plan_decoding`)."""
+        channels_last = self.mapper.channels_last
+        accelerated = self.mapper.device.type == "cuda"
+        cores = local_cores()
+        if self.workers is not None:
+            plan = explicit_plan(self.workers, cores, accelerated)
+            return self._decoder(refs, batches, plan), plan
+        before = time.perf_counter()
+        first = next(
+            iter(ThreadedImageBatches(refs, self.processor, batches[:1], 0, channels_last))
+        )
+        decode_s = (time.perf_counter() - before) / len(batches[0])
+        model_s = None
+        if first.pixel_values is not None:
             before = time.perf_counter()
-            batch = next(batches_iter)
-            waited += time.perf_counter() - before
-            k = positions[0] // self.size
-            buffer = buffers.setdefault(
-                k, _ShardBuffer(*self._bounds(k, len(items)), self.mapper.dim)
+            pending = self.mapper.start_images(first.pixel_values)
+            embeddings = pending.result()
+            model_s = (time.perf_counter() - before) / len(first.positions)
+        plan = plan_decoding(cores, accelerated, decode_s, model_s)
+        log.info("extract: %s -> %s", plan.reason, plan)
+
+        def stream() -> Iterator[ImageBatch]:
+            yield _Embedded(first, None if first.pixel_values is None else embeddings)
+            yield from self._decoder(refs, batches[1:], plan)
+
+        return stream(), plan
+
+    def _decoder(self, refs: list, batches: list[list[int]], plan: DecodePlan):
+        channels_last = self.mapper.channels_last
+        if plan.workers:
+            pin = self.mapper.device.type == "cuda"
+            return iter(
+                image_loader(refs, self.processor, batches, plan.workers, channels_last, pin)
             )
-            if batch.pixel_values is not None:
-                buffer.put(batch.positions, self.mapper.images(batch.pixel_values))
-            buffer.failures.extend(batch.failures)
-            bar.update(len(positions))
-            bar.set_postfix(
-                data_wait=f"{waited / (time.perf_counter() - started):.0%}", refresh=False
-            )
-            left[k] -= 1
-            if not left[k]:
-                self._finish("images", k, items, buffers.pop(k))
+        return iter(
+            ThreadedImageBatches(refs, self.processor, batches, plan.threads, channels_last)
+        )
 
     def _texts(self, items: Sequence[Item], pending: list[int], bar: tqdm) -> None:
-        for k in pending:
-            buffer = _ShardBuffer(*self._bounds(k, len(items)), self.mapper.dim)
-            positions = range(buffer.start, buffer.end)
-            for batch in text_batches(items, positions, self.processor, self.batch_size):
-                buffer.put(
-                    batch.positions, self.mapper.texts(batch.input_ids, batch.attention_mask)
-                )
-                bar.update(len(batch.positions))
-            self._finish("texts", k, items, buffer)
+        def tokenised() -> Iterator[tuple[int, list[TextBatch]]]:
+            for k in pending:
+                start, end = self._bounds(k, len(items))
+                positions = range(start, end)
+                yield k, list(text_batches(items, positions, self.processor, self.batch_size))
+
+        with OrderedWriter() as writer:
+            # The next shard is tokenised in a thread while this one is embedded.
+            for k, batches in run_ahead(tokenised(), ahead=1, name="xmodal-tokenise"):
+                buffer = _ShardBuffer(*self._bounds(k, len(items)), self.mapper.dim)
+                for batch, embeddings, _ in _lagged(iter(batches), self._start_texts):
+                    buffer.put(batch.positions, embeddings)
+                    bar.update(len(batch.positions))
+                writer.submit(functools.partial(self._finish, "texts", k, items, buffer))
+
+    def _start_texts(self, batch: TextBatch) -> Pending:
+        return self.mapper.start_texts(batch.input_ids, batch.attention_mask)
 
     def _finish(self, modality: str, k: int, items: Sequence[Item], buffer: _ShardBuffer) -> None:
-        """Write shard k, then the error log, then the manifest (in that order, for resuming)."""
+        """Write shard k, then the error log, then the manifest (in that order, for resuming).
+        Runs in the background writer's thread, one shard after another in their order."""
         file = shard_name(modality, k)
         rows = [buffer.start + i for i in np.flatnonzero(buffer.ok)]
         chosen = [items[p] for p in rows]
