@@ -109,20 +109,17 @@ class Pending:
 
 @dataclass
 class DeviceTimer:
-    """CUDA events around each model call: the time the GPU spent on them (for the share of
-    wall time it was busy). Recording events does not synchronise; :meth:`busy_seconds` does."""
+    """CUDA events around each model call, for the share of wall time the GPU was busy.
+    Recording events does not synchronise; :meth:`busy_share` does."""
 
-    events: list = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
+    events: list = field(default_factory=list)  # (host time at the call, start, end)
 
-    def busy_seconds(self) -> float:
+    def busy_share(self, since: float, until: float) -> float:
+        """GPU time of the calls made between the ``time.perf_counter()`` stamps ``since`` and
+        ``until``, over that wall time."""
         torch.cuda.synchronize()
-        return sum(start.elapsed_time(end) for start, end in self.events) / 1000.0
-
-    def busy_share(self) -> float:
-        """GPU busy time over wall time since the timer was created."""
-        busy = self.busy_seconds()
-        return busy / max(time.perf_counter() - self.started, 1e-9)
+        busy = sum(s.elapsed_time(e) for t, s, e in self.events if since <= t <= until) / 1000
+        return busy / max(until - since, 1e-9)
 
 
 class EmbeddingMapper:
@@ -196,7 +193,7 @@ class EmbeddingMapper:
         done = torch.cuda.Event(enable_timing=self.timer is not None)
         done.record()
         if self.timer is not None:
-            self.timer.events.append((start, done))
+            self.timer.events.append((time.perf_counter(), start, done))
         return Pending(host, done)
 
     def _start_event(self):
