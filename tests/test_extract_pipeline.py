@@ -38,8 +38,10 @@ def test_decode_share_and_cap_follow_the_costs():
 def test_light_decoding_on_few_cores_uses_threads_and_leaves_the_model_every_core():
     emoji = plan_decoding(2, accelerated=False, decode_s=0.6e-3, model_s=3.8e-3)
     assert emoji.workers == 0 and emoji.threads == 1 and emoji.model_threads == 2
-    photos = plan_decoding(2, accelerated=False, decode_s=8e-3, model_s=3.8e-3)
-    assert photos.workers == 0 and photos.threads == 2 and photos.model_threads == 2
+    photos = plan_decoding(2, accelerated=False, decode_s=4e-3, model_s=3.8e-3)  # 0.7 cores
+    assert photos.workers == 0 and photos.threads == 1 and photos.model_threads == 2
+    big = plan_decoding(2, accelerated=False, decode_s=8e-3, model_s=3.8e-3)  # 1.03 cores
+    assert big.workers == 0 and big.threads == 2 and big.model_threads == 2
 
 
 def test_heavy_decoding_on_many_cores_gets_worker_processes():
