@@ -103,6 +103,11 @@ def extract(
     a re-run, so an interrupted run resumes where it stopped. Returns the manifest. Under
     torchrun, shard k is embedded by rank k % world size. ``options`` picks the device,
     precision, backend (torch or ONNX Runtime) and torch.compile (default: fp32 torch on CPU).
+
+    ``workers``: decode worker processes; None lets the first batch's measured costs decide
+    (:mod:`xmodal.extract.plan`). Shards are written by a background thread, in order, and
+    ``on_shard(modality, k)`` is called there once shard k and the manifest are on disk; an
+    exception it raises stops the writing and is raised here.
     """
     modalities = _check_options(modality, shard_size, dtype, batch_size, workers)
     with distributed.process_group("gloo") as world:  # only CPU objects cross ranks
@@ -324,7 +329,6 @@ class _Run:
         self.size = manifest["shard_size"]
         self.world = World()
         self.part = new_part()  # this rank's finished shards and errors (distributed runs)
-        self.plan: DecodePlan | None = None  # how the images were decoded (set by _images)
 
     def _bounds(self, k: int, count: int) -> tuple[int, int]:
         return k * self.size, min(count, (k + 1) * self.size)
@@ -355,7 +359,6 @@ class _Run:
         buffers: dict[int, _ShardBuffer] = {}
         refs = [item.ref for item in items]
         stream, plan = self._image_stream(refs, batches)
-        self.plan = plan
         waited = 0.0  # seconds the model spent waiting for decoded batches
         started = time.perf_counter()
         with OrderedWriter() as writer, torch_threads(plan.model_threads):
