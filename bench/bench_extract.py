@@ -22,7 +22,7 @@ skimage photos shrunk to 72 px PNGs with generated captions; JPEGs are skimage p
 640x480 (quality 90). ``--gpu-busy`` (with a GPU) also prints the share of wall time the GPU
 spends in the model during ``extract()`` (CUDA events around each tower call).
 
-    OMP_WAIT_POLICY=PASSIVE python bench/bench_extract.py            # ~4 min on 2 quiet cores
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_extract.py            # 5 rounds, ~3 min on 2 quiet cores, peak ~3.6 GiB
     python bench/bench_extract.py --device cuda --gpu-busy --limit 8192
 """
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import tempfile
 import time
@@ -61,6 +62,7 @@ GOALS = {"captions": 0.95, "png": 0.90}
 JPEG_POINTS = 0.03  # JPEG: at most 3 points under the cap
 JPEG_SIZE = (640, 480)
 DECODE_SAMPLE = 128  # images timed per round for the decode cap
+MODEL_IMAGES = 512  # images of the model-only runs (600 KB each per memory layout)
 GPU_BUSY = 0.90  # with --gpu-busy: share of extract()'s wall time the GPU runs the model
 
 
@@ -68,7 +70,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="offline-default", help="preset or model directory")
     parser.add_argument("--emoji", default=str(EMOJI_DIR / "train.jsonl"), help="emoji JSONL")
-    parser.add_argument("--limit", type=int, default=1024, help="images per image set")
+    parser.add_argument("--limit", type=int, default=512, help="images per image set")
     parser.add_argument("--captions", type=int, default=2048, help="captions")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shards", type=int, default=4, help="shards per extract() run")
@@ -76,7 +78,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--backends", nargs="+", default=None, help="default: auto torch (auto only on a GPU)"
     )
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=None, help="decode workers (default: auto)")
     parser.add_argument("--gpu-busy", action="store_true", help="print the GPU's busy share")
     add_machine_args(parser)
@@ -150,7 +152,7 @@ class ModelOnly:
         self.processor = processor
         # The model's speed does not depend on the pixels: one image set (the PNGs), in the
         # memory layout each backend's extract() hands it (channels_last for torch conv towers).
-        crops = [decode_crop(processor, ref) for ref in self.refs["png"]]
+        crops = [decode_crop(processor, ref) for ref in self.refs["png"][:MODEL_IMAGES]]
         shard = -(-len(crops) // args.shards)
         for layout in sorted({m.channels_last for m in mappers}):
             collate = ImageCollator(processor, layout)
@@ -340,6 +342,8 @@ def main() -> None:
         "(informational): model-only CPU seconds per item over extract()'s (decode threads "
         "included, worker processes not), the work extract() adds, leaving waits aside."
     )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak memory of this process: {peak:.1f} GiB")
     write_json(args.json, results)
 
 
