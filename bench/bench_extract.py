@@ -22,8 +22,8 @@ skimage photos shrunk to 72 px PNGs with generated captions; JPEGs are skimage p
 640x480 (quality 90). ``--gpu-busy`` (with a GPU) also prints the share of wall time the GPU
 spends in the model during ``extract()`` (CUDA events around each tower call).
 
-    OMP_WAIT_POLICY=PASSIVE python bench/bench_extract.py            # 5 rounds, ~3 min on 2 quiet cores, peak ~3.6 GiB
-    python bench/bench_extract.py --device cuda --gpu-busy --limit 8192
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_extract.py   # 5 rounds, ~3 min on 2 quiet cores
+    python bench/bench_extract.py --device cuda --gpu-busy --limit 8192 --model-images 4096
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ GOALS = {"captions": 0.95, "png": 0.90}
 JPEG_POINTS = 0.03  # JPEG: at most 3 points under the cap
 JPEG_SIZE = (640, 480)
 DECODE_SAMPLE = 128  # images timed per round for the decode cap
-MODEL_IMAGES = 512  # images of the model-only runs (600 KB each per memory layout)
 GPU_BUSY = 0.90  # with --gpu-busy: share of extract()'s wall time the GPU runs the model
 
 
@@ -72,6 +71,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--emoji", default=str(EMOJI_DIR / "train.jsonl"), help="emoji JSONL")
     parser.add_argument("--limit", type=int, default=512, help="images per image set")
     parser.add_argument("--captions", type=int, default=2048, help="captions")
+    parser.add_argument(
+        "--model-images", type=int, default=512, help="images of the model-only runs (600 KB each)"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shards", type=int, default=4, help="shards per extract() run")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="fp32")
@@ -152,7 +154,7 @@ class ModelOnly:
         self.processor = processor
         # The model's speed does not depend on the pixels: one image set (the PNGs), in the
         # memory layout each backend's extract() hands it (channels_last for torch conv towers).
-        crops = [decode_crop(processor, ref) for ref in self.refs["png"][:MODEL_IMAGES]]
+        crops = [decode_crop(processor, ref) for ref in self.refs["png"][: args.model_images]]
         shard = -(-len(crops) // args.shards)
         for layout in sorted({m.channels_last for m in mappers}):
             collate = ImageCollator(processor, layout)
