@@ -367,19 +367,6 @@ def test_compiled_image_path_matches_eager(make_tiny_config):
     np.testing.assert_allclose(compiled.images(pixels), eager, atol=1e-5)
 
 
-def test_decode_workers_leave_cores_to_the_model_on_cpu_only(monkeypatch):
-    from xmodal.extract import reader
-
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.setattr(reader.os, "cpu_count", lambda: 16)
-    assert reader.default_workers() == 4
-    assert reader.default_workers(accelerated=True) == 15
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four GPUs' ranks share the node's cores
-    assert reader.default_workers(accelerated=True) == 3
-    monkeypatch.setattr(reader.os, "cpu_count", lambda: 1)
-    assert reader.default_workers(accelerated=True) == 0
-
-
 def mapped_chunks() -> int | None:
     """How many allocations glibc serves with their own mmap now (None without mallinfo2)."""
     fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",

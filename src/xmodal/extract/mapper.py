@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import time
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,9 +39,11 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BACKENDS",
     "PRECISIONS",
+    "DeviceTimer",
     "EmbeddingMapper",
     "MapperOptions",
     "PairScores",
+    "Pending",
     "has_conv",
     "mapper_pairs",
     "score_pairs",
@@ -97,6 +100,34 @@ def resolve_backend(options: MapperOptions, device: torch.device) -> str:
     return "torch"
 
 
+class Pending:
+    """Embeddings on their way to the host: on a GPU the copy runs asynchronously into pinned
+    memory and :meth:`result` waits for it, so the host prepares the next batch meanwhile."""
+
+    def __init__(self, values: torch.Tensor, event=None):
+        self.values, self.event = values, event
+
+    def result(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.values.numpy()
+
+
+@dataclass
+class DeviceTimer:
+    """CUDA events around each model call, for the share of wall time the GPU was busy.
+    Recording events does not synchronise; :meth:`busy_share` does."""
+
+    events: list = field(default_factory=list)  # (host time at the call, start, end)
+
+    def busy_share(self, since: float, until: float) -> float:
+        """GPU time of the calls made between the ``time.perf_counter()`` stamps ``since`` and
+        ``until``, over that wall time."""
+        torch.cuda.synchronize()
+        busy = sum(s.elapsed_time(e) for t, s, e in self.events if since <= t <= until) / 1000
+        return busy / max(until - since, 1e-9)
+
+
 class EmbeddingMapper:
     """Wraps a model for extraction; the model itself is left unchanged (its towers are copied
     or exported for speed, never rewritten in place). ``processor`` is needed only to export the
@@ -108,6 +139,7 @@ class EmbeddingMapper:
         options = options or MapperOptions()
         options.validate()
         self.options = options
+        self.timer: DeviceTimer | None = None  # see time_device
         self.device = pick_device(options.device)
         self.model = model.eval().to(self.device)
         if self.device.type == "cpu" and options.reuse_memory:
@@ -155,9 +187,32 @@ class EmbeddingMapper:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
+    def time_device(self) -> DeviceTimer | None:
+        """Start recording the GPU time of every model call (None unless on a GPU)."""
+        self.timer = DeviceTimer() if self.device.type == "cuda" else None
+        return self.timer
+
+    def _pending(self, embeddings: torch.Tensor, start) -> Pending:
+        if self.device.type != "cuda":
+            return Pending(embeddings)
+        host = embeddings.to("cpu", non_blocking=True)  # into pinned memory
+        done = torch.cuda.Event(enable_timing=self.timer is not None)
+        done.record()
+        if self.timer is not None:
+            self.timer.events.append((time.perf_counter(), start, done))
+        return Pending(host, done)
+
+    def _start_event(self):
+        if self.timer is None:
+            return None
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start
+
     @torch.inference_mode()
-    def images(self, pixel_values: torch.Tensor) -> np.ndarray:
-        """(B, 3, H, W) -> (B, D) float32."""
+    def start_images(self, pixel_values: torch.Tensor) -> Pending:
+        """(B, 3, H, W) -> (B, D) float32, without waiting for a GPU to finish."""
+        start = self._start_event()
         if self.onnx is not None:
             pooled = self.onnx.image_pooled(pixel_values)
         else:
@@ -166,11 +221,16 @@ class EmbeddingMapper:
                 pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 pooled = self.image_tower(pixel_values).pooled
-        return self.model.embed_image_pooled(pooled.to(self.device)).cpu().numpy()
+        return self._pending(self.model.embed_image_pooled(pooled.to(self.device)), start)
+
+    def images(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """(B, 3, H, W) -> (B, D) float32."""
+        return self.start_images(pixel_values).result()
 
     @torch.inference_mode()
-    def texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
-        """(B, L) token ids -> (B, D) float32."""
+    def start_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Pending:
+        """(B, L) token ids -> (B, D) float32, without waiting for a GPU to finish."""
+        start = self._start_event()
         if self.onnx is not None:
             pooled = self.onnx.text_pooled(input_ids, attention_mask)
         else:
@@ -178,7 +238,11 @@ class EmbeddingMapper:
             attention_mask = attention_mask.to(self.device, non_blocking=True)
             with self._autocast():
                 pooled = self.text_tower(input_ids, attention_mask).pooled
-        return self.model.embed_text_pooled(pooled.to(self.device)).cpu().numpy()
+        return self._pending(self.model.embed_text_pooled(pooled.to(self.device)), start)
+
+    def texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+        """(B, L) token ids -> (B, D) float32."""
+        return self.start_texts(input_ids, attention_mask).result()
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -40,28 +39,6 @@ def image_items(dataset: ImageTextDataset) -> list[Item]:
 def text_items(dataset: ImageTextDataset) -> list[Item]:
     """Every caption; its id is its row index."""
     return [Item(str(i), ex.caption, ex.caption, ex.image_id) for i, ex in enumerate(dataset)]
-
-
-def default_workers(accelerated: bool = False) -> int:
-    """Decode workers. On a CPU, a third of this process's cores (at least 1 on a multi-core
-    machine, at most 4: the model needs the rest). With a GPU doing the model, decoding is the
-    bottleneck: all of this process's cores but one (split between the ranks on this node)."""
-    cores = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if cores < 2:
-        return 0
-    if accelerated:
-        return min(32, cores - 1)
-    return max(1, min(4, cores // 3))
-
-
-def model_threads(workers: int) -> int:
-    """Torch threads beside ``workers`` decode workers: the cores the workers leave, unless that
-    is under two thirds of them. On few cores decoding is light next to the model (EfficientNet-
-    Lite0 at 224 px: ~1.5 ms of decode per ~15 ms of model per image), so sharing the cores beats
-    halving the model's threads (measured on 2 cores: docs/performance.md)."""
-    cores = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    left = cores - workers
-    return left if 3 * left >= 2 * cores else max(1, cores)
 
 
 @dataclass

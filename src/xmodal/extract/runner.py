@@ -7,6 +7,8 @@ manifest.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,11 +23,12 @@ from tqdm import tqdm
 from xmodal import distributed
 from xmodal.atomic import make_dir
 from xmodal.data.datasets import ImageTextDataset, load_dataset
-from xmodal.data.images import image_loader
+from xmodal.data.images import ImageBatch, ThreadedImageBatches, image_loader
 from xmodal.data.refs import location
 from xmodal.distributed import World
 from xmodal.errors import ExtractError
-from xmodal.extract.mapper import EmbeddingMapper, MapperOptions, mapper_pairs
+from xmodal.extract.background import OrderedWriter, run_ahead
+from xmodal.extract.mapper import EmbeddingMapper, MapperOptions, Pending, mapper_pairs
 from xmodal.extract.pairs import (
     PAIRS,
     PairBuffer,
@@ -36,6 +39,7 @@ from xmodal.extract.pairs import (
     plan_pairs,
     write_pair_shard,
 )
+from xmodal.extract.plan import DecodePlan, explicit_plan, local_cores, plan_decoding
 from xmodal.extract.ranks import (
     fold_errors,
     fold_shards,
@@ -47,10 +51,9 @@ from xmodal.extract.ranks import (
 )
 from xmodal.extract.reader import (
     Item,
-    default_workers,
+    TextBatch,
     image_items,
     items_fingerprint,
-    model_threads,
     text_batches,
     text_items,
 )
@@ -74,6 +77,7 @@ from xmodal.presets import load_model
 from xmodal.processing import MultimodalProcessor
 
 ShardHook = Callable[[str, int], None]
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -112,13 +116,16 @@ def extract(
     a re-run, so an interrupted run resumes where it stopped. Returns the manifest. Under
     torchrun, shard k is embedded by rank k % world size. ``options`` picks the device,
     precision, backend (torch or ONNX Runtime) and torch.compile (default: fp32 torch on CPU).
+
+    ``workers``: decode worker processes; None lets the first batch's measured costs decide
+    (:mod:`xmodal.extract.plan`). Shards are written by a background thread, in order, and
+    ``on_shard(modality, k)`` is called there once shard k and the manifest are on disk; an
+    exception it raises stops the writing and is raised here.
     """
     modalities = _check_options(modality, shard_size, dtype, batch_size, workers)
     if fused and PAIRS not in modalities:
         raise ExtractError("fused vectors are written for pairs only (--what pairs --fused)")
     with distributed.process_group("gloo") as world:  # only CPU objects cross ranks
-        if workers is None:
-            workers = default_workers(options is not None and options.on_gpu())
         net, processor = load_model(model)
         check_fused(net.has_itm, fused and PAIRS in modalities)
         identity = identify(net, processor, model)
@@ -141,7 +148,7 @@ def extract(
         )
         run.world = world
         run.fused = fused
-        with torch_threads(model_threads(workers)):
+        with torch_threads(local_cores()):
             for modality in modalities:
                 run.embed(modality, items[modality], set(done[modality]))
         if world.distributed:
@@ -266,6 +273,45 @@ def _modality_record(
 
 
 @dataclass
+class _Embedded:
+    """A batch embedded already (the timed first batch of the images)."""
+
+    batch: ImageBatch
+    embeddings: np.ndarray | None
+
+
+def _lagged(
+    stream: Iterator, start: Callable[[Any], Pending | None]
+) -> Iterator[tuple[Any, np.ndarray | None, float]]:
+    """(batch, embeddings, seconds waited for the batch) for each batch of ``stream``. Batch
+    i + 1 is fetched and started before the embeddings of batch i are collected, so the host
+    prepares the next batch while a GPU works (on a CPU, ``start`` returns finished work)."""
+    previous: tuple[Any, Pending | None] | None = None
+    while True:
+        asked = time.perf_counter()
+        batch = next(stream, None)
+        waited = time.perf_counter() - asked
+        if previous is not None:
+            done, handle = previous
+            yield done, None if handle is None else handle.result(), waited
+            waited = 0.0
+        if batch is None:
+            return
+        if isinstance(batch, _Embedded):
+            previous = (batch.batch, _Ready(batch.embeddings))
+            continue
+        previous = (batch, start(batch))
+
+
+class _Ready:
+    def __init__(self, values: np.ndarray | None):
+        self.values = values
+
+    def result(self) -> np.ndarray | None:
+        return self.values
+
+
+@dataclass
 class _ShardBuffer:
     """Embeddings of one shard's items as they arrive, in any order."""
 
@@ -297,7 +343,7 @@ class _Run:
         mapper: EmbeddingMapper,
         errors: list[dict[str, Any]],
         batch_size: int,
-        workers: int,
+        workers: int | None,
         progress: bool,
         on_shard: ShardHook | None,
     ):
@@ -335,46 +381,103 @@ class _Run:
             for b in range(start, end, self.batch_size):
                 batches.append(list(range(b, min(end, b + self.batch_size))))
                 left[k] = left.get(k, 0) + 1
+        if not batches:
+            return
         buffers: dict[int, _ShardBuffer] = {}
         refs = [item.ref for item in items]
-        loader = image_loader(
-            refs, self.processor, batches, self.workers, self.mapper.channels_last
-        )
+        stream, plan = self._image_stream(refs, batches)
         waited = 0.0  # seconds the model spent waiting for decoded batches
         started = time.perf_counter()
-        batches_iter = iter(loader)
-        for positions in batches:
+        with OrderedWriter() as writer, torch_threads(plan.model_threads):
+            for batch, embeddings, wait in _lagged(stream, self._start_images):
+                waited += wait
+                k = (batch.positions or [p for p, _ in batch.failures])[0] // self.size
+                buffer = buffers.setdefault(
+                    k, _ShardBuffer(*self._bounds(k, len(items)), self.mapper.dim)
+                )
+                if embeddings is not None:
+                    buffer.put(batch.positions, embeddings)
+                buffer.failures.extend(batch.failures)
+                bar.update(len(batch.positions) + len(batch.failures))
+                bar.set_postfix(
+                    data_wait=f"{waited / (time.perf_counter() - started):.0%}", refresh=False
+                )
+                left[k] -= 1
+                if not left[k]:
+                    writer.submit(
+                        functools.partial(self._finish, "images", k, items, buffers.pop(k))
+                    )
+
+    def _start_images(self, batch: ImageBatch) -> Pending | None:
+        if batch.pixel_values is None:
+            return None
+        return self.mapper.start_images(batch.pixel_values)
+
+    def _image_stream(
+        self, refs: list, batches: list[list[int]]
+    ) -> tuple[Iterator[ImageBatch], DecodePlan]:
+        """Decoded batches, and how the cores are split. With ``workers`` left to ``extract()``,
+        the first batch is decoded on one core and embedded, timed, and the plan for the rest
+        follows from those costs (:func:`xmodal.extract.plan.plan_decoding`)."""
+        channels_last = self.mapper.channels_last
+        accelerated = self.mapper.device.type == "cuda"
+        cores = local_cores()
+        if self.workers is not None:
+            plan = explicit_plan(self.workers, cores, accelerated)
+            return self._decoder(refs, batches, plan), plan
+        before = time.perf_counter()
+        first = next(
+            iter(ThreadedImageBatches(refs, self.processor, batches[:1], 0, channels_last))
+        )
+        decode_s = (time.perf_counter() - before) / len(batches[0])
+        model_s = None
+        if first.pixel_values is not None:
             before = time.perf_counter()
-            batch = next(batches_iter)
-            waited += time.perf_counter() - before
-            k = positions[0] // self.size
-            buffer = buffers.setdefault(
-                k, _ShardBuffer(*self._bounds(k, len(items)), self.mapper.dim)
+            pending = self.mapper.start_images(first.pixel_values)
+            embeddings = pending.result()
+            model_s = (time.perf_counter() - before) / len(first.positions)
+        plan = plan_decoding(cores, accelerated, decode_s, model_s)
+        log.info("extract: %s -> %s", plan.reason, plan)
+
+        def stream() -> Iterator[ImageBatch]:
+            yield _Embedded(first, None if first.pixel_values is None else embeddings)
+            yield from self._decoder(refs, batches[1:], plan)
+
+        return stream(), plan
+
+    def _decoder(self, refs: list, batches: list[list[int]], plan: DecodePlan):
+        channels_last = self.mapper.channels_last
+        if plan.workers:
+            pin = self.mapper.device.type == "cuda"
+            return iter(
+                image_loader(refs, self.processor, batches, plan.workers, channels_last, pin)
             )
-            if batch.pixel_values is not None:
-                buffer.put(batch.positions, self.mapper.images(batch.pixel_values))
-            buffer.failures.extend(batch.failures)
-            bar.update(len(positions))
-            bar.set_postfix(
-                data_wait=f"{waited / (time.perf_counter() - started):.0%}", refresh=False
-            )
-            left[k] -= 1
-            if not left[k]:
-                self._finish("images", k, items, buffers.pop(k))
+        return iter(
+            ThreadedImageBatches(refs, self.processor, batches, plan.threads, channels_last)
+        )
 
     def _texts(self, items: Sequence[Item], pending: list[int], bar: tqdm) -> None:
-        for k in pending:
-            buffer = _ShardBuffer(*self._bounds(k, len(items)), self.mapper.dim)
-            positions = range(buffer.start, buffer.end)
-            for batch in text_batches(items, positions, self.processor, self.batch_size):
-                buffer.put(
-                    batch.positions, self.mapper.texts(batch.input_ids, batch.attention_mask)
-                )
-                bar.update(len(batch.positions))
-            self._finish("texts", k, items, buffer)
+        def tokenised() -> Iterator[tuple[int, list[TextBatch]]]:
+            for k in pending:
+                start, end = self._bounds(k, len(items))
+                positions = range(start, end)
+                yield k, list(text_batches(items, positions, self.processor, self.batch_size))
+
+        with OrderedWriter() as writer:
+            # The next shard is tokenised in a thread while this one is embedded.
+            for k, batches in run_ahead(tokenised(), ahead=1, name="xmodal-tokenise"):
+                buffer = _ShardBuffer(*self._bounds(k, len(items)), self.mapper.dim)
+                for batch, embeddings, _ in _lagged(iter(batches), self._start_texts):
+                    buffer.put(batch.positions, embeddings)
+                    bar.update(len(batch.positions))
+                writer.submit(functools.partial(self._finish, "texts", k, items, buffer))
+
+    def _start_texts(self, batch: TextBatch) -> Pending:
+        return self.mapper.start_texts(batch.input_ids, batch.attention_mask)
 
     def _finish(self, modality: str, k: int, items: Sequence[Item], buffer: _ShardBuffer) -> None:
-        """Write shard k, then the error log, then the manifest (in that order, for resuming)."""
+        """Write shard k, then the error log, then the manifest (in that order, for resuming).
+        Runs in the background writer's thread, one shard after another in their order."""
         file = shard_name(modality, k)
         rows = [buffer.start + i for i in np.flatnonzero(buffer.ok)]
         chosen = [items[p] for p in rows]
@@ -408,18 +511,7 @@ class _Run:
             "rows": len(rows),
             "failed": len(buffer.failures),
         }
-        if self.world.distributed:  # rank 0 writes the manifest once all ranks are done
-            self.part["shards"][modality].append(entry)
-            self.part["errors"] += failures
-            save_part(self.out, self.world.rank, self.part)
-        else:
-            self.errors += failures
-            save_errors(self.out, self.errors)
-            record = self.manifest["modalities"][modality]
-            record["shards"] = sorted([*record["shards"], entry], key=lambda e: e["index"])
-            save_manifest(self.out, self.manifest)
-        if self.on_shard is not None:
-            self.on_shard(modality, k)
+        self._record_shard(modality, k, entry, failures)
 
     def _pairs(self, items: Sequence[PairItem], pending: list[int], bar: tqdm) -> None:
         """Score the pending shards' pairs: images decoded in the workers, captions bucketed by
@@ -437,9 +529,23 @@ class _Run:
         if not plan.batches:
             return
         refs = [item.ref for item in items]
-        loader = image_loader(
-            refs, self.processor, plan.batches, self.workers, self.mapper.channels_last
-        )
+        accelerated = self.mapper.device.type == "cuda"
+        if self.workers is None:  # costs unmeasured: a decode thread ahead (or GPU workers)
+            decoding = plan_decoding(local_cores(), accelerated)
+        else:
+            decoding = explicit_plan(self.workers, local_cores(), accelerated)
+        loader = self._decoder(refs, plan.batches, decoding)
+        with torch_threads(decoding.model_threads):
+            self._score_pairs(items, plan, buffers, loader, bar)
+
+    def _score_pairs(
+        self,
+        items: Sequence[PairItem],
+        plan: Any,
+        buffers: dict[int, PairBuffer],
+        loader: Iterator[ImageBatch],
+        bar: tqdm,
+    ) -> None:
         for k, batch in zip(plan.shard_of_batch, loader, strict=True):
             buffer = buffers[k]
             if batch.pixel_values is not None:
