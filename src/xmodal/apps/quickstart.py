@@ -69,6 +69,8 @@ def run_quickstart(
         model, processor, test, rerank_k=16, label_field="category", num_workers=num_workers
     )
     report["held_out"] = "test names never seen in training"
+    # calibrated on the validation names during training (None: not calibrated)
+    report["rerank_weight"] = model.config.fusion.rerank_weight
     report["model"] = str(result.model_dir)
     report["train_steps"] = result.progress.step
     report["total_seconds"] = round(time.time() - started, 1)

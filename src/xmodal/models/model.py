@@ -309,6 +309,17 @@ def load_model_config(directory: str | Path) -> ModelConfig:
         raise ConfigError(f"{path}: {err}") from None
 
 
+def save_rerank_weight(directory: str | Path, weight: float | None) -> None:
+    """Write a calibrated re-rank weight (``fusion.rerank_weight``) into a saved model's
+    ``config.json`` (atomically); the weights and thus the model's identity are unchanged."""
+    path = Path(directory) / CONFIG_NAME
+    load_model_config(directory)  # a model directory with a valid config
+    data = load_json_config(path, "the model config")
+    data.setdefault("model", {}).setdefault("fusion", {})["rerank_weight"] = weight
+    from_dict(ModelConfig, data["model"], "model").validate()
+    atomic_write_text(path, json.dumps(data, indent=2))
+
+
 def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; ModelLoadError naming it when it is not readable."""
     try:

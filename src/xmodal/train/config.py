@@ -197,6 +197,9 @@ class TrainConfig:
         docs/performance.md, "Training"); turn off to fit the largest batch, e.g. with gradient
         checkpointing. It applies to the whole process from then on.
     eval_every / save_every / log_every: in optimiser steps (0 = only at the end).
+    rerank_k: with an ITM head and a ``data.val`` set, each validation re-ranks the ITC top
+        ``rerank_k`` and calibrates the re-rank weight saved with the model
+        (``fusion.rerank_weight``, :mod:`xmodal.evaluate.rerank`); 0 leaves it uncalibrated.
     """
 
     data: DataSection = field(default_factory=DataSection)
@@ -211,11 +214,12 @@ class TrainConfig:
     eval_every: int = 100
     save_every: int = 100
     log_every: int = 10
+    rerank_k: int = 16
 
     def validate(self) -> None:
         for section in (self.data, self.model, self.loss, self.optim):
             section.validate()
-        for name in ("eval_every", "save_every", "log_every"):
+        for name in ("eval_every", "save_every", "log_every", "rerank_k"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
 
