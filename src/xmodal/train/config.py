@@ -130,19 +130,28 @@ class ModelSection:
 
 @dataclass
 class LossSection:
-    """Weights of the summed loss; a weight of 0 switches a term off."""
+    """Weights of the summed loss; a weight of 0 switches a term off.
+
+    itm_rerank: the listwise re-rank term (:func:`xmodal.train.objective.itm_rerank_loss`):
+        the ITM head learns to correct the ITC order of each query's ``itm_rerank_k`` hardest
+        in-batch candidates, as re-ranking uses it.
+    """
 
     infonce: float = 1.0
     siglip: float = 0.0
     itm: float = 1.0
     cosine: float = 0.0
+    itm_rerank: float = 0.0
+    itm_rerank_k: int = 8
 
     def validate(self) -> None:
-        weights = (self.infonce, self.siglip, self.itm, self.cosine)
+        weights = (self.infonce, self.siglip, self.itm, self.cosine, self.itm_rerank)
         if any(w < 0 for w in weights):
             raise ConfigError("loss weights must be >= 0")
         if not any(w > 0 for w in weights):
             raise ConfigError("at least one loss weight must be > 0")
+        if self.itm_rerank_k < 2:
+            raise ConfigError(f"loss.itm_rerank_k must be >= 2, got {self.itm_rerank_k}")
 
 
 @dataclass

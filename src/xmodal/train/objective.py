@@ -52,6 +52,8 @@ def compute_losses(
         )
     if weights.itm:
         terms["itm"] = itm_hard_negative_loss(model, image, text, image_ids, generator)
+    if weights.itm_rerank:
+        terms["itm_rerank"] = itm_rerank_loss(model, image, text, image_ids, weights.itm_rerank_k)
     if weights.cosine:
         terms["cosine"] = losses.cosine_pair_loss(image.projected, text.projected, image_ids)
     total = sum(getattr(weights, name) * value for name, value in terms.items())
@@ -86,6 +88,50 @@ def itm_hard_negative_loss(
     logits = model.itm_logits(select_rows(image, image_rows), select_rows(text, text_rows))
     pairs = len(image_ids) + 2 * int(valid.sum())
     return losses.itm_loss(logits[: len(own)], logits[len(own) :], reduction="sum") / pairs
+
+
+def itm_rerank_loss(
+    model: CrossModalModel,
+    image: Features,
+    text: Features,
+    image_ids: torch.Tensor,
+    k: int = 8,
+    rows: slice | None = None,
+) -> torch.Tensor:
+    """Listwise re-rank loss: the ITM head learns to correct the ITC order, as re-ranking uses it.
+
+    For each image row, its caption and the ``k - 1`` captions of other images with the
+    highest ITC logit in the batch are scored ``itc_logit + itm_score`` (the re-rank score at
+    weight 1; the ITC logit is detached, so only the fusion and ITM head learn from this term)
+    and the cross-entropy of the softmax over them picks the image's own caption; likewise for
+    each caption among images. ``rows`` (default: all): the share of those rows, summed and
+    divided by twice the batch size, so disjoint shares add up to the mean over the batch.
+    """
+    batch = len(image_ids)
+    rows = losses.row_range(rows, batch)
+    similarity = model.clip_scale().detach() * image.embeds.detach() @ text.embeds.detach().t()
+    same = losses.same_image_mask(image_ids, batch, similarity.device)
+    own = torch.arange(rows.start, rows.stop, device=similarity.device)
+    n, width = len(own), min(k, batch)
+    others = (~same[own]).sum(1).min() if n else 0
+    width = min(width, int(others) + 1)
+    if n == 0 or width < 2:  # no image with another image to rank against: no term
+        return similarity.new_zeros(())
+    total = similarity.new_zeros(())
+    for scores, mask in ((similarity, same), (similarity.t(), same.t())):  # i2t, then t2i
+        wrong = scores[own].masked_fill(mask[own], float("-inf"))
+        candidates = torch.cat([own[:, None], wrong.topk(width - 1, dim=1).indices], dim=1)
+        queries = own[:, None].expand(n, width).reshape(-1)
+        if scores is similarity:  # image queries rank captions
+            image_rows, text_rows = queries, candidates.reshape(-1)
+        else:  # caption queries rank images
+            image_rows, text_rows = candidates.reshape(-1), queries
+        logits = model.itm_logits(select_rows(image, image_rows), select_rows(text, text_rows))
+        itm = (logits[:, 1] - logits[:, 0]).view(n, width)
+        final = scores[own].gather(1, candidates) + itm
+        target = torch.zeros(n, dtype=torch.long, device=final.device)
+        total = total + F.cross_entropy(final.float(), target, reduction="sum")
+    return total / (2 * batch)
 
 
 def global_batch_losses(
@@ -144,6 +190,9 @@ def global_batch_losses(
             generator = torch.Generator(device=image_all.embeds.device).manual_seed(seed)
         itm = itm_hard_negative_loss(model, image_all, text_all, ids, generator, rows=own)
         terms["itm"] = itm * w.size
+    if weights.itm_rerank:
+        rerank = itm_rerank_loss(model, image_all, text_all, ids, weights.itm_rerank_k, rows=own)
+        terms["itm_rerank"] = rerank * w.size
     if weights.cosine:
         cosine = losses.cosine_pair_loss(image_all.projected, text_all.projected, ids, rows=scored)
         terms["cosine"] = cosine * share
@@ -154,11 +203,12 @@ def global_batch_losses(
 def needed_fields(model: CrossModalModel, weights: LossSection) -> set[str]:
     """The Features fields the enabled terms read (only those are gathered across ranks)."""
     need = set()
-    if weights.infonce or weights.siglip or weights.itm:
+    itm = weights.itm or weights.itm_rerank
+    if weights.infonce or weights.siglip or itm:
         need.add("embeds")
-    if weights.cosine or (weights.itm and isinstance(model.fusion, PooledFusion)):
+    if weights.cosine or (itm and isinstance(model.fusion, PooledFusion)):
         need.add("projected")
-    if weights.itm and not isinstance(model.fusion, PooledFusion):
+    if itm and not isinstance(model.fusion, PooledFusion):
         need.add("tokens")
     return need
 

@@ -206,10 +206,10 @@ class Trainer:
             model, processor = load_model(section.source, fusion=section.fusion)
             model = _with_new_heads(model, section)
         loss = self.config.loss
-        if not model.has_itm and loss.itm:
+        if not model.has_itm and (loss.itm or loss.itm_rerank):
             if self.world.is_main:
                 print("the model has no fusion (fusion: none): the ITM loss term is off")
-            loss.itm = 0.0
+            loss.itm = loss.itm_rerank = 0.0
             if not (loss.infonce or loss.siglip or loss.cosine):
                 raise ConfigError(
                     "loss: itm is the only loss and the model has no fusion (fusion: none); "
