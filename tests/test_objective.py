@@ -80,7 +80,7 @@ def test_itm_loss_and_its_row_shares_match_a_loop(ids) -> None:
 
 
 @pytest.mark.parametrize("ids", [list(range(ROWS)), [0, 0, 1, 2, 2, 2, 3]])
-@pytest.mark.parametrize("k", [3, 50])
+@pytest.mark.parametrize("k", [2, 3, 50])
 def test_itm_rerank_loss_and_its_row_shares_match_a_loop(ids, k) -> None:
     """Each query's own match and its hardest other-image candidates by ITC, ranked by
     ITC logit + ITM score: cross-entropy on the match, both directions, mean over 2N."""

@@ -104,7 +104,10 @@ def itm_rerank_loss(
     highest ITC logit in the batch are scored ``itc_logit + itm_score`` (the re-rank score at
     weight 1; the ITC logit is detached, so only the fusion and ITM head learn from this term)
     and the cross-entropy of the softmax over them picks the image's own caption; likewise for
-    each caption among images. ``rows`` (default: all): the share of those rows, summed and
+    each caption among images. Each pair is scored once: ``N (2k - 1)`` ITM pairs, as many as
+    :func:`itm_hard_negative_loss` scores for ``k = 2``. Rows with fewer other images than
+    ``k - 1`` limit every row's list to what all rows have. ``rows`` (default: all): the share
+    of those rows, summed and
     divided by twice the batch size, so disjoint shares add up to the mean over the batch.
     """
     batch = len(image_ids)
@@ -112,25 +115,28 @@ def itm_rerank_loss(
     similarity = model.clip_scale().detach() * image.embeds.detach() @ text.embeds.detach().t()
     same = losses.same_image_mask(image_ids, batch, similarity.device)
     own = torch.arange(rows.start, rows.stop, device=similarity.device)
-    n, width = len(own), min(k, batch)
-    others = (~same[own]).sum(1).min() if n else 0
-    width = min(width, int(others) + 1)
-    if n == 0 or width < 2:  # no image with another image to rank against: no term
+    n = len(own)
+    wrong_count = int((~same[own]).sum(1).min()) if n else 0
+    negatives = min(k, batch) - 1
+    negatives = min(negatives, wrong_count)
+    if n == 0 or negatives < 1:  # no image with another image to rank against: no term
         return similarity.new_zeros(())
-    total = similarity.new_zeros(())
-    for scores, mask in ((similarity, same), (similarity.t(), same.t())):  # i2t, then t2i
-        wrong = scores[own].masked_fill(mask[own], float("-inf"))
-        candidates = torch.cat([own[:, None], wrong.topk(width - 1, dim=1).indices], dim=1)
-        queries = own[:, None].expand(n, width).reshape(-1)
-        if scores is similarity:  # image queries rank captions
-            image_rows, text_rows = queries, candidates.reshape(-1)
-        else:  # caption queries rank images
-            image_rows, text_rows = candidates.reshape(-1), queries
-        logits = model.itm_logits(select_rows(image, image_rows), select_rows(text, text_rows))
-        itm = (logits[:, 1] - logits[:, 0]).view(n, width)
-        final = scores[own].gather(1, candidates) + itm
-        target = torch.zeros(n, dtype=torch.long, device=final.device)
-        total = total + F.cross_entropy(final.float(), target, reduction="sum")
+    # candidates: (n, negatives) hardest other-image captions per image, images per caption
+    neg_text = similarity[own].masked_fill(same[own], float("-inf")).topk(negatives, 1).indices
+    sim_t = similarity.t()
+    neg_image = sim_t[own].masked_fill(same.t()[own], float("-inf")).topk(negatives, 1).indices
+    queries = own[:, None].expand(n, negatives).reshape(-1)
+    # each pair once: the n aligned pairs, then the image->text and text->image negatives
+    image_rows = torch.cat([own, queries, neg_image.reshape(-1)])
+    text_rows = torch.cat([own, neg_text.reshape(-1), queries])
+    logits = model.itm_logits(select_rows(image, image_rows), select_rows(text, text_rows))
+    itm = (logits[:, 1] - logits[:, 0]).float()
+    positive = itm[:n, None] + similarity[own, own][:, None]
+    i2t = itm[n : n + n * negatives].view(n, negatives) + similarity[own[:, None], neg_text]
+    t2i = itm[n + n * negatives :].view(n, negatives) + sim_t[own[:, None], neg_image]
+    target = torch.zeros(n, dtype=torch.long, device=itm.device)
+    total = F.cross_entropy(torch.cat([positive, i2t], 1), target, reduction="sum")
+    total = total + F.cross_entropy(torch.cat([positive, t2i], 1), target, reduction="sum")
     return total / (2 * batch)
 
 
