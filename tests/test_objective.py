@@ -29,6 +29,9 @@ class PairHeadModel:
     def itm_logits(self, image: Features, text: Features) -> torch.Tensor:
         return torch.einsum("bi,kij,bj->bk", image.embeds, self.head, text.embeds)
 
+    def itm_pair_logits(self, image: Features, text: Features, image_rows, text_rows):
+        return self.itm_logits(image.index(image_rows), text.index(text_rows))
+
 
 def features(seed: int) -> Features:
     g = torch.Generator().manual_seed(seed)

@@ -187,3 +187,30 @@ def test_eval_uses_the_saved_weight_the_override_and_calibrates(
     argv = ["eval", "--model", "offline-default", "--data", data, "--calibrate-rerank"]
     assert main(argv) == 2
     assert "not one" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fusion", ["cross", "pooled"])
+def test_itm_pair_logits_equal_itm_logits_of_the_selected_rows(fusion, make_tiny_config) -> None:
+    """Re-ranking and the ITM losses score pairs sharing images with each image read once."""
+    model = CrossModalModel(make_tiny_config(fusion=fusion)).train()
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(3, 3, 32, 32, generator=g)
+    ids = torch.randint(5, 99, (4, 6), generator=g)
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    image_rows = torch.tensor([0, 0, 1, 2, 2, 2, 1])
+    text_rows = torch.tensor([0, 1, 2, 3, 0, 1, 1])
+    torch.manual_seed(1)
+    image, text = model.image_features(pixels), model.text_features(ids, mask)
+    got = model.itm_pair_logits(image, text, image_rows, text_rows)
+    want = model.itm_logits(image.index(image_rows), text.index(text_rows))
+    assert got.shape == (7, 2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grads = []
+    for logits in (got, want):
+        model.zero_grad()
+        logits.square().sum().backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 4
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5)

@@ -104,17 +104,21 @@ class ImagePairScorer:
         device = next(self.model.parameters()).device
         from xmodal.models.towers import TowerOutput
 
+        # each image of the batch once, however many of its pairs are scored
+        images, image_rows = torch.unique(image_idx, return_inverse=True)
         image = self.model.image_features_from_tower(
             TowerOutput(
-                self.image_pooled[image_idx].to(device),
-                self.image_tokens[image_idx].to(device).float(),
+                self.image_pooled[images].to(device),
+                self.image_tokens[images].to(device).float(),
             )
         )
         batch = self.processor.process_text([self.captions[i] for i in text_idx.tolist()])
         text: Features = self.model.text_features(
             batch["input_ids"].to(device), batch["attention_mask"].to(device)
         )
-        return self.model.itm_score(image, text).float().cpu()
+        text_rows = torch.arange(len(text_idx), device=device)
+        logits = self.model.itm_pair_logits(image, text, image_rows.to(device), text_rows)
+        return (logits[:, 1] - logits[:, 0]).float().cpu()
 
 
 def evaluate_model(

@@ -85,7 +85,7 @@ def itm_hard_negative_loss(
     mine = own[valid[own]]
     image_rows = torch.cat([own, mine, neg_image[mine]])
     text_rows = torch.cat([own, neg_text[mine], mine])
-    logits = model.itm_logits(select_rows(image, image_rows), select_rows(text, text_rows))
+    logits = model.itm_pair_logits(image, text, image_rows, text_rows)
     pairs = len(image_ids) + 2 * int(valid.sum())
     return losses.itm_loss(logits[: len(own)], logits[len(own) :], reduction="sum") / pairs
 
@@ -129,7 +129,7 @@ def itm_rerank_loss(
     # each pair once: the n aligned pairs, then the image->text and text->image negatives
     image_rows = torch.cat([own, queries, neg_image.reshape(-1)])
     text_rows = torch.cat([own, neg_text.reshape(-1), queries])
-    logits = model.itm_logits(select_rows(image, image_rows), select_rows(text, text_rows))
+    logits = model.itm_pair_logits(image, text, image_rows, text_rows)
     itm = (logits[:, 1] - logits[:, 0]).float()
     positive = itm[:n, None] + similarity[own, own][:, None]
     i2t = itm[n : n + n * negatives].view(n, negatives) + similarity[own[:, None], neg_text]
