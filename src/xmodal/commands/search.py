@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         results = searcher.search_image(args.image, args.k, args.rerank, **options)
     if args.rerank:
-        print(searcher.rerank_note or f"re-rank weight {searcher.rerank.weight:.4g}")
+        weight = searcher.rerank.weight
+        print(searcher.rerank_note or f"re-rank score: ITC logit + {weight:.4g} x ITM score")
     print(format_results(results))
     return 0

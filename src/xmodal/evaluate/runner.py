@@ -278,9 +278,8 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"{title + ' ' + name:22}" + "".join(f"{v:8.1f}" for v in values))
     if "rerank" in report:
         rerank = report["rerank"]
-        lines.append(
-            rerank.get("note") or f"re-rank weight {rerank['weight']:.4g} ({rerank['source']})"
-        )
+        weight = f"ITC logit + {rerank['weight']:.4g} x ITM score (weight: {rerank['source']})"
+        lines.append(rerank.get("note") or f"re-rank score: {weight}")
     if "retrieval_itm_rerank_skipped" in report:
         lines.append(f"ITM re-rank skipped: {report['retrieval_itm_rerank_skipped']}")
     if "zeroshot" in report:
