@@ -2,7 +2,8 @@
 
 1. builds the emoji image-caption set (npm package, split by name: test names are never trained);
 2. fine-tunes the offline default (configs/quickstart.yaml);
-3. evaluates on the held-out names: retrieval (ITC and ITM re-ranked) and zero-shot categories;
+3. evaluates on the held-out names: retrieval (ITC, and re-ranked with the weight calibrated on
+   the validation names during training) and zero-shot categories;
 4. writes ``report.json`` and ``training.png`` and prints the table.
 """
 
