@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import faiss
@@ -17,7 +18,7 @@ from xmodal.errors import IncompatibleError
 from xmodal.extract import extract, load_manifest, read_shard
 from xmodal.extract.writer import save_manifest, shard_name, write_shard
 from xmodal.index import SearchIndex, build_faiss, build_index, neighbour_recall
-from xmodal.models.model import CrossModalModel
+from xmodal.models.model import CrossModalModel, save_rerank_weight
 from xmodal.processing import MultimodalProcessor
 from xmodal.search import search
 
@@ -185,20 +186,48 @@ def test_search_refuses_a_model_with_other_preprocessing(
         search(tmp_path / "idx", other, text="photo 1")
 
 
-def test_rerank_orders_by_itm_plus_similarity(setup, tmp_path: Path) -> None:
+def test_rerank_orders_by_calibrated_mix(setup, tmp_path: Path, capsys) -> None:
     build_index(setup["shards"], tmp_path / "idx")
-    results = search(tmp_path / "idx", setup["model"], text="photo 3", k=4, rerank=True)
+    plain = search(tmp_path / "idx", setup["model"], text="photo 3", k=4)
+    # never calibrated: re-ranking is a no-op (ITC order, no ITM scores), and the CLI says so
+    same = search(tmp_path / "idx", setup["model"], text="photo 3", k=4, rerank=True)
+    assert same == plain and all("itm_score" not in r for r in same)
+    argv = ["search", "--index", str(tmp_path / "idx"), "--model", str(setup["model"])]
+    assert main([*argv, "--text", "photo 3", "-k", "4", "--rerank"]) == 0
+    assert "never calibrated" in capsys.readouterr().out
+
+    model = CrossModalModel.from_pretrained(setup["model"])
+    processor = MultimodalProcessor.from_pretrained(setup["model"])
+    scale = float(model.clip_scale().detach())
+    results = search(
+        tmp_path / "idx", setup["model"], text="photo 3", k=4, rerank=True, rerank_weight=0.7
+    )
     assert len(results) == 4
     combined = [r["rerank_score"] for r in results]
     assert combined == sorted(combined, reverse=True)
-    model = CrossModalModel.from_pretrained(setup["model"])
-    processor = MultimodalProcessor.from_pretrained(setup["model"])
     with torch.no_grad():
         image = model.image_features(processor.process_images([results[0]["source"]]))
         text = model.text_features(**processor.process_text(["photo 3"]))
         itm = float(model.itm_score(image, text)[0])
     assert results[0]["itm_score"] == pytest.approx(itm, abs=1e-4)
-    assert results[0]["rerank_score"] == pytest.approx(itm + results[0]["score"], abs=1e-4)
+    expected = scale * results[0]["score"] + 0.7 * itm
+    assert results[0]["rerank_score"] == pytest.approx(expected, abs=1e-3)
+    # a weight saved with the model (as calibration does) is used without an override
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(setup["model"], calibrated)
+    save_rerank_weight(calibrated, 0.7)
+    saved = search(tmp_path / "idx", calibrated, text="photo 3", k=4, rerank=True)
+    assert [r["id"] for r in saved] == [r["id"] for r in results]
+    assert [r["rerank_score"] for r in saved] == pytest.approx(combined, abs=1e-5)
+    # ... and a CLI override of 0 brings back the ITC order, saying so
+    capsys.readouterr()
+    argv[-1] = str(calibrated)
+    assert main([*argv, "--text", "photo 3", "-k", "4", "--rerank", "--rerank-weight", "0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("re-rank weight 0")
+    assert [line.split()[2] for line in out[2:]] == [r["id"] for r in plain]
+    assert main([*argv, "--text", "photo 3", "--rerank", "--rerank-weight", "-1"]) == 2
+    assert "--rerank-weight must be a finite number >= 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="re-ranking"):
         search(tmp_path / "idx", setup["model"], image=setup["data"] / "img1.png", rerank=True)
 

@@ -110,10 +110,23 @@ def test_search_text_and_image_and_thumbnails(setup) -> None:
     scores = [r["score"] for r in body["results"]]
     assert scores == sorted(scores, reverse=True)
 
+    # the tiny model was never calibrated: re-ranking is a no-op, and the response says so
+    plain = body["results"]
     body = client.post("/search", json={"text": "photo 2", "k": 3, "rerank": True}).json()
+    assert body["results"] == plain and body["rerank_weight"] == 0.0
+    assert "never calibrated" in body["rerank_note"]
+    weighted = Searcher(
+        setup["model"], setup["processor"], setup["searcher"].index, rerank_weight=0.5
+    )
+    with TestClient(create_app(weighted)) as other:
+        body = other.post("/search", json={"text": "photo 2", "k": 3, "rerank": True}).json()
     combined = [r["rerank_score"] for r in body["results"]]
     assert len(combined) == 3 and combined == sorted(combined, reverse=True)
     assert all(r["itm_score"] is not None for r in body["results"])
+    assert body["rerank_weight"] == 0.5 and body["rerank_note"] is None
+    scale = weighted.itc_scale
+    for r in body["results"]:
+        assert r["rerank_score"] == pytest.approx(scale * r["score"] + 0.5 * r["itm_score"])
 
     path = setup["data"] / "img6.png"
     files = {"image": ("q.png", png_bytes(path), "image/png")}

@@ -169,7 +169,8 @@ def test_deleted_or_damaged_indexed_images_answer_without_paths(setup, tmp_path)
     whole = (pics / "img3.png").read_bytes()
     (pics / "img3.png").write_bytes(whole[: len(whole) // 2])
     searcher = setup["searcher"]("images")
-    searcher = Searcher(searcher.model, searcher.processor, SearchIndex(tmp_path / "idx"))
+    index = SearchIndex(tmp_path / "idx")
+    searcher = Searcher(searcher.model, searcher.processor, index, rerank_weight=1.0)
     with TestClient(create_app(searcher)) as client:
         gone = client.get("/images/pics%2Fimg1.png")
         assert gone.status_code == 404

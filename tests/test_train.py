@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from xmodal.config import ConfigError
 from xmodal.models.checkpointing import is_checkpointed
+from xmodal.models.model import CrossModalModel, save_rerank_weight
 from xmodal.train import TrainConfig, Trainer, load_train_config
 from xmodal.train.config import DataSection, LossSection, ModelSection, OptimSection
 from xmodal.train.trainer import build_optimizer, cosine_schedule, epoch_batches
@@ -50,6 +52,12 @@ def test_twenty_steps_loss_falls_and_outputs_written(tmp_path, tiny_model_dir) -
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     assert {"infonce", "siglip", "itm", "cosine", "lr", "grad_norm"} <= set(log[-1])
     assert "val_t2i_R@1" in log[-1] and "val_t2i_R@1" in log[9]
+    # each validation calibrates the re-rank weight; the saved model carries the last one
+    weight = log[-1]["val_rerank_weight"]
+    assert weight >= 0 and "val_rerank_weight" in log[9]
+    rerank = log[-1]["val_rerank_t2i_R@1"] + log[-1]["val_rerank_i2t_R@1"]
+    assert rerank >= log[-1]["val_t2i_R@1"] + log[-1]["val_i2t_R@1"]  # never below ITC
+    assert CrossModalModel.from_pretrained(result.model_dir).config.fusion.rerank_weight == weight
     out = Path(config.out_dir)
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
@@ -58,6 +66,17 @@ def test_twenty_steps_loss_falls_and_outputs_written(tmp_path, tiny_model_dir) -
     ]
     assert (result.model_dir / "model.safetensors").is_file()
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*tmp*"))
+
+
+def test_fine_tuning_without_val_drops_the_old_rerank_weight(tmp_path, tiny_model_dir) -> None:
+    """A weight calibrated for the old ITM head does not hold for the fine-tuned one."""
+    source = tmp_path / "source"
+    shutil.copytree(tiny_model_dir, source)
+    save_rerank_weight(source, 0.5)
+    config = make_config(tmp_path, str(source), "run", steps=2)
+    config.data.val = None
+    result = Trainer(config).train()
+    assert CrossModalModel.from_pretrained(result.model_dir).config.fusion.rerank_weight is None
 
 
 def test_resume_after_stop_at_step_10_is_exact(tmp_path, tiny_model_dir) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -112,6 +113,10 @@ class FusionConfig:
         ``pooled`` (one MultiheadAttention over the stacked [image, text] pair of pooled
         vectors; the ``seed`` preset) or ``none`` (a pure dual encoder: no fusion and no ITM
         head).
+    rerank_weight: the weight of the ITM score when re-ranking, ``final = logit_scale * cosine
+        + rerank_weight * itm_score`` (:mod:`xmodal.evaluate.rerank`); calibrated on the
+        validation split by training (0 when re-ranking does not beat ITC there). None: never
+        calibrated, re-ranking is then a no-op unless a weight is given.
     """
 
     kind: Literal["cross", "pooled", "none"] = "cross"
@@ -119,6 +124,7 @@ class FusionConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    rerank_weight: float | None = None
 
     def validate(self) -> None:
         check_choice("fusion.kind", self.kind, ("cross", "pooled", "none"))
@@ -127,6 +133,11 @@ class FusionConfig:
         _check_positive("fusion.mlp_ratio", self.mlp_ratio)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"fusion.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.rerank_weight is not None and not 0.0 <= self.rerank_weight < math.inf:
+            raise ConfigError(
+                f"fusion.rerank_weight must be a finite number >= 0 or null, got "
+                f"{self.rerank_weight!r}"
+            )
 
 
 @dataclass

@@ -1,4 +1,10 @@
-"""Query an index with a caption or an image; optional ITM re-ranking of the top-k."""
+"""Query an index with a caption or an image; optional ITM re-ranking of the top-k.
+
+Re-ranking orders the top-k by ``logit_scale * score + w * itm_score`` with the model's
+calibrated weight ``w`` (``fusion.rerank_weight``, :mod:`xmodal.evaluate.rerank`) or one given
+explicitly; at ``w = 0`` (the ITM head did not beat ITC on validation, or the model was never
+calibrated) re-ranking is a no-op: results keep their ITC order and ``rerank_note`` says why.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from PIL import Image
 
 from xmodal.data.refs import image_ref
 from xmodal.errors import ImageLoadError, IncompatibleError, IndexBuildError, InputError
+from xmodal.evaluate.rerank import RerankWeight, resolve_rerank_weight
 from xmodal.index import SearchIndex, ShardedIndex, open_index
 from xmodal.models.identity import ModelIdentity, check_compatible, identify
 from xmodal.models.model import CrossModalModel, Features
@@ -40,7 +47,10 @@ class IndexedImageError(IndexBuildError):
 
 
 class Searcher:
-    """A model, its processor and an index that belong together; model calls are serialised."""
+    """A model, its processor and an index that belong together; model calls are serialised.
+
+    ``rerank_weight`` overrides the model's calibrated re-rank weight (None: use the model's).
+    """
 
     def __init__(
         self,
@@ -48,6 +58,7 @@ class Searcher:
         processor: MultimodalProcessor,
         index: SearchIndex | ShardedIndex,
         identity: ModelIdentity | None = None,
+        rerank_weight: float | None = None,
     ):
         expected = index.identity
         if identity is None:  # no weights hash known: check the preprocessing only
@@ -63,6 +74,15 @@ class Searcher:
         self.processor = processor
         self.index = index
         self.lock = threading.Lock()
+        self.rerank: RerankWeight = resolve_rerank_weight(
+            model.config.fusion.rerank_weight, rerank_weight
+        )
+        self.itc_scale = float(model.clip_scale().detach())
+
+    @property
+    def rerank_note(self) -> str | None:
+        """Why re-ranking leaves the ITC order as it is (weight 0), or None when it acts."""
+        return self.rerank.note
 
     # -- features -------------------------------------------------------------------------------
     def text_features(self, texts: list[str]) -> Features:
@@ -99,6 +119,8 @@ class Searcher:
         return self._search(self.image_features([image]), k, rerank, False, params)
 
     def _check_rerank(self, rerank: bool, text_query: bool) -> None:
+        if rerank:
+            self.model._require_itm()  # a pure dual encoder cannot re-rank
         if rerank and text_query != (self.index.modality == "images"):
             raise InputError(
                 "re-ranking scores (image, caption) pairs: it needs a caption query on an image "
@@ -117,12 +139,13 @@ class Searcher:
             params.get("refine"),
         )[0]
         results = [self._result(position, score) for position, score in found]
-        if rerank and found:
+        if rerank and found and self.rerank.active:
             itm = self._itm_scores(query, [position for position, _ in found], text_query)
+            weight = self.rerank.weight
             for result, score in zip(results, itm, strict=True):
                 result["itm_score"] = score
-                result["rerank_score"] = score + result["score"]
-            results.sort(key=lambda r: -r["rerank_score"])
+                result["rerank_score"] = self.itc_scale * result["score"] + weight * score
+            results.sort(key=lambda r: -r["rerank_score"])  # stable: ties keep the ITC order
         for rank, result in enumerate(results, start=1):
             result["rank"] = rank
         return results
@@ -197,14 +220,17 @@ class Searcher:
 IndexPlace = str | Path | list[str | Path]
 
 
-def open_searcher(index_dir: IndexPlace, model: str | Path) -> Searcher:
+def open_searcher(
+    index_dir: IndexPlace, model: str | Path, rerank_weight: float | None = None
+) -> Searcher:
     """Load an index (a folder, a sharded index or several folders searched as one) and a
-    model (directory or preset) and check that they belong together."""
+    model (directory or preset) and check that they belong together; ``rerank_weight``
+    overrides the model's calibrated re-rank weight."""
     from xmodal.presets import load_model
 
     index = open_index(index_dir)
     net, processor = load_model(model)
-    return Searcher(net, processor, index, identify(net, processor, model))
+    return Searcher(net, processor, index, identify(net, processor, model), rerank_weight)
 
 
 def search(
@@ -218,14 +244,16 @@ def search(
     nprobe: int | None = None,
     ef_search: int | None = None,
     refine: int | None = None,
+    rerank_weight: float | None = None,
 ) -> list[dict[str, Any]]:
     """Top-k results (dicts with rank, index position, id, source, score) for a caption or an
-    image; ``refine``: re-rank that many candidates exactly (default: the index's setting)."""
+    image; ``refine``: re-rank that many candidates exactly (default: the index's setting);
+    ``rerank_weight`` overrides the model's calibrated ITM re-rank weight."""
     if (text is None) == (image is None):
         raise InputError("give exactly one of text= or image=")
     if k < 1:
         raise InputError(f"k must be >= 1, got {k}")
-    searcher = open_searcher(index_dir, model)
+    searcher = open_searcher(index_dir, model, rerank_weight)
     params = {"nprobe": nprobe, "ef_search": ef_search, "refine": refine}
     if text is not None:
         return searcher.search_text(text, k, rerank, **params)

@@ -22,6 +22,18 @@ def add(commands) -> None:
     )
     p.add_argument("--split", choices=typing.get_args(KarpathySplit), help="Karpathy split")
     p.add_argument("--rerank-k", type=int, default=16, help="ITM re-rank the top k (0: off)")
+    p.add_argument(
+        "--rerank-weight",
+        type=float,
+        default=None,
+        help="weight of the ITM score in the re-rank (default: the model's calibrated one)",
+    )
+    p.add_argument(
+        "--calibrate-rerank",
+        action="store_true",
+        help="calibrate the re-rank weight on this (validation) data and save it into the "
+        "model directory's config.json",
+    )
     p.add_argument("--label-field", default=None, help="column holding zero-shot class names")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=1, help="image decoding processes")
@@ -33,10 +45,24 @@ def add(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from xmodal.data import load_dataset
+    from xmodal.errors import InputError
     from xmodal.evaluate.runner import evaluate_model, format_report, write_report
+    from xmodal.models.model import CONFIG_NAME, save_rerank_weight
     from xmodal.presets import load_model
 
+    if args.calibrate_rerank:
+        if args.rerank_weight is not None:
+            raise InputError("--calibrate-rerank and --rerank-weight exclude each other")
+        if args.rerank_k < 1:
+            raise InputError("--calibrate-rerank needs --rerank-k >= 1")
+        if not (Path(args.model) / CONFIG_NAME).is_file():
+            raise InputError(
+                f"--calibrate-rerank saves the weight into a model directory; {args.model} "
+                "is not one (save the model first, e.g. by training it)"
+            )
     model, processor = load_model(args.model)
     kwargs = {"split": args.split} if args.split else {}
     dataset = load_dataset(args.data, args.format, skip_bad=args.skip_bad, **kwargs)
@@ -49,11 +75,17 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_workers=args.workers,
         skip_bad=args.skip_bad,
+        rerank_weight=args.rerank_weight,
+        calibrate_rerank=args.calibrate_rerank,
     )
     report["model"] = str(args.model)
     report["data"] = str(args.data)
     report["skipped_rows"] = len(dataset.skipped)
     print(format_report(report))
+    if "rerank_calibration" in report:
+        weight = report["rerank_calibration"]["rerank_weight"]
+        save_rerank_weight(args.model, weight)
+        print(f"re-rank weight {weight:.4g} saved in {Path(args.model) / CONFIG_NAME}")
     if args.out:
         write_report(report, args.out)
         print(f"report written to {args.out}")

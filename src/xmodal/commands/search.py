@@ -21,6 +21,12 @@ def add(commands) -> None:
     query.add_argument("--image", help="image query (path)")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--rerank", action="store_true", help="re-rank the top-k with the ITM head")
+    p.add_argument(
+        "--rerank-weight",
+        type=float,
+        default=None,
+        help="weight of the ITM score in the re-rank (default: the model's calibrated one)",
+    )
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit")
     p.add_argument(
         "--refine",
@@ -31,17 +37,19 @@ def add(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xmodal.search import format_results, search
+    from xmodal.errors import InputError
+    from xmodal.search import format_results, open_searcher
 
-    results = search(
-        args.index,
-        args.model,
-        text=args.text,
-        image=args.image,
-        k=args.k,
-        rerank=args.rerank,
-        nprobe=args.nprobe,
-        refine=args.refine,
-    )
+    if args.k < 1:
+        raise InputError(f"k must be >= 1, got {args.k}")
+    searcher = open_searcher(args.index, args.model, args.rerank_weight)
+    options = {"nprobe": args.nprobe, "refine": args.refine}
+    if args.text is not None:
+        results = searcher.search_text(args.text, args.k, args.rerank, **options)
+    else:
+        results = searcher.search_image(args.image, args.k, args.rerank, **options)
+    if args.rerank:
+        weight = searcher.rerank.weight
+        print(searcher.rerank_note or f"re-rank score: ITC logit + {weight:.4g} x ITM score")
     print(format_results(results))
     return 0

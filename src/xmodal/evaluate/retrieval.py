@@ -14,7 +14,9 @@ gallery items, so each one's captions find the other tied ahead of their own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -22,7 +24,9 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "PairScorer",
+    "RerankCandidates",
     "recall_at_k",
+    "rerank_candidates",
     "rerank_metrics",
     "rerank_ranks",
     "retrieval_metrics",
@@ -219,15 +223,16 @@ def _score_pairs(
 
 def _rerank_direction(
     cand_idx: Tensor,
-    cand_sim: Tensor,
+    cand_itc: Tensor,
     cand_itc_rank: Tensor,
     is_positive: Tensor,
     itm_logits: Tensor,
     itc_rank: Tensor,
+    weight: float,
 ) -> Tensor:
     """Best re-ranked rank per query, falling back to the ITC rank outside the top-k."""
     k = cand_idx.shape[1]
-    final = itm_logits + cand_sim.float()
+    final = cand_itc + weight * itm_logits if weight else cand_itc
     # rerank(c) = |{c' in candidates, c' not positive : final(c') >= final(c)}|: only wrong
     # candidates compete (another caption of the same image is never ahead of c).
     ahead = final[:, None, :] >= final[:, :, None]  # [q, c, c']: c' scores >= c
@@ -237,7 +242,55 @@ def _rerank_direction(
     return torch.where(eligible.any(1), best, itc_rank)
 
 
-def rerank_ranks(
+@dataclass
+class _Direction:
+    """One direction's top-k candidates with their ITC logits and ITM scores."""
+
+    idx: Tensor  # (Nq, k) candidate indices
+    itc: Tensor  # (Nq, k) float32 ITC logits: itc_scale x similarity
+    itc_rank_of_candidate: Tensor  # (Nq, k) pessimistic ITC rank of each candidate
+    positive: Tensor  # (Nq, k) bool: the candidate is a right answer
+    itm: Tensor  # (Nq, k) float32 ITM scores
+    itc_rank: Tensor  # (Nq,) the ground truth's ITC rank (used outside the top-k)
+
+    def ranks(self, weight: float) -> Tensor:
+        return _rerank_direction(
+            self.idx,
+            self.itc,
+            self.itc_rank_of_candidate,
+            self.positive,
+            self.itm,
+            self.itc_rank,
+            weight,
+        )
+
+
+@dataclass
+class RerankCandidates:
+    """Both directions' ITC top-``k`` with their ITM scores, scored once: the ranks under any
+    re-rank weight follow without calling the ITM head again (:meth:`ranks`)."""
+
+    t2i: _Direction
+    i2t: _Direction
+    k: int
+
+    def ranks(self, weight: float) -> tuple[Tensor, Tensor]:
+        """``(t2i_rank, i2t_rank)`` when the top-k are re-ordered by
+        ``itc_scale * similarity + weight * itm_score`` (weight 0: exactly the ITC ranks)."""
+        if weight < 0 or not math.isfinite(weight):
+            raise ValueError(f"the re-rank weight must be a finite number >= 0; got {weight}")
+        return self.t2i.ranks(weight), self.i2t.ranks(weight)
+
+    def metrics(self, weight: float, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float | int]:
+        """Retrieval metrics at ``weight``; keys as :func:`retrieval_metrics` plus ``k`` and
+        ``weight``."""
+        metrics = _metrics_from_ranks(*self.ranks(weight), ks)
+        metrics["k"] = int(self.k)
+        metrics["weight"] = float(weight)
+        return metrics
+
+
+def rerank_candidates(
     image_emb: Tensor,
     text_emb: Tensor,
     text_to_image: Tensor,
@@ -245,26 +298,16 @@ def rerank_ranks(
     k: int = 16,
     batch_size: int = 256,
     chunk_size: int = 1024,
-) -> tuple[Tensor, Tensor]:
-    """Ranks after ITM re-ranking of the ITC top-``k`` (same format as :func:`retrieval_ranks`).
-
-    For each query the top-``k`` candidates by similarity (``k`` capped at the gallery size) are
-    re-ordered by ``pair_scorer(image_idx, text_idx) + similarity``; everything else keeps its
-    ITC order after them. A ground-truth item is re-ranked iff it is in the top-``k`` however
-    ties are broken (fewer than ``k`` other items score at least as high); its rank is then
-    ``|{c in top-k, c wrong : final(c) >= final(it)}|`` (< k), otherwise its ITC rank (as
-    :func:`retrieval_ranks`; >= k unless exact ties at the k-th score put it there).
-    Text->image ranks one image per caption; image->text takes the best rank among the
-    image's captions, and another caption of the same image never counts against it. Which
-    items fill ties at the k-th position is decided by ``torch.topk``.
-
-    ``pair_scorer`` receives LongTensors of image and text indices (on the embedding device)
-    in batches of at most ``batch_size`` pairs and returns one logit per pair. Each distinct
-    pair is scored once even if it is a candidate in both directions.
-    """
+    itc_scale: float = 1.0,
+) -> RerankCandidates:
+    """Score the ITC top-``k`` of every query in both directions with ``pair_scorer`` (see
+    :func:`rerank_ranks`); ``itc_scale`` turns similarities into ITC logits (the model's
+    logit scale), the scale the re-rank weight is relative to."""
     t2i = _validate(image_emb, text_emb, text_to_image)
     for name, value in (("k", k), ("batch_size", batch_size), ("chunk_size", chunk_size)):
         _check_positive(name, value)
+    if not itc_scale > 0:
+        raise ValueError(f"itc_scale must be > 0; got {itc_scale}")
     n_img, n_txt = image_emb.shape[0], text_emb.shape[0]
     device = image_emb.device
     itc_t2i, itc_i2t = retrieval_ranks(image_emb, text_emb, t2i, chunk_size)
@@ -283,13 +326,53 @@ def rerank_ranks(
     )[inverse]
     t2i_logits = logits[: t2i_keys.numel()].view(n_txt, k_t2i)
     i2t_logits = logits[t2i_keys.numel() :].view(n_img, k_i2t)
-
-    t2i_rank = _rerank_direction(
-        img_cand, img_sim, img_rank, img_cand == t2i[:, None], t2i_logits, itc_t2i
-    )
     own = t2i[txt_cand] == torch.arange(n_img, device=device)[:, None]
-    i2t_rank = _rerank_direction(txt_cand, txt_sim, txt_rank, own, i2t_logits, itc_i2t)
-    return t2i_rank, i2t_rank
+    return RerankCandidates(
+        t2i=_Direction(
+            img_cand,
+            img_sim.float() * itc_scale,
+            img_rank,
+            img_cand == t2i[:, None],
+            t2i_logits,
+            itc_t2i,
+        ),
+        i2t=_Direction(txt_cand, txt_sim.float() * itc_scale, txt_rank, own, i2t_logits, itc_i2t),
+        k=int(k),
+    )
+
+
+def rerank_ranks(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_to_image: Tensor,
+    pair_scorer: PairScorer,
+    k: int = 16,
+    batch_size: int = 256,
+    chunk_size: int = 1024,
+    weight: float = 1.0,
+    itc_scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Ranks after ITM re-ranking of the ITC top-``k`` (same format as :func:`retrieval_ranks`).
+
+    For each query the top-``k`` candidates by similarity (``k`` capped at the gallery size) are
+    re-ordered by ``itc_scale * similarity + weight * pair_scorer(image_idx, text_idx)``;
+    everything else keeps its ITC order after them (weight 0 gives exactly the ITC ranks). A
+    ground-truth item is re-ranked iff it is in the top-``k`` however
+    ties are broken (fewer than ``k`` other items score at least as high); its rank is then
+    ``|{c in top-k, c wrong : final(c) >= final(it)}|`` (< k), otherwise its ITC rank (as
+    :func:`retrieval_ranks`; >= k unless exact ties at the k-th score put it there).
+    Text->image ranks one image per caption; image->text takes the best rank among the
+    image's captions, and another caption of the same image never counts against it. Which
+    items fill ties at the k-th position is decided by ``torch.topk``.
+
+    ``pair_scorer`` receives LongTensors of image and text indices (on the embedding device)
+    in batches of at most ``batch_size`` pairs and returns one logit per pair. Each distinct
+    pair is scored once even if it is a candidate in both directions.
+    """
+    candidates = rerank_candidates(
+        image_emb, text_emb, text_to_image, pair_scorer, k, batch_size, chunk_size, itc_scale
+    )
+    return candidates.ranks(weight)
 
 
 def rerank_metrics(
@@ -301,11 +384,12 @@ def rerank_metrics(
     ks: Sequence[int] = (1, 5, 10),
     batch_size: int = 256,
     chunk_size: int = 1024,
+    weight: float = 1.0,
+    itc_scale: float = 1.0,
 ) -> dict[str, float | int]:
-    """Retrieval metrics after ITM re-ranking; keys as :func:`retrieval_metrics` plus ``k``."""
-    t2i_rank, i2t_rank = rerank_ranks(
-        image_emb, text_emb, text_to_image, pair_scorer, k, batch_size, chunk_size
+    """Retrieval metrics after ITM re-ranking; keys as :func:`retrieval_metrics` plus ``k``
+    and ``weight``."""
+    candidates = rerank_candidates(
+        image_emb, text_emb, text_to_image, pair_scorer, k, batch_size, chunk_size, itc_scale
     )
-    metrics = _metrics_from_ranks(t2i_rank, i2t_rank, ks)
-    metrics["k"] = int(k)
-    return metrics
+    return candidates.metrics(weight, ks)

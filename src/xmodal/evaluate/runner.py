@@ -104,17 +104,21 @@ class ImagePairScorer:
         device = next(self.model.parameters()).device
         from xmodal.models.towers import TowerOutput
 
+        # each image of the batch once, however many of its pairs are scored
+        images, image_rows = torch.unique(image_idx, return_inverse=True)
         image = self.model.image_features_from_tower(
             TowerOutput(
-                self.image_pooled[image_idx].to(device),
-                self.image_tokens[image_idx].to(device).float(),
+                self.image_pooled[images].to(device),
+                self.image_tokens[images].to(device).float(),
             )
         )
         batch = self.processor.process_text([self.captions[i] for i in text_idx.tolist()])
         text: Features = self.model.text_features(
             batch["input_ids"].to(device), batch["attention_mask"].to(device)
         )
-        return self.model.itm_score(image, text).float().cpu()
+        text_rows = torch.arange(len(text_idx), device=device)
+        logits = self.model.itm_pair_logits(image, text, image_rows.to(device), text_rows)
+        return (logits[:, 1] - logits[:, 0]).float().cpu()
 
 
 def evaluate_model(
@@ -127,14 +131,22 @@ def evaluate_model(
     num_workers: int = 1,
     image_outputs: ImageOutputs | None = None,
     skip_bad: bool = False,
+    rerank_weight: float | None = None,
+    calibrate_rerank: bool = False,
 ) -> dict[str, Any]:
     """Retrieval (ITC, and ITM re-ranked over the top ``rerank_k``) and, when the dataset has
     labels (or ``label_field`` names an extra column), zero-shot classification.
 
+    Re-ranking scores ``logit_scale * cosine + w * itm_score`` (:mod:`xmodal.evaluate.rerank`)
+    with ``w`` = ``rerank_weight`` when given, else the model's saved ``fusion.rerank_weight``
+    (never calibrated: 0, with a note in ``report["rerank"]``). ``calibrate_rerank`` picks
+    ``w`` on this dataset instead (``report["rerank_calibration"]``). ``report["rerank_curve"]``
+    lists R@1 at every weight of the calibration grid.
+
     An image that cannot be decoded raises :class:`ImageLoadError` naming the file and its
     dataset row; with ``skip_bad`` it is left out of the whole evaluation together with its
     captions (which would have no image to retrieve), and listed under ``bad_images``."""
-    from xmodal.evaluate.retrieval import rerank_metrics, retrieval_metrics
+    from xmodal.evaluate.retrieval import rerank_candidates, retrieval_metrics
 
     model.eval()
     started = time.time()
@@ -167,14 +179,50 @@ def evaluate_model(
         report["retrieval_itm_rerank_skipped"] = "the model has no ITM head (fusion: none)"
     elif rerank_k > 0 and tokens is not None:
         scorer = ImagePairScorer(model, processor, pooled, tokens, captions)
-        report["retrieval_itm_rerank"] = rerank_metrics(
-            image_embeds, text_embeds, text_to_image, scorer, k=rerank_k
+        candidates = rerank_candidates(
+            image_embeds,
+            text_embeds,
+            text_to_image,
+            scorer,
+            k=rerank_k,
+            itc_scale=float(model.clip_scale().detach()),
         )
+        report.update(rerank_report(model, candidates, rerank_weight, calibrate_rerank))
     labels = _labels(dataset, label_field)
     if labels is not None:
         report["zeroshot"] = zeroshot_report(model, processor, image_embeds, unique, labels)
     report["seconds"] = round(time.time() - started, 2)
     return report
+
+
+def rerank_report(
+    model: CrossModalModel,
+    candidates,
+    override: float | None = None,
+    calibrate: bool = False,
+) -> dict[str, Any]:
+    """The re-ranked metrics at the weight in use (see :func:`evaluate_model`), where that
+    weight comes from, and R@1 along the calibration grid."""
+    from xmodal.evaluate.rerank import (
+        NOT_BETTER,
+        RerankWeight,
+        calibrate_weight,
+        resolve_rerank_weight,
+    )
+
+    out: dict[str, Any] = {}
+    calibration = calibrate_weight(candidates)
+    if calibrate:
+        weight = RerankWeight(
+            calibration.weight, "calibrated on this data", None if calibration.helps else NOT_BETTER
+        )
+        out["rerank_calibration"] = calibration.summary()
+    else:
+        weight = resolve_rerank_weight(model.config.fusion.rerank_weight, override)
+    out["retrieval_itm_rerank"] = candidates.metrics(weight.weight)
+    out["rerank"] = weight.to_dict()
+    out["rerank_curve"] = calibration.curve
+    return out
 
 
 def _labels(dataset, label_field: str | None) -> list[str] | None:
@@ -228,6 +276,10 @@ def format_report(report: dict[str, Any]) -> str:
         for direction, name in (("t2i", "text->image"), ("i2t", "image->text")):
             values = [metrics[f"{direction}_R@{k}"] for k in (1, 5, 10)]
             lines.append(f"{title + ' ' + name:22}" + "".join(f"{v:8.1f}" for v in values))
+    if "rerank" in report:
+        rerank = report["rerank"]
+        weight = f"ITC logit + {rerank['weight']:.4g} x ITM score (weight: {rerank['source']})"
+        lines.append(rerank.get("note") or f"re-rank score: {weight}")
     if "retrieval_itm_rerank_skipped" in report:
         lines.append(f"ITM re-rank skipped: {report['retrieval_itm_rerank_skipped']}")
     if "zeroshot" in report:

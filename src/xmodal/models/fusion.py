@@ -41,11 +41,22 @@ class Attention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None,
+        context_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``context_index`` (B,): row b attends to context row ``context_index[b]`` (keys and
+        values are computed once per context row however many rows share it)."""
         batch, length, dim = x.shape
         q = self.q(x).view(batch, length, self.heads, -1).transpose(1, 2)
-        k, v = self.kv(context).view(batch, context.shape[1], 2, self.heads, -1).unbind(dim=2)
+        kv = self.kv(context)
+        if context_index is not None:
+            kv = kv.index_select(0, context_index)
+            if context_mask is not None:
+                context_mask = context_mask.index_select(0, context_index)
+        k, v = kv.view(batch, context.shape[1], 2, self.heads, -1).unbind(dim=2)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
         attn_mask = None
         if context_mask is not None:
@@ -78,10 +89,12 @@ class FusionLayer(nn.Module):
         text_mask: torch.Tensor | None,
         image: torch.Tensor,
         image_mask: torch.Tensor | None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = self.norm_self(text)
         text = text + self.self_attn(h, h, text_mask)
-        text = text + self.cross_attn(self.norm_cross(text), self.norm_image(image), image_mask)
+        image = self.norm_image(image)
+        text = text + self.cross_attn(self.norm_cross(text), image, image_mask, image_index)
         return text + self.mlp(self.norm_mlp(text))
 
     def first_token(
@@ -129,11 +142,15 @@ class CrossAttentionFusion(nn.Module):
         image_mask: torch.Tensor | None,
         text_tokens: torch.Tensor,
         text_mask: torch.Tensor | None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Fused vector of each pair (image row b, text row b); with ``image_index`` (B,), of
+        (image row ``image_index[b]``, text row b): each image's tokens are then projected
+        once, however many pairs share it (the same result, far less work for re-ranking)."""
         image = self.image_in(image_tokens)
         text = self.text_in(text_tokens)
         for layer in self.layers:
-            text = layer(text, text_mask, image, image_mask)
+            text = layer(text, text_mask, image, image_mask, image_index)
         return self.norm(text[:, 0])
 
     def forward_first(

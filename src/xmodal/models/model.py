@@ -163,6 +163,25 @@ class CrossModalModel(nn.Module):
         """(B, 2) logits [mismatch, match] of the pairs (image[i], text[i])."""
         return self.itm_from_fused(self.fuse(image, text), image, text)
 
+    def itm_pair_logits(
+        self,
+        image: Features,
+        text: Features,
+        image_rows: torch.Tensor,
+        text_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """(P, 2) logits [mismatch, match] of the pairs (image[image_rows[p]],
+        text[text_rows[p]]); equal to :meth:`itm_logits` of the selected rows, but the
+        cross-attention fusion reads each image's tokens once however many pairs share it."""
+        self._require_itm()
+        if isinstance(self.fusion, PooledFusion):
+            return self.itm_logits(_rows(image, image_rows), _rows(text, text_rows))
+        text = _rows(text, text_rows)
+        fused = self.fusion(image.tokens, image.mask, text.tokens, text.mask, image_rows)
+        return self.itm_head(
+            torch.cat([fused, image.embeds.index_select(0, image_rows) * text.embeds], dim=-1)
+        )
+
     def itm_from_fused(self, fused: torch.Tensor, image: Features, text: Features) -> torch.Tensor:
         self._require_itm()
         return self.itm_head(torch.cat([fused, image.embeds * text.embeds], dim=-1))
@@ -279,6 +298,17 @@ class CrossModalModel(nn.Module):
         return model.eval()
 
 
+def _rows(features: Features, rows: torch.Tensor) -> Features:
+    """The rows ``rows`` of every field, via ``index_select`` (whose backward sums repeated
+    rows in a fixed order on CPUs)."""
+    return Features(
+        features.embeds.index_select(0, rows),
+        features.projected.index_select(0, rows),
+        features.tokens.index_select(0, rows),
+        None if features.mask is None else features.mask.index_select(0, rows),
+    )
+
+
 def _projection(config: ModelConfig, tower_dim: int, modality: str) -> nn.Module:
     """A tower's projection into the shared space, as ``config.projection`` says."""
     if config.projection == "none":
@@ -307,6 +337,17 @@ def load_model_config(directory: str | Path) -> ModelConfig:
         return from_dict(ModelConfig, data.get("model", {}), "model")
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def save_rerank_weight(directory: str | Path, weight: float | None) -> None:
+    """Write a calibrated re-rank weight (``fusion.rerank_weight``) into a saved model's
+    ``config.json`` (atomically); the weights and thus the model's identity are unchanged."""
+    path = Path(directory) / CONFIG_NAME
+    load_model_config(directory)  # a model directory with a valid config
+    data = load_json_config(path, "the model config")
+    data.setdefault("model", {}).setdefault("fusion", {})["rerank_weight"] = weight
+    from_dict(ModelConfig, data["model"], "model").validate()
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:

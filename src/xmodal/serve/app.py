@@ -70,6 +70,8 @@ class SearchResponse(BaseModel):
     query: str
     k: int
     results: list[Result]
+    rerank_weight: float | None = None  # with rerank: the weight of the ITM score
+    rerank_note: str | None = None  # with rerank: why results keep the ITC order (weight 0)
 
 
 class Match(BaseModel):
@@ -176,6 +178,8 @@ def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> Fas
         summary="Search the index with a caption or an image",
         description='JSON `{"text": "...", "k": 10}` or a multipart `image` upload with form '
         "fields `k`, `nprobe`, `ef_search`, `rerank`. Parameters apply to this request only. "
+        "Re-ranking uses the model's calibrated weight; at weight 0 results keep the ITC order "
+        "and `rerank_note` says why. "
         "Hits name their dataset-relative location"
         + (" (this server shows locations as stored)." if settings.expose_sources else "."),
         openapi_extra=openapi_body(models.text_search, models.image_search),
@@ -192,7 +196,10 @@ def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> Fas
             run = partial(searcher.search_image, image, query.k, query.rerank, **options)
         hits = [names.result(hit, hit["position"]) for hit in await compute(run)]
         results = [Result(**hit, thumbnail=thumbnail(hit["id"])) for hit in hits]
-        return SearchResponse(query=kind, k=query.k, results=results)
+        rerank = {}
+        if query.rerank:
+            rerank = {"rerank_weight": searcher.rerank.weight, "rerank_note": searcher.rerank_note}
+        return SearchResponse(query=kind, k=query.k, results=results, **rerank)
 
     @app.post(
         "/match",

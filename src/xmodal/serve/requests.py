@@ -97,7 +97,11 @@ def request_models(settings: ServeSettings) -> RequestModels:
         )
         nprobe: Positive = Field(None, description="IVF lists to visit (IVF indexes only)")
         ef_search: Positive = Field(None, description="HNSW search depth (HNSW indexes only)")
-        rerank: bool = Field(False, description="re-score the top k with the ITM head")
+        rerank: bool = Field(
+            False,
+            description="re-score the top k with the ITM head, at the model's calibrated "
+            "weight (a no-op at weight 0; see rerank_note in the response)",
+        )
 
     class TextSearch(Parameters):
         """Search with a caption."""

@@ -130,19 +130,28 @@ class ModelSection:
 
 @dataclass
 class LossSection:
-    """Weights of the summed loss; a weight of 0 switches a term off."""
+    """Weights of the summed loss; a weight of 0 switches a term off.
+
+    itm_rerank: the listwise re-rank term (:func:`xmodal.train.objective.itm_rerank_loss`):
+        the ITM head learns to correct the ITC order of each query's ``itm_rerank_k`` hardest
+        in-batch candidates, as re-ranking uses it.
+    """
 
     infonce: float = 1.0
     siglip: float = 0.0
     itm: float = 1.0
     cosine: float = 0.0
+    itm_rerank: float = 0.0
+    itm_rerank_k: int = 8
 
     def validate(self) -> None:
-        weights = (self.infonce, self.siglip, self.itm, self.cosine)
+        weights = (self.infonce, self.siglip, self.itm, self.cosine, self.itm_rerank)
         if any(w < 0 for w in weights):
             raise ConfigError("loss weights must be >= 0")
         if not any(w > 0 for w in weights):
             raise ConfigError("at least one loss weight must be > 0")
+        if self.itm_rerank_k < 2:
+            raise ConfigError(f"loss.itm_rerank_k must be >= 2, got {self.itm_rerank_k}")
 
 
 @dataclass
@@ -197,6 +206,9 @@ class TrainConfig:
         docs/performance.md, "Training"); turn off to fit the largest batch, e.g. with gradient
         checkpointing. It applies to the whole process from then on.
     eval_every / save_every / log_every: in optimiser steps (0 = only at the end).
+    rerank_k: with an ITM head and a ``data.val`` set, each validation re-ranks the ITC top
+        ``rerank_k`` and calibrates the re-rank weight saved with the model
+        (``fusion.rerank_weight``, :mod:`xmodal.evaluate.rerank`); 0 leaves it uncalibrated.
     """
 
     data: DataSection = field(default_factory=DataSection)
@@ -211,11 +223,12 @@ class TrainConfig:
     eval_every: int = 100
     save_every: int = 100
     log_every: int = 10
+    rerank_k: int = 16
 
     def validate(self) -> None:
         for section in (self.data, self.model, self.loss, self.optim):
             section.validate()
-        for name in ("eval_every", "save_every", "log_every"):
+        for name in ("eval_every", "save_every", "log_every", "rerank_k"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
 

@@ -168,6 +168,8 @@ class Trainer:
                 f"{optim.accum_steps} x {self.world.size}) exceeds the {len(self.train_set)} "
                 f"training pairs in {config.data.train}"
             )
+        # Training changes the ITM head: a weight calibrated for the old one no longer holds.
+        self.model.config.fusion.rerank_weight = None
         configure_trainable(self.model, config)
         self.model.set_gradient_checkpointing(config.model.gradient_checkpointing)
         self.model.to(self.device)
@@ -204,10 +206,10 @@ class Trainer:
             model, processor = load_model(section.source, fusion=section.fusion)
             model = _with_new_heads(model, section)
         loss = self.config.loss
-        if not model.has_itm and loss.itm:
+        if not model.has_itm and (loss.itm or loss.itm_rerank):
             if self.world.is_main:
                 print("the model has no fusion (fusion: none): the ITM loss term is off")
-            loss.itm = 0.0
+            loss.itm = loss.itm_rerank = 0.0
             if not (loss.infonce or loss.siglip or loss.cosine):
                 raise ConfigError(
                     "loss: itm is the only loss and the model has no fusion (fusion: none); "
@@ -376,6 +378,8 @@ class Trainer:
                     break
         bar.close()
         final = self.out_dir / "model"
+        if main and self._uncalibrated():  # e.g. resumed from the last checkpoint
+            self.validate()
         if main:
             save_final_model(self.out_dir, self.model, self.processor)
             plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir / "training.png")
@@ -521,23 +525,44 @@ class Trainer:
         distributed.barrier()
 
     def validate(self) -> dict[str, float]:
-        """Retrieval recall on the validation set (ITC only: fast enough to run often)."""
+        """Retrieval recall on the validation set, and (with an ITM head) the re-rank weight
+        calibrated on it (:mod:`xmodal.evaluate.rerank`), kept in the model config so the
+        saved model carries the latest one."""
+        calibrate = self.model.has_itm and self.config.rerank_k > 0
         if self._use_cache() and self.val_cache is None:
-            self.val_cache = self._cache_images(self.val_set, "caching val images", False)
+            self.val_cache = self._cache_images(self.val_set, "caching val images", calibrate)
         rng = torch.get_rng_state()
         report = evaluate_model(
             self.model,
             self.processor,
             self.val_set,
-            rerank_k=0,
+            rerank_k=self.config.rerank_k if calibrate else 0,
             num_workers=self.config.data.num_workers,
             image_outputs=self.val_cache,
             skip_bad=self.config.data.skip_bad,
+            calibrate_rerank=calibrate,
         )
         torch.set_rng_state(rng)
         self._record_bad_images("val", report.get("bad_images", []))
         metrics = report["retrieval_itc"]
-        return {f"val_{k}": v for k, v in metrics.items() if "R@" in k}
+        record = {f"val_{k}": v for k, v in metrics.items() if "R@" in k}
+        if "rerank_calibration" in report:
+            calibration = report["rerank_calibration"]
+            self.model.config.fusion.rerank_weight = calibration["rerank_weight"]
+            record["val_rerank_weight"] = calibration["rerank_weight"]
+            for direction in ("t2i", "i2t"):
+                key = f"{direction}_R@1"
+                record[f"val_rerank_{key}"] = calibration[f"rerank_{key}"]
+        return record
+
+    def _uncalibrated(self) -> bool:
+        """Whether the re-rank weight is still to be calibrated before the model is saved."""
+        return (
+            self.val_set is not None
+            and self.model.has_itm
+            and self.config.rerank_k > 0
+            and self.model.config.fusion.rerank_weight is None
+        )
 
     def _cache_images(
         self, dataset: ImageTextDataset, desc: str, keep_tokens: bool
