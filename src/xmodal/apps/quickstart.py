@@ -1,8 +1,10 @@
 """``xmodal quickstart``: real data to a measured model, offline, on a laptop CPU.
 
-1. builds the emoji image-caption set (npm package, split by name: test names are never trained);
+1. builds the emoji image-caption set (npm package, split by name: test names are never trained;
+   training images get more captions: short names, CLDR labels and keywords);
 2. fine-tunes the offline default (configs/quickstart.yaml);
-3. evaluates on the held-out names: retrieval (ITC and ITM re-ranked) and zero-shot categories;
+3. evaluates on the held-out names: retrieval (ITC and ITM re-ranked), zero-shot categories,
+   and retrieval from the same images under strong style changes (the style-shift check);
 4. writes ``report.json`` and ``training.png`` and prints the table.
 """
 
@@ -15,6 +17,7 @@ from pathlib import Path
 from xmodal.apps.builders import build_emoji
 from xmodal.data import load_dataset
 from xmodal.evaluate.runner import evaluate_model, format_report, write_report
+from xmodal.evaluate.style_shift import format_style_shift, style_shift_report
 from xmodal.train import load_train_config, train
 
 
@@ -30,17 +33,31 @@ def run_quickstart(
     limit: int | None = None,
     batch_size: int | None = None,
     cache_dir: str | Path | None = None,
+    keywords_tarball: str | Path | None = None,
 ) -> dict:
     """Build data, train, evaluate; return the test report (also written to out_dir).
 
     ``steps`` / ``batch_size`` override the config's; ``limit`` uses a slice of at most that
     many emoji images (a quick check; the batch is then capped at the training split's size).
+    ``keywords_tarball``: the emojibase-data tarball of the extra training captions (default:
+    cached in ``cache_dir`` or fetched with ``npm pack``).
     """
     started = time.time()
     out_dir = Path(out_dir)
     data_dir = out_dir / "emoji"
-    summary = build_emoji(data_dir, cache_dir=cache_dir, tarball=tarball, limit=limit)
-    print(f"emoji data: {summary['images']} images, {summary['names']} names in {data_dir}")
+    summary = build_emoji(
+        data_dir,
+        cache_dir=cache_dir,
+        tarball=tarball,
+        limit=limit,
+        rich_captions=True,
+        keywords_tarball=keywords_tarball,
+    )
+    train_split = summary["splits"]["train"]
+    print(
+        f"emoji data: {summary['images']} images, {summary['names']} names in {data_dir} "
+        f"({train_split['captions']} training captions)"
+    )
     overrides: dict = {
         "data": {
             "train": str(data_dir / "train.jsonl"),
@@ -55,7 +72,7 @@ def run_quickstart(
     if batch_size:
         optim["batch_size"] = batch_size
     elif limit is not None:
-        optim["batch_size"] = min(128, summary["splits"]["train"]["images"])
+        optim["batch_size"] = min(128, train_split["captions"])
     if optim:
         overrides["optim"] = optim
     config = load_train_config(quickstart_config_path(), overrides)
@@ -68,6 +85,7 @@ def run_quickstart(
     report = evaluate_model(
         model, processor, test, rerank_k=16, label_field="category", num_workers=num_workers
     )
+    report["style_shift"] = style_shift_report(model, processor, test, num_workers=num_workers)
     report["held_out"] = "test names never seen in training"
     report["model"] = str(result.model_dir)
     report["train_steps"] = result.progress.step
@@ -75,6 +93,7 @@ def run_quickstart(
     write_report(report, out_dir / "report.json")
     print("\nheld-out emoji names (test split)")
     print(format_report(report))
+    print(format_style_shift(report["style_shift"]))
     print(f"\nreport: {out_dir / 'report.json'}  plot: {out_dir / 'train' / 'training.png'}")
     print(f"model: {result.model_dir}  total time: {report['total_seconds']} s")
     return report
