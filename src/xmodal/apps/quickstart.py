@@ -1,7 +1,7 @@
 """``xmodal quickstart``: real data to a measured model, offline, on a laptop CPU.
 
 1. builds the emoji image-caption set (npm package, split by name: test names are never trained;
-   training images get more captions: short names, CLDR labels and keywords);
+   ``rich_captions`` gives training images more captions: short names, CLDR labels, keywords);
 2. fine-tunes the offline default (configs/quickstart.yaml);
 3. evaluates on the held-out names: retrieval (ITC and ITM re-ranked), zero-shot categories,
    and retrieval from the same images under strong style changes (the style-shift check);
@@ -34,13 +34,15 @@ def run_quickstart(
     batch_size: int | None = None,
     cache_dir: str | Path | None = None,
     keywords_tarball: str | Path | None = None,
+    rich_captions: bool = False,
 ) -> dict:
     """Build data, train, evaluate; return the test report (also written to out_dir).
 
     ``steps`` / ``batch_size`` override the config's; ``limit`` uses a slice of at most that
     many emoji images (a quick check; the batch is then capped at the training split's size).
-    ``keywords_tarball``: the emojibase-data tarball of the extra training captions (default:
-    cached in ``cache_dir`` or fetched with ``npm pack``).
+    ``rich_captions``: train on more captions per image (:mod:`xmodal.apps.emoji_captions`);
+    ``keywords_tarball``: their emojibase-data tarball (default: cached in ``cache_dir`` or
+    fetched with ``npm pack``).
     """
     started = time.time()
     out_dir = Path(out_dir)
@@ -50,7 +52,7 @@ def run_quickstart(
         cache_dir=cache_dir,
         tarball=tarball,
         limit=limit,
-        rich_captions=True,
+        rich_captions=rich_captions,
         keywords_tarball=keywords_tarball,
     )
     train_split = summary["splits"]["train"]

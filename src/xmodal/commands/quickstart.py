@@ -17,6 +17,12 @@ def add(commands) -> None:
     )
     p.add_argument("--cache-dir", default=None, help="where the emoji npm tarballs are kept")
     p.add_argument(
+        "--rich-captions",
+        action="store_true",
+        help="train on more captions per image: short names, CLDR labels and keywords "
+        "(emojibase-data from npm)",
+    )
+    p.add_argument(
         "--keywords-from",
         dest="keywords_tarball",
         default=None,
@@ -36,5 +42,6 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         cache_dir=args.cache_dir,
         keywords_tarball=args.keywords_tarball,
+        rich_captions=args.rich_captions,
     )
     return 0
