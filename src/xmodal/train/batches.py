@@ -42,9 +42,8 @@ def sample_views(
     """Which cached view each of a micro-batch's ``rows`` pairs reads: uniform over ``views``,
     a function of (seed, rank, epoch, micro-batch position in the epoch) only, so a resumed
     run draws the views an uninterrupted one would."""
-    generator = torch.Generator().manual_seed(
-        ((seed * 1_000_003 + rank) * 10_007 + epoch) * 1_000_033 + batch + 17
-    )
+    key = ((seed * 1_000_003 + rank) * 10_007 + epoch) * 1_000_033 + batch + 17
+    generator = torch.Generator().manual_seed(key % 2**63)
     return torch.randint(views, (rows,), generator=generator)
 
 
