@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -107,3 +109,15 @@ def test_style_shift_report_matches_a_reference(tmp_path, tiny_model_dir) -> Non
         kept = 100 * mean / report["in_style"]["t2i_R@1"]
         assert report["t2i_kept"] == pytest.approx(kept, abs=0.051)
     assert "style shift (2 styles, seed 2)" in format_style_shift(report)
+
+
+def test_eval_cli_style_shift(tmp_path, tiny_model_dir, capsys) -> None:
+    from xmodal.cli import main
+
+    data = write_colour_dataset(tmp_path / "data", n=8)
+    out = tmp_path / "report.json"
+    argv = ["eval", "--model", tiny_model_dir, "--data", data, "--out", str(out)]
+    assert main([*argv, "--rerank-k", "0", "--workers", "0", "--style-shift"]) == 0
+    report = json.loads(out.read_text())["style_shift"]
+    assert set(report["styles"]) == set(STYLE_SHIFTS) and report["n_images"] == 8
+    assert "style shift (7 styles, seed 0)" in capsys.readouterr().out
