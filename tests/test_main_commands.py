@@ -15,6 +15,7 @@ from PIL import Image
 from xmodal.apps import builders
 from xmodal.cli import main as cli_main
 from xmodal.data import load_dataset
+from xmodal.data.augment import STYLE_SHIFTS
 from xmodal.presets import load_model
 
 pytestmark = pytest.mark.slow
@@ -107,6 +108,13 @@ def test_quickstart_slice_learns_held_out_names(tmp_path, emoji_available, capsy
         assert itc[f"{direction}_R@1"] >= 4 * chance_r1, itc
         assert itc[f"{direction}_R@5"] >= 3 * chance_r5, itc
     assert 0 <= report["zeroshot"]["top1"] <= 100
+    shift = report["style_shift"]  # the style-shift check of the held-out images
+    assert set(shift["styles"]) == set(STYLE_SHIFTS) and shift["n_images"] == n
+    assert shift["in_style"]["t2i_R@1"] == pytest.approx(itc["t2i_R@1"], abs=0.5)
+    mean = sum(s["t2i_R@1"] for s in shift["styles"].values()) / len(STYLE_SHIFTS)
+    assert shift["t2i_R@1"] == pytest.approx(mean)
+    assert shift["t2i_kept"] == pytest.approx(100 * mean / itc["t2i_R@1"], abs=1.5)
+    assert "style shift (7 styles, seed 0)" in printed
     assert (out / "train" / "training.png").read_bytes()[:4] == b"\x89PNG"
     model, processor = load_model(report["model"])
     assert processor.config.caption_template == "an emoji of {}"

@@ -23,6 +23,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from xmodal.apps.emoji_captions import (
+    KEYWORDS_PACKAGE,
+    KEYWORDS_TARBALL,
+    enrich_rows,
+    extra_captions,
+    read_keywords_tar,
+)
 from xmodal.atomic import atomic_write_bytes, make_dir
 from xmodal.config import FashionMnistSplit
 from xmodal.errors import ConfigError, InputError, MissingDependencyError, MissingFileError
@@ -85,9 +92,9 @@ def sha512_integrity(path: str | Path) -> str:
 # ---------------------------------------------------------------- emoji: tarball
 
 
-def _cached_tarball(cache_dir: Path) -> tuple[Path, str] | None:
+def _cached_tarball(cache_dir: Path, name: str = EMOJI_TARBALL) -> tuple[Path, str] | None:
     """The cached tarball and its integrity, if its sidecar matches the file's hash."""
-    tarball, sidecar = cache_dir / EMOJI_TARBALL, cache_dir / f"{EMOJI_TARBALL}.json"
+    tarball, sidecar = cache_dir / name, cache_dir / f"{name}.json"
     if not (tarball.is_file() and sidecar.is_file()):
         return None
     try:
@@ -109,21 +116,25 @@ def _parse_npm_pack(stdout: str) -> dict:
         ) from None
 
 
-def _npm_pack(cache_dir: Path) -> tuple[Path, str]:
-    """Download the emoji tarball with ``npm pack`` into ``cache_dir`` and verify it."""
+def _npm_pack(
+    cache_dir: Path,
+    package: str = EMOJI_PACKAGE,
+    name: str = EMOJI_TARBALL,
+    how_to_skip: str = "or pass tarball= (CLI: --from TARBALL) with a downloaded copy",
+) -> tuple[Path, str]:
+    """Download ``package`` with ``npm pack`` into ``cache_dir`` as ``name`` and verify it."""
     npm = shutil.which("npm")
     if npm is None:
         raise MissingDependencyError(
-            f"npm not found on PATH: install Node.js/npm to download {EMOJI_PACKAGE}, "
-            "or pass tarball= (CLI: --from TARBALL) with a downloaded copy"
+            f"npm not found on PATH: install Node.js/npm to download {package}, {how_to_skip}"
         )
     make_dir(cache_dir)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".npm-pack-") as tmp:
-        cmd = [npm, "pack", EMOJI_PACKAGE, "--json", "--pack-destination", tmp]
+        cmd = [npm, "pack", package, "--json", "--pack-destination", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_NPM_TIMEOUT_S)
         if proc.returncode != 0:
             raise MissingDependencyError(
-                f"npm pack {EMOJI_PACKAGE} failed: {proc.stderr.strip()[-500:]}"
+                f"npm pack {package} failed ({how_to_skip}): {proc.stderr.strip()[-500:]}"
             )
         info = _parse_npm_pack(proc.stdout)
         downloaded = Path(tmp) / info["filename"]
@@ -132,9 +143,9 @@ def _npm_pack(cache_dir: Path) -> tuple[Path, str]:
             raise MissingDependencyError(
                 f"{downloaded.name}: integrity {actual} != {info['integrity']}"
             )
-        os.replace(downloaded, cache_dir / EMOJI_TARBALL)
-    _write_json(cache_dir / f"{EMOJI_TARBALL}.json", info)
-    return cache_dir / EMOJI_TARBALL, info["integrity"]
+        os.replace(downloaded, cache_dir / name)
+    _write_json(cache_dir / f"{name}.json", info)
+    return cache_dir / name, info["integrity"]
 
 
 def _emoji_tarball(cache_dir: str | Path | None, tarball: str | Path | None) -> tuple[Path, str]:
@@ -144,8 +155,29 @@ def _emoji_tarball(cache_dir: str | Path | None, tarball: str | Path | None) -> 
         if not path.is_file():
             raise MissingFileError(f"emoji tarball not found: {path}")
         return path, sha512_integrity(path)
-    cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "xmodal" / "emoji"
+    cache = _cache_path(cache_dir)
     return _cached_tarball(cache) or _npm_pack(cache)
+
+
+def _cache_path(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir) if cache_dir else Path.home() / ".cache" / "xmodal" / "emoji"
+
+
+def _keywords_tarball(cache_dir: str | Path | None, tarball: str | Path | None) -> tuple[Path, str]:
+    """Path and integrity of the emojibase-data tarball (given, cached or from ``npm pack``)."""
+    if tarball is not None:
+        path = Path(tarball)
+        if not path.is_file():
+            raise MissingFileError(f"emojibase-data tarball not found: {path}")
+        return path, sha512_integrity(path)
+    cache = _cache_path(cache_dir)
+    return _cached_tarball(cache, KEYWORDS_TARBALL) or _npm_pack(
+        cache,
+        KEYWORDS_PACKAGE,
+        KEYWORDS_TARBALL,
+        "or pass keywords_tarball= (CLI: --keywords-from TARBALL) with a downloaded copy, "
+        "or build without rich captions",
+    )
 
 
 def _read_emoji_tar(path: Path) -> tuple[list[dict], dict[str, bytes]]:
@@ -300,6 +332,8 @@ def build_emoji(
     size: int = 64,
     force: bool = False,
     limit: int | None = None,
+    rich_captions: bool = False,
+    keywords_tarball: str | Path | None = None,
 ) -> dict:
     """Build train/val/test JSONL sets of Google emoji images captioned with their names.
 
@@ -307,7 +341,10 @@ def build_emoji(
     ``npm pack`` (cached in ``cache_dir``). Splits are by base name, so all skin-tone
     variants of an emoji share a split. ``limit``: a slice of at most this many images (but at
     least one whole name), whole names drawn in a seeded order (a quick run or a test).
-    Returns the summary also written to summary.json.
+    ``rich_captions``: training images get further captions (short names, CLDR label and
+    keywords from ``emojibase-data``, :mod:`xmodal.apps.emoji_captions`; its tarball from
+    ``keywords_tarball`` or ``npm pack``, cached and integrity-checked); val and test keep the
+    name alone. Returns the summary also written to summary.json.
     """
     if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
         raise ConfigError("need 0 <= val_fraction, test_fraction and their sum < 1")
@@ -320,6 +357,7 @@ def build_emoji(
         "test_fraction": test_fraction,
         "size": size,
         "limit": limit,
+        "rich_captions": rich_captions,
     }
     if not force and (summary := _reusable_summary(out / "summary.json", params)):
         return summary
@@ -335,6 +373,20 @@ def build_emoji(
         image = _on_white(pngs[record["image_id"]], size)
         atomic_write_bytes(out / record["image"], _png_bytes(image))
     splits = {s: [r for r in records if assignment[r["name"]] == s] for s in EMOJI_SPLITS}
+    keywords_source: dict = {}
+    if rich_captions:
+        keywords_path, keywords_integrity = _keywords_tarball(cache_dir, keywords_tarball)
+        keywords = read_keywords_tar(keywords_path)
+        extras = {
+            name: extra_captions(entry, keywords)
+            for entry in entries
+            if (name := _base_name(entry)) is not None
+        }
+        splits["train"] = enrich_rows(splits["train"], extras)
+        keywords_source = {
+            "keywords_package": KEYWORDS_PACKAGE,
+            "keywords_integrity": keywords_integrity,
+        }
     for split, rows in splits.items():
         _write_jsonl(out / f"{split}.jsonl", rows)
     summary = {
@@ -346,9 +398,15 @@ def build_emoji(
         "names": len(assignment),
         "entries": len(entries),
         "splits": {
-            s: {"images": len(r), "names": len({x["name"] for x in r})} for s, r in splits.items()
+            s: {
+                "images": len({x["image_id"] for x in r}),
+                "names": len({x["name"] for x in r}),
+                "captions": len(r),
+            }
+            for s, r in splits.items()
         },
         "skipped": dict(skipped),
+        **keywords_source,
     }
     _write_json(out / "summary.json", summary)
     return summary

@@ -1,9 +1,11 @@
 """``xmodal quickstart``: real data to a measured model, offline, on a laptop CPU.
 
-1. builds the emoji image-caption set (npm package, split by name: test names are never trained);
+1. builds the emoji image-caption set (npm package, split by name: test names are never trained;
+   ``rich_captions`` gives training images more captions: short names, CLDR labels, keywords);
 2. fine-tunes the offline default (configs/quickstart.yaml);
 3. evaluates on the held-out names: retrieval (ITC, and re-ranked with the weight calibrated on
-   the validation names during training) and zero-shot categories;
+   the validation names during training), zero-shot categories, and retrieval from the same
+   images under strong style changes (the style-shift check);
 4. writes ``report.json`` and ``training.png`` and prints the table.
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 from xmodal.apps.builders import build_emoji
 from xmodal.data import load_dataset
 from xmodal.evaluate.runner import evaluate_model, format_report, write_report
+from xmodal.evaluate.style_shift import format_style_shift, style_shift_report
 from xmodal.train import load_train_config, train
 
 
@@ -31,17 +34,33 @@ def run_quickstart(
     limit: int | None = None,
     batch_size: int | None = None,
     cache_dir: str | Path | None = None,
+    keywords_tarball: str | Path | None = None,
+    rich_captions: bool = False,
 ) -> dict:
     """Build data, train, evaluate; return the test report (also written to out_dir).
 
     ``steps`` / ``batch_size`` override the config's; ``limit`` uses a slice of at most that
     many emoji images (a quick check; the batch is then capped at the training split's size).
+    ``rich_captions``: train on more captions per image (:mod:`xmodal.apps.emoji_captions`);
+    ``keywords_tarball``: their emojibase-data tarball (default: cached in ``cache_dir`` or
+    fetched with ``npm pack``).
     """
     started = time.time()
     out_dir = Path(out_dir)
     data_dir = out_dir / "emoji"
-    summary = build_emoji(data_dir, cache_dir=cache_dir, tarball=tarball, limit=limit)
-    print(f"emoji data: {summary['images']} images, {summary['names']} names in {data_dir}")
+    summary = build_emoji(
+        data_dir,
+        cache_dir=cache_dir,
+        tarball=tarball,
+        limit=limit,
+        rich_captions=rich_captions,
+        keywords_tarball=keywords_tarball,
+    )
+    train_split = summary["splits"]["train"]
+    print(
+        f"emoji data: {summary['images']} images, {summary['names']} names in {data_dir} "
+        f"({train_split['captions']} training captions)"
+    )
     overrides: dict = {
         "data": {
             "train": str(data_dir / "train.jsonl"),
@@ -56,7 +75,7 @@ def run_quickstart(
     if batch_size:
         optim["batch_size"] = batch_size
     elif limit is not None:
-        optim["batch_size"] = min(128, summary["splits"]["train"]["images"])
+        optim["batch_size"] = min(128, train_split["captions"])
     if optim:
         overrides["optim"] = optim
     config = load_train_config(quickstart_config_path(), overrides)
@@ -69,6 +88,7 @@ def run_quickstart(
     report = evaluate_model(
         model, processor, test, rerank_k=16, label_field="category", num_workers=num_workers
     )
+    report["style_shift"] = style_shift_report(model, processor, test, num_workers=num_workers)
     report["held_out"] = "test names never seen in training"
     # calibrated on the validation names during training (None: not calibrated)
     report["rerank_weight"] = model.config.fusion.rerank_weight
@@ -78,6 +98,7 @@ def run_quickstart(
     write_report(report, out_dir / "report.json")
     print("\nheld-out emoji names (test split)")
     print(format_report(report))
+    print(format_style_shift(report["style_shift"]))
     print(f"\nreport: {out_dir / 'report.json'}  plot: {out_dir / 'train' / 'training.png'}")
     print(f"model: {result.model_dir}  total time: {report['total_seconds']} s")
     return report

@@ -15,7 +15,19 @@ def add(commands) -> None:
     emoji = builders.add_parser("emoji", help="Noto emoji from npm, split by name")
     emoji.add_argument("--out", required=True, help="output folder")
     emoji.add_argument("--from", dest="tarball", default=None, help="use this npm tarball")
-    emoji.add_argument("--cache-dir", default=None, help="where the npm tarball is kept")
+    emoji.add_argument("--cache-dir", default=None, help="where the npm tarballs are kept")
+    emoji.add_argument(
+        "--rich-captions",
+        action="store_true",
+        help="more training captions per image: short names, CLDR labels and keywords "
+        "(emojibase-data from npm); val and test keep the names",
+    )
+    emoji.add_argument(
+        "--keywords-from",
+        dest="keywords_tarball",
+        default=None,
+        help="use this emojibase-data npm tarball (with --rich-captions)",
+    )
     emoji.add_argument("--seed", type=int, default=0)
     emoji.add_argument("--force", action="store_true", help="rebuild even if up to date")
     emoji.add_argument(
@@ -38,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             force=args.force,
             limit=args.limit,
+            rich_captions=args.rich_captions,
+            keywords_tarball=args.keywords_tarball,
         )
     else:
         summary = build_fashion_mnist(args.out, split=args.split, limit=args.limit)

@@ -38,6 +38,13 @@ def add(commands) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=1, help="image decoding processes")
     p.add_argument(
+        "--style-shift",
+        action="store_true",
+        help="also retrieve from the images under strong seeded style changes (greyscale, "
+        "recolour, blur, low resolution, crop, ...): R@1 and the share of in-style R@1 kept",
+    )
+    p.add_argument("--style-seed", type=int, default=0, help="seed of the style changes")
+    p.add_argument(
         "--skip-bad",
         action="store_true",
         help="leave out unusable rows and undecodable images (with their captions), reported",
@@ -86,6 +93,19 @@ def run(args: argparse.Namespace) -> int:
         weight = report["rerank_calibration"]["rerank_weight"]
         save_rerank_weight(args.model, weight)
         print(f"re-rank weight {weight:.4g} saved in {Path(args.model) / CONFIG_NAME}")
+    if args.style_shift:
+        from xmodal.evaluate.style_shift import format_style_shift, style_shift_report
+
+        report["style_shift"] = style_shift_report(
+            model,
+            processor,
+            dataset,
+            seed=args.style_seed,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            skip_bad=args.skip_bad,
+        )
+        print(format_style_shift(report["style_shift"]))
     if args.out:
         write_report(report, args.out)
         print(f"report written to {args.out}")

@@ -15,7 +15,19 @@ def add(commands) -> None:
     p.add_argument(
         "--limit", type=int, default=None, help="a slice of at most this many emoji images"
     )
-    p.add_argument("--cache-dir", default=None, help="where the emoji npm tarball is kept")
+    p.add_argument("--cache-dir", default=None, help="where the emoji npm tarballs are kept")
+    p.add_argument(
+        "--rich-captions",
+        action="store_true",
+        help="train on more captions per image: short names, CLDR labels and keywords "
+        "(emojibase-data from npm)",
+    )
+    p.add_argument(
+        "--keywords-from",
+        dest="keywords_tarball",
+        default=None,
+        help="emojibase-data npm tarball to use for the extra training captions",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,5 +41,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         batch_size=args.batch_size,
         cache_dir=args.cache_dir,
+        keywords_tarball=args.keywords_tarball,
+        rich_captions=args.rich_captions,
     )
     return 0

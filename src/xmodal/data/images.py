@@ -10,13 +10,14 @@ file and the dataset row in the main process).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from xmodal.data.datasets import Example, ImageTextDataset
@@ -41,10 +42,23 @@ def data_loader(dataset: Dataset, workers: int, seed: int = 0, **options: Any) -
     )
 
 
-def decode_crop(processor: MultimodalProcessor, image: ImageInput) -> torch.Tensor | str:
-    """Decode, resize and crop ``image`` to uint8 (S, S, 3); its reason (a str) on failure."""
+ImageChange = Callable[[str, Image.Image], Image.Image]
+"""A seeded change of a decoded image, ``change(key, image)`` (:mod:`xmodal.data.augment`)."""
+
+
+def decode_crop(
+    processor: MultimodalProcessor,
+    image: ImageInput,
+    change: ImageChange | None = None,
+    key: str = "",
+) -> torch.Tensor | str:
+    """Decode, resize and crop ``image`` to uint8 (S, S, 3); its reason (a str) on failure.
+    ``change(key, image)`` is applied to the decoded image first (an augmentation)."""
     try:
-        crop = processor.image_transform.resize_crop(processor.load_image(image))
+        decoded = processor.load_image(image)
+        if change is not None:
+            decoded = change(key, decoded)
+        crop = processor.image_transform.resize_crop(decoded)
         return torch.from_numpy(np.array(crop))  # a writable copy
     except ImageLoadError as err:
         return err.reason
@@ -72,17 +86,27 @@ class PixelNormaliser:
 
 
 class DecodedImages(Dataset):
-    """Item i = (i, uint8 crop) of ``images[i]``, or (i, reason) when it cannot be decoded."""
+    """Item i = (i, uint8 crop) of ``images[i]``, or (i, reason) when it cannot be decoded;
+    with ``change``, the crop of ``change(keys[i], decoded image)``."""
 
-    def __init__(self, images: Sequence[ImageInput], processor: MultimodalProcessor):
+    def __init__(
+        self,
+        images: Sequence[ImageInput],
+        processor: MultimodalProcessor,
+        change: ImageChange | None = None,
+        keys: Sequence[str] | None = None,
+    ):
         self.images = images
         self.processor = processor
+        self.change = change
+        self.keys = keys
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, position: int) -> tuple[int, torch.Tensor | str]:
-        return position, decode_crop(self.processor, self.images[position])
+        key = self.keys[position] if self.keys is not None else str(position)
+        return position, decode_crop(self.processor, self.images[position], self.change, key)
 
 
 @dataclass
@@ -118,12 +142,15 @@ def image_loader(
     workers: int,
     channels_last: bool = False,
     pin_memory: bool = False,
+    change: ImageChange | None = None,
+    keys: Sequence[str] | None = None,
 ) -> DataLoader:
     """Decoded batches (:class:`ImageBatch`) of ``images``, in the order of ``batches`` (lists
     of positions); ``channels_last`` for conv towers (see :class:`PixelNormaliser`);
-    ``pin_memory`` for a model on a GPU."""
+    ``pin_memory`` for a model on a GPU; ``change(keys[i], image)`` alters each decoded image
+    (default key: its position)."""
     return data_loader(
-        DecodedImages(images, processor),
+        DecodedImages(images, processor, change, keys),
         workers,
         batch_sampler=batches,
         collate_fn=ImageCollator(processor, channels_last),

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from xmodal.atomic import atomic_write_text
-from xmodal.data.images import drop_failed_images, image_loader
+from xmodal.data.images import ImageChange, drop_failed_images, image_loader
 from xmodal.models.model import CrossModalModel, Features
 from xmodal.processing import MultimodalProcessor
 
@@ -37,9 +37,12 @@ def image_tower_outputs(
     num_workers: int = 1,
     keep_tokens: bool = True,
     desc: str = "images",
+    change: ImageChange | None = None,
+    keys: Sequence[str] | None = None,
 ) -> ImageOutputs:
     """Run the image tower over images decoded in ``num_workers`` DataLoader workers; images
-    that cannot be decoded are left out and listed in ``failures``."""
+    that cannot be decoded are left out and listed in ``failures``. ``change(keys[i], image)``
+    alters each decoded image first (an augmented view, a style shift)."""
     device = next(model.parameters()).device
     batches = [
         list(range(start, min(len(images), start + batch_size)))
@@ -47,7 +50,9 @@ def image_tower_outputs(
     ]
     pooled, tokens, failures = [], [], {}
     with tqdm(total=len(images), desc=desc, unit="img", disable=None) as bar:
-        for batch in image_loader(images, processor, batches, num_workers):
+        for batch in image_loader(
+            images, processor, batches, num_workers, change=change, keys=keys
+        ):
             failures.update(batch.failures)
             if batch.pixel_values is not None:
                 out = model.image_tower(batch.pixel_values.to(device))

@@ -36,6 +36,17 @@ def rank_micro_batches(
     return micro
 
 
+def sample_views(
+    rows: int, views: int, seed: int, rank: int, epoch: int, batch: int
+) -> torch.Tensor:
+    """Which cached view each of a micro-batch's ``rows`` pairs reads: uniform over ``views``,
+    a function of (seed, rank, epoch, micro-batch position in the epoch) only, so a resumed
+    run draws the views an uninterrupted one would."""
+    key = ((seed * 1_000_003 + rank) * 10_007 + epoch) * 1_000_033 + batch + 17
+    generator = torch.Generator().manual_seed(key % 2**63)
+    return torch.randint(views, (rows,), generator=generator)
+
+
 class PairBatches(Dataset):
     """Item i = the i-th batch of a fixed list of index batches, decoded and tokenised.
 

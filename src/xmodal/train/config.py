@@ -70,7 +70,16 @@ class ModelSection:
     lock_image / lock_text: freeze a tower (locked-image or locked-text tuning).
     text_trainable_layers: with an unlocked text tower, train only its last N layers (None: all).
     cache_image_features: with a locked image tower, run it once per image and train from the
-        cached outputs (much faster; no image augmentation then).
+        cached outputs (much faster; augmentation only through ``cached_views``).
+    cached_views: with a cached locked image tower, how many views of each training image to
+        cache (1 = the image as evaluation sees it). View 0 is that image; the others are
+        seeded augmentations (random resized crop, colour jitter, greyscale, blur, and a
+        mirror with probability ``view_flip``: :class:`xmodal.data.augment.AugmentView`),
+        the same in every run of a seed, so ``--resume`` stays exact. Every pair of a step
+        reads one view drawn at random (seeded by the step's position). Costs one image tower
+        pass per image and view, and that much cache memory.
+    view_flip: probability of a horizontal mirror in an augmented view (0 keeps left and right,
+        which matter for arrows and directional symbols).
     fusion_layers / embed_dim: override the preset's values for a new model (None: keep; an
         assembled model defaults to 512-d and 2 cross / 1 pooled fusion layers).
     gradient_checkpointing: recompute the towers' and fusion's activations in the backward pass:
@@ -86,6 +95,8 @@ class ModelSection:
     lock_text: bool = False
     text_trainable_layers: int | None = None
     cache_image_features: bool = True
+    cached_views: int = 1
+    view_flip: float = 0.0
     fusion_layers: int | None = None
     embed_dim: int | None = None
     gradient_checkpointing: bool = False
@@ -109,6 +120,15 @@ class ModelSection:
                 raise ConfigError(f"model.{name} must be positive, got {value}")
         if self.name is not None and not self.name:
             raise ConfigError("model.name must not be empty")
+        if self.cached_views < 1:
+            raise ConfigError(f"model.cached_views must be >= 1, got {self.cached_views}")
+        if self.cached_views > 1 and not (self.lock_image and self.cache_image_features):
+            raise ConfigError(
+                "model.cached_views > 1 needs a cached locked image tower "
+                "(model.lock_image: true and model.cache_image_features: true)"
+            )
+        if not 0 <= self.view_flip <= 1:
+            raise ConfigError(f"model.view_flip must be in [0, 1], got {self.view_flip}")
         if self.assembled:
             if self.name is not None:
                 raise ConfigError(

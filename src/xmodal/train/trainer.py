@@ -28,6 +28,7 @@ from xmodal import distributed
 from xmodal.atomic import atomic_write_text, make_dir
 from xmodal.config import ConfigError
 from xmodal.data import ImageTextDataset, load_dataset
+from xmodal.data.augment import AugmentView
 from xmodal.data.images import data_loader, drop_failed_images, failure_record, image_error
 from xmodal.errors import InputError
 from xmodal.evaluate.runner import ImageOutputs, evaluate_model, image_tower_outputs
@@ -37,7 +38,7 @@ from xmodal.presets import assemble, load_model
 from xmodal.processing import MultimodalProcessor
 from xmodal.runtime import pick_autocast, pick_device, reuse_freed_memory
 from xmodal.train.accumulate import accumulated_backward
-from xmodal.train.batches import PairBatches, rank_micro_batches
+from xmodal.train.batches import PairBatches, rank_micro_batches, sample_views
 from xmodal.train.batches import epoch_batches as epoch_batches  # re-exported
 from xmodal.train.checkpoint import (
     TrainProgress,
@@ -182,6 +183,7 @@ class Trainer:
         )
         self.image_index = {iid: i for i, iid in enumerate(self.train_set.image_ids())}
         self.cache: ImageOutputs | None = None
+        self.extra_views: ImageOutputs | None = None  # augmented views 1.. (model.cached_views)
         self.val_cache: ImageOutputs | None = None
         self.bad_images: dict[tuple[str, str], dict] = {}  # (dataset, image id) -> record
         self.step_bad_images: list[dict] = []  # this rank's, met since the last step
@@ -314,13 +316,70 @@ class Trainer:
                     f"images are dropped: fewer than one global batch ({self.global_batch})"
                 )
         self.cache = cache
+        self.extra_views = self._augmented_views(keep_tokens)
+
+    def _augmented_views(self, keep_tokens: bool) -> ImageOutputs | None:
+        """Views 1 .. ``model.cached_views - 1`` of the training images (view 0 is
+        ``self.cache``): seeded augmentations, the same on every rank and in every run of the
+        seed; pooled (V - 1, N, Di), tokens (V - 1, N, T, Di) when kept. None for one view."""
+        section = self.config.model
+        if section.cached_views < 2:
+            return None
+        unique = self.train_set.unique_images()
+        images = [ex.image for ex in unique]
+        keys = [ex.image_id for ex in unique]
+        views = []
+        for view in range(1, section.cached_views):
+            self.model.eval()
+            outputs = image_tower_outputs(
+                self.model,
+                self.processor,
+                images,
+                num_workers=self.config.data.num_workers,
+                keep_tokens=keep_tokens,
+                desc=f"caching train view {view + 1}/{section.cached_views}",
+                change=AugmentView(self.config.seed, view, flip=section.view_flip),
+                keys=keys,
+            )
+            if outputs.failures:  # the image decoded for view 0: an augmentation failed
+                position, reason = next(iter(outputs.failures.items()))
+                raise InputError(f"augmented view {view} of {images[position]}: {reason}")
+            views.append(outputs)
+        pooled = torch.stack([v.pooled for v in views])
+        tokens = torch.stack([v.tokens for v in views]) if keep_tokens else None  # type: ignore[misc]
+        return ImageOutputs(pooled, tokens)
+
+    def _add_views(self, batch: dict, epoch: int, position: int) -> None:
+        """Draw the cached view each pair of the micro-batch at ``position`` reads."""
+        views = self.config.model.cached_views
+        if views > 1 and self._use_cache() and "image_index" in batch:
+            rows = len(batch["image_index"])
+            batch["view"] = sample_views(
+                rows, views, self.config.seed, self.world.rank, epoch, position
+            )
+
+    @staticmethod
+    def _pick_views(base: torch.Tensor, extra: torch.Tensor, idx, view) -> torch.Tensor:
+        """Rows ``idx`` of view 0 (``base``) or, where ``view`` > 0, of ``extra[view - 1]``."""
+        rows = base[idx].clone()
+        other = view > 0
+        if other.any():
+            rows[other] = extra[view[other] - 1, idx[other]]
+        return rows
 
     def _image_features(self, batch: dict):
         if self.cache is not None:
             idx = batch["image_index"]
-            pooled = self.cache.pooled[idx].to(self.device)
+            view, extra = batch.get("view"), self.extra_views
+            pooled = self.cache.pooled[idx]
+            if view is not None and extra is not None:
+                pooled = self._pick_views(self.cache.pooled, extra.pooled, idx, view)
+            pooled = pooled.to(self.device)
             if self.cache.tokens is None:  # no loss reads them: (B, 0, D) stands in
                 tokens = pooled.new_zeros(len(idx), 0, pooled.shape[-1])
+            elif view is not None and extra is not None and extra.tokens is not None:
+                picked = self._pick_views(self.cache.tokens, extra.tokens, idx, view)
+                tokens = picked.to(self.device).float()
             else:
                 tokens = self.cache.tokens[idx].to(self.device).float()
             return self.model.image_features_from_tower(TowerOutput(pooled, tokens))
@@ -355,6 +414,7 @@ class Trainer:
         while progress.step < cfg.optim.steps:
             micro: list[dict] = []
             for batch in self._loader(progress.epoch, progress.batch_in_epoch):
+                self._add_views(batch, progress.epoch, progress.batch_in_epoch)
                 progress.batch_in_epoch += 1
                 micro.append(self._checked(batch))
                 if len(micro) < cfg.optim.accum_steps:

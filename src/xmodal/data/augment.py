@@ -1,0 +1,192 @@
+"""Seeded image changes on PIL images: training views and the style-shift check.
+
+Both are pure functions of (seed, image key, view or style): the same inputs give the same
+pixels in any process, so a cache of augmented views can be rebuilt on ``--resume`` and a
+style-shift evaluation is repeatable.
+
+- :class:`AugmentView`: a training view (random resized crop, optional flip, colour jitter,
+  greyscale, blur), for the cached views of a locked image tower.
+- :class:`StyleShift`: one strong, named change (greyscale, colour change, blur, low
+  resolution, crop, posterised ink drawing...) for evaluating robustness to a change of style.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+from xmodal.errors import ConfigError
+
+
+def keyed_rng(*parts: object) -> random.Random:
+    """A ``random.Random`` seeded by a stable hash of ``parts`` (not Python's salted hash)."""
+    text = "\x1f".join(str(p) for p in parts).encode("utf-8")
+    return random.Random(int.from_bytes(hashlib.sha256(text).digest()[:8], "big"))
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def random_resized_crop(
+    image: Image.Image, rng: random.Random, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)
+) -> Image.Image:
+    """A crop of ``scale`` of the area and aspect ``ratio``, resized back to the image's size."""
+    width, height = image.size
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = rng.uniform(*ratio)
+        w = round((target * aspect) ** 0.5)
+        h = round((target / aspect) ** 0.5)
+        if 0 < w <= width and 0 < h <= height:
+            left = rng.randint(0, width - w)
+            top = rng.randint(0, height - h)
+            box = (left, top, left + w, top + h)
+            return image.resize((width, height), Image.Resampling.BICUBIC, box=box)
+    return image
+
+
+def colour_jitter(
+    image: Image.Image, rng: random.Random, strength: float, hue: float
+) -> Image.Image:
+    """Brightness, contrast and saturation in [1 - strength, 1 + strength] (random order),
+    then a hue rotation of up to ``hue`` of the colour circle either way."""
+    enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
+    rng.shuffle(enhancers)
+    for enhancer in enhancers:
+        image = enhancer(image).enhance(rng.uniform(1 - strength, 1 + strength))
+    if hue:
+        image = rotate_hue(image, rng.uniform(-hue, hue))
+    return image
+
+
+def rotate_hue(image: Image.Image, turn: float) -> Image.Image:
+    """Rotate every pixel's hue by ``turn`` of a full circle (saturation and value kept)."""
+    h, s, v = _rgb(image).convert("HSV").split()
+    shift = round(turn * 256) % 256
+    h = h.point(lambda x: (x + shift) % 256)
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+
+@dataclass(frozen=True)
+class AugmentView:
+    """One training view of an image: ``AugmentView(seed, view)(key, image)``.
+
+    The change depends only on (seed, view, key), so a view is the same in any worker and
+    after a resume. View 0 is the image unchanged (what evaluation sees). The defaults are
+    mild (no hue change, rare greyscale): emoji names carry colour, e.g. skin tones; a stronger
+    setting (crops from 35%, jitter 0.4, hue 0.1, greyscale 0.2) measured worse in and out of
+    style (README, "Transfer and style shift").
+    """
+
+    seed: int
+    view: int
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    flip: float = 0.0
+    jitter: float = 0.2
+    hue: float = 0.0
+    greyscale: float = 0.1
+    blur: float = 0.2
+
+    def __call__(self, key: str, image: Image.Image) -> Image.Image:
+        if self.view == 0:
+            return image
+        rng = keyed_rng("view", self.seed, self.view, key)
+        image = _rgb(image)
+        image = random_resized_crop(image, rng, self.crop_scale)
+        if rng.random() < self.flip:
+            image = ImageOps.mirror(image)
+        if rng.random() < 0.8:
+            image = colour_jitter(image, rng, self.jitter, self.hue)
+        if rng.random() < self.greyscale:
+            image = ImageOps.grayscale(image).convert("RGB")
+        if rng.random() < self.blur:
+            radius = rng.uniform(0.1, 2.0) * max(image.size) / 64
+            image = image.filter(ImageFilter.GaussianBlur(radius))
+        return image
+
+
+def _greyscale(image: Image.Image, rng: random.Random) -> Image.Image:
+    return ImageOps.grayscale(image).convert("RGB")
+
+
+def _recolour(image: Image.Image, rng: random.Random) -> Image.Image:
+    turn = rng.choice((-1, 1)) * rng.uniform(0.25, 0.5)
+    image = rotate_hue(image, turn)
+    return ImageEnhance.Color(image).enhance(rng.uniform(0.4, 1.6))
+
+
+def _blur(image: Image.Image, rng: random.Random) -> Image.Image:
+    radius = rng.uniform(1.5, 2.5) * max(image.size) / 64
+    return image.filter(ImageFilter.GaussianBlur(radius))
+
+
+def _low_resolution(image: Image.Image, rng: random.Random) -> Image.Image:
+    side = rng.randint(14, 20)
+    small = image.resize((side, side), Image.Resampling.BOX)
+    return small.resize(image.size, Image.Resampling.NEAREST)
+
+
+def _crop(image: Image.Image, rng: random.Random) -> Image.Image:
+    return random_resized_crop(image, rng, (0.35, 0.5), (0.8, 1.25))
+
+
+def _small_on_canvas(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Re-rendered smaller, off centre, on a tinted background."""
+    width, height = image.size
+    factor = rng.uniform(0.45, 0.6)
+    w, h = max(1, round(width * factor)), max(1, round(height * factor))
+    shade = tuple(rng.randint(170, 255) for _ in range(3))
+    canvas = Image.new("RGB", image.size, shade)
+    small = image.resize((w, h), Image.Resampling.LANCZOS)
+    canvas.paste(small, (rng.randint(0, width - w), rng.randint(0, height - h)))
+    return canvas
+
+
+def _ink(image: Image.Image, rng: random.Random) -> Image.Image:
+    """A flat drawing: few colours, strong contrast, darkened outlines."""
+    flat = ImageOps.posterize(ImageEnhance.Contrast(image).enhance(1.6), rng.choice((2, 3)))
+    edges = ImageOps.invert(ImageOps.grayscale(image).filter(ImageFilter.FIND_EDGES))
+    edges = edges.point(lambda x: 0 if x < 200 else 255)
+    return Image.composite(flat, Image.new("RGB", image.size, (0, 0, 0)), edges)
+
+
+STYLE_SHIFTS = {
+    "greyscale": _greyscale,
+    "recolour": _recolour,
+    "blur": _blur,
+    "low_resolution": _low_resolution,
+    "crop": _crop,
+    "small_on_canvas": _small_on_canvas,
+    "ink": _ink,
+}
+"""The named strong changes of the style-shift check, each applied alone."""
+
+
+def check_styles(styles: list[str] | tuple[str, ...]) -> None:
+    """Refuse unknown style-shift names (a ConfigError listing the known ones)."""
+    unknown = [s for s in styles if s not in STYLE_SHIFTS]
+    if unknown or not styles:
+        raise ConfigError(
+            f"unknown style shift(s) {unknown or styles!r}; known: {', '.join(STYLE_SHIFTS)}"
+        )
+
+
+@dataclass(frozen=True)
+class StyleShift:
+    """The named style change of an image: ``StyleShift("blur", seed)(key, image)``; its random
+    parameters depend only on (style, seed, key)."""
+
+    style: str
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_styles([self.style])
+
+    def __call__(self, key: str, image: Image.Image) -> Image.Image:
+        rng = keyed_rng("style", self.style, self.seed, key)
+        return STYLE_SHIFTS[self.style](_rgb(image), rng)

@@ -1,0 +1,123 @@
+"""Seeded image changes: training views and the style-shift check (and its report)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_colour_dataset
+from PIL import Image, ImageDraw
+
+from xmodal.config import ConfigError
+from xmodal.data import load_dataset
+from xmodal.data.augment import STYLE_SHIFTS, AugmentView, StyleShift
+from xmodal.evaluate.retrieval import retrieval_metrics
+from xmodal.evaluate.style_shift import format_style_shift, style_shift_report
+
+
+def _picture() -> Image.Image:
+    image = Image.new("RGB", (64, 64), (250, 250, 250))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((8, 10, 50, 52), fill=(230, 190, 30), outline=(20, 20, 20), width=3)
+    draw.rectangle((36, 4, 60, 20), fill=(200, 30, 60))
+    return image
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_augmented_views_are_seeded_and_differ() -> None:
+    image = _picture()
+    assert AugmentView(0, 0)("a", image) is image  # view 0: as evaluation sees it
+    views = [_pixels(AugmentView(0, v)("a", image)) for v in range(1, 6)]
+    again = [_pixels(AugmentView(0, v)("a", image.copy())) for v in range(1, 6)]
+    for view, repeat in zip(views, again, strict=True):
+        assert view.shape == (64, 64, 3)
+        assert np.array_equal(view, repeat)  # a function of (seed, view, key)
+        assert np.abs(view - _pixels(image)).mean() > 2  # really changed
+    for i in range(len(views)):
+        for j in range(i + 1, len(views)):
+            assert np.abs(views[i] - views[j]).mean() > 2, (i, j)
+    other_seed = _pixels(AugmentView(1, 1)("a", image))
+    other_key = _pixels(AugmentView(0, 1)("b", image))
+    assert not np.array_equal(other_seed, views[0])
+    assert not np.array_equal(other_key, views[0])
+
+
+def test_flip_probability_mirrors() -> None:
+    image = _picture()
+    plain = AugmentView(3, 2, crop_scale=(1.0, 1.0), jitter=0, hue=0, greyscale=0, blur=0)
+    mirrored = AugmentView(
+        3, 2, crop_scale=(1.0, 1.0), jitter=0, hue=0, greyscale=0, blur=0, flip=1
+    )
+    a, b = _pixels(plain("k", image)), _pixels(mirrored("k", image))
+    assert np.abs(a[:, ::-1] - b).mean() < 3 < np.abs(a - b).mean()
+
+
+@pytest.mark.parametrize("style", sorted(STYLE_SHIFTS))
+def test_style_shifts_are_deterministic_and_strong(style: str) -> None:
+    image = _picture()
+    first = _pixels(StyleShift(style, seed=5)("x", image))
+    assert first.shape == (64, 64, 3)
+    assert np.array_equal(first, _pixels(StyleShift(style, seed=5)("x", image.copy())))
+    assert np.abs(first - _pixels(image)).mean() > 3  # a visible change
+    if style == "greyscale":
+        assert np.array_equal(first[..., 0], first[..., 1])
+
+
+def test_unknown_style_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown style shift.*known: greyscale"):
+        StyleShift("watercolour")
+
+
+def test_style_shift_report_matches_a_reference(tmp_path, tiny_model_dir) -> None:
+    from xmodal.presets import load_model
+
+    model, processor = load_model(tiny_model_dir)
+    dataset = load_dataset(write_colour_dataset(tmp_path / "d", n=10, captions_per_image=2))
+    styles = ("greyscale", "crop")
+    report = style_shift_report(model, processor, dataset, styles=styles, seed=2, num_workers=0)
+    assert set(report) >= {"in_style", "t2i_R@1", "i2t_R@1", "t2i_kept", "i2t_kept", "styles"}
+    assert list(report["styles"]) == list(styles) and report["n_images"] == 10
+
+    # reference: change each image by hand, embed, and score with retrieval_metrics
+    unique = dataset.unique_images()
+    with torch.inference_mode():
+        batch = processor(text=dataset.captions())
+        texts = model.encode_text(batch["input_ids"], batch["attention_mask"])
+
+        def embed(images) -> torch.Tensor:
+            return model.encode_image(torch.stack([processor.process_image(i) for i in images]))
+
+        plain = [processor.load_image(ex.image) for ex in unique]
+        expected_in = retrieval_metrics(embed(plain), texts, dataset.text_to_image(), ks=(1,))
+        for style in styles:
+            changed = [
+                StyleShift(style, 2)(ex.image_id, im) for ex, im in zip(unique, plain, strict=True)
+            ]
+            ref = retrieval_metrics(embed(changed), texts, dataset.text_to_image(), ks=(1,))
+            got = report["styles"][style]
+            assert got["t2i_R@1"] == pytest.approx(ref["t2i_R@1"])
+            assert got["i2t_R@1"] == pytest.approx(ref["i2t_R@1"])
+    assert report["in_style"]["t2i_R@1"] == pytest.approx(expected_in["t2i_R@1"])
+    mean = sum(report["styles"][s]["t2i_R@1"] for s in styles) / 2
+    assert report["t2i_R@1"] == pytest.approx(mean)
+    if report["in_style"]["t2i_R@1"]:
+        kept = 100 * mean / report["in_style"]["t2i_R@1"]
+        assert report["t2i_kept"] == pytest.approx(kept, abs=0.051)
+    assert "style shift (2 styles, seed 2)" in format_style_shift(report)
+
+
+def test_eval_cli_style_shift(tmp_path, tiny_model_dir, capsys) -> None:
+    from xmodal.cli import main
+
+    data = write_colour_dataset(tmp_path / "data", n=8)
+    out = tmp_path / "report.json"
+    argv = ["eval", "--model", tiny_model_dir, "--data", data, "--out", str(out)]
+    assert main([*argv, "--rerank-k", "0", "--workers", "0", "--style-shift"]) == 0
+    report = json.loads(out.read_text())["style_shift"]
+    assert set(report["styles"]) == set(STYLE_SHIFTS) and report["n_images"] == 8
+    assert "style shift (7 styles, seed 0)" in capsys.readouterr().out
