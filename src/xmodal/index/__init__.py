@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from xmodal.errors import IndexBuildError, MissingDependencyError, MissingFileError
+from xmodal.errors import IndexBuildError, MissingDependencyError
 
 try:
     import faiss  # noqa: F401
@@ -47,7 +47,6 @@ from xmodal.index.searching import SearchIndex, describe  # noqa: E402
 from xmodal.index.shards import ShardedIndex, combine_indexes, open_index  # noqa: E402
 from xmodal.index.stream import ShardSource  # noqa: E402
 from xmodal.index.tuning import neighbour_recall  # noqa: E402
-from xmodal.models.identity import ModelIdentity, check_compatible  # noqa: E402
 
 __all__ = [
     "FLAT_MAX",
@@ -121,19 +120,7 @@ def build_index(
 
 
 def _add_planned(shards: Path, out: Path, modality: str, info: dict[str, Any]) -> dict[str, Any]:
-    if info["modality"] != modality:
-        raise IndexBuildError(f"{out} indexes {info['modality']}, not {modality}")
-    from xmodal.extract.writer import load_manifest
-
-    manifest = load_manifest(shards)
-    if manifest is None:
-        raise MissingFileError(f"{shards}: no manifest.json (not an `xmodal extract` output)")
-    check_compatible(
-        ModelIdentity.from_record(info),
-        ModelIdentity.from_record(manifest),
-        f"index {out} vs shards {shards}; not adding",
-    )
-    included = frozenset((s["dir"], s["file"]) for s in info["shards"])
+    included = legacy.addable_shards(shards, out, modality, info)
     source = ShardSource(shards, modality, skip=included)
     if source.count == 0:
         return info

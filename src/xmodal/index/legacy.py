@@ -317,17 +317,7 @@ def _add(shards: Path, out: Path, modality: str, seed: int) -> dict[str, Any]:
     info = read_info(out)
     if info is None:
         raise IndexBuildError(f"{out}: no index to add to (build one first, without --add)")
-    if info["modality"] != modality:
-        raise IndexBuildError(f"{out} indexes {info['modality']}, not {modality}")
-    manifest = load_manifest(shards)
-    if manifest is None:
-        raise MissingFileError(f"{shards}: no manifest.json (not an `xmodal extract` output)")
-    check_compatible(
-        ModelIdentity.from_record(info),
-        ModelIdentity.from_record(manifest),
-        f"index {out} vs shards {shards}; not adding",
-    )
-    included = frozenset((s["dir"], s["file"]) for s in info["shards"])
+    included = addable_shards(shards, out, modality, info)
     _, new = load_vectors(shards, modality, skip=included)
     if not new.ids:
         return info
@@ -364,3 +354,21 @@ def _all_embeddings(shards: list[dict[str, Any]], modality: str) -> np.ndarray:
         )
         parts.append(vectors.embeddings)
     return np.concatenate(parts)
+
+
+def addable_shards(
+    shards: Path, out: Path, modality: str, info: dict[str, Any]
+) -> frozenset[tuple[str, str]]:
+    """Check that ``shards`` may be added to the index in ``out`` (same modality, same model)
+    and return the (dir, file) shards the index holds already."""
+    if info["modality"] != modality:
+        raise IndexBuildError(f"{out} indexes {info['modality']}, not {modality}")
+    manifest = load_manifest(shards)
+    if manifest is None:
+        raise MissingFileError(f"{shards}: no manifest.json (not an `xmodal extract` output)")
+    check_compatible(
+        ModelIdentity.from_record(info),
+        ModelIdentity.from_record(manifest),
+        f"index {out} vs shards {shards}; not adding",
+    )
+    return frozenset((s["dir"], s["file"]) for s in info["shards"])
