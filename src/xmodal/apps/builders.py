@@ -148,31 +148,44 @@ def _npm_pack(
     return cache_dir / name, info["integrity"]
 
 
-def _emoji_tarball(cache_dir: str | Path | None, tarball: str | Path | None) -> tuple[Path, str]:
-    """Path and integrity of the emoji tarball: the given one, the cached one or a fresh one."""
-    if tarball is not None:
-        path = Path(tarball)
-        if not path.is_file():
-            raise MissingFileError(f"emoji tarball not found: {path}")
-        return path, sha512_integrity(path)
-    cache = _cache_path(cache_dir)
-    return _cached_tarball(cache) or _npm_pack(cache)
-
-
 def _cache_path(cache_dir: str | Path | None) -> Path:
     return Path(cache_dir) if cache_dir else Path.home() / ".cache" / "xmodal" / "emoji"
 
 
-def _keywords_tarball(cache_dir: str | Path | None, tarball: str | Path | None) -> tuple[Path, str]:
-    """Path and integrity of the emojibase-data tarball (given, cached or from ``npm pack``)."""
+def _package_tarball(
+    cache_dir: str | Path | None,
+    tarball: str | Path | None,
+    package: str,
+    name: str,
+    how_to_skip: str,
+) -> tuple[Path, str]:
+    """Path and integrity of an npm package's tarball: the given one, the cached one or a fresh
+    one from ``npm pack`` (``how_to_skip`` ends the message when npm is missing)."""
     if tarball is not None:
         path = Path(tarball)
         if not path.is_file():
-            raise MissingFileError(f"emojibase-data tarball not found: {path}")
+            raise MissingFileError(f"{package.rsplit('@', 1)[0]} tarball not found: {path}")
         return path, sha512_integrity(path)
     cache = _cache_path(cache_dir)
-    return _cached_tarball(cache, KEYWORDS_TARBALL) or _npm_pack(
-        cache,
+    return _cached_tarball(cache, name) or _npm_pack(cache, package, name, how_to_skip)
+
+
+def _emoji_tarball(cache_dir: str | Path | None, tarball: str | Path | None) -> tuple[Path, str]:
+    """The emoji-datasource-google tarball (given, cached or from ``npm pack``)."""
+    return _package_tarball(
+        cache_dir,
+        tarball,
+        EMOJI_PACKAGE,
+        EMOJI_TARBALL,
+        "or pass tarball= (CLI: --from TARBALL) with a downloaded copy",
+    )
+
+
+def _keywords_tarball(cache_dir: str | Path | None, tarball: str | Path | None) -> tuple[Path, str]:
+    """The emojibase-data tarball (given, cached or from ``npm pack``)."""
+    return _package_tarball(
+        cache_dir,
+        tarball,
         KEYWORDS_PACKAGE,
         KEYWORDS_TARBALL,
         "or pass keywords_tarball= (CLI: --keywords-from TARBALL) with a downloaded copy, "
