@@ -10,7 +10,6 @@ decoded in the DataLoader workers that ``--what images`` uses.
 from __future__ import annotations
 
 import hashlib
-import math
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,11 @@ from xmodal.data.refs import location
 from xmodal.errors import ExtractError, IncompatibleError, IndexBuildError
 from xmodal.extract.mapper import PairScores
 from xmodal.extract.reader import TokenizedCaptions
-from xmodal.extract.writer import pa, pq  # MissingDependencyError without pyarrow
+from xmodal.extract.writer import (  # MissingDependencyError without pyarrow
+    modality_record,
+    pa,
+    pq,
+)
 from xmodal.processing import MultimodalProcessor, caption_problem
 
 PAIRS = "pairs"
@@ -70,25 +73,12 @@ def pairs_record(
     manifest: dict[str, Any], items: Sequence[PairItem], fused: bool, itm: bool, out: Path
 ) -> None:
     """Add (or check) the manifest's ``pairs`` record: same data, same ``fused`` setting."""
-    fingerprint = pairs_fingerprint(items)
-    scores = list(SCORE_COLUMNS) if itm else ["similarity"]
-    record = manifest["modalities"].get(PAIRS)
-    if record is None:
-        manifest["modalities"][PAIRS] = {
-            "items": len(items),
-            "items_hash": fingerprint,
-            "num_shards": math.ceil(len(items) / manifest["shard_size"]),
-            "shards": [],
-            "scores": scores,
-            "fused": fused,
-        }
+    fresh = PAIRS not in manifest["modalities"]
+    record = modality_record(manifest, PAIRS, len(items), pairs_fingerprint(items), out, "this run")
+    if fresh:
+        record["scores"] = list(SCORE_COLUMNS) if itm else ["similarity"]
+        record["fused"] = fused
         return
-    if record["items"] != len(items) or record["items_hash"] != fingerprint:
-        raise ExtractError(
-            f"{out} holds pairs of other data ({record['items']} pairs, fingerprint "
-            f"{record['items_hash']}) than this run ({len(items)} pairs, fingerprint "
-            f"{fingerprint}): use a new --out directory"
-        )
     if record.get("fused", False) != fused:
         raise ExtractError(
             f"{out} holds pairs extracted {'with' if record.get('fused') else 'without'} "

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +63,7 @@ from xmodal.extract.writer import (
     complete_shards,
     load_errors,
     load_manifest,
+    modality_record,
     now,
     remove_stale_temporaries,
     save_errors,
@@ -255,21 +255,7 @@ def _open_manifest(
 def _modality_record(
     manifest: dict[str, Any], modality: str, items: Sequence[Item], out: Path, data: str | Path
 ) -> None:
-    fingerprint = items_fingerprint(items)
-    record = manifest["modalities"].get(modality)
-    if record is None:
-        manifest["modalities"][modality] = {
-            "items": len(items),
-            "items_hash": fingerprint,
-            "num_shards": math.ceil(len(items) / manifest["shard_size"]),
-            "shards": [],
-        }
-    elif record["items"] != len(items) or record["items_hash"] != fingerprint:
-        raise ExtractError(
-            f"{out} holds {modality} of other data ({record['items']} items, fingerprint "
-            f"{record['items_hash']}) than {data} ({len(items)} items, fingerprint "
-            f"{fingerprint}): use a new --out directory"
-        )
+    modality_record(manifest, modality, len(items), items_fingerprint(items), out, str(data))
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -119,6 +120,28 @@ def load_manifest(directory: str | Path) -> dict[str, Any] | None:
     if "modalities" not in manifest and "kinds" in manifest:  # written before the rename
         manifest["modalities"] = manifest.pop("kinds")
     return manifest
+
+
+def modality_record(
+    manifest: dict[str, Any], modality: str, count: int, fingerprint: str, out: Path, data: str
+) -> dict[str, Any]:
+    """The manifest's record of ``modality`` (``count`` items hashed to ``fingerprint``): a new
+    one, or the existing one after checking that it holds the same items."""
+    record = manifest["modalities"].get(modality)
+    if record is None:
+        record = manifest["modalities"][modality] = {
+            "items": count,
+            "items_hash": fingerprint,
+            "num_shards": math.ceil(count / manifest["shard_size"]),
+            "shards": [],
+        }
+    elif record["items"] != count or record["items_hash"] != fingerprint:
+        raise ExtractError(
+            f"{out} holds {modality} of other data ({record['items']} items, fingerprint "
+            f"{record['items_hash']}) than {data} ({count} items, fingerprint "
+            f"{fingerprint}): use a new --out directory"
+        )
+    return record
 
 
 def save_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
