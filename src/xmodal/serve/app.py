@@ -88,7 +88,8 @@ def error_response(err: XmodalError, names: PublicNames) -> tuple[int, str]:
     """Status and one-line detail of an error; an indexed image is named by its public id,
     never by where it lives on the server."""
     if isinstance(err, IndexedImageError):
-        detail = str(err) if names.expose else f"image {names.ids[err.position]!r} {err.reason}"
+        shown = names.public_id(err.position)
+        detail = str(err) if names.expose else f"image {shown!r} {err.reason}"
         return (404 if err.gone else 500), detail
     status = next((code for kind, code in ERROR_STATUS if isinstance(err, kind)), 500)
     return status, str(err)
