@@ -103,6 +103,11 @@ class SearchIndex:
     def budgeted(self) -> bool:
         return "plan" in self.info
 
+    @property
+    def refinable(self) -> bool:
+        """Whether it keeps the vectors that exact re-ranking (``refine``) reads."""
+        return self.vectors is not None
+
     def search_parameters(
         self, nprobe: int | None = None, ef_search: int | None = None, k: int = RECALL_K
     ) -> faiss.SearchParameters | None:

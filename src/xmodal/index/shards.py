@@ -124,6 +124,11 @@ class ShardedIndex:
     def identity(self) -> ModelIdentity:
         return ModelIdentity.from_record(self.info)
 
+    @property
+    def refinable(self) -> bool:
+        """Whether every part keeps the vectors that exact re-ranking (``refine``) reads."""
+        return all(part.refinable for part in self.parts)
+
     def search_arrays(
         self,
         queries: np.ndarray,

@@ -46,6 +46,7 @@ class Health(BaseModel):
     params: dict[str, Any]
     model: dict[str, Any]
     processor_hash: str
+    refinable: bool  # whether a search may ask for exact re-ranking (refine)
 
 
 class Embeddings(BaseModel):
@@ -151,6 +152,7 @@ def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> Fas
             params=index.info["params"],
             model=model,
             processor_hash=index.info["processor_hash"],
+            refinable=index.refinable,
         )
 
     @app.post(
@@ -178,7 +180,9 @@ def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> Fas
         response_model=SearchResponse,
         summary="Search the index with a caption or an image",
         description='JSON `{"text": "...", "k": 10}` or a multipart `image` upload with form '
-        "fields `k`, `nprobe`, `ef_search`, `rerank`. Parameters apply to this request only. "
+        "fields `k`, `nprobe`, `ef_search`, `refine`, `rerank`. Parameters apply to this "
+        "request only; `refine` (exact re-ranking of a shortlist) needs an index built with "
+        "`--refine` (`refinable` in /health). "
         "Re-ranking uses the model's calibrated weight; at weight 0 results keep the ITC order "
         "and `rerank_note` says why. "
         "Hits name their dataset-relative location"
@@ -187,7 +191,13 @@ def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> Fas
         responses=problems,
     )
     async def search(query: SearchBody) -> SearchResponse:
-        options = {"nprobe": query.nprobe, "ef_search": query.ef_search}
+        if query.refine and not index.refinable:
+            raise HTTPException(
+                status_code=422,
+                detail="refine needs an index that keeps its vectors for exact re-ranking; "
+                "this one was built without --refine (leave refine out or set it to 0)",
+            )
+        options = {"nprobe": query.nprobe, "ef_search": query.ef_search, "refine": query.refine}
         if isinstance(query, models.text_search):
             kind = "text"
             run = partial(searcher.search_text, query.text, query.k, query.rerank, **options)

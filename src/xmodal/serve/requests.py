@@ -31,7 +31,7 @@ from xmodal.serve.settings import ServeSettings
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
-SEARCH_PARAMETERS = ("k", "nprobe", "ef_search", "rerank")
+SEARCH_PARAMETERS = ("k", "nprobe", "ef_search", "refine", "rerank")
 MAX_FORM_FIELDS = 20
 
 
@@ -97,6 +97,14 @@ def request_models(settings: ServeSettings) -> RequestModels:
         )
         nprobe: Positive = Field(None, description="IVF lists to visit (IVF indexes only)")
         ef_search: Positive = Field(None, description="HNSW search depth (HNSW indexes only)")
+        refine: Annotated[
+            int | None, Field(ge=0, le=settings.max_refine), BeforeValidator(_not_bool)
+        ] = Field(
+            None,
+            description="re-rank a shortlist of this many candidates exactly from the vectors "
+            "the index keeps (indexes built with --refine only); 0 turns it off; default: as "
+            "the index was built",
+        )
         rerank: bool = Field(
             False,
             description="re-score the top k with the ITM head, at the model's calibrated "

@@ -42,6 +42,9 @@ class ServeSettings:
     max_batch: int = _setting(32, "most captions or images per /embed request; more -> 422")
     max_k: int = _setting(100, "largest k a search may ask for; larger -> 422")
     default_k: int = _setting(10, "k of a search that does not give one")
+    max_refine: int = _setting(
+        1000, "largest exact re-ranking shortlist (refine) a search may ask for; larger -> 422"
+    )
     max_concurrency: int = _setting(4, "requests computing at once (model calls are serialised)")
 
     def __post_init__(self) -> None:
