@@ -234,7 +234,8 @@ def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> Fas
         responses={404: {"model": Problem}, 500: {"model": Problem}},
     )
     async def image(image_id: str) -> Response:
-        position = names.position(image_id) if index.modality == "images" else None
+        # the lookup reads the ids file (a row group per candidate): off the event loop
+        position = await compute(names.position, image_id) if index.modality == "images" else None
         if position is None:
             raise HTTPException(
                 status_code=404, detail=f"no image with id {image_id!r} in the index"
