@@ -18,6 +18,7 @@ from test_extract import read_all, save_tiny_model, tiny_processor
 from test_index import random_vectors, write_fake_shards
 
 from xmodal.cli import main
+from xmodal.errors import OutputError
 from xmodal.extract import extract
 from xmodal.index import SearchIndex, ShardedIndex, build_index
 from xmodal.models.identity import identify
@@ -330,3 +331,16 @@ def test_public_columns_behave_as_sequences(setup) -> None:
     with pytest.raises(IndexError):
         names.ids[IMAGES]
     assert names.image_ids == ()
+
+
+def test_a_folder_that_cannot_be_written_only_costs_a_rebuild(setup, monkeypatch, caplog) -> None:
+    def refuse(path):
+        raise OutputError(f"cannot write {path}: Read-only file system")
+
+    monkeypatch.setattr(public_module, "atomic_path", refuse)
+    index = SearchIndex(setup["root"] / "texts")
+    with caplog.at_level("WARNING", logger="xmodal.serve.public"):
+        names = PublicNames(index, cache_min_items=10)
+    assert "id lookup table not saved" in caplog.text and "Read-only" in caplog.text
+    assert not list((setup["root"] / "texts").glob("serve-names-*"))
+    assert names.position(names.ids[17]) == 17
