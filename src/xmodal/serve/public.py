@@ -109,9 +109,7 @@ class PublicNames:
     def root_at(self, position: int) -> str | None:
         """The folder the names at ``position`` are relative to."""
         root = self.roots[bisect.bisect_right(self.starts, position) - 1]
-        if root is None or not _inside(self._path_at(position), root):
-            return self.fallback
-        return root
+        return self.fallback if _outside(self._path_at(position), _prefix(root)) else root
 
     def public_id(self, position: int) -> str:
         raw = self.index.ids[position]
@@ -128,10 +126,9 @@ class PublicNames:
         return raw if self.expose or not raw else relative(raw, self.root_at(position))
 
     def _path_at(self, position: int) -> str | None:
-        """The absolute image path an entry names (its source for images, its image id for
-        captions), if any."""
+        """The image path an entry names: its source for images, its image id for captions."""
         column = self.index.sources if self.modality == "images" else self.index.image_ids
-        return _absolute(column[position])
+        return column[position]
 
     def position(self, public_id: str) -> int | None:
         """The first index position of the entry shown as ``public_id`` (None when there is
@@ -190,11 +187,10 @@ class PublicNames:
             paths = columns[self._path_column]
             folders: set[str] = set()
             for offset, end, root in self._segments(start, len(paths)):
-                prefix = None if root is None else root.rstrip(os.sep) + os.sep
+                prefix = _prefix(root)
                 for value in paths[offset:end]:
-                    path = _absolute(value)
-                    if path is not None and (prefix is None or not path.startswith(prefix)):
-                        folders.add(os.path.dirname(path))
+                    if value and is_absolute(value) and _outside(value, prefix):
+                        folders.add(os.path.dirname(value))
             if folders and not broken:
                 try:
                     common = os.path.commonpath(sorted(folders | ({common} if common else set())))
@@ -223,11 +219,9 @@ class PublicNames:
 
     def _public_batch(self, start: int, ids: list[str], paths: list[Any]) -> Iterator[str]:
         for offset, end, root in self._segments(start, len(ids)):
-            prefix = None if root is None else root.rstrip(os.sep) + os.sep
+            prefix = _prefix(root)
             for raw, value in zip(ids[offset:end], paths[offset:end], strict=True):
-                path = _absolute(value)
-                inside = prefix is not None and (path is None or path.startswith(prefix))
-                yield relative(raw, root if inside else self.fallback)
+                yield relative(raw, self.fallback if _outside(value, prefix) else root)
 
     def _batches(self, columns: list[str], what: str) -> Iterator[tuple[int, dict[str, list]]]:
         """(first position, {column: values}) of every batch of the ids files, in order."""
@@ -327,10 +321,18 @@ def save_table(folder: Path, mode: str, key: str, table: np.ndarray, fallback: s
             old.unlink(missing_ok=True)
 
 
+def _posix_absolute(value: str) -> bool:
+    return value.startswith("/")
+
+
+# os.path.isabs, without its generic-path overhead where a path is absolute by its first "/"
+is_absolute: Callable[[str], bool] = _posix_absolute if os.name == "posix" else os.path.isabs
+
+
 def relative(value: str, root: str | None) -> str:
     """``value`` relative to ``root`` when it is an absolute path (its file name when no root is
     known); anything else (an image id, a tar member ``shard.tar:name``) as it is."""
-    if not os.path.isabs(value):
+    if not is_absolute(value):
         return value
     if root is None:
         return Path(value).name
@@ -374,10 +376,15 @@ def _manifest_root(directory: str) -> str | None:
     return data if Path(data).is_dir() else str(Path(data).parent)
 
 
-def _absolute(value: Any) -> str | None:
-    return value if value and os.path.isabs(value) else None
+def _prefix(root: str | None) -> str | None:
+    """What every path inside the folder ``root`` starts with."""
+    return None if root is None else root.rstrip(os.sep) + os.sep
 
 
-def _inside(path: str | None, root: str) -> bool:
-    """Whether ``path`` (when it is one) lies under the folder ``root``."""
-    return path is None or path.startswith(root.rstrip(os.sep) + os.sep)
+def _outside(path: str | None, prefix: str | None) -> bool:
+    """Whether an entry naming the image ``path`` is named relative to the fallback folder:
+    its dataset folder is unknown (``prefix`` None), or ``path`` is an absolute path outside it
+    (relative to the dataset, its name would climb the server's folders with ``..``)."""
+    if prefix is None:
+        return True
+    return bool(path) and is_absolute(path) and not path.startswith(prefix)
