@@ -61,21 +61,22 @@ class IdsFile:
         for group in range(meta.num_row_groups):
             self.starts.append(self.starts[-1] + meta.row_group(group).num_rows)
         self.names = set(self.file.schema_arrow.names)
-        self._cache: OrderedDict[tuple[str, int], list[Any]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int], pa.Array] = OrderedDict()
         self._lock = threading.Lock()
 
     def column(self, name: str) -> ColumnView:
         return ColumnView(self, name)
 
-    def group(self, name: str, group: int) -> list[Any]:
-        """One row group of one column, as a Python list (cached)."""
+    def group(self, name: str, group: int) -> pa.Array:
+        """One row group of one column (cached as Arrow, not as Python objects: a lookup turns
+        only the value it needs into one)."""
         key = (name, group)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
             if name not in self.names:  # older ids files hold only the modality's column
-                values = [None] * (self.starts[group + 1] - self.starts[group])
+                values = pa.nulls(self.starts[group + 1] - self.starts[group], pa.string())
             else:
                 try:
                     table = self.file.read_row_group(group, columns=[name])
@@ -83,7 +84,7 @@ class IdsFile:
                     raise IndexBuildError(
                         f"{self.path}: cannot read row group {group} ({err})"
                     ) from None
-                values = table.column(0).to_pylist()
+                values = table.column(0).combine_chunks()
             self._cache[key] = values
             if len(self._cache) > CACHED_GROUPS:
                 self._cache.popitem(last=False)
@@ -93,7 +94,7 @@ class IdsFile:
         if not 0 <= position < self.count:
             raise IndexError(f"position {position} outside the index (0..{self.count - 1})")
         group = bisect.bisect_right(self.starts, position) - 1
-        return self.group(name, group)[position - self.starts[group]]
+        return self.group(name, group)[position - self.starts[group]].as_py()
 
 
 class ColumnView(Sequence):
@@ -116,7 +117,7 @@ class ColumnView(Sequence):
 
     def __iter__(self) -> Iterator[Any]:
         for group in range(len(self.ids.starts) - 1):
-            yield from self.ids.group(self.name, group)
+            yield from self.ids.group(self.name, group).to_pylist()
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Sequence) and not isinstance(other, str):
