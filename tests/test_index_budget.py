@@ -27,7 +27,7 @@ from xmodal.index import (
     planned,
     store,
 )
-from xmodal.index.budget import candidates, pick_nlist
+from xmodal.index.budget import batch_rows, candidates, pick_nlist, process_memory
 
 LIKE = {
     "format": "xmodal.embeddings/1",
@@ -103,6 +103,30 @@ def test_too_small_budgets_are_refused_up_front(data, tmp_path: Path, capsys) ->
     assert not (tmp_path / "i").exists()
     with pytest.raises(IndexBuildError, match="--max-build-memory 1M is too small"):
         plan_index(1_000_000, 512, 1 << 30, max_build_memory=1 << 20)
+
+
+def test_the_build_budget_counts_the_process_itself(data, tmp_path: Path) -> None:
+    """Memory the process already holds (interpreter, libraries) leaves less for batches; a
+    budget it eats is refused naming what the process holds; index.json records it."""
+    assert process_memory() > 10 << 20  # a Python process with numpy and faiss loaded
+    plan = plan_index(10_000_000, 512, 2 << 30, 2 << 30)
+    spare_rows = batch_rows(plan, 2 << 30)
+    assert batch_rows(plan, 2 << 30, reserved=200 << 20) < spare_rows
+    per_row = 10 * 512 + plan.code_size + 8 + 8 * plan.nlist
+    assert spare_rows - batch_rows(plan, 2 << 30, 200 << 20) == pytest.approx(
+        (200 << 20) / per_row, abs=1
+    )
+    assert plan_index(10_000_000, 512, 2 << 30, 2 << 30, reserved=1 << 29) == plan
+    with pytest.raises(IndexBuildError, match=r"needs 2\.[0-9]G, 1\.5G of it this process"):
+        plan_index(10_000_000, 512, 2 << 30, 2 << 30, reserved=3 << 29)
+    info = build_index(
+        data["shards"],
+        tmp_path / "i",
+        modality="texts",
+        max_index_memory="100K",
+        max_build_memory="1G",
+    )
+    assert info["budget"]["process_bytes"] > 10 << 20
 
 
 @pytest.mark.parametrize(

@@ -154,11 +154,13 @@ def plan_index(
     max_index_memory: int,
     max_build_memory: int | None = None,
     flat_max: int = FLAT_MAX,
+    reserved: int = 0,
 ) -> IndexPlan:
     """The most accurate index of ``count`` x ``dim`` vectors within the budgets.
 
     Exact search below ``flat_max`` vectors while it fits; then IVF-Flat, IVF-SQ8, IVF-SQ4 and
-    IVF-PQ with ever fewer bytes per vector. A budget too small for any of them raises
+    IVF-PQ with ever fewer bytes per vector. ``reserved``: build memory already in use (the
+    process itself, see :func:`process_memory`). A budget too small for any of them raises
     IndexBuildError naming the smallest budget that works.
     """
     if count < 1:
@@ -169,13 +171,14 @@ def plan_index(
     if count >= flat_max or plans[0] not in fitting:
         fitting = [p for p in fitting if p.kind != "flat"] or fitting
     if max_build_memory is not None:
-        buildable = [p for p in fitting if p.build_bytes() <= max_build_memory]
+        buildable = [p for p in fitting if p.build_bytes() + reserved <= max_build_memory]
         if fitting and not buildable:
             least = min(fitting, key=lambda p: p.build_bytes())
+            process = f", {format_size(reserved)} of it this process itself" if reserved else ""
             raise IndexBuildError(
                 f"--max-build-memory {format_size(max_build_memory)} is too small to build an "
                 f"index of {count:,} {dim}-d vectors: the smallest build ({least.factory()}) "
-                f"needs {format_size(least.build_bytes())}"
+                f"needs {format_size(least.build_bytes() + reserved)}{process}"
             )
         fitting = buildable
     if not fitting:
@@ -188,12 +191,26 @@ def plan_index(
     return fitting[0]
 
 
-def batch_rows(plan: IndexPlan, max_build_memory: int | None) -> int:
-    """Rows to read and add at once: what the build memory leaves after training."""
+def batch_rows(plan: IndexPlan, max_build_memory: int | None, reserved: int = 0) -> int:
+    """Rows to read and add at once: what the build memory leaves after the process itself
+    (``reserved``) and training."""
     if max_build_memory is None:
         return BATCH_ROWS
     if plan.kind == "flat":
         return BATCH_ROWS
-    spare = max_build_memory - plan.build_bytes(0)
+    spare = max_build_memory - reserved - plan.build_bytes(0)
     per_row = 10 * plan.dim + plan.code_size + ID_BYTES + 8 * max(1, plan.nlist)
     return int(min(BATCH_ROWS, max(MIN_BATCH_ROWS, spare // per_row)))
+
+
+def process_memory() -> int:
+    """Anonymous resident memory of this process in bytes (the interpreter and its libraries
+    before a build starts; Linux ``/proc/self/status``), 0 where it cannot be read."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0

@@ -60,8 +60,9 @@ def build_planned(
 ) -> dict[str, Any]:
     """Build the index the budget picks over ``source`` into ``out`` (a new generation)."""
     started = time.perf_counter()
+    reserved = budgets.process_memory() if max_build_memory is not None else 0
     plan = budgets.plan_index(
-        source.count, source.dim, max_index_memory, max_build_memory, flat_max
+        source.count, source.dim, max_index_memory, max_build_memory, flat_max, reserved
     )
     rng = np.random.default_rng(seed)
     held_count = min(HELD_OUT, source.count // 10) if plan.kind != "flat" else 0
@@ -85,7 +86,7 @@ def build_planned(
             plan, opq_check = choose_opq(plan, train, seed)
         trained = train_index(plan, train, seed)
         del train
-        rows = budgets.batch_rows(plan, max_build_memory)
+        rows = budgets.batch_rows(plan, max_build_memory, reserved)
         vectors = VectorsWriter(work / VECTORS_FILE, source.dtype) if refine else None
         ids = IdsWriter(work / files["ids_file"])
         index, added = add_batches(plan, trained, source, 0, rows, work, ids, vectors, held)
@@ -111,6 +112,7 @@ def build_planned(
                 "max_build_memory": max_build_memory,
                 "index_bytes": plan.index_bytes(),
                 "build_bytes": plan.build_bytes(rows),
+                "process_bytes": reserved,
                 "batch_rows": rows,
             },
             "plan": plan.describe(),
