@@ -438,8 +438,9 @@ class _Run:
             return iter(
                 image_loader(refs, self.processor, batches, plan.workers, channels_last, pin)
             )
+        ahead = 0 if plan.take_turns else 1
         return iter(
-            ThreadedImageBatches(refs, self.processor, batches, plan.threads, channels_last)
+            ThreadedImageBatches(refs, self.processor, batches, plan.threads, channels_last, ahead)
         )
 
     def _texts(self, items: Sequence[Item], pending: list[int], bar: tqdm) -> None:
