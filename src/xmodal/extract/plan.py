@@ -67,6 +67,13 @@ def best_share(decode_s: float, model_s: float, cores: int) -> float:
     return model_s / (model_s + max(decode_s, 0.0) / max(cores, 1))
 
 
+def take_turns(cores: int, accelerated: bool) -> bool:
+    """Whether host work (decoding, tokenising) should run between the model's calls instead of
+    beside them: a model on ``cores`` <= ``THREAD_DECODE_CORES`` CPU cores uses them all in
+    every op, and threads of this process can do the host work on all of them in its turn."""
+    return not accelerated and 1 < cores <= THREAD_DECODE_CORES
+
+
 def plan_decoding(
     cores: int,
     accelerated: bool,
@@ -82,9 +89,9 @@ def plan_decoding(
         if workers == 0:
             return DecodePlan(0, 1, 1, "GPU model, one core: decode threads beside it")
         return DecodePlan(workers, 0, 1, "GPU model: every core but one decodes")
-    if cores <= THREAD_DECODE_CORES:
-        if cores == 1:
-            return DecodePlan(0, 0, 1, "CPU model, one core: decode between the model's calls")
+    if cores == 1:
+        return DecodePlan(0, 0, 1, "CPU model, one core: decode between the model's calls")
+    if take_turns(cores, accelerated):
         reason = f"CPU model, {cores} cores: decode threads and the model take turns"
         return DecodePlan(0, cores, cores, reason, take_turns=True)
     if decode_s is None or model_s is None:

@@ -38,7 +38,13 @@ from xmodal.extract.pairs import (
     plan_pairs,
     write_pair_shard,
 )
-from xmodal.extract.plan import DecodePlan, explicit_plan, local_cores, plan_decoding
+from xmodal.extract.plan import (
+    DecodePlan,
+    explicit_plan,
+    local_cores,
+    plan_decoding,
+    take_turns,
+)
 from xmodal.extract.ranks import (
     fold_errors,
     fold_shards,
@@ -450,9 +456,13 @@ class _Run:
                 positions = range(start, end)
                 yield k, list(text_batches(items, positions, self.processor, self.batch_size))
 
+        # The next shard is tokenised in a thread while this one is embedded; on a CPU model
+        # with few cores, between two shards instead (on all cores: the fast tokenizers' own
+        # threads), as images are decoded there (:func:`xmodal.extract.plan.take_turns`).
+        turns = take_turns(local_cores(), self.mapper.device.type == "cuda")
+        ahead = 0 if turns else 1
         with OrderedWriter() as writer:
-            # The next shard is tokenised in a thread while this one is embedded.
-            for k, batches in run_ahead(tokenised(), ahead=1, name="xmodal-tokenise"):
+            for k, batches in run_ahead(tokenised(), ahead=ahead, name="xmodal-tokenise"):
                 buffer = _ShardBuffer(*self._bounds(k, len(items)), self.mapper.dim)
                 for batch, embeddings, _ in _lagged(iter(batches), self._start_texts):
                     buffer.put(batch.positions, embeddings)
