@@ -28,11 +28,13 @@ spends in the model during ``extract()`` (CUDA events around each tower call).
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_extract.py   # 5 rounds, ~3 min on 2 quiet cores
     python bench/bench_extract.py --device cuda --gpu-busy --limit 8192 --model-images 4096
+    python bench/bench_extract.py --also-beside   # + the pipeline before taking turns, A/B
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -53,6 +55,7 @@ from common import (
 )
 from PIL import Image
 
+import xmodal.extract.plan as plan
 import xmodal.extract.runner as runner
 from xmodal.data import load_dataset
 from xmodal.data.images import ImageCollator, decode_crop
@@ -87,6 +90,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=None, help="decode workers (default: auto)")
     parser.add_argument("--gpu-busy", action="store_true", help="print the GPU's busy share")
+    parser.add_argument(
+        "--also-beside",
+        action="store_true",
+        help="also run extract() with host work beside the model instead of taking turns (decode "
+        "thread one batch ahead, next shard tokenised in a thread), for an A/B in the same rounds",
+    )
     add_machine_args(parser)
     return parser.parse_args()
 
@@ -230,30 +239,48 @@ PLANS: list[str] = []  # how extract() split the cores, per image run (its plan'
 
 def recorded_plan(*args, **kwargs):
     """:func:`xmodal.extract.plan.plan_decoding`, remembering each plan's reason."""
-    plan = plan_decoding(*args, **kwargs)
-    PLANS.append(plan.reason)
-    return plan
+    chosen = plan_decoding(*args, **kwargs)
+    PLANS.append(chosen.reason)
+    return chosen
 
 
-def run_extract(model_dir: Path, data: Path, out: Path, args, backend: str) -> dict[str, float]:
-    """steady items/s between the first and last finished shard (and the GPU's busy share)."""
+@contextlib.contextmanager
+def host_work_beside(beside: bool):
+    """With ``beside``, make ``extract()`` never take turns (the pipeline before it did)."""
+    if not beside:
+        yield
+        return
+    saved = plan.take_turns, runner.take_turns
+    plan.take_turns = runner.take_turns = lambda cores, accelerated: False
+    try:
+        yield
+    finally:
+        plan.take_turns, runner.take_turns = saved
+
+
+def run_extract(
+    model_dir: Path, data: Path, out: Path, args, backend: str, beside: bool = False
+) -> dict[str, float]:
+    """steady items/s between the first and last finished shard (and the GPU's busy share);
+    ``beside``: host work beside the model (:func:`host_work_beside`)."""
     modality = "texts" if data.stem == "captions" else "images"
     rows = sum(1 for _ in data.open()) if modality == "texts" else None
     count = rows or len({json.loads(line)["image"] for line in data.open()})
     stamps: list[tuple[float, float]] = []  # (wall, this process's CPU time) per shard
     TimedMappers.made.clear()
-    manifest = extract(
-        model_dir,
-        data,
-        out,
-        modality=modality,
-        shard_size=-(-count // args.shards),
-        batch_size=args.batch_size,
-        progress=False,
-        on_shard=lambda _m, _k: stamps.append((time.perf_counter(), time.process_time())),
-        workers=args.workers,
-        options=MapperOptions(device=args.device, precision=args.precision, backend=backend),
-    )
+    with host_work_beside(beside):
+        manifest = extract(
+            model_dir,
+            data,
+            out,
+            modality=modality,
+            shard_size=-(-count // args.shards),
+            batch_size=args.batch_size,
+            progress=False,
+            on_shard=lambda _m, _k: stamps.append((time.perf_counter(), time.process_time())),
+            workers=args.workers,
+            options=MapperOptions(device=args.device, precision=args.precision, backend=backend),
+        )
     shards = manifest["modalities"][modality]["shards"]
     steady_rows = sum(s["rows"] for s in shards[1:])
     (wall0, cpu0), (wall1, cpu1) = stamps[0], stamps[-1]
@@ -281,6 +308,7 @@ def main() -> None:
     caps: dict[tuple[str, str], list[float]] = {}
     busy: dict[tuple[str, str], list[float]] = {}
     work: dict[tuple[str, str], list[float]] = {}  # model-only CPU time over extract()'s
+    beside: dict[tuple[str, str], list[float]] = {}  # --also-beside: that pipeline's shares
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="xmodal-bench-extract-") as tmp:
         folder = Path(tmp)
@@ -333,6 +361,11 @@ def main() -> None:
                     results[f"round {round_} {backend} {name} extract()/s"] = got["steady"]
                     ratio = 100 * got["steady"] / only[name]
                     line.append(f"{name} {got['steady']:.0f}/{only[name]:.0f} = {ratio:.0f}%")
+                    if args.also_beside:
+                        out = folder / f"out-{backend}-{name}-{round_}-beside"
+                        other = run_extract(model_dir, data[name], out, args, backend, True)
+                        beside.setdefault(key, []).append(other["steady"] / only[name])
+                        line[-1] += f" (beside {100 * beside[key][-1]:.0f}%)"
                 print(
                     f"round {round_} {backend:5}: "
                     + ", ".join(line)
@@ -371,6 +404,10 @@ def main() -> None:
             cpu = median(work[(backend, name)])
             results[f"{backend} {name} CPU-time share, median"] = cpu
             print(f"{text}  {'PASS' if ok else 'FAIL'}   (CPU-time share {100 * cpu:.0f}%)")
+            if (backend, name) in beside:
+                other = median(beside[(backend, name)])
+                results[f"{backend} {name} share with host work beside, median"] = other
+                print(f"  {'':5} {'':8} {100 * other:5.1f}%  with host work beside the model")
     print(
         f"\n{'all goals PASS' if passed else 'some goals FAIL'} ({cores} cores, load at the end "
         f"{load_average():.2f}; {time.perf_counter() - started:.0f} s). On a shared machine the "
