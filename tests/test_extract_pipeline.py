@@ -23,6 +23,7 @@ from xmodal.extract.plan import (
     explicit_plan,
     local_cores,
     plan_decoding,
+    take_turns,
 )
 
 
@@ -45,6 +46,13 @@ def test_on_two_cores_decode_threads_and_the_model_take_turns_on_every_core():
         assert plan.take_turns
     one = plan_decoding(1, accelerated=False, decode_s=4e-3, model_s=3.8e-3)
     assert one == DecodePlan(0, 0, 1, one.reason)  # decoded in the model's own thread
+
+
+def test_host_work_takes_turns_only_for_a_cpu_model_on_two_cores():
+    assert take_turns(2, accelerated=False)
+    assert not take_turns(1, accelerated=False)  # nothing to share: the model's own thread
+    assert not take_turns(4, accelerated=False)  # host work beside the model on its own cores
+    assert not take_turns(2, accelerated=True)  # the host works while the GPU does
 
 
 def test_light_decoding_on_many_cores_uses_threads_ahead_and_leaves_the_model_every_core():
@@ -218,6 +226,13 @@ def test_automatic_plan_writes_the_rows_of_the_serial_path(
     planner = runner.plan_decoding
     monkeypatch.setattr(runner, "local_cores", lambda: cores)
     monkeypatch.setattr(runner, "plan_decoding", lambda *a: plans.append(planner(*a)) or plans[-1])
+    aheads = []  # captions: the next shard tokenised ahead in a thread (1) or in turn (0)
+    ahead_of = runner.run_ahead
+    monkeypatch.setattr(
+        runner,
+        "run_ahead",
+        lambda items, ahead, name: aheads.append(ahead) or ahead_of(items, ahead),
+    )
     processor = tiny_processor(minilm_tokenizer, minilm_path)
     model = save_tiny_model(tmp_path / "model", processor)
     data = make_image_folder(tmp_path / "data")
@@ -234,6 +249,7 @@ def test_automatic_plan_writes_the_rows_of_the_serial_path(
     assert (planned / "errors.jsonl").read_text() == (serial / "errors.jsonl").read_text()
     assert load_manifest(planned)["modalities"] == load_manifest(serial)["modalities"]
     assert [p.take_turns for p in plans] == [cores == 2]
+    assert aheads == [0 if cores == 2 else 1] * 2  # the serial run too: it has 0 workers only
 
 
 def test_shards_dictionary_encode_only_the_strings(tmp_path: Path) -> None:
