@@ -7,7 +7,6 @@ manifest.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -76,7 +75,8 @@ from xmodal.extract.writer import (
     save_manifest,
     save_skipped,
     shard_name,
-    write_shard,
+    shard_table,
+    write_table_atomic,
 )
 from xmodal.models.identity import ModelIdentity, check_compatible, identify
 from xmodal.presets import load_model
@@ -396,9 +396,7 @@ class _Run:
                 )
                 left[k] -= 1
                 if not left[k]:
-                    writer.submit(
-                        functools.partial(self._finish, "images", k, items, buffers.pop(k))
-                    )
+                    writer.submit(self._finish("images", k, items, buffers.pop(k)))
 
     def _start_images(self, batch: ImageBatch) -> Pending | None:
         if batch.pixel_values is None:
@@ -467,14 +465,18 @@ class _Run:
                 for batch, embeddings, _ in _lagged(iter(batches), self._start_texts):
                     buffer.put(batch.positions, embeddings)
                     bar.update(len(batch.positions))
-                writer.submit(functools.partial(self._finish, "texts", k, items, buffer))
+                writer.submit(self._finish("texts", k, items, buffer))
 
     def _start_texts(self, batch: TextBatch) -> Pending:
         return self.mapper.start_texts(batch.input_ids, batch.attention_mask)
 
-    def _finish(self, modality: str, k: int, items: Sequence[Item], buffer: _ShardBuffer) -> None:
-        """Write shard k, then the error log, then the manifest (in that order, for resuming).
-        Runs in the background writer's thread, one shard after another in their order."""
+    def _finish(
+        self, modality: str, k: int, items: Sequence[Item], buffer: _ShardBuffer
+    ) -> Callable[[], None]:
+        """Shard k's table and records, built here, in the model's thread between two batches;
+        the returned job writes the shard, then the error log, then the manifest (in that order,
+        for resuming) in the background writer's thread, one shard after another in their order.
+        Building them there would hold the GIL the model's thread needs between its calls."""
         file = shard_name(modality, k)
         rows = [buffer.start + i for i in np.flatnonzero(buffer.ok)]
         chosen = [items[p] for p in rows]
@@ -482,7 +484,7 @@ class _Run:
             extra = {"location": [location(item.ref) for item in chosen]}
         else:
             extra = {"image_id": [item.image_id for item in chosen]}
-        write_shard(
+        table = shard_table(
             self.out / file,
             [item.id for item in chosen],
             [item.source for item in chosen],
@@ -508,7 +510,12 @@ class _Run:
             "rows": len(rows),
             "failed": len(buffer.failures),
         }
-        self._record_shard(modality, k, entry, failures)
+
+        def write() -> None:
+            write_table_atomic(self.out / file, table)
+            self._record_shard(modality, k, entry, failures)
+
+        return write
 
     def _pairs(self, items: Sequence[PairItem], pending: list[int], bar: tqdm) -> None:
         """Score the pending shards' pairs: images decoded in the workers, captions bucketed by
