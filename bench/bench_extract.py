@@ -16,7 +16,10 @@ For each backend and each round (rounds interleave, so background load touches a
 - the wall time per caption of tokenising the shards (the tokenizer's threads on every core)
   and the cap it sets where ``extract()`` tokenises between shards (a CPU model on <= 2 cores,
   :func:`xmodal.extract.plan.take_turns`): ``m / (m + t)``;
-- the decode plan ``extract()`` chose for each data set (round 1).
+- the decode plan ``extract()`` chose for each data set (round 1);
+- unless ``--no-also-beside``, ``extract()`` once more per round with host work beside the
+  model instead of taking turns with it (the pipeline before: a decode thread one batch ahead,
+  the next shard tokenised in a thread): an A/B of the two in the same rounds.
 
 The medians of the per-round ratios are checked against the goals (issue 16): captions >= 95%
 of model only, small PNGs (emoji) >= 90%, JPEG photos within 3 points of their cap.
@@ -26,9 +29,9 @@ skimage photos shrunk to 72 px PNGs with generated captions; JPEGs are skimage p
 640x480 (quality 90). ``--gpu-busy`` (with a GPU) also prints the share of wall time the GPU
 spends in the model during ``extract()`` (CUDA events around each tower call).
 
-    OMP_WAIT_POLICY=PASSIVE python bench/bench_extract.py   # 5 rounds, ~3 min on 2 quiet cores
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_extract.py   # 5 rounds, ~5 min on 2 quiet cores
     python bench/bench_extract.py --device cuda --gpu-busy --limit 8192 --model-images 4096
-    python bench/bench_extract.py --also-beside   # + the pipeline before taking turns, A/B
+    python bench/bench_extract.py --no-also-beside   # without the A/B against host work beside
 """
 
 from __future__ import annotations
@@ -92,9 +95,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gpu-busy", action="store_true", help="print the GPU's busy share")
     parser.add_argument(
         "--also-beside",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="also run extract() with host work beside the model instead of taking turns (decode "
-        "thread one batch ahead, next shard tokenised in a thread), for an A/B in the same rounds",
+        "thread one batch ahead, next shard tokenised in a thread), an A/B in the same rounds "
+        "(default; --no-also-beside skips it)",
     )
     add_machine_args(parser)
     return parser.parse_args()
