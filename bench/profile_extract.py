@@ -20,9 +20,11 @@ from xmodal.extract.mapper import MapperOptions
 from xmodal.presets import load_model
 
 STAGES = {
-    "model (tower calls)": ("onnxruntime_pybind11_state.run", "mapper.py:start_"),
-    "projection + norm": ("model.py:embed_image_pooled", "model.py:embed_text_pooled"),
+    "model (mapper calls)": ("mapper.py:start_",),
+    "  of which ONNX Runtime": ("onnxruntime_pybind11_state.run",),
+    "  of which projection + norm": ("model.py:embed_image_pooled", "model.py:embed_text_pooled"),
     "tokenising": ("reader.py:text_batches",),
+    "decoding (waited for)": ("images.py:_start", "images.py:_finish"),
     "shard writing": ("runner.py:_finish",),
 }
 
@@ -72,7 +74,7 @@ def main() -> None:
     loop = total("runner.py:_images", "runner.py:_texts")
     print(f"{args.modality}: {wall:.1f} s in all, steady loop {loop:.1f} s of the main thread")
     for stage, patterns in STAGES.items():
-        print(f"  {stage:22} {100 * total(*patterns) / loop:5.1f}% of the loop")
+        print(f"  {stage:30} {100 * total(*patterns) / loop:5.1f}% of the loop")
     print(f"  process CPU {own:.1f} s, decode worker processes {workers:.1f} s")
 
 

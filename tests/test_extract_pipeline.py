@@ -23,6 +23,7 @@ from xmodal.extract.plan import (
     explicit_plan,
     local_cores,
     plan_decoding,
+    take_turns,
 )
 
 
@@ -35,13 +36,29 @@ def test_decode_share_and_cap_follow_the_costs():
     assert best_share(1e-3, 4e-3, 16) > best_share(1e-3, 4e-3, 2)  # more cores, higher cap
 
 
-def test_light_decoding_on_few_cores_uses_threads_and_leaves_the_model_every_core():
-    emoji = plan_decoding(2, accelerated=False, decode_s=0.6e-3, model_s=3.8e-3)
-    assert emoji.workers == 0 and emoji.threads == 1 and emoji.model_threads == 2
-    photos = plan_decoding(2, accelerated=False, decode_s=4e-3, model_s=3.8e-3)  # 0.7 cores
-    assert photos.workers == 0 and photos.threads == 1 and photos.model_threads == 2
-    big = plan_decoding(2, accelerated=False, decode_s=8e-3, model_s=3.8e-3)  # 1.03 cores
-    assert big.workers == 0 and big.threads == 2 and big.model_threads == 2
+def test_on_two_cores_decode_threads_and_the_model_take_turns_on_every_core():
+    # light or heavy decoding alike: one decode thread per core while the model waits, then
+    # the model on every core with nothing beside it (m + d / cores, the cap itself)
+    for decode_s in (0.6e-3, 4e-3, 8e-3, None):
+        model_s = None if decode_s is None else 3.8e-3
+        plan = plan_decoding(2, accelerated=False, decode_s=decode_s, model_s=model_s)
+        assert plan.workers == 0 and plan.threads == 2 and plan.model_threads == 2
+        assert plan.take_turns
+    one = plan_decoding(1, accelerated=False, decode_s=4e-3, model_s=3.8e-3)
+    assert one == DecodePlan(0, 0, 1, one.reason)  # decoded in the model's own thread
+
+
+def test_host_work_takes_turns_only_for_a_cpu_model_on_two_cores():
+    assert take_turns(2, accelerated=False)
+    assert not take_turns(1, accelerated=False)  # nothing to share: the model's own thread
+    assert not take_turns(4, accelerated=False)  # host work beside the model on its own cores
+    assert not take_turns(2, accelerated=True)  # the host works while the GPU does
+
+
+def test_light_decoding_on_many_cores_uses_threads_ahead_and_leaves_the_model_every_core():
+    light = plan_decoding(16, accelerated=False, decode_s=0.6e-3, model_s=0.5e-3)  # 1.1 cores
+    assert light.workers == 0 and light.threads == 2 and light.model_threads == 16
+    assert not light.take_turns
 
 
 def test_heavy_decoding_on_many_cores_gets_worker_processes():
@@ -49,9 +66,7 @@ def test_heavy_decoding_on_many_cores_gets_worker_processes():
     plan = plan_decoding(16, accelerated=False, decode_s=12e-3, model_s=0.5e-3)
     need = decode_share(12e-3, 0.5e-3, 16) * 16
     assert plan.workers == int(np.ceil(need)) and plan.threads == 0
-    assert plan.model_threads == 16 - plan.workers
-    light = plan_decoding(16, accelerated=False, decode_s=0.6e-3, model_s=0.5e-3)
-    assert light.workers == 0 and light.threads >= 1 and light.model_threads == 16
+    assert plan.model_threads == 16 - plan.workers and not plan.take_turns
 
 
 def test_a_gpu_model_gets_every_core_but_one_for_decoding():
@@ -62,8 +77,8 @@ def test_a_gpu_model_gets_every_core_but_one_for_decoding():
 
 
 def test_unmeasured_and_explicit_plans():
-    assert plan_decoding(2, accelerated=False) == DecodePlan(
-        0, 1, 2, plan_decoding(2, False).reason
+    assert plan_decoding(8, accelerated=False) == DecodePlan(
+        0, 1, 8, plan_decoding(8, False).reason
     )
     assert plan_decoding(1, accelerated=False).threads == 0
     assert explicit_plan(1, 2, accelerated=False).model_threads == 2  # light decoding: share
@@ -95,15 +110,17 @@ def image_refs(tmp_path):
     return refs
 
 
-@pytest.mark.parametrize("threads", [0, 1, 3])
+@pytest.mark.parametrize(("threads", "ahead"), [(0, 1), (1, 2), (3, 2), (2, 0), (3, 0)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_threaded_batches_equal_the_collated_ones(processor, image_refs, threads, channels_last):
+def test_threaded_batches_equal_the_collated_ones(
+    processor, image_refs, threads, ahead, channels_last
+):
     batches = [[0, 1, 2], [3, 4, 5], [6, 7]]
     collate = ImageCollator(processor, channels_last)
     decoded = DecodedImages(image_refs, processor)
     want = [collate([decoded[i] for i in b]) for b in batches]
     got = list(
-        ThreadedImageBatches(image_refs, processor, batches, threads, channels_last, ahead=2)
+        ThreadedImageBatches(image_refs, processor, batches, threads, channels_last, ahead=ahead)
     )
     assert len(got) == len(want) == 3
     for g, w in zip(got, want, strict=True):
@@ -199,9 +216,23 @@ def test_ordered_writer_raises_at_the_next_submit():
 
 
 # -- extract() with the planned pipeline --------------------------------------------------------
+@pytest.mark.parametrize("cores", [2, 4])  # decode threads taking turns / running ahead
 def test_automatic_plan_writes_the_rows_of_the_serial_path(
-    tmp_path: Path, minilm_tokenizer, minilm_path: str
+    tmp_path: Path, minilm_tokenizer, minilm_path: str, monkeypatch, cores: int
 ) -> None:
+    from xmodal.extract import runner
+
+    plans = []
+    planner = runner.plan_decoding
+    monkeypatch.setattr(runner, "local_cores", lambda: cores)
+    monkeypatch.setattr(runner, "plan_decoding", lambda *a: plans.append(planner(*a)) or plans[-1])
+    aheads = []  # captions: the next shard tokenised ahead in a thread (1) or in turn (0)
+    ahead_of = runner.run_ahead
+    monkeypatch.setattr(
+        runner,
+        "run_ahead",
+        lambda items, ahead, name: aheads.append(ahead) or ahead_of(items, ahead),
+    )
     processor = tiny_processor(minilm_tokenizer, minilm_path)
     model = save_tiny_model(tmp_path / "model", processor)
     data = make_image_folder(tmp_path / "data")
@@ -217,6 +248,29 @@ def test_automatic_plan_writes_the_rows_of_the_serial_path(
         np.testing.assert_allclose(b["embeddings"], a["embeddings"], atol=1e-6)
     assert (planned / "errors.jsonl").read_text() == (serial / "errors.jsonl").read_text()
     assert load_manifest(planned)["modalities"] == load_manifest(serial)["modalities"]
+    assert [p.take_turns for p in plans] == [cores == 2]
+    assert aheads == [0 if cores == 2 else 1] * 2  # the serial run too: it has 0 workers only
+
+
+def test_shards_dictionary_encode_only_the_strings(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from xmodal.extract.writer import read_shard, write_shard
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    ids = [f"id{i}" for i in range(300)]
+    sources = [f"caption {i % 7}" for i in range(300)]
+    for dtype in ("float32", "float16"):
+        path = tmp_path / f"{dtype}.parquet"
+        write_shard(path, ids, sources, vectors, dtype, {"image_id": ids})
+        shard = read_shard(path)
+        assert shard.ids == ids and shard.sources == sources and shard.columns == {"image_id": ids}
+        np.testing.assert_array_equal(shard.embeddings, vectors.astype(dtype).astype(np.float32))
+        group = pq.ParquetFile(path).metadata.row_group(0)
+        encodings = {group.column(c).path_in_schema: group.column(c).encodings for c in range(4)}
+        assert "RLE_DICTIONARY" in encodings["source"]
+        assert "RLE_DICTIONARY" not in encodings["embedding.list.element"]
 
 
 class Killed(Exception):

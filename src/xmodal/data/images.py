@@ -208,8 +208,11 @@ class ThreadedImageBatches:
     For a model on few CPU cores this beats worker processes (docs/performance.md): Pillow
     releases the GIL while it decodes and resizes, each thread normalises its images straight
     into the batch tensor (numpy, also without the GIL), and no batch crosses a process
-    boundary. ``threads=0`` decodes each batch in the consumer's thread when it is asked for.
-    Pixels equal :class:`ImageCollator`'s (the same float32 operations).
+    boundary. ``threads=0`` decodes each batch in the consumer's thread when it is asked for;
+    ``ahead=0`` decodes each batch with all ``threads`` when it is asked for, so decoding and
+    the model take turns on the cores instead of competing for them (on few cores a model's
+    parallel ops wait for any thread a decoder delays). Pixels equal :class:`ImageCollator`'s
+    (the same float32 operations).
     """
 
     def __init__(
@@ -222,7 +225,7 @@ class ThreadedImageBatches:
         ahead: int = 1,
     ):
         self.images, self.processor, self.batches = images, processor, batches
-        self.threads, self.ahead = max(0, threads), max(1, ahead)
+        self.threads, self.ahead = max(0, threads), max(0, ahead)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         cfg = processor.config
         std = np.asarray(cfg.std, dtype=np.float32)
@@ -253,7 +256,10 @@ class ThreadedImageBatches:
         rows = list(enumerate(positions))
         if pool is None:
             return positions, pixels, [self._decode_rows(pixels.numpy(), rows)]
-        chunks = [rows[i :: self.threads] for i in range(min(self.threads, len(rows)))]
+        # Decoding ahead, a thread per share of the batch; taking turns with the model, smaller
+        # shares balance the threads (the model waits for the last one).
+        parts = self.threads if self.ahead else 4 * self.threads
+        chunks = [rows[i::parts] for i in range(min(parts, len(rows)))]
         jobs = [pool.submit(self._decode_rows, pixels.numpy(), chunk) for chunk in chunks]
         return positions, pixels, jobs
 
@@ -274,6 +280,10 @@ class ThreadedImageBatches:
                 yield self._finish(*self._start(None, positions))
             return
         with ThreadPoolExecutor(self.threads, thread_name_prefix="xmodal-decode") as pool:
+            if not self.ahead:
+                for positions in self.batches:
+                    yield self._finish(*self._start(pool, positions))
+                return
             started = [self._start(pool, b) for b in self.batches[: self.ahead]]
             for index in range(len(self.batches)):
                 batch = self._finish(*started.pop(0))

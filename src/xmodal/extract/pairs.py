@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from xmodal.atomic import atomic_path
 from xmodal.config import PairScore
 from xmodal.data.datasets import ImageTextDataset, TarMember
 from xmodal.data.refs import location
@@ -29,6 +28,7 @@ from xmodal.extract.writer import (  # MissingDependencyError without pyarrow
     modality_record,
     pa,
     pq,
+    write_table_atomic,
 )
 from xmodal.processing import MultimodalProcessor, caption_problem
 
@@ -204,8 +204,7 @@ def write_pair_shard(
     if buffer.vectors is not None:
         values = pa.array(np.ascontiguousarray(buffer.vectors[keep], dtype=dtype).reshape(-1))
         columns[FUSED_COLUMN] = pa.FixedSizeListArray.from_arrays(values, buffer.dim)
-    with atomic_path(path) as tmp:
-        pq.write_table(pa.table(columns), str(tmp))
+    write_table_atomic(path, pa.table(columns))
     return len(keep)
 
 

@@ -9,8 +9,12 @@ on it (seconds per image, with all the model's threads). From these, decoding ne
   PNG ~0.6 ms against ~7 core-ms of model). Worker *processes* then cost more than they bring:
   a batch of 64 decoded images crosses to the main process as 38 MB of shared memory, and a
   third busy process on 2 cores stalls the model's thread pool. Decoding in *threads* of this
-  process (Pillow releases the GIL while it decodes and resizes) one batch ahead of the model
-  was measured fastest; the model keeps all cores.
+  process (Pillow releases the GIL while it decodes and resizes) avoids both. When those
+  threads can use every core (cores <= ``THREAD_DECODE_CORES``), decoding and the model *take
+  turns*: each batch is decoded by one thread per core while the model waits, then the model
+  runs on all cores with nothing beside it. That costs ``m + d / cores`` per image, the cap
+  itself (:func:`best_share`), while a decode thread running beside the model's parallel ops
+  delays the op thread it displaces, and every other op thread waits for that one.
 - When decoding needs more than the threads of one process can give (the GIL-held part of
   Pillow's Python code limits them to ~2 cores' worth), or the model runs on a GPU and the
   host only decodes, decoding goes to DataLoader worker processes: as many cores as it needs
@@ -31,13 +35,16 @@ MAX_WORKERS = 32
 @dataclass(frozen=True)
 class DecodePlan:
     """workers: DataLoader processes (0: decode in this process); threads: decode threads in
-    this process (when workers == 0; 0 means decode between the model's calls); model_threads:
-    the model's intra-op threads (torch, and ONNX Runtime's sessions)."""
+    this process (when workers == 0; 0 means decode between the model's calls in the model's
+    thread); model_threads: the model's intra-op threads (torch, and ONNX Runtime's sessions);
+    take_turns: the decode threads decode each batch while the model waits (else one batch
+    ahead, beside the model)."""
 
     workers: int
     threads: int
     model_threads: int
     reason: str = ""
+    take_turns: bool = False
 
 
 def local_cores() -> int:
@@ -60,6 +67,13 @@ def best_share(decode_s: float, model_s: float, cores: int) -> float:
     return model_s / (model_s + max(decode_s, 0.0) / max(cores, 1))
 
 
+def take_turns(cores: int, accelerated: bool) -> bool:
+    """Whether host work (decoding, tokenising) should run between the model's calls instead of
+    beside them: a model on ``cores`` <= ``THREAD_DECODE_CORES`` CPU cores uses them all in
+    every op, and threads of this process can do the host work on all of them in its turn."""
+    return not accelerated and 1 < cores <= THREAD_DECODE_CORES
+
+
 def plan_decoding(
     cores: int,
     accelerated: bool,
@@ -75,11 +89,15 @@ def plan_decoding(
         if workers == 0:
             return DecodePlan(0, 1, 1, "GPU model, one core: decode threads beside it")
         return DecodePlan(workers, 0, 1, "GPU model: every core but one decodes")
+    if cores == 1:
+        return DecodePlan(0, 0, 1, "CPU model, one core: decode between the model's calls")
+    if take_turns(cores, accelerated):
+        reason = f"CPU model, {cores} cores: decode threads and the model take turns"
+        return DecodePlan(0, cores, cores, reason, take_turns=True)
     if decode_s is None or model_s is None:
-        threads = 1 if cores > 1 else 0
-        return DecodePlan(0, threads, cores, "CPU model, costs unmeasured: decode thread ahead")
+        return DecodePlan(0, 1, cores, "CPU model, costs unmeasured: decode thread ahead")
     need = decode_share(decode_s, model_s, cores) * cores  # cores' worth of decoding
-    if need <= THREAD_DECODE_CORES or cores <= 2:
+    if need <= THREAD_DECODE_CORES:
         # A quarter of headroom over the cores' worth decoding needs: more threads than that
         # only compete with the model for the same cores (measured: 1 thread beat 2 on JPEGs).
         threads = max(1, min(cores, math.ceil(1.25 * need)))

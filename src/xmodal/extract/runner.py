@@ -7,7 +7,6 @@ manifest.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +37,13 @@ from xmodal.extract.pairs import (
     plan_pairs,
     write_pair_shard,
 )
-from xmodal.extract.plan import DecodePlan, explicit_plan, local_cores, plan_decoding
+from xmodal.extract.plan import (
+    DecodePlan,
+    explicit_plan,
+    local_cores,
+    plan_decoding,
+    take_turns,
+)
 from xmodal.extract.ranks import (
     fold_errors,
     fold_shards,
@@ -70,7 +75,8 @@ from xmodal.extract.writer import (
     save_manifest,
     save_skipped,
     shard_name,
-    write_shard,
+    shard_table,
+    write_table_atomic,
 )
 from xmodal.models.identity import ModelIdentity, check_compatible, identify
 from xmodal.presets import load_model
@@ -390,9 +396,7 @@ class _Run:
                 )
                 left[k] -= 1
                 if not left[k]:
-                    writer.submit(
-                        functools.partial(self._finish, "images", k, items, buffers.pop(k))
-                    )
+                    writer.submit(self._finish("images", k, items, buffers.pop(k)))
 
     def _start_images(self, batch: ImageBatch) -> Pending | None:
         if batch.pixel_values is None:
@@ -438,8 +442,9 @@ class _Run:
             return iter(
                 image_loader(refs, self.processor, batches, plan.workers, channels_last, pin)
             )
+        ahead = 0 if plan.take_turns else 1
         return iter(
-            ThreadedImageBatches(refs, self.processor, batches, plan.threads, channels_last)
+            ThreadedImageBatches(refs, self.processor, batches, plan.threads, channels_last, ahead)
         )
 
     def _texts(self, items: Sequence[Item], pending: list[int], bar: tqdm) -> None:
@@ -449,21 +454,29 @@ class _Run:
                 positions = range(start, end)
                 yield k, list(text_batches(items, positions, self.processor, self.batch_size))
 
+        # The next shard is tokenised in a thread while this one is embedded; on a CPU model
+        # with few cores, between two shards instead (on all cores: the fast tokenizers' own
+        # threads), as images are decoded there (:func:`xmodal.extract.plan.take_turns`).
+        turns = take_turns(local_cores(), self.mapper.device.type == "cuda")
+        ahead = 0 if turns else 1
         with OrderedWriter() as writer:
-            # The next shard is tokenised in a thread while this one is embedded.
-            for k, batches in run_ahead(tokenised(), ahead=1, name="xmodal-tokenise"):
+            for k, batches in run_ahead(tokenised(), ahead=ahead, name="xmodal-tokenise"):
                 buffer = _ShardBuffer(*self._bounds(k, len(items)), self.mapper.dim)
                 for batch, embeddings, _ in _lagged(iter(batches), self._start_texts):
                     buffer.put(batch.positions, embeddings)
                     bar.update(len(batch.positions))
-                writer.submit(functools.partial(self._finish, "texts", k, items, buffer))
+                writer.submit(self._finish("texts", k, items, buffer))
 
     def _start_texts(self, batch: TextBatch) -> Pending:
         return self.mapper.start_texts(batch.input_ids, batch.attention_mask)
 
-    def _finish(self, modality: str, k: int, items: Sequence[Item], buffer: _ShardBuffer) -> None:
-        """Write shard k, then the error log, then the manifest (in that order, for resuming).
-        Runs in the background writer's thread, one shard after another in their order."""
+    def _finish(
+        self, modality: str, k: int, items: Sequence[Item], buffer: _ShardBuffer
+    ) -> Callable[[], None]:
+        """Shard k's table and records, built here, in the model's thread between two batches;
+        the returned job writes the shard, then the error log, then the manifest (in that order,
+        for resuming) in the background writer's thread, one shard after another in their order.
+        Building them there would hold the GIL the model's thread needs between its calls."""
         file = shard_name(modality, k)
         rows = [buffer.start + i for i in np.flatnonzero(buffer.ok)]
         chosen = [items[p] for p in rows]
@@ -471,7 +484,7 @@ class _Run:
             extra = {"location": [location(item.ref) for item in chosen]}
         else:
             extra = {"image_id": [item.image_id for item in chosen]}
-        write_shard(
+        table = shard_table(
             self.out / file,
             [item.id for item in chosen],
             [item.source for item in chosen],
@@ -497,7 +510,12 @@ class _Run:
             "rows": len(rows),
             "failed": len(buffer.failures),
         }
-        self._record_shard(modality, k, entry, failures)
+
+        def write() -> None:
+            write_table_atomic(self.out / file, table)
+            self._record_shard(modality, k, entry, failures)
+
+        return write
 
     def _pairs(self, items: Sequence[PairItem], pending: list[int], bar: tqdm) -> None:
         """Score the pending shards' pairs: images decoded in the workers, captions bucketed by
