@@ -122,3 +122,60 @@ def test_cli_export_then_extract_with_onnx_backend(tmp_path, tiny_model_dir, cap
         assert torch_shard.ids == onnx_shard.ids and len(torch_shard.ids) == 10
         scores = np.sum(torch_shard.embeddings * onnx_shard.embeddings, axis=1)
         assert scores.min() >= 0.9999
+
+
+def test_sessions_follow_the_plans_thread_count(make_tiny_config, processor, monkeypatch):
+    """ONNX Runtime fixes a session's threads at creation: the mapper reopens its sessions
+    when a decode plan gives the model fewer cores (same outputs), unless --threads fixed them;
+    the temporary export lives as long as the towers."""
+    model = CrossModalModel(make_tiny_config()).eval()
+    pixels = torch.randn(3, 3, 64, 64)
+    mapper = EmbeddingMapper(model, MapperOptions(backend="auto"), processor)
+    folder = mapper.onnx.directory
+    before = mapper.images(pixels)
+    threads = torch.get_num_threads()
+    mapper.use_threads(1)
+    options = mapper.onnx._image.get_session_options()
+    assert (mapper.onnx.threads, options.intra_op_num_threads) == (1, 1)
+    assert torch.get_num_threads() == 1
+    np.testing.assert_allclose(mapper.images(pixels), before, rtol=1e-5, atol=1e-6)
+    torch.set_num_threads(threads)
+    fixed = EmbeddingMapper(model, MapperOptions(backend="auto", threads=2), processor)
+    fixed.use_threads(1)
+    assert fixed.onnx._text.get_session_options().intra_op_num_threads == 2
+    torch.set_num_threads(threads)
+    assert folder.is_dir()
+    del mapper
+    import gc
+
+    gc.collect()
+    assert not folder.exists()
+
+
+def test_extract_gives_onnx_the_plans_model_threads(tmp_path, tiny_model_dir, monkeypatch):
+    """With decode worker processes the plan leaves the model fewer threads: ONNX gets them."""
+    from conftest import write_colour_dataset
+
+    import xmodal.extract.runner as runner
+
+    made: list[EmbeddingMapper] = []
+
+    class Recording(EmbeddingMapper):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(runner, "EmbeddingMapper", Recording)
+    monkeypatch.setattr(runner, "local_cores", lambda: 4)
+    data = write_colour_dataset(tmp_path / "data", n=6)
+    runner.extract(
+        tiny_model_dir,
+        data,
+        tmp_path / "out",
+        modality="images",
+        workers=1,
+        progress=False,
+        options=MapperOptions(backend="auto", precision="fp32"),
+    )
+    plan = runner.explicit_plan(1, 4, False)  # 3 threads for the model
+    assert made[0].onnx.threads == plan.model_threads < 4

@@ -46,11 +46,23 @@ class OnnxTowers:
     def __init__(self, directory: str | Path, threads: int | None = None):
         self.directory = Path(directory)
         self.meta = load_meta(self.directory)
+        self.threads = threads
+        self._folder: tempfile.TemporaryDirectory | None = None  # see temporary_towers
+        self._open()
+
+    def _open(self) -> None:
         towers = self.meta["towers"]
-        self._image = _session(self.directory / towers["image"]["file"], threads)
-        self._text = _session(self.directory / towers["text"]["file"], threads)
+        self._image = _session(self.directory / towers["image"]["file"], self.threads)
+        self._text = _session(self.directory / towers["text"]["file"], self.threads)
         # A tower that ignores the mask (SigLIP's text) exports without that input.
         self._text_inputs = {node.name for node in self._text.get_inputs()}
+
+    def use_threads(self, threads: int) -> None:
+        """Run on ``threads`` intra-op threads from now on: ONNX Runtime fixes a session's
+        thread pool when it is created, so the sessions are opened again when this changes."""
+        if threads != self.threads:
+            self.threads = threads
+            self._open()
 
     def check(self, model: CrossModalModel) -> None:
         """Raise IncompatibleError unless ``model``'s towers are the exported ones."""
@@ -132,17 +144,21 @@ def parity(
 def temporary_towers(
     model: CrossModalModel, processor: MultimodalProcessor, threads: int | None = None
 ) -> OnnxTowers | None:
-    """Export the towers to a temporary folder and load them (the files are not kept); None
-    when the export fails or its embeddings differ from PyTorch's (cosine < ``MIN_COSINE``)."""
+    """Export the towers to a temporary folder and load them (the folder is removed with the
+    towers); None when the export fails or its embeddings differ from PyTorch's (cosine <
+    ``MIN_COSINE``)."""
     from xmodal.export.onnx import export_onnx
 
     device = next(model.parameters()).device
+    # The files live as long as the towers (removed with them): use_threads reopens them.
+    folder = tempfile.TemporaryDirectory(prefix="xmodal-onnx-")
     try:
-        with tempfile.TemporaryDirectory(prefix="xmodal-onnx-") as folder:
-            export_onnx(model, processor, folder)
-            towers = OnnxTowers(folder, threads)
+        export_onnx(model, processor, folder.name)
+        towers = OnnxTowers(folder.name, threads)
+        towers._folder = folder
     except Exception as exc:  # noqa: BLE001 - any exporter failure means: use torch
         log.warning("ONNX export failed (%s: %s)", type(exc).__name__, exc)
+        folder.cleanup()
         return None
     finally:
         model.to(device)

@@ -182,6 +182,13 @@ class EmbeddingMapper:
     def dim(self) -> int:
         return self.model.config.embed_dim
 
+    def use_threads(self, count: int) -> None:
+        """The model's intra-op threads from now on: torch's, and ONNX Runtime's sessions
+        (unless ``options.threads`` fixed theirs)."""
+        torch.set_num_threads(count)
+        if self.onnx is not None and self.options.threads is None:
+            self.onnx.use_threads(count)
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast is None:
             return contextlib.nullcontext()

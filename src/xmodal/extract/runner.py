@@ -87,10 +87,12 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Set torch's intra-op threads for the duration (restored afterwards)."""
+def model_threads(mapper: EmbeddingMapper, count: int) -> Iterator[None]:
+    """Run ``mapper``'s model (torch or ONNX Runtime) on ``count`` intra-op threads for the
+    duration; torch's count is restored afterwards (ONNX sessions keep theirs until the next
+    change)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(count)
+    mapper.use_threads(count)
     try:
         yield
     finally:
@@ -154,7 +156,7 @@ def extract(
         )
         run.world = world
         run.fused = fused
-        with torch_threads(local_cores()):
+        with model_threads(mapper, local_cores()):
             for modality in modalities:
                 run.embed(modality, items[modality], set(done[modality]))
         if world.distributed:
@@ -380,7 +382,7 @@ class _Run:
         stream, plan = self._image_stream(refs, batches)
         waited = 0.0  # seconds the model spent waiting for decoded batches
         started = time.perf_counter()
-        with OrderedWriter() as writer, torch_threads(plan.model_threads):
+        with OrderedWriter() as writer, model_threads(self.mapper, plan.model_threads):
             for batch, embeddings, wait in _lagged(stream, self._start_images):
                 waited += wait
                 k = (batch.positions or [p for p, _ in batch.failures])[0] // self.size
@@ -539,7 +541,7 @@ class _Run:
         else:
             decoding = explicit_plan(self.workers, local_cores(), accelerated)
         loader = self._decoder(refs, plan.batches, decoding)
-        with torch_threads(decoding.model_threads):
+        with model_threads(self.mapper, decoding.model_threads):
             self._score_pairs(items, plan, buffers, loader, bar)
 
     def _score_pairs(
