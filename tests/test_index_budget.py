@@ -28,6 +28,7 @@ from xmodal.index import (
     store,
 )
 from xmodal.index.budget import batch_rows, candidates, pick_nlist, process_memory
+from xmodal.index.planned import choose_opq, column_variance
 
 LIKE = {
     "format": "xmodal.embeddings/1",
@@ -103,6 +104,24 @@ def test_too_small_budgets_are_refused_up_front(data, tmp_path: Path, capsys) ->
     assert not (tmp_path / "i").exists()
     with pytest.raises(IndexBuildError, match="--max-build-memory 1M is too small"):
         plan_index(1_000_000, 512, 1 << 30, max_build_memory=1 << 20)
+
+
+def test_opq_check_copies_no_training_sample() -> None:
+    """The OPQ check's per-column variance equals numpy's, and it allocates a fraction of the
+    sample (at 10M vectors the sample is 512 MiB; two full copies of it broke the budget)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((200_000, 64), dtype=np.float32) * np.linspace(0.2, 3, 64)
+    sample = sample.astype(np.float32)
+    np.testing.assert_allclose(column_variance(sample), sample.astype(np.float64).var(axis=0))
+    plan = IndexPlan("ivf-pq", 1_000_000, 64, 256, pq_m=8)
+    tracemalloc.start()
+    chosen, check = choose_opq(plan, sample, 0)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < sample.nbytes / 2
+    assert chosen.opq and check["slice_variance_max_over_mean"] > 1.5  # uneven slices
 
 
 def test_the_build_budget_counts_the_process_itself(data, tmp_path: Path) -> None:

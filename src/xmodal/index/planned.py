@@ -148,13 +148,24 @@ def choose_opq(
     wastes bits when the variance sits unevenly across the slices; OPQ learns a rotation that
     evens it out. It is used when the largest slice variance exceeds the mean by
     ``OPQ_IMBALANCE`` (on the centred training sample)."""
-    centred = train - train.mean(axis=0)
-    per_dim = (centred**2).mean(axis=0)
-    slices = per_dim.reshape(plan.pq_m, -1).sum(axis=1)
+    slices = column_variance(train).reshape(plan.pq_m, -1).sum(axis=1)
     ratio = float(slices.max() / max(slices.mean(), 1e-12))
     use = ratio >= OPQ_IMBALANCE
     chosen = budgets.IndexPlan(plan.kind, plan.count, plan.dim, plan.nlist, plan.pq_m, use)
     return chosen, {"slice_variance_max_over_mean": round(ratio, 3)}
+
+
+def column_variance(rows: np.ndarray, chunk: int = 16_384) -> np.ndarray:
+    """Per-column variance of ``rows``, a chunk at a time (float64 sums): no copy of the whole
+    sample, which at 10M vectors is half a GiB per copy."""
+    total = np.zeros(rows.shape[1], np.float64)
+    squares = np.zeros(rows.shape[1], np.float64)
+    for lo in range(0, len(rows), chunk):
+        block = rows[lo : lo + chunk].astype(np.float64)
+        total += block.sum(axis=0)
+        squares += np.square(block).sum(axis=0)
+    mean = total / max(len(rows), 1)
+    return np.maximum(squares / max(len(rows), 1) - mean**2, 0.0)
 
 
 def _quiet(index: faiss.Index, seed: int) -> None:
