@@ -14,9 +14,17 @@ from xmodal.train import Trainer
 from xmodal.train.config import ModelSection
 
 
-def mean_max(hidden: torch.Tensor) -> torch.Tensor:
-    """Reference pooling of a (B, C, H, W) map: per-channel mean, then per-channel max."""
-    return torch.cat([hidden.mean(dim=(2, 3)), hidden.amax(dim=(2, 3))], dim=1)
+def zscore(vector: torch.Tensor) -> torch.Tensor:
+    """Reference: each row minus its mean over channels, over its std (eps as layer_norm)."""
+    centred = vector - vector.mean(dim=1, keepdim=True)
+    return centred / (centred.pow(2).mean(dim=1, keepdim=True) + 1e-5).sqrt()
+
+
+def mean_max_std(hidden: torch.Tensor) -> torch.Tensor:
+    """Reference pooling of a (B, C, H, W) map: per-channel mean, max and std, each z-scored."""
+    std = (hidden.var(dim=(2, 3), unbiased=False) + 1e-6).sqrt()
+    stats = (hidden.mean(dim=(2, 3)), hidden.amax(dim=(2, 3)), std)
+    return torch.cat([zscore(s) for s in stats], dim=1)
 
 
 def tiny_model(levels: int) -> CrossModalModel:
@@ -27,7 +35,7 @@ def tiny_model(levels: int) -> CrossModalModel:
 
 def test_hf_tower_concatenates_earlier_stages_deepest_first() -> None:
     # tiny ResNet: hidden states are the stem (8 ch), stage 1 (16 ch) and stage 2 (32 ch, final)
-    widths = {1: 32, 2: 32 + 2 * 16, 3: 32 + 2 * 16 + 2 * 8}
+    widths = {1: 32, 2: 3 * (32 + 16), 3: 3 * (32 + 16 + 8)}
     pixels = torch.randn(3, 3, 64, 64)
     for levels, width in widths.items():
         model = tiny_model(levels)
@@ -38,8 +46,10 @@ def test_hf_tower_concatenates_earlier_stages_deepest_first() -> None:
             hidden = model.image_tower.model(pixel_values=pixels, output_hidden_states=True)
         assert out.pooled.shape == (3, width) and out.tokens.shape == (3, 64, 32)
         states = hidden.hidden_states
-        expected = [states[-1].mean(dim=(2, 3))]
-        expected += [mean_max(states[-1 - k]) for k in range(1, levels)]
+        if levels == 1:
+            expected = [states[-1].mean(dim=(2, 3))]
+        else:
+            expected = [mean_max_std(states[-1 - k]) for k in range(levels)]
         torch.testing.assert_close(out.pooled, torch.cat(expected, dim=1))
         assert model.encode_image(pixels).shape == (3, 32)
 
@@ -50,7 +60,7 @@ def test_efficientnet_levels_add_the_last_stages_and_keep_the_final_mean() -> No
     multi = EfficientNetLiteTower(ImageTowerConfig(pretrained=False, pool_levels=3)).eval()
     multi.load_state_dict(plain.state_dict())
     assert plain.stage_ends == [0, 2, 4, 7, 10, 14, 15]  # 16, 24, 40, 80, 112, 192, 320 ch
-    assert plain.output_dim == 1280 and multi.output_dim == 1280 + 2 * (320 + 192)
+    assert plain.output_dim == 1280 and multi.output_dim == 3 * (1280 + 320 + 192)
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         base, out = plain(pixels), multi(pixels)
@@ -60,11 +70,12 @@ def test_efficientnet_levels_add_the_last_stages_and_keep_the_final_mean() -> No
             x = block(x)
             stages.append(x)
     torch.testing.assert_close(out.tokens, base.tokens)
-    torch.testing.assert_close(out.pooled[:, :1280], base.pooled)
-    torch.testing.assert_close(out.pooled[:, 1280:1920], mean_max(stages[15]))
-    torch.testing.assert_close(out.pooled[:, 1920:], mean_max(stages[14]))
+    grid = base.tokens.transpose(1, 2).reshape(2, 1280, 2, 2)
+    torch.testing.assert_close(out.pooled[:, :3840], mean_max_std(grid))
+    torch.testing.assert_close(out.pooled[:, 3840:4800], mean_max_std(stages[15]))
+    torch.testing.assert_close(out.pooled[:, 4800:], mean_max_std(stages[14]))
     every = EfficientNetLiteTower(ImageTowerConfig(pretrained=False, pool_levels=8))
-    assert every.output_dim == 1280 + 2 * (16 + 24 + 40 + 80 + 112 + 192 + 320)
+    assert every.output_dim == 3 * (1280 + 16 + 24 + 40 + 80 + 112 + 192 + 320)
     with pytest.raises(ConfigError, match="pool_levels is 9 but efficientnet-lite0 has 8"):
         EfficientNetLiteTower(ImageTowerConfig(pretrained=False, pool_levels=9))
 
@@ -100,7 +111,7 @@ def test_cached_features_equal_uncached_and_projection_is_new(tmp_path, tiny_mod
     config.model.image_pool_levels = 3
     trainer = Trainer(config)
     model = trainer.model
-    assert model.config.image.pool_levels == 3 and model.image_proj.in_features == 32 + 48
+    assert model.config.image.pool_levels == 3 and model.image_proj.in_features == 3 * 56
     original = CrossModalModel.from_pretrained(tiny_model_dir)
     kept = {k: v for k, v in original.state_dict().items() if k.startswith("image_tower.")}
     for key, value in kept.items():  # the towers are kept
@@ -113,9 +124,9 @@ def test_cached_features_equal_uncached_and_projection_is_new(tmp_path, tiny_mod
     with torch.no_grad():
         uncached = model.image_features(pixels)
         cached = trainer._image_features({"image_index": idx})
-    assert trainer.cache.pooled.shape == (24, 80)
+    assert trainer.cache.pooled.shape == (24, 168)
     torch.testing.assert_close(cached.embeds, uncached.embeds, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cached.tokens, uncached.tokens, rtol=1e-2, atol=1e-2)  # fp16 cache
     result = trainer.train()
     saved = CrossModalModel.from_pretrained(result.model_dir)
-    assert saved.config.image.pool_levels == 3 and saved.image_tower.output_dim == 80
+    assert saved.config.image.pool_levels == 3 and saved.image_tower.output_dim == 168

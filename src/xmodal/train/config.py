@@ -81,8 +81,8 @@ class ModelSection:
     view_flip: probability of a horizontal mirror in an augmented view (0 keeps left and right,
         which matter for arrows and directional symbols).
     image_pool_levels: the image tower's ``pool_levels`` (:class:`xmodal.config.ImageTowerConfig`;
-        None keeps the model's): N > 1 concatenates the mean and max of the N - 1 stage outputs
-        before the final map to its mean (multi-level pooling; colour and local shape the
+        None keeps the model's): N > 1 pools the mean, max and std of the final map and of the
+        N - 1 stage outputs before it (multi-level pooling; colour and local shape the
         final map pools away). Cached with the locked tower like any pooled output; the image
         projection is new (its input is wider). 1 = the final map only.
     fusion_layers / embed_dim: override the preset's values for a new model (None: keep; an
