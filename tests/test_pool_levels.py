@@ -130,3 +130,21 @@ def test_cached_features_equal_uncached_and_projection_is_new(tmp_path, tiny_mod
     result = trainer.train()
     saved = CrossModalModel.from_pretrained(result.model_dir)
     assert saved.config.image.pool_levels == 3 and saved.image_tower.output_dim == 168
+
+
+def test_onnx_export_carries_the_multi_level_pooled_vector(tmp_path, processor) -> None:
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from xmodal.export.onnx import export_onnx
+    from xmodal.export.ort import OnnxTowers
+
+    model = tiny_model(3)
+    export_onnx(model, processor, tmp_path, "levels")
+    towers = OnnxTowers(tmp_path)
+    towers.check(model)
+    pixels = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model.image_tower(pixels)
+    got = towers.image(pixels)
+    assert got.pooled.shape == (4, 168) and got.tokens.shape == expected.tokens.shape
+    torch.testing.assert_close(got.pooled, expected.pooled, rtol=1e-4, atol=1e-4)
