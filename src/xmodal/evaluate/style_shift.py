@@ -4,10 +4,10 @@ Each style of :data:`xmodal.data.augment.STYLE_SHIFTS` (greyscale, recolour, blu
 resolution, crop, small on a tinted canvas, posterised ink drawing; and, redrawn as another
 artist might while keeping the colours, warped shape, flat shading, thick outlines) is applied
 alone to every image of the dataset; the captions are unchanged. Means are given over all the
-styles and over each group (``changed``: the first seven, ``redrawn``: the last three). The report gives, per style and averaged
-over the styles, text->image and image->text R@1 (ITC), and the share of the in-style
-(unchanged images) R@1 that the model keeps: a model that learned concepts rather than one
-artist's drawings keeps most of it.
+styles and over each group (``changed``: the first seven, ``redrawn``: the last three).
+The report gives, per style and averaged over the styles, text->image and image->text R@1
+(ITC), and the share of the in-style (unchanged images) R@1 that the model keeps: a model
+that learned concepts rather than one artist's drawings keeps most of it.
 """
 
 from __future__ import annotations
