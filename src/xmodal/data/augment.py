@@ -7,12 +7,14 @@ style-shift evaluation is repeatable.
 - :class:`AugmentView`: a training view (random resized crop, optional flip, colour jitter,
   greyscale, blur), for the cached views of a locked image tower.
 - :class:`StyleShift`: one strong, named change (greyscale, colour change, blur, low
-  resolution, crop, posterised ink drawing...) for evaluating robustness to a change of style.
+  resolution, crop, posterised ink drawing, and redrawn: warped shape, flat shading, thick
+  outlines) for evaluating robustness to a change of style.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import dataclass
 
@@ -155,6 +157,49 @@ def _ink(image: Image.Image, rng: random.Random) -> Image.Image:
     return Image.composite(flat, Image.new("RGB", image.size, (0, 0, 0)), edges)
 
 
+def _odd(value: float) -> int:
+    return max(3, int(value) // 2 * 2 + 1)
+
+
+def _warp(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Drawn in another shape: rotated, sheared and stretched about the centre, on white."""
+    width, height = image.size
+    angle = math.radians(rng.choice((-1, 1)) * rng.uniform(8, 18))
+    shear = rng.uniform(-0.25, 0.25)
+    sx, sy = rng.uniform(0.75, 1.0), rng.uniform(0.75, 1.0)
+    # forward map: rotate(angle) @ shear @ scale; PIL's AFFINE takes the inverse map
+    a, b = math.cos(angle) * sx, (math.cos(angle) * shear - math.sin(angle)) * sy
+    c, d = math.sin(angle) * sx, (math.sin(angle) * shear + math.cos(angle)) * sy
+    det = a * d - b * c
+    ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
+    cx, cy = width / 2, height / 2
+    coefficients = (ia, ib, cx - ia * cx - ib * cy, ic, id_, cy - ic * cx - id_ * cy)
+    return image.transform(
+        image.size,
+        Image.Transform.AFFINE,
+        coefficients,
+        Image.Resampling.BICUBIC,
+        fillcolor=(255, 255, 255),
+    )
+
+
+def _flat(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Flat shading: gradients and texture smoothed away, fewer tones of the same colours."""
+    size = _odd(max(image.size) / rng.uniform(14, 20))
+    return ImageOps.posterize(image.filter(ImageFilter.MedianFilter(size)), rng.choice((3, 4)))
+
+
+def _outline(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Thick dark outlines around the shapes, fill colours kept (a line-art house style)."""
+    edges = ImageOps.grayscale(image).filter(ImageFilter.FIND_EDGES)
+    edges = edges.point(lambda x: 255 if x > 96 else 0)
+    width = int(max(image.size) / rng.uniform(40, 60)) // 2 * 2 + 1
+    if width > 1:  # thicker lines on larger images
+        edges = edges.filter(ImageFilter.MaxFilter(width))
+    ink = Image.new("RGB", image.size, tuple(rng.randint(0, 60) for _ in range(3)))
+    return Image.composite(ink, image, edges)
+
+
 STYLE_SHIFTS = {
     "greyscale": _greyscale,
     "recolour": _recolour,
@@ -163,8 +208,17 @@ STYLE_SHIFTS = {
     "crop": _crop,
     "small_on_canvas": _small_on_canvas,
     "ink": _ink,
+    "warp": _warp,
+    "flat": _flat,
+    "outline": _outline,
 }
-"""The named strong changes of the style-shift check, each applied alone."""
+"""The named strong changes of the style-shift check, each applied alone. The first seven
+change colour, detail or framing (greyscale and recolour remove colour cues such as skin tone
+by construction); the last three redraw the image as another artist might, keeping its
+colours (:data:`REDRAWN_STYLES`)."""
+
+REDRAWN_STYLES: tuple[str, ...] = ("warp", "flat", "outline")
+"""Styles closer to another artist's drawing of the same thing (shape, shading, outlines)."""
 
 
 def check_styles(styles: list[str] | tuple[str, ...]) -> None:

@@ -1,11 +1,13 @@
 """Style-shift check: retrieval on a dataset's images after strong, seeded changes of style.
 
 Each style of :data:`xmodal.data.augment.STYLE_SHIFTS` (greyscale, recolour, blur, low
-resolution, crop, small on a tinted canvas, posterised ink drawing) is applied alone to every
-image of the dataset; the captions are unchanged. The report gives, per style and averaged
-over the styles, text->image and image->text R@1 (ITC), and the share of the in-style
-(unchanged images) R@1 that the model keeps: a model that learned concepts rather than one
-artist's drawings keeps most of it.
+resolution, crop, small on a tinted canvas, posterised ink drawing; and, redrawn as another
+artist might while keeping the colours, warped shape, flat shading, thick outlines) is applied
+alone to every image of the dataset; the captions are unchanged. Means are given over all the
+styles and over each group (``changed``: the first seven, ``redrawn``: the last three).
+The report gives, per style and averaged over the styles, text->image and image->text R@1
+(ITC), and the share of the in-style (unchanged images) R@1 that the model keeps: a model
+that learned concepts rather than one artist's drawings keeps most of it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 
 from xmodal.data import ImageTextDataset
-from xmodal.data.augment import STYLE_SHIFTS, StyleShift, check_styles
+from xmodal.data.augment import REDRAWN_STYLES, STYLE_SHIFTS, StyleShift, check_styles
 from xmodal.data.images import drop_failed_images
 from xmodal.evaluate.retrieval import retrieval_metrics
 from xmodal.evaluate.runner import image_tower_outputs, text_embeddings
@@ -97,9 +99,35 @@ def style_shift_report(
         "t2i_kept": _kept(mean["t2i_R@1"], in_style["t2i_R@1"]),
         "i2t_kept": _kept(mean["i2t_R@1"], in_style["i2t_R@1"]),
         "styles": per_style,
+        "groups": _group_means(per_style, in_style),
         "seed": seed,
         "n_images": len(good),
     }
+
+
+def _group_means(per_style: dict[str, dict], in_style: dict) -> dict[str, dict]:
+    """Mean R@1 and share kept over each group of styles (``changed``: the seven colour,
+    detail and framing changes; ``redrawn``: :data:`REDRAWN_STYLES`), for the groups whose
+    styles were all evaluated."""
+    groups = {
+        "changed": tuple(s for s in STYLE_SHIFTS if s not in REDRAWN_STYLES),
+        "redrawn": REDRAWN_STYLES,
+    }
+    means = {}
+    for group, members in groups.items():
+        if not all(style in per_style for style in members):
+            continue
+        mean = {
+            key: sum(per_style[s][key] for s in members) / len(members)
+            for key in ("t2i_R@1", "i2t_R@1")
+        }
+        means[group] = {
+            **mean,
+            "t2i_kept": _kept(mean["t2i_R@1"], in_style["t2i_R@1"]),
+            "i2t_kept": _kept(mean["i2t_R@1"], in_style["i2t_R@1"]),
+            "styles": list(members),
+        }
+    return means
 
 
 def format_style_shift(report: dict[str, Any]) -> str:
@@ -113,5 +141,10 @@ def format_style_shift(report: dict[str, Any]) -> str:
     rows = [
         f"  {style:16} text->image R@1 {s['t2i_R@1']:5.1f}  kept {s['t2i_kept']}%"
         for style, s in report["styles"].items()
+    ]
+    rows += [
+        f"  mean of {group} ({len(g['styles'])}) text->image R@1 {g['t2i_R@1']:5.1f}  "
+        f"kept {g['t2i_kept']}%"
+        for group, g in report.get("groups", {}).items()
     ]
     return "\n".join([head, *rows])

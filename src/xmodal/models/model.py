@@ -91,7 +91,7 @@ class CrossModalModel(nn.Module):
             self.fusion = PooledFusion(dim, fusion.heads)
         else:
             self.fusion = CrossAttentionFusion(
-                self.image_tower.output_dim,
+                self.image_tower.token_dim,  # multi-level pooling widens only the pooled vector
                 self.text_tower.token_dim,  # SigLIP's pooled head may have another width
                 dim,
                 fusion.layers,

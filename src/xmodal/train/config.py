@@ -80,6 +80,11 @@ class ModelSection:
         pass per image and view, and that much cache memory.
     view_flip: probability of a horizontal mirror in an augmented view (0 keeps left and right,
         which matter for arrows and directional symbols).
+    image_pool_levels: the image tower's ``pool_levels`` (:class:`xmodal.config.ImageTowerConfig`;
+        None keeps the model's): N > 1 pools the mean, max and std of the final map and of the
+        N - 1 stage outputs before it (multi-level pooling; colour and local shape the
+        final map pools away). Cached with the locked tower like any pooled output; the image
+        projection is new (its input is wider). 1 = the final map only.
     fusion_layers / embed_dim: override the preset's values for a new model (None: keep; an
         assembled model defaults to 512-d and 2 cross / 1 pooled fusion layers).
     gradient_checkpointing: recompute the towers' and fusion's activations in the backward pass:
@@ -97,6 +102,7 @@ class ModelSection:
     cache_image_features: bool = True
     cached_views: int = 1
     view_flip: float = 0.0
+    image_pool_levels: int | None = None
     fusion_layers: int | None = None
     embed_dim: int | None = None
     gradient_checkpointing: bool = False
@@ -114,7 +120,7 @@ class ModelSection:
     def validate(self) -> None:
         if self.text_trainable_layers is not None and self.text_trainable_layers < 0:
             raise ConfigError("model.text_trainable_layers must be >= 0")
-        for name in ("fusion_layers", "embed_dim"):
+        for name in ("image_pool_levels", "fusion_layers", "embed_dim"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {value}")

@@ -204,6 +204,7 @@ class Trainer:
                 fusion=section.fusion or "cross",
                 fusion_layers=section.fusion_layers,
             )
+            model = _with_new_heads(model, section)  # image_pool_levels
         else:
             model, processor = load_model(section.source, fusion=section.fusion)
             model = _with_new_heads(model, section)
@@ -650,11 +651,13 @@ class Trainer:
 
 def _with_new_heads(model: CrossModalModel, section: ModelSection) -> CrossModalModel:
     """The model under a fresh fusion and ITM head when ``fusion``, ``fusion_layers`` or
-    ``embed_dim`` change it (else the model unchanged).
+    ``embed_dim`` change it, with a fresh image projection when ``image_pool_levels`` does
+    (else the model unchanged).
 
     The towers are kept, and in the same shared space the projections and logit scales too, so
     an aligned model keeps its alignment under a new fusion; a new ``embed_dim`` gets fresh
-    projections (``linear``, trained at ``lr`` as new layers are).
+    projections (``linear``, trained at ``lr`` as new layers are), new pool levels a fresh
+    image projection (its input is wider or narrower).
     """
     model_config = model.config
     new_fusion = section.fusion is not None and section.fusion != model_config.fusion.kind
@@ -662,8 +665,12 @@ def _with_new_heads(model: CrossModalModel, section: ModelSection) -> CrossModal
         section.fusion_layers is not None and section.fusion_layers != model_config.fusion.layers
     )
     new_dim = section.embed_dim is not None and section.embed_dim != model_config.embed_dim
-    if not (new_fusion or new_layers or new_dim):
+    levels = section.image_pool_levels
+    new_levels = levels is not None and levels != model_config.image.pool_levels
+    if not (new_fusion or new_layers or new_dim or new_levels):
         return model
+    if new_levels:
+        model_config.image.pool_levels = levels  # type: ignore[assignment]
     if new_fusion:
         model_config.fusion.kind = section.fusion  # type: ignore[assignment]
     if new_layers:
@@ -682,7 +689,8 @@ def _with_new_heads(model: CrossModalModel, section: ModelSection) -> CrossModal
     fresh = CrossModalModel(model_config)
     kept: tuple[str, ...] = ("image_tower.", "text_tower.")
     if not new_dim:
-        kept += ("image_proj.", "text_proj.", "logit_scale", "siglip_logit_")
+        kept += ("text_proj.", "logit_scale", "siglip_logit_")
+        kept += () if new_levels else ("image_proj.",)
     state = {k: v for k, v in model.state_dict().items() if k.startswith(kept)}
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     if unexpected or any(k.startswith(kept) for k in missing):
