@@ -86,6 +86,18 @@ ShardHook = Callable[[str, int], None]
 log = logging.getLogger(__name__)
 
 
+def _shard_entry(k: int, file: str, buffer: Any, rows: int) -> dict[str, Any]:
+    """Shard ``k``'s manifest entry: its file, item range, rows written and items failed."""
+    return {
+        "index": k,
+        "file": file,
+        "start": buffer.start,
+        "end": buffer.end,
+        "rows": rows,
+        "failed": len(buffer.failures),
+    }
+
+
 @contextlib.contextmanager
 def model_threads(mapper: EmbeddingMapper, count: int) -> Iterator[None]:
     """Run ``mapper``'s model (torch or ONNX Runtime) on ``count`` intra-op threads for the
@@ -504,14 +516,7 @@ class _Run:
             }
             for position, reason in sorted(buffer.failures)
         ]
-        entry = {
-            "index": k,
-            "file": file,
-            "start": buffer.start,
-            "end": buffer.end,
-            "rows": len(rows),
-            "failed": len(buffer.failures),
-        }
+        entry = _shard_entry(k, file, buffer, len(rows))
 
         def write() -> None:
             write_table_atomic(self.out / file, table)
@@ -586,14 +591,7 @@ class _Run:
             }
             for position, reason in sorted(buffer.failures)
         ]
-        entry = {
-            "index": k,
-            "file": file,
-            "start": buffer.start,
-            "end": buffer.end,
-            "rows": rows,
-            "failed": len(buffer.failures),
-        }
+        entry = _shard_entry(k, file, buffer, rows)
         self._record_shard(PAIRS, k, entry, failures)
 
     def _record_shard(
