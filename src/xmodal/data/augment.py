@@ -4,8 +4,9 @@ Both are pure functions of (seed, image key, view or style): the same inputs giv
 pixels in any process, so a cache of augmented views can be rebuilt on ``--resume`` and a
 style-shift evaluation is repeatable.
 
-- :class:`AugmentView`: a training view (random resized crop, optional flip, colour jitter,
-  greyscale, blur), for the cached views of a locked image tower.
+- :class:`AugmentView`: a training view (optionally redrawn: :func:`redraw_view`; then random
+  resized crop, optional flip, colour jitter, greyscale, blur), for the cached views of a
+  locked image tower.
 - :class:`StyleShift`: one strong, named change (greyscale, colour change, blur, low
   resolution, crop, posterised ink drawing, and redrawn: warped shape, flat shading, thick
   outlines) for evaluating robustness to a change of style.
@@ -93,12 +94,15 @@ class AugmentView:
     hue: float = 0.0
     greyscale: float = 0.1
     blur: float = 0.2
+    redraw: float = 0.0
 
     def __call__(self, key: str, image: Image.Image) -> Image.Image:
         if self.view == 0:
             return image
         rng = keyed_rng("view", self.seed, self.view, key)
         image = _rgb(image)
+        if self.redraw and rng.random() < self.redraw:
+            image = redraw_view(image, rng)
         image = random_resized_crop(image, rng, self.crop_scale)
         if rng.random() < self.flip:
             image = ImageOps.mirror(image)
@@ -163,10 +167,18 @@ def _odd(value: float) -> int:
 
 def _warp(image: Image.Image, rng: random.Random) -> Image.Image:
     """Drawn in another shape: rotated, sheared and stretched about the centre, on white."""
-    width, height = image.size
-    angle = math.radians(rng.choice((-1, 1)) * rng.uniform(8, 18))
+    angle = rng.choice((-1, 1)) * rng.uniform(8, 18)
     shear = rng.uniform(-0.25, 0.25)
-    sx, sy = rng.uniform(0.75, 1.0), rng.uniform(0.75, 1.0)
+    return affine_about_centre(image, angle, shear, rng.uniform(0.75, 1.0), rng.uniform(0.75, 1.0))
+
+
+def affine_about_centre(
+    image: Image.Image, degrees: float, shear: float, sx: float, sy: float
+) -> Image.Image:
+    """``image`` scaled by (sx, sy), sheared by ``shear`` and rotated by ``degrees`` about its
+    centre, on white."""
+    width, height = image.size
+    angle = math.radians(degrees)
     # forward map: rotate(angle) @ shear @ scale; PIL's AFFINE takes the inverse map
     a, b = math.cos(angle) * sx, (math.cos(angle) * shear - math.sin(angle)) * sy
     c, d = math.sin(angle) * sx, (math.sin(angle) * shear + math.cos(angle)) * sy
@@ -185,8 +197,27 @@ def _warp(image: Image.Image, rng: random.Random) -> Image.Image:
 
 def _flat(image: Image.Image, rng: random.Random) -> Image.Image:
     """Flat shading: gradients and texture smoothed away, fewer tones of the same colours."""
-    size = _odd(max(image.size) / rng.uniform(14, 20))
-    return ImageOps.posterize(image.filter(ImageFilter.MedianFilter(size)), rng.choice((3, 4)))
+    return flatten_shading(image, rng.uniform(14, 20), rng.choice((3, 4)))
+
+
+def flatten_shading(image: Image.Image, divisor: float, bits: int) -> Image.Image:
+    """A median filter ``1/divisor`` of the image wide, then ``bits`` bits per channel."""
+    size = _odd(max(image.size) / divisor)
+    return ImageOps.posterize(image.filter(ImageFilter.MedianFilter(size)), bits)
+
+
+def redraw_view(image: Image.Image, rng: random.Random) -> Image.Image:
+    """A training view drawn by another hand, colours kept: a milder, continuous range of the
+    ``warp`` and ``flat`` style shifts (either or both). The ``outline`` style is not drawn
+    from, so the style-shift check keeps one redrawn style no training view resembles."""
+    change = rng.choice(("shape", "shading", "both"))
+    if change != "shading":
+        angle, shear = rng.uniform(-15, 15), rng.uniform(-0.2, 0.2)
+        sx, sy = rng.uniform(0.75, 1.05), rng.uniform(0.75, 1.05)
+        image = affine_about_centre(image, angle, shear, sx, sy)
+    if change != "shape":  # 5-6 bits: flatter shading, fine colour differences (skin tones) kept
+        image = flatten_shading(image, rng.uniform(12, 32), rng.choice((5, 6)))
+    return image
 
 
 def _outline(image: Image.Image, rng: random.Random) -> Image.Image:

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmodal.config import Backend, ConfigError, Precision, check_choice
-from xmodal.models.fusion import CrossAttentionFusion
 from xmodal.models.inference import has_conv, inference_copy
 from xmodal.models.model import CrossModalModel, Features
 from xmodal.models.towers import TowerOutput
@@ -284,10 +283,7 @@ def score_pairs(
     if not model.has_itm:
         return PairScores(similarity.cpu().numpy(), None, None)
     with autocast:
-        if isinstance(model.fusion, CrossAttentionFusion):  # model.fuse, less work
-            vectors = model.fusion.forward_first(image.tokens, image.mask, text.tokens, text.mask)
-        else:
-            vectors = model.fuse(image, text)
+        vectors = model.fuse(image, text)
         logits = model.itm_from_fused(vectors, image, text).float()
     itm = torch.softmax(logits, dim=-1)[:, 1]
     return PairScores(

@@ -172,15 +172,16 @@ class CrossModalModel(nn.Module):
     ) -> torch.Tensor:
         """(P, 2) logits [mismatch, match] of the pairs (image[image_rows[p]],
         text[text_rows[p]]); equal to :meth:`itm_logits` of the selected rows, but the
-        cross-attention fusion reads each image's tokens once however many pairs share it."""
+        cross-attention fusion projects each image's and each caption's tokens once however
+        many pairs share them."""
         self._require_itm()
         if isinstance(self.fusion, PooledFusion):
             return self.itm_logits(_rows(image, image_rows), _rows(text, text_rows))
-        text = _rows(text, text_rows)
-        fused = self.fusion(image.tokens, image.mask, text.tokens, text.mask, image_rows)
-        return self.itm_head(
-            torch.cat([fused, image.embeds.index_select(0, image_rows) * text.embeds], dim=-1)
+        fused = self.fusion(image.tokens, image.mask, text.tokens, text.mask, image_rows, text_rows)
+        agreement = image.embeds.index_select(0, image_rows) * text.embeds.index_select(
+            0, text_rows
         )
+        return self.itm_head(torch.cat([fused, agreement], dim=-1))
 
     def itm_from_fused(self, fused: torch.Tensor, image: Features, text: Features) -> torch.Tensor:
         self._require_itm()

@@ -80,6 +80,9 @@ class ModelSection:
         pass per image and view, and that much cache memory.
     view_flip: probability of a horizontal mirror in an augmented view (0 keeps left and right,
         which matter for arrows and directional symbols).
+    view_redraw: probability that an augmented view is first redrawn as another artist might
+        draw it, colours kept (shape warped and/or shading flattened:
+        :func:`xmodal.data.augment.redraw_view`); 0 (the default) never.
     image_pool_levels: the image tower's ``pool_levels`` (:class:`xmodal.config.ImageTowerConfig`;
         None keeps the model's): N > 1 pools the mean, max and std of the final map and of the
         N - 1 stage outputs before it (multi-level pooling; colour and local shape the
@@ -102,6 +105,7 @@ class ModelSection:
     cache_image_features: bool = True
     cached_views: int = 1
     view_flip: float = 0.0
+    view_redraw: float = 0.0
     image_pool_levels: int | None = None
     fusion_layers: int | None = None
     embed_dim: int | None = None
@@ -133,8 +137,10 @@ class ModelSection:
                 "model.cached_views > 1 needs a cached locked image tower "
                 "(model.lock_image: true and model.cache_image_features: true)"
             )
-        if not 0 <= self.view_flip <= 1:
-            raise ConfigError(f"model.view_flip must be in [0, 1], got {self.view_flip}")
+        for name in ("view_flip", "view_redraw"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ConfigError(f"model.{name} must be in [0, 1], got {value}")
         if self.assembled:
             if self.name is not None:
                 raise ConfigError(

@@ -339,7 +339,9 @@ class Trainer:
                 num_workers=self.config.data.num_workers,
                 keep_tokens=keep_tokens,
                 desc=f"caching train view {view + 1}/{section.cached_views}",
-                change=AugmentView(self.config.seed, view, flip=section.view_flip),
+                change=AugmentView(
+                    self.config.seed, view, flip=section.view_flip, redraw=section.view_redraw
+                ),
                 keys=keys,
             )
             if outputs.failures:  # the image decoded for view 0: an augmentation failed
