@@ -96,12 +96,10 @@ class EfficientNetLiteTower(nn.Module):
         self.output_dim = self.token_dim if not self.taps else 3 * (self.token_dim + sum(widths))
 
     def forward(self, pixel_values: torch.Tensor) -> TowerOutput:
-        if not self.taps:
-            grid = self.net.extract_features(pixel_values)  # (B, C, H, W)
-            tokens = grid.flatten(2).transpose(1, 2)
-            return TowerOutput(pooled=tokens.mean(dim=1), tokens=tokens)
-        grid, earlier = self._features_and_taps(pixel_values)
+        grid, earlier = self._features_and_taps(pixel_values)  # grid: (B, C, H, W)
         tokens = grid.flatten(2).transpose(1, 2)
+        if not self.taps:
+            return TowerOutput(pooled=tokens.mean(dim=1), tokens=tokens)
         return TowerOutput(pooled=multi_level_pooled([grid, *earlier[::-1]]), tokens=tokens)
 
     def _features_and_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
