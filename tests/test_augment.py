@@ -160,3 +160,70 @@ def test_view_redraw_is_validated() -> None:
         with pytest.raises(ConfigError, match=r"model.view_redraw must be in \[0, 1\]"):
             from_dict(ModelSection, {"view_redraw": bad})
     assert from_dict(ModelSection, {"view_redraw": 0.5}).view_redraw == 0.5
+
+
+def test_artist_shift_compares_the_same_names_against_a_reference(tmp_path, tiny_model_dir):
+    from xmodal.evaluate.style_shift import artist_shift_report, format_artist_shift
+    from xmodal.presets import load_model
+
+    model, processor = load_model(tiny_model_dir)
+    dataset = load_dataset(write_colour_dataset(tmp_path / "d", n=12))
+    # "another artist": its drawings of 8 of the 12 images, here the images turned greyscale
+    drawn_rows = []
+    for ex in dataset.unique_images()[:8]:
+        image = Image.open(ex.image).convert("L").convert("RGB")
+        path = tmp_path / "artist" / ex.image_id
+        path.parent.mkdir(exist_ok=True)
+        image.save(path)
+        drawn_rows.append(
+            {"image": str(path), "caption": ex.caption, "image_id": f"x/{ex.image_id}"}
+        )
+    table = tmp_path / "test.x.jsonl"
+    table.write_text("".join(json.dumps(r) + "\n" for r in drawn_rows))
+    drawn = load_dataset(table)
+    report = artist_shift_report(model, processor, dataset, drawn, num_workers=0)
+    assert report["n_images"] == 8
+
+    def reference(rows) -> dict:  # the 8 images alone, scored by hand
+        with torch.inference_mode():
+            batch = processor(text=[r["caption"] for r in rows])
+            texts = model.encode_text(batch["input_ids"], batch["attention_mask"])
+            images = torch.stack([processor.process_image(r["image"]) for r in rows])
+            return retrieval_metrics(model.encode_image(images), texts, torch.arange(8), ks=(1,))
+
+    originals = [
+        {**r, "image": str(tmp_path / "d" / "images" / r["image_id"][2:])} for r in drawn_rows
+    ]
+    for name, rows in (("in_style", originals), ("drawn", drawn_rows)):
+        expected = reference(rows)
+        assert report[name]["t2i_R@1"] == pytest.approx(expected["t2i_R@1"])
+        assert report[name]["i2t_R@1"] == pytest.approx(expected["i2t_R@1"])
+    if report["in_style"]["t2i_R@1"]:
+        kept = 100 * report["drawn"]["t2i_R@1"] / report["in_style"]["t2i_R@1"]
+        assert report["t2i_kept"] == pytest.approx(kept, abs=0.051)
+    assert "another artist (x, never trained on; 8 test images)" in format_artist_shift("x", report)
+    stray = load_dataset(table).examples + [
+        type(drawn.examples[0])(drawn_rows[0]["image"], "a lost one", "x/nowhere.png")
+    ]
+    with pytest.raises(ValueError, match="1 drawn images have no in-style image"):
+        artist_shift_report(model, processor, dataset, type(drawn)(stray), num_workers=0)
+
+
+def test_eval_cli_other_artist(tmp_path, tiny_model_dir, capsys) -> None:
+    from xmodal.cli import main
+
+    data = write_colour_dataset(tmp_path / "data", n=6)
+    rows = [json.loads(line) for line in open(data, encoding="utf-8")]
+    drawn = tmp_path / "data" / "test.ink.jsonl"
+    drawn.write_text(
+        "".join(json.dumps({**r, "image_id": f"ink/{r['image_id']}"}) + "\n" for r in rows[:4])
+    )
+    out = tmp_path / "report.json"
+    argv = ["eval", "--model", tiny_model_dir, "--data", data, "--out", str(out)]
+    assert main([*argv, "--rerank-k", "0", "--workers", "0", "--other-artist", f"ink={drawn}"]) == 0
+    check = json.loads(out.read_text())["other_artists"]["ink"]
+    # the same images under other ids: the drawn figures equal the in-style ones, all kept
+    assert check["n_images"] == 4 and check["drawn"] == check["in_style"]
+    assert "another artist (ink, never trained on; 4 test images)" in capsys.readouterr().out
+    assert main([*argv, "--rerank-k", "0", "--other-artist", str(drawn)]) == 2
+    assert "--other-artist wants NAME=DATA" in capsys.readouterr().err

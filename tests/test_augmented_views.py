@@ -92,7 +92,7 @@ def test_resume_with_augmented_views_is_exact(tmp_path, tiny_model_dir, monkeypa
 def test_cached_views_config_is_checked(tmp_path) -> None:
     with pytest.raises(ConfigError, match="cached_views must be >= 1"):
         ModelSection(lock_image=True, cached_views=0).validate()
-    with pytest.raises(ConfigError, match="cached_views > 1 needs a cached locked image tower"):
+    with pytest.raises(ConfigError, match="cached_views > 1 needs cached image tower outputs"):
         ModelSection(cached_views=4).validate()
     with pytest.raises(ConfigError, match="view_flip must be in"):
         ModelSection(lock_image=True, view_flip=1.5).validate()

@@ -14,9 +14,15 @@ import pytest
 from PIL import Image
 
 from xmodal.apps import builders
-from xmodal.apps.builders import build_emoji, build_fashion_mnist, sha512_integrity, tone_caption
+from xmodal.apps.builders import (
+    build_emoji,
+    build_fashion_mnist,
+    code_key,
+    sha512_integrity,
+    tone_caption,
+)
 from xmodal.data import load_dataset
-from xmodal.errors import MissingDependencyError
+from xmodal.errors import ConfigError, InputError, MissingDependencyError
 
 TONES = ("1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF")
 
@@ -222,3 +228,87 @@ def test_build_fashion_mnist_real(tmp_path: Path) -> None:
     img = Image.open(tmp_path / "images" / "test_0.png")
     assert img.size == (28, 28) and img.mode == "L"
     assert _read_jsonl(tmp_path / "test.jsonl")[0]["label"] == "ankle boot"
+
+
+def _artist_tarball(path: Path, folder: str, files: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in {**files, "package/LICENSE.md": b"x"}.items():
+            info = tarfile.TarInfo(name if name.startswith("package/") else folder + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _svg(colour: str) -> bytes:
+    return (
+        '<svg xmlns="http://www.w3.org/2000/svg" width="72" height="72" viewBox="0 0 72 72">'
+        f'<rect x="9" y="9" width="54" height="54" fill="{colour}"/></svg>'
+    ).encode()
+
+
+def test_build_emoji_with_other_artists(tmp_path: Path) -> None:
+    pytest.importorskip("resvg_py")
+    tarball = _fake_tarball(tmp_path / "emoji.tgz")
+    codes = [f"{i:04x}" for i in range(10)] + [f"0000-{t.lower()}" for t in TONES]
+    # OpenMoji-like: SVG, upper-case names, one with a FE0F selector the Google name lacks
+    svgs = {f"{c.upper()}.svg": _svg("#d02020") for c in codes if c != "0003"}
+    svgs["0003-FE0F.svg"] = _svg("#2040d0")
+    openmoji = _artist_tarball(tmp_path / "om.tgz", "package/color/svg/", svgs)
+    pngs = {f"{c}.png": _rgba_png(90) for c in codes[:6]}
+    pngs["_alt/0000.png"] = _rgba_png(1)  # a sub-folder of alternates: not read
+    emojione = _artist_tarball(tmp_path / "e1.tgz", "package/png/64/", pngs)
+    out = tmp_path / "out"
+    kwargs = dict(seed=3, val_fraction=0.2, test_fraction=0.3, size=32)
+    plain = build_emoji(tmp_path / "plain", tarball=tarball, **kwargs)
+    summary = build_emoji(
+        out,
+        tarball=tarball,
+        artists=("openmoji",),
+        check_artists=("emojione",),
+        artist_tarballs={"openmoji": openmoji, "emojione": emojione},
+        **kwargs,
+    )
+    rows = {s: _read_jsonl(out / f"{s}.jsonl") for s in ("train", "val", "test")}
+    google_train = [r for r in rows["train"] if "/" not in r["image_id"]]
+    drawn = [r for r in rows["train"] if "/" in r["image_id"]]
+    assert google_train == _read_jsonl(tmp_path / "plain" / "train.jsonl")
+    assert rows["test"] == _read_jsonl(tmp_path / "plain" / "test.jsonl")
+    assert {r["image_id"].split("/")[0] for r in drawn} == {"openmoji"}  # never emojione
+    # every training name the artist drew, as the same caption of another image
+    drawable = {
+        r["image_id"] for r in google_train if code_key(r["image_id"]) in map(code_key, svgs)
+    }
+    assert {r["image_id"].split("/", 1)[1] for r in drawn} == drawable
+    by_google = {r["image_id"]: r for r in google_train}
+    for row in drawn:
+        google = by_google[row["image_id"].split("/", 1)[1]]
+        assert row | {"image": "", "image_id": ""} == google | {"image": "", "image_id": ""}
+        img = Image.open(out / row["image"])
+        assert img.mode == "RGB" and img.size == (32, 32)
+        assert img.getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+        red = row["image_id"] != "openmoji/0003.png"
+        assert img.getpixel((16, 16)) == ((208, 32, 32) if red else (32, 64, 208))
+    test_names = {r["name"] for r in rows["test"]}
+    for artist in ("openmoji", "emojione"):
+        checked = _read_jsonl(out / f"test.{artist}.jsonl")
+        assert checked and {r["name"] for r in checked} <= test_names
+        assert all(r["image_id"].startswith(f"{artist}/") for r in checked)
+        assert summary["artists"][artist]["test_images"] == len(checked)
+    assert summary["artists"]["openmoji"]["train_images"] == len(drawn)
+    assert summary["artists"]["emojione"]["train_images"] == 0
+    assert summary["splits"]["train"]["captions"] == plain["splits"]["train"]["captions"] + len(
+        drawn
+    )
+    with pytest.raises(ConfigError, match="unknown emoji artist"):
+        build_emoji(out, tarball=tarball, artists=("picasso",))
+    with pytest.raises(ConfigError, match="cannot also be"):
+        build_emoji(out, tarball=tarball, artists=("openmoji",), check_artists=("openmoji",))
+    broken = _artist_tarball(tmp_path / "bad.tgz", "package/color/svg/", {"0000.svg": b"<svg"})
+    with pytest.raises(InputError, match="0000.svg: SVG could not be rendered"):
+        build_emoji(
+            tmp_path / "bad",
+            tarball=tarball,
+            check_artists=("openmoji",),
+            artist_tarballs={"openmoji": broken},
+            **kwargs,
+        )

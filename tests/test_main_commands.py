@@ -23,12 +23,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def emoji_available() -> None:
-    """The emoji tarball comes from the cache or from ``npm pack`` (the npm registry)."""
+    """The emoji and artist tarballs come from the cache or from ``npm pack`` (npm registry)."""
     cache = Path.home() / ".cache" / "xmodal" / "emoji"
-    if builders._cached_tarball(cache) is None and shutil.which("npm") is None:
+    names = [builders.EMOJI_TARBALL] + [a.tarball for a in builders.ARTISTS.values()]
+    cached = all(builders._cached_tarball(cache, name) for name in names)
+    if not cached and shutil.which("npm") is None:
         pytest.skip(
-            f"needs npm (apt-get install npm) to download {builders.EMOJI_PACKAGE}, or the "
-            f"tarball cached in {cache}"
+            f"needs npm (apt-get install npm) to download {builders.EMOJI_PACKAGE} and the "
+            f"other artists' packages, or their tarballs cached in {cache}"
         )
 
 
@@ -116,6 +118,17 @@ def test_quickstart_slice_learns_held_out_names(tmp_path, emoji_available, capsy
     assert shift["t2i_kept"] == pytest.approx(100 * mean / itc["t2i_R@1"], abs=1.5)
     assert f"style shift ({len(STYLE_SHIFTS)} styles, seed 0)" in printed
     assert shift["groups"]["redrawn"]["styles"] == ["warp", "flat", "outline"]
+    # two real other artists, never trained on, each checked against the same names in style
+    assert all("/" not in r["image_id"] for r in read_jsonl(out / "emoji" / "train.jsonl"))
+    assert report["trained_artists"] == []
+    test_names = {r["name"] for r in test_rows}
+    for artist in ("emojione", "openmoji"):
+        check = report["other_artists"][artist]
+        drawn = read_jsonl(out / "emoji" / f"test.{artist}.jsonl")
+        assert check["n_images"] == len(drawn) >= 0.3 * n
+        assert {r["name"] for r in drawn} <= test_names
+        assert 0 <= check["drawn"]["t2i_R@1"] <= 100 and check["in_style"]["t2i_R@1"] > 0
+        assert f"another artist ({artist}, never trained on" in printed
     assert (out / "train" / "training.png").read_bytes()[:4] == b"\x89PNG"
     model, processor = load_model(report["model"])
     assert processor.config.caption_template == "an emoji of {}"

@@ -15,7 +15,8 @@ import tarfile
 import tempfile
 import typing
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,31 @@ SKIN_TONES = {
     "1F3FD": "medium skin tone",
     "1F3FE": "medium-dark skin tone",
     "1F3FF": "dark skin tone",
+}
+
+
+@dataclass(frozen=True)
+class Artist:
+    """Another artist's drawings of the same emoji: the PNG or SVG files of an npm package's
+    folder, named by code point (``1f44d-1f3fd.svg``; ``fe0f`` selectors are ignored when
+    matching them to the Google images)."""
+
+    package: str
+    tarball: str
+    folder: str
+    license: str
+
+
+ARTISTS = {
+    "openmoji": Artist(
+        "openmoji@17.0.0", "openmoji-17.0.0.tgz", "package/color/svg/", "CC BY-SA 4.0"
+    ),
+    "emojione": Artist(
+        "emojione-assets@4.5.0",
+        "emojione-assets-4.5.0.tgz",
+        "package/png/64/",
+        "EmojiOne free license (attribution; see the package's LICENSE.md)",
+    ),
 }
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -217,6 +243,85 @@ def _read_emoji_tar(path: Path) -> tuple[list[dict], dict[str, bytes]]:
     return entries, pngs
 
 
+def _artist_tarball(
+    name: str, cache_dir: str | Path | None, tarballs: dict[str, str | Path] | None
+) -> tuple[Path, str]:
+    """An artist package's tarball (given in ``tarballs``, cached or from ``npm pack``)."""
+    artist = ARTISTS[name]
+    return _package_tarball(
+        cache_dir,
+        (tarballs or {}).get(name),
+        artist.package,
+        artist.tarball,
+        f"or pass artist_tarballs={{{name!r}: TARBALL}} (CLI: --artist-from {name}=TARBALL) "
+        "with a downloaded copy, or build without that artist",
+    )
+
+
+def code_key(file_name: str) -> str:
+    """``1F44D-FE0F-1F3FD.svg`` -> ``1f44d-1f3fd``: the key an image is matched by."""
+    stem = file_name.rsplit("/", 1)[-1].rsplit(".", 1)[0].lower()
+    return "-".join(part for part in stem.split("-") if part != "fe0f")
+
+
+def _read_artist_tar(path: Path, artist: Artist) -> dict[str, tuple[str, bytes]]:
+    """An artist package's drawings: code key -> (file name, bytes)."""
+    drawings: dict[str, tuple[str, bytes]] = {}
+    try:
+        with tarfile.open(path, mode="r:*") as tar:
+            for member in tar:
+                name = member.name
+                if not (name.startswith(artist.folder) and name.endswith((".png", ".svg"))):
+                    continue
+                if "/" in name[len(artist.folder) :]:  # a sub-folder (alternates)
+                    continue
+                fh = tar.extractfile(member) if member.isfile() else None
+                if fh is not None:
+                    drawings[code_key(name)] = (name, fh.read())
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise InputError(f"{path}: not a readable tar file ({err})") from None
+    if not drawings:
+        raise InputError(f"{path}: no PNG or SVG drawings under {artist.folder}")
+    return drawings
+
+
+def _render_drawing(file_name: str, data: bytes, size: int) -> Image.Image:
+    """A drawing as an RGB ``size`` x ``size`` image on white (SVG rendered with resvg)."""
+    if file_name.endswith(".svg"):
+        try:
+            import resvg_py
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"{file_name}: SVG drawings need `pip install resvg-py` (extra xmodal[data])"
+            ) from exc
+        try:
+            data = bytes(
+                resvg_py.svg_to_bytes(svg_string=data.decode("utf-8"), width=size, height=size)
+            )
+        except (ValueError, UnicodeDecodeError) as err:
+            raise InputError(f"{file_name}: SVG could not be rendered ({err})") from None
+    return _on_white(data, size)
+
+
+def artist_rows(
+    rows: list[dict], artist: str, drawings: dict[str, tuple[str, bytes]], out: Path, size: int
+) -> list[dict]:
+    """The rows whose emoji the artist drew, pointing at its drawing (written under
+    ``images/<artist>/``, the same caption, name and category; ``image_id``
+    ``<artist>/<file>``, so it is another image of the same concept)."""
+    drawn = []
+    for row in rows:
+        found = drawings.get(code_key(row["image_id"]))
+        if found is None:
+            continue
+        image_id = f"{artist}/{row['image_id']}"
+        target = out / "images" / image_id
+        if not target.exists():
+            atomic_write_bytes(target, _png_bytes(_render_drawing(*found, size)))
+        drawn.append({**row, "image": f"images/{image_id}", "image_id": image_id})
+    return drawn
+
+
 # ---------------------------------------------------------------- emoji: records
 
 
@@ -332,6 +437,8 @@ def _reusable_summary(path: Path, params: dict) -> dict | None:
         return None
     same = all(summary.get(k) == v for k, v in params.items())
     files = all((path.parent / f"{s}.jsonl").is_file() for s in EMOJI_SPLITS)
+    artists = summary.get("artists") or {}
+    files = files and all((path.parent / f"test.{a}.jsonl").is_file() for a in artists)
     return summary if same and files else None
 
 
@@ -347,6 +454,9 @@ def build_emoji(
     limit: int | None = None,
     rich_captions: bool = False,
     keywords_tarball: str | Path | None = None,
+    artists: Sequence[str] = (),
+    check_artists: Sequence[str] = (),
+    artist_tarballs: dict[str, str | Path] | None = None,
 ) -> dict:
     """Build train/val/test JSONL sets of Google emoji images captioned with their names.
 
@@ -357,8 +467,18 @@ def build_emoji(
     ``rich_captions``: training images get further captions (short names, CLDR label and
     keywords from ``emojibase-data``, :mod:`xmodal.apps.emoji_captions`; its tarball from
     ``keywords_tarball`` or ``npm pack``, cached and integrity-checked); val and test keep the
-    name alone. Returns the summary also written to summary.json.
+    name alone. ``artists`` (:data:`ARTISTS`): the training names as those artists drew them
+    are added to the training split (more drawings of each concept); ``check_artists``: only
+    their drawings of the test names, for a check on an artist never trained on. Every
+    artist's test names go to ``test.<artist>.jsonl``. Artist packages come from
+    ``artist_tarballs`` (name -> tarball) or ``npm pack`` (cached, integrity-checked).
+    Returns the summary also written to summary.json.
     """
+    unknown = sorted((set(artists) | set(check_artists)) - set(ARTISTS))
+    if unknown:
+        raise ConfigError(f"unknown emoji artist(s) {unknown}; known: {sorted(ARTISTS)}")
+    if set(artists) & set(check_artists):
+        raise ConfigError("an artist trained on cannot also be the check's unseen artist")
     if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
         raise ConfigError("need 0 <= val_fraction, test_fraction and their sum < 1")
     if limit is not None and limit < 1:
@@ -371,6 +491,8 @@ def build_emoji(
         "size": size,
         "limit": limit,
         "rich_captions": rich_captions,
+        "trained_artists": list(artists),
+        "check_artists": list(check_artists),
     }
     if not force and (summary := _reusable_summary(out / "summary.json", params)):
         return summary
@@ -386,6 +508,23 @@ def build_emoji(
         image = _on_white(pngs[record["image_id"]], size)
         atomic_write_bytes(out / record["image"], _png_bytes(image))
     splits = {s: [r for r in records if assignment[r["name"]] == s] for s in EMOJI_SPLITS}
+    artist_summary: dict = {}
+    for artist in [*artists, *check_artists]:
+        artist_path, artist_integrity = _artist_tarball(artist, cache_dir, artist_tarballs)
+        drawings = _read_artist_tar(artist_path, ARTISTS[artist])
+        test_rows = artist_rows(splits["test"], artist, drawings, out, size)
+        _write_jsonl(out / f"test.{artist}.jsonl", test_rows)
+        train_rows = []
+        if artist in artists:
+            train_rows = artist_rows(splits["train"], artist, drawings, out, size)
+            splits["train"] = splits["train"] + train_rows
+        artist_summary[artist] = {
+            "package": ARTISTS[artist].package,
+            "license": ARTISTS[artist].license,
+            "integrity": artist_integrity,
+            "train_images": len(train_rows),
+            "test_images": len(test_rows),
+        }
     keywords_source: dict = {}
     if rich_captions:
         keywords_path, keywords_integrity = _keywords_tarball(cache_dir, keywords_tarball)
@@ -419,6 +558,7 @@ def build_emoji(
             for s, r in splits.items()
         },
         "skipped": dict(skipped),
+        "artists": artist_summary,
         **keywords_source,
     }
     _write_json(out / "summary.json", summary)

@@ -6,7 +6,47 @@ import argparse
 import json
 import typing
 
-from xmodal.config import FashionMnistSplit
+from xmodal.config import ConfigError, FashionMnistSplit
+
+
+def add_artist_arguments(parser: argparse.ArgumentParser, check_default: list[str]) -> None:
+    """``--artists``, ``--check-artists`` and ``--artist-from`` (emoji drawn by other artists)."""
+    from xmodal.apps.builders import ARTISTS
+
+    known = ", ".join(sorted(ARTISTS))
+    parser.add_argument(
+        "--artists",
+        nargs="*",
+        default=[],
+        metavar="ARTIST",
+        help=f"also train on the training names as these artists drew them ({known}; npm)",
+    )
+    parser.add_argument(
+        "--check-artists",
+        nargs="*",
+        default=check_default,
+        metavar="ARTIST",
+        help="write test.<artist>.jsonl: the test names drawn by an artist never trained on "
+        f"(default: {' '.join(check_default) or 'none'})",
+    )
+    parser.add_argument(
+        "--artist-from",
+        action="append",
+        default=[],
+        metavar="ARTIST=TARBALL",
+        help="use this npm tarball for an artist's package (repeatable)",
+    )
+
+
+def artist_tarballs(values: list[str]) -> dict[str, str]:
+    """``["openmoji=/x/openmoji.tgz"]`` -> ``{"openmoji": "/x/openmoji.tgz"}``."""
+    pairs = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--artist-from wants ARTIST=TARBALL, got {value!r}")
+        pairs[name] = path
+    return pairs
 
 
 def add(commands) -> None:
@@ -28,6 +68,7 @@ def add(commands) -> None:
         default=None,
         help="use this emojibase-data npm tarball (with --rich-captions)",
     )
+    add_artist_arguments(emoji, check_default=[])
     emoji.add_argument("--seed", type=int, default=0)
     emoji.add_argument("--force", action="store_true", help="rebuild even if up to date")
     emoji.add_argument(
@@ -52,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
             limit=args.limit,
             rich_captions=args.rich_captions,
             keywords_tarball=args.keywords_tarball,
+            artists=args.artists,
+            check_artists=args.check_artists,
+            artist_tarballs=artist_tarballs(args.artist_from),
         )
     else:
         summary = build_fashion_mnist(args.out, split=args.split, limit=args.limit)

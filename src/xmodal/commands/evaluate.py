@@ -45,6 +45,15 @@ def add(commands) -> None:
     )
     p.add_argument("--style-seed", type=int, default=0, help="seed of the style changes")
     p.add_argument(
+        "--other-artist",
+        action="append",
+        default=[],
+        metavar="NAME=DATA",
+        help="also retrieve from another artist's drawings of the same concepts (DATA: rows "
+        "whose image_id is NAME/<image_id in --data>, e.g. data/emoji/test.openmoji.jsonl from "
+        "`xmodal data emoji --check-artists openmoji`), against the same names in style",
+    )
+    p.add_argument(
         "--skip-bad",
         action="store_true",
         help="leave out unusable rows and undecodable images (with their captions), reported",
@@ -106,6 +115,20 @@ def run(args: argparse.Namespace) -> int:
             skip_bad=args.skip_bad,
         )
         print(format_style_shift(report["style_shift"]))
+    if args.other_artist:
+        from xmodal.evaluate.style_shift import artist_shift_report, format_artist_shift
+
+        report["other_artists"] = {}
+        for value in args.other_artist:
+            name, sep, path = value.partition("=")
+            if not sep or not name or not path:
+                raise InputError(f"--other-artist wants NAME=DATA, got {value!r}")
+            drawn = load_dataset(path, skip_bad=args.skip_bad)
+            check = artist_shift_report(
+                model, processor, dataset, drawn, args.batch_size, args.workers
+            )
+            report["other_artists"][name] = check
+            print(format_artist_shift(name, check))
     if args.out:
         write_report(report, args.out)
         print(f"report written to {args.out}")

@@ -28,10 +28,16 @@ def add(commands) -> None:
         default=None,
         help="emojibase-data npm tarball to use for the extra training captions",
     )
+    from xmodal.apps.quickstart import QUICKSTART_ARTISTS, QUICKSTART_CHECK_ARTISTS
+    from xmodal.commands.data import add_artist_arguments
+
+    add_artist_arguments(p, check_default=list(QUICKSTART_CHECK_ARTISTS))
+    p.set_defaults(artists=list(QUICKSTART_ARTISTS))
 
 
 def run(args: argparse.Namespace) -> int:
     from xmodal.apps.quickstart import run_quickstart
+    from xmodal.commands.data import artist_tarballs
 
     run_quickstart(
         args.out,
@@ -43,5 +49,8 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         keywords_tarball=args.keywords_tarball,
         rich_captions=args.rich_captions,
+        artists=args.artists,
+        check_artists=args.check_artists,
+        artist_tarballs=artist_tarballs(args.artist_from),
     )
     return 0

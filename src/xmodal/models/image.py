@@ -95,24 +95,53 @@ class EfficientNetLiteTower(nn.Module):
         widths = [blocks[i].output_filters for i in self.taps]
         self.output_dim = self.token_dim if not self.taps else 3 * (self.token_dim + sum(widths))
 
+    @property
+    def block_count(self) -> int:
+        """How many MBConv blocks the backbone has (``prefix``/``suffix`` split points)."""
+        return len(self.net._blocks)
+
     def forward(self, pixel_values: torch.Tensor) -> TowerOutput:
-        grid, earlier = self._features_and_taps(pixel_values)  # grid: (B, C, H, W)
+        return self.suffix(*self.prefix(pixel_values, self.block_count), self.block_count)
+
+    def prefix(self, pixel_values: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stem and blocks ``[0, start)``: the map entering block ``start`` (B, C, H, W) and
+        the pooled statistics of the tapped stages among them, deepest first (B, P)."""
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(pixel_values)))
+        x, taps = self._blocks(x, 0, start)
+        pooled = multi_level_pooled(taps[::-1]) if taps else x.new_zeros(len(x), 0)
+        return x, pooled
+
+    def suffix(self, hidden: torch.Tensor, prefix_pooled: torch.Tensor, start: int) -> TowerOutput:
+        """Blocks ``[start, end)`` and the head on ``hidden``, the map :meth:`prefix` returned
+        with ``prefix_pooled``: the same output as :meth:`forward` on the whole image, so a run
+        that trains only the last blocks can cache the prefix (``prefix`` + ``suffix`` =
+        ``forward``)."""
+        net = self.net
+        x, taps = self._blocks(hidden, start, self.block_count)
+        grid = net._swish(net._bn1(net._conv_head(x)))  # (B, C, H, W)
         tokens = grid.flatten(2).transpose(1, 2)
         if not self.taps:
             return TowerOutput(pooled=tokens.mean(dim=1), tokens=tokens)
-        return TowerOutput(pooled=multi_level_pooled([grid, *earlier[::-1]]), tokens=tokens)
+        pooled = torch.cat([multi_level_pooled([grid, *taps[::-1]]), prefix_pooled], dim=1)
+        return TowerOutput(pooled=pooled, tokens=tokens)
 
-    def _features_and_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``EfficientNet.extract_features``, also keeping the outputs of the tapped blocks."""
-        net = self.net
-        x = net._swish(net._bn0(net._conv_stem(x)))
+    def suffix_modules(self, start: int) -> list[nn.Module]:
+        """The modules :meth:`suffix` runs from block ``start`` (what a partial unlock trains)."""
+        return [*self.net._blocks[start:], self.net._conv_head, self.net._bn1]
+
+    def _blocks(self, x: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, list]:
+        """Blocks ``[start, stop)`` (as ``EfficientNet.extract_features`` runs them), keeping
+        the outputs of the tapped ones."""
+        rate = self.net._global_params.drop_connect_rate
+        count = self.block_count
         taps = []
-        rate = net._global_params.drop_connect_rate
-        for idx, block in enumerate(net._blocks):
-            x = block(x, drop_connect_rate=rate * idx / len(net._blocks) if rate else rate)
+        for idx in range(start, stop):
+            block = self.net._blocks[idx]
+            x = block(x, drop_connect_rate=rate * idx / count if rate else rate)
             if idx in self.taps:
                 taps.append(x)
-        return net._swish(net._bn1(net._conv_head(x))), taps
+        return x, taps
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each MBConv block in the backward pass (training only)."""

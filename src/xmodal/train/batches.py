@@ -9,7 +9,10 @@ equal size, and in rank order they are exactly the batch one process would train
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from xmodal.data import ImageTextDataset
@@ -17,20 +20,100 @@ from xmodal.data.images import PixelNormaliser, decode_crop
 from xmodal.processing import MultimodalProcessor
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The shuffled, full batches of one epoch; a function of (seed, epoch) only."""
+@dataclass(frozen=True)
+class Neighbours:
+    """What neighbour-mined batches draw from: ``share`` of each batch is filled with pairs
+    whose image is one of the ``near_images`` of a pair drawn at random (the other pairs)."""
+
+    image_of_row: list[int]  # dataset row -> image position
+    near_images: torch.Tensor  # (images, k): each image's k nearest other images
+    rows_of_image: list[list[int]]  # image position -> its dataset rows
+    share: float
+
+
+def nearest_images(
+    features: torch.Tensor, k: int, dims: int = 256, chunk: int = 4096
+) -> torch.Tensor:
+    """(N, k) positions of each row's ``k`` nearest other rows of ``features`` (N, D) by cosine
+    after standardising every dimension (feature levels of different scales count alike).
+
+    Over ``dims`` dimensions the standardised features go through a seeded random projection
+    first (cosines kept approximately), and rows are scored ``chunk`` at a time, so a large
+    collection costs O(N^2 x dims) time and O(chunk x N) memory.
+    """
+    x = features.float()
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+    if x.shape[1] > dims:
+        generator = torch.Generator().manual_seed(0)
+        x = x @ torch.randn(x.shape[1], dims, generator=generator)
+    x = F.normalize(x, dim=1)
+    k = min(k, len(x) - 1)
+    out = []
+    for start in range(0, len(x), chunk):
+        scores = x[start : start + chunk] @ x.t()
+        own = torch.arange(start, start + len(scores))
+        scores[torch.arange(len(scores)), own] = float("-inf")
+        out.append(scores.topk(k, dim=1).indices)
+    return torch.cat(out)
+
+
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, neighbours: Neighbours | None = None
+) -> list[list[int]]:
+    """The shuffled, full batches of one epoch; a function of (seed, epoch) only.
+
+    With ``neighbours``, each batch takes its first ``batch_size x (1 - share)`` rows from the
+    shuffled order (the anchors) and fills the rest with one pair per anchor in turn, whose
+    image is drawn from the anchor image's nearest images: look-alikes the losses must tell
+    apart in the same batch (hard negatives for the contrastive and the ITM terms). An epoch
+    keeps its number of batches; no row appears twice in a batch.
+    """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=generator).tolist()
-    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+    if neighbours is None or neighbours.share == 0:
+        return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+    mined = min(batch_size - 1, round(batch_size * neighbours.share))
+    anchors = batch_size - mined
+    count = n // batch_size
+    near = neighbours.near_images.tolist()
+    picks = torch.rand(count, mined, 2, generator=generator).tolist()
+    batches = []
+    for b in range(count):
+        batch = order[b * anchors : (b + 1) * anchors]
+        taken = set(batch)
+        for i in range(mined):
+            candidates = near[neighbours.image_of_row[batch[i % anchors]]]
+            first, row_pick = picks[b][i]
+            start = int(first * len(candidates))
+            row = None
+            for image in candidates[start:] + candidates[:start]:
+                rows = neighbours.rows_of_image[image]
+                row = rows[int(row_pick * len(rows))]
+                if row not in taken:
+                    break
+                row = None
+            if row is None:  # the anchor's look-alikes are all in the batch: any other row
+                row = next(r for r in reversed(order) if r not in taken)
+            batch.append(row)
+            taken.add(row)
+        batches.append(batch)
+    return batches
 
 
 def rank_micro_batches(
-    n: int, batch_size: int, accum_steps: int, world_size: int, rank: int, seed: int, epoch: int
+    n: int,
+    batch_size: int,
+    accum_steps: int,
+    world_size: int,
+    rank: int,
+    seed: int,
+    epoch: int,
+    neighbours: Neighbours | None = None,
 ) -> list[list[int]]:
     """This rank's micro-batches of one epoch in order, ``accum_steps`` per optimiser step."""
     per_rank = batch_size * accum_steps
     micro: list[list[int]] = []
-    for step in epoch_batches(n, per_rank * world_size, seed, epoch):
+    for step in epoch_batches(n, per_rank * world_size, seed, epoch, neighbours):
         block = step[rank * per_rank : (rank + 1) * per_rank]
         micro += [block[i : i + batch_size] for i in range(0, per_rank, batch_size)]
     return micro

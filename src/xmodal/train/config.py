@@ -83,6 +83,11 @@ class ModelSection:
     view_redraw: probability that an augmented view is first redrawn as another artist might
         draw it, colours kept (shape warped and/or shading flattened:
         :func:`xmodal.data.augment.redraw_view`); 0 (the default) never.
+    image_trainable_blocks: with an unlocked EfficientNet-Lite image tower, train only its last
+        N MBConv blocks and its head convolution (0: the head only; None: all). With
+        ``cache_image_features`` the frozen blocks run once per image (and view) and their
+        output map is cached, so each step runs only the trained part; batch norms keep their
+        ImageNet statistics (the tower stays in eval mode).
     image_pool_levels: the image tower's ``pool_levels`` (:class:`xmodal.config.ImageTowerConfig`;
         None keeps the model's): N > 1 pools the mean, max and std of the final map and of the
         N - 1 stage outputs before it (multi-level pooling; colour and local shape the
@@ -102,6 +107,7 @@ class ModelSection:
     lock_image: bool = False
     lock_text: bool = False
     text_trainable_layers: int | None = None
+    image_trainable_blocks: int | None = None
     cache_image_features: bool = True
     cached_views: int = 1
     view_flip: float = 0.0
@@ -110,6 +116,13 @@ class ModelSection:
     fusion_layers: int | None = None
     embed_dim: int | None = None
     gradient_checkpointing: bool = False
+
+    @property
+    def image_cached(self) -> bool:
+        """Whether training reads cached image tower outputs (of the whole locked tower, or of
+        the frozen blocks before ``image_trainable_blocks``) instead of decoding images."""
+        locked = self.lock_image or self.image_trainable_blocks is not None
+        return self.cache_image_features and locked
 
     @property
     def assembled(self) -> bool:
@@ -122,8 +135,15 @@ class ModelSection:
         return self.name or DEFAULT_MODEL
 
     def validate(self) -> None:
-        if self.text_trainable_layers is not None and self.text_trainable_layers < 0:
-            raise ConfigError("model.text_trainable_layers must be >= 0")
+        for name in ("text_trainable_layers", "image_trainable_blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"model.{name} must be >= 0, got {value}")
+        if self.lock_image and self.image_trainable_blocks is not None:
+            raise ConfigError(
+                "model.lock_image freezes the whole image tower; model.image_trainable_blocks "
+                "trains its last blocks: set one of them"
+            )
         for name in ("image_pool_levels", "fusion_layers", "embed_dim"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -132,10 +152,10 @@ class ModelSection:
             raise ConfigError("model.name must not be empty")
         if self.cached_views < 1:
             raise ConfigError(f"model.cached_views must be >= 1, got {self.cached_views}")
-        if self.cached_views > 1 and not (self.lock_image and self.cache_image_features):
+        if self.cached_views > 1 and not self.image_cached:
             raise ConfigError(
-                "model.cached_views > 1 needs a cached locked image tower "
-                "(model.lock_image: true and model.cache_image_features: true)"
+                "model.cached_views > 1 needs cached image tower outputs (model.lock_image: "
+                "true or model.image_trainable_blocks, and model.cache_image_features: true)"
             )
         for name in ("view_flip", "view_redraw"):
             value = getattr(self, name)
@@ -210,6 +230,7 @@ class OptimSection:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     local_loss: bool = False
+    neighbour_share: float = 0.0
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "accum_steps"):
@@ -221,6 +242,10 @@ class OptimSection:
             raise ConfigError("optim.warmup_steps, weight_decay and grad_clip must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("optim.min_lr_ratio must be in [0, 1]")
+        if not 0 <= self.neighbour_share < 1:
+            raise ConfigError(
+                f"optim.neighbour_share must be in [0, 1), got {self.neighbour_share}"
+            )
 
 
 @dataclass
@@ -263,6 +288,11 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "log_every", "rerank_k"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
+        if self.optim.neighbour_share and not self.model.image_cached:
+            raise ConfigError(
+                "optim.neighbour_share > 0 needs cached image tower outputs (model.lock_image: "
+                "true or model.image_trainable_blocks, and model.cache_image_features: true)"
+            )
 
 
 def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:

@@ -38,7 +38,13 @@ from xmodal.presets import assemble, load_model
 from xmodal.processing import MultimodalProcessor
 from xmodal.runtime import pick_autocast, pick_device, reuse_freed_memory
 from xmodal.train.accumulate import accumulated_backward
-from xmodal.train.batches import PairBatches, rank_micro_batches, sample_views
+from xmodal.train.batches import (
+    Neighbours,
+    PairBatches,
+    nearest_images,
+    rank_micro_batches,
+    sample_views,
+)
 from xmodal.train.batches import epoch_batches as epoch_batches  # re-exported
 from xmodal.train.checkpoint import (
     TrainProgress,
@@ -67,10 +73,15 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_trainable(model: CrossModalModel, config: TrainConfig) -> None:
-    """Lock towers or train only the last layers of the text tower."""
+    """Lock towers or train only the last layers (blocks) of a tower."""
     section = config.model
     if section.lock_image:
         model.image_tower.requires_grad_(False)
+    elif section.image_trainable_blocks is not None:
+        model.image_tower.requires_grad_(False)
+        start = image_suffix_start(model, section.image_trainable_blocks)
+        for module in model.image_tower.suffix_modules(start):
+            module.requires_grad_(True)
     if section.lock_text:
         model.text_tower.requires_grad_(False)
     elif section.text_trainable_layers is not None:
@@ -79,6 +90,22 @@ def configure_trainable(model: CrossModalModel, config: TrainConfig) -> None:
         keep = section.text_trainable_layers
         for layer in list(layers)[len(layers) - keep :] if keep else []:
             layer.requires_grad_(True)
+
+
+def image_suffix_start(model: CrossModalModel, trainable_blocks: int) -> int:
+    """The first block of the image tower's trained part (``model.image_trainable_blocks``)."""
+    tower = model.image_tower
+    if not hasattr(tower, "suffix"):
+        raise ConfigError(
+            "model.image_trainable_blocks needs an EfficientNet-Lite image tower "
+            f"(this model's is {type(tower).__name__}); use lock_image or train it whole"
+        )
+    if trainable_blocks > tower.block_count:
+        raise ConfigError(
+            f"model.image_trainable_blocks is {trainable_blocks} but the image tower has "
+            f"{tower.block_count} blocks"
+        )
+    return tower.block_count - trainable_blocks
 
 
 def _encoder_layers(module: torch.nn.Module) -> torch.nn.ModuleList:
@@ -90,12 +117,15 @@ def _encoder_layers(module: torch.nn.Module) -> torch.nn.ModuleList:
     raise ConfigError("model.text_trainable_layers: this text tower has no encoder.layer list")
 
 
-def set_train_mode(model: CrossModalModel) -> None:
-    """Train mode, except locked towers (their batch-norm statistics and dropout stay fixed)."""
+def set_train_mode(model: CrossModalModel, image_eval: bool = False) -> None:
+    """Train mode, except locked towers (their batch-norm statistics and dropout stay fixed)
+    and, with ``image_eval``, the image tower (a partly trained one keeps its statistics)."""
     model.train()
     for tower in (model.image_tower, model.text_tower):
         if not any(p.requires_grad for p in tower.parameters()):
             tower.eval()
+    if image_eval:
+        model.image_tower.eval()
 
 
 def build_optimizer(model: CrossModalModel, config: TrainConfig) -> torch.optim.AdamW:
@@ -137,6 +167,9 @@ def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+NEIGHBOURS_PER_IMAGE = 8  # look-alikes an anchor's batch-mate is drawn from (neighbour_share)
+
+
 class Trainer:
     """Runs one training configuration to the end (or resumes it), alone or as one rank."""
 
@@ -172,6 +205,10 @@ class Trainer:
         # Training changes the ITM head: a weight calibrated for the old one no longer holds.
         self.model.config.fusion.rerank_weight = None
         configure_trainable(self.model, config)
+        # With image_trainable_blocks: the first trained block; its input is what is cached.
+        self.image_start: int | None = None
+        if config.model.image_trainable_blocks is not None:
+            self.image_start = image_suffix_start(self.model, config.model.image_trainable_blocks)
         self.model.set_gradient_checkpointing(config.model.gradient_checkpointing)
         self.model.to(self.device)
         distributed.broadcast_module(self.model)  # every rank starts from rank 0's weights
@@ -185,6 +222,7 @@ class Trainer:
         self.cache: ImageOutputs | None = None
         self.extra_views: ImageOutputs | None = None  # augmented views 1.. (model.cached_views)
         self.val_cache: ImageOutputs | None = None
+        self.neighbours: Neighbours | None = None  # optim.neighbour_share
         self.bad_images: dict[tuple[str, str], dict] = {}  # (dataset, image id) -> record
         self.step_bad_images: list[dict] = []  # this rank's, met since the last step
 
@@ -224,7 +262,7 @@ class Trainer:
 
     # -- data -----------------------------------------------------------------------------------
     def _use_cache(self) -> bool:
-        return self.config.model.lock_image and self.config.model.cache_image_features
+        return self.config.model.image_cached
 
     def _micro_batches(self, epoch: int) -> list[list[int]]:
         cfg = self.config
@@ -236,6 +274,7 @@ class Trainer:
             self.world.rank,
             cfg.seed,
             epoch,
+            self.neighbours,
         )
 
     def _loader(self, epoch: int, start: int) -> DataLoader:
@@ -303,6 +342,7 @@ class Trainer:
         """Run the locked image tower once over the training images; an undecodable one is
         refused, or (``data.skip_bad``) dropped from the run with its captions."""
         keep_tokens = "tokens" in needed_fields(self.model, self.config.loss)  # ITM, cross fusion
+        keep_tokens |= self.image_start is not None  # the prefix's map, always
         cache = self._cache_images(self.train_set, "caching train images", keep_tokens)
         kept, records = drop_failed_images(
             self.train_set, cache.failures, self.config.data.skip_bad
@@ -318,6 +358,22 @@ class Trainer:
                 )
         self.cache = cache
         self.extra_views = self._augmented_views(keep_tokens)
+        self.neighbours = self._neighbours()
+
+    def _neighbours(self) -> Neighbours | None:
+        """For ``optim.neighbour_share``: each training image's nearest images by the cached
+        tower outputs of view 0 (the same on every rank, in every run and on resume)."""
+        share = self.config.optim.neighbour_share
+        if not share or self.cache is None:
+            return None
+        rows_of_image: list[list[int]] = [[] for _ in range(len(self.cache.pooled))]
+        image_of_row = [
+            self.image_index[self.train_set[j].image_id] for j in range(len(self.train_set))
+        ]
+        for row, image in enumerate(image_of_row):
+            rows_of_image[image].append(row)
+        near = nearest_images(self.cache.pooled, NEIGHBOURS_PER_IMAGE)
+        return Neighbours(image_of_row, near, rows_of_image, share)
 
     def _augmented_views(self, keep_tokens: bool) -> ImageOutputs | None:
         """Views 1 .. ``model.cached_views - 1`` of the training images (view 0 is
@@ -343,6 +399,7 @@ class Trainer:
                     self.config.seed, view, flip=section.view_flip, redraw=section.view_redraw
                 ),
                 keys=keys,
+                prefix_blocks=self.image_start,
             )
             if outputs.failures:  # the image decoded for view 0: an augmentation failed
                 position, reason = next(iter(outputs.failures.items()))
@@ -378,6 +435,13 @@ class Trainer:
             if view is not None and extra is not None:
                 pooled = self._pick_views(self.cache.pooled, extra.pooled, idx, view)
             pooled = pooled.to(self.device)
+            if self.image_start is not None:  # the cached prefix, then the trained blocks
+                hidden = self.cache.tokens[idx]
+                if view is not None and extra is not None:
+                    hidden = self._pick_views(self.cache.tokens, extra.tokens, idx, view)
+                tower = self.model.image_tower
+                out = tower.suffix(hidden.to(self.device).float(), pooled, self.image_start)
+                return self.model.image_features_from_tower(out)
             if self.cache.tokens is None:  # no loss reads them: (B, 0, D) stands in
                 tokens = pooled.new_zeros(len(idx), 0, pooled.shape[-1])
             elif view is not None and extra is not None and extra.tokens is not None:
@@ -474,7 +538,7 @@ class Trainer:
 
     def _optimizer_step(self, micro: list[dict], step: int) -> tuple[dict[str, float], int]:
         """One optimiser step on the global batch; returns the loss terms and its pair count."""
-        set_train_mode(self.model)
+        set_train_mode(self.model, image_eval=self.image_start is not None)
         self.optimizer.zero_grad(set_to_none=True)
         seed = negatives_seed(self.config.seed, step)
         terms = accumulated_backward(
@@ -592,7 +656,7 @@ class Trainer:
         calibrated on it (:mod:`xmodal.evaluate.rerank`), kept in the model config so the
         saved model carries the latest one."""
         calibrate = self.model.has_itm and self.config.rerank_k > 0
-        if self._use_cache() and self.val_cache is None:
+        if self._use_cache() and self.image_start is None and self.val_cache is None:
             self.val_cache = self._cache_images(self.val_set, "caching val images", calibrate)
         rng = torch.get_rng_state()
         report = evaluate_model(
@@ -630,7 +694,8 @@ class Trainer:
     def _cache_images(
         self, dataset: ImageTextDataset, desc: str, keep_tokens: bool
     ) -> ImageOutputs:
-        """The locked image tower's outputs; its token grids only when ``keep_tokens``."""
+        """The locked image tower's outputs (its token grids only when ``keep_tokens``), or,
+        with ``image_trainable_blocks``, those of its frozen prefix (pooled taps and map)."""
         self.model.eval()
         images = [ex.image for ex in dataset.unique_images()]
         return image_tower_outputs(
@@ -640,6 +705,7 @@ class Trainer:
             num_workers=self.config.data.num_workers,
             keep_tokens=keep_tokens,
             desc=desc,
+            prefix_blocks=self.image_start,
         )
 
     def _truncate_log(self, step: int) -> None:
