@@ -299,6 +299,18 @@ def test_build_emoji_with_other_artists(tmp_path: Path) -> None:
     assert summary["splits"]["train"]["captions"] == plain["splits"]["train"]["captions"] + len(
         drawn
     )
+    # a rebuild at another size redraws the artists' images too (none left at the old size)
+    build_emoji(
+        out,
+        tarball=tarball,
+        artists=("openmoji",),
+        check_artists=("emojione",),
+        artist_tarballs={"openmoji": openmoji, "emojione": emojione},
+        **{**kwargs, "size": 16},
+    )
+    for artist in ("openmoji", "emojione"):
+        for path in (out / "images" / artist).glob("*.png"):
+            assert Image.open(path).size == (16, 16), path
     with pytest.raises(ConfigError, match="unknown emoji artist"):
         build_emoji(out, tarball=tarball, artists=("picasso",))
     with pytest.raises(ConfigError, match="cannot also be"):

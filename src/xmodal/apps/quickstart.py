@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-from xmodal.apps.builders import build_emoji
+from xmodal.apps.builders import QUICKSTART_ARTISTS, QUICKSTART_CHECK_ARTISTS, build_emoji
 from xmodal.data import load_dataset
 from xmodal.evaluate.runner import evaluate_model, format_report, write_report
 from xmodal.evaluate.style_shift import (
@@ -26,11 +26,6 @@ from xmodal.evaluate.style_shift import (
     style_shift_report,
 )
 from xmodal.train import load_train_config, train
-
-# Other artists' drawings of the emoji (xmodal.apps.builders.ARTISTS): none trained on (training
-# on EmojiOne's did not carry over to OpenMoji's and cost in-style R@1: README), both checked.
-QUICKSTART_ARTISTS: tuple[str, ...] = ()
-QUICKSTART_CHECK_ARTISTS: tuple[str, ...] = ("emojione", "openmoji")
 
 
 def quickstart_config_path() -> Path:

@@ -38,15 +38,21 @@ def add_artist_arguments(parser: argparse.ArgumentParser, check_default: list[st
     )
 
 
-def artist_tarballs(values: list[str]) -> dict[str, str]:
-    """``["openmoji=/x/openmoji.tgz"]`` -> ``{"openmoji": "/x/openmoji.tgz"}``."""
+def name_value_pairs(values: list[str], option: str, form: str) -> dict[str, str]:
+    """``["openmoji=/x/a.tgz"]`` -> ``{"openmoji": "/x/a.tgz"}`` (a repeatable ``option`` of
+    the ``form`` NAME=VALUE); a value not of that form is refused, naming the option."""
     pairs = {}
     for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"--artist-from wants ARTIST=TARBALL, got {value!r}")
-        pairs[name] = path
+        name, sep, rest = value.partition("=")
+        if not sep or not name or not rest:
+            raise ConfigError(f"{option} wants {form}, got {value!r}")
+        pairs[name] = rest
     return pairs
+
+
+def artist_tarballs(values: list[str]) -> dict[str, str]:
+    """The ``--artist-from ARTIST=TARBALL`` values as {artist: tarball}."""
+    return name_value_pairs(values, "--artist-from", "ARTIST=TARBALL")
 
 
 def add(commands) -> None:

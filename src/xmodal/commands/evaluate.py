@@ -116,13 +116,13 @@ def run(args: argparse.Namespace) -> int:
         )
         print(format_style_shift(report["style_shift"]))
     if args.other_artist:
+        from xmodal.commands.data import name_value_pairs
         from xmodal.evaluate.style_shift import artist_shift_report, format_artist_shift
 
         report["other_artists"] = {}
-        for value in args.other_artist:
-            name, sep, path = value.partition("=")
-            if not sep or not name or not path:
-                raise InputError(f"--other-artist wants NAME=DATA, got {value!r}")
+        for name, path in name_value_pairs(
+            args.other_artist, "--other-artist", "NAME=DATA"
+        ).items():
             drawn = load_dataset(path, skip_bad=args.skip_bad)
             check = artist_shift_report(
                 model, processor, dataset, drawn, args.batch_size, args.workers

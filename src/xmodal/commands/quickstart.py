@@ -28,7 +28,7 @@ def add(commands) -> None:
         default=None,
         help="emojibase-data npm tarball to use for the extra training captions",
     )
-    from xmodal.apps.quickstart import QUICKSTART_ARTISTS, QUICKSTART_CHECK_ARTISTS
+    from xmodal.apps.builders import QUICKSTART_ARTISTS, QUICKSTART_CHECK_ARTISTS
     from xmodal.commands.data import add_artist_arguments
 
     add_artist_arguments(p, check_default=list(QUICKSTART_CHECK_ARTISTS))

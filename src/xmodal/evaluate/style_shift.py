@@ -20,7 +20,7 @@ import torch
 from xmodal.data import ImageTextDataset
 from xmodal.data.augment import REDRAWN_STYLES, STYLE_SHIFTS, StyleShift, check_styles
 from xmodal.data.images import drop_failed_images
-from xmodal.errors import ImageLoadError, InputError
+from xmodal.errors import InputError
 from xmodal.evaluate.retrieval import retrieval_metrics
 from xmodal.evaluate.runner import image_tower_outputs, text_embeddings
 from xmodal.models.model import CrossModalModel
@@ -181,9 +181,7 @@ def artist_shift_report(
         outputs = image_tower_outputs(
             model, processor, images, batch_size, num_workers, False, f"artist check: {name}"
         )
-        if outputs.failures:
-            position, reason = next(iter(outputs.failures.items()))
-            raise ImageLoadError(f"{images[position]}: {reason}")
+        drop_failed_images(data, outputs.failures, skip_bad=False)  # raises, naming the image
         embeds = model.embed_image_pooled(outputs.pooled.to(device)).cpu()
         texts = text_embeddings(model, processor, data.captions())
         scores[name] = _r1(embeds, texts, data.text_to_image())
