@@ -46,14 +46,18 @@ def bench_itm(batch: int, repeats: int) -> None:
     model.image_tower = EfficientNetLiteTower(
         ImageTowerConfig(name="efficientnet-lite0", pool_levels=7)
     )
-    model.image_proj = torch.nn.Linear(model.image_tower.output_dim, model.config.embed_dim)
+    model.image_proj = torch.nn.Sequential(  # the quickstart's image_projection_hidden: 1024
+        torch.nn.Linear(model.image_tower.output_dim, 1024),
+        torch.nn.GELU(),
+        torch.nn.Linear(1024, model.config.embed_dim),
+    )
     model.fusion = CrossAttentionFusion(  # the quickstart's fusion: one layer
         model.image_tower.token_dim, model.text_tower.token_dim, model.config.embed_dim, 1, 8
     )
     model.train().image_tower.requires_grad_(False)
     layers = model.text_tower.model.encoder.layer
     model.text_tower.requires_grad_(False)
-    for layer in layers[-2:]:  # the quickstart's text_trainable_layers: 2
+    for layer in layers[-4:]:  # the quickstart's text_trainable_layers: 4
         layer.requires_grad_(True)
     captions, source = real_captions(batch, "auto")
     tokens = processor.process_text(captions)

@@ -132,4 +132,4 @@ def test_quickstart_slice_learns_held_out_names(tmp_path, emoji_available, capsy
     assert (out / "train" / "training.png").read_bytes()[:4] == b"\x89PNG"
     model, processor = load_model(report["model"])
     assert processor.config.caption_template == "an emoji of {}"
-    assert model.config.fusion.layers == 1
+    assert model.config.fusion.layers == 1 and model.config.image_projection_hidden == 1024

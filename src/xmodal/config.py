@@ -162,6 +162,10 @@ class ModelConfig:
     projection: how tower outputs enter the shared space: ``linear`` (with bias),
         ``linear_no_bias`` (CLIP's projections) or ``none`` (the tower output is the embedding,
         as SigLIP's; ``embed_dim`` must then equal both towers' widths).
+    image_projection_hidden: 0 (default): the image projection is one linear layer. N > 0: a
+        two-layer MLP (linear to N units, GELU, linear to ``embed_dim``), which can combine the
+        features of a locked tower non-linearly (its multi-level pooled vector in particular);
+        needs ``projection: linear``.
     """
 
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
@@ -174,6 +178,7 @@ class ModelConfig:
     max_siglip_scale: float = 100.0
     init_siglip_bias: float = -10.0
     projection: Literal["linear", "linear_no_bias", "none"] = "linear"
+    image_projection_hidden: int = 0
 
     def validate(self) -> None:
         self.image.validate()
@@ -185,6 +190,14 @@ class ModelConfig:
             raise ConfigError(
                 f"image.pool_levels > 1 widens the image tower's output: it needs a new "
                 f"projection (projection: linear), not {self.projection!r}"
+            )
+        hidden = self.image_projection_hidden
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
+            raise ConfigError(f"image_projection_hidden must be an integer >= 0, got {hidden!r}")
+        if hidden and self.projection != "linear":
+            raise ConfigError(
+                f"image_projection_hidden > 0 is a new MLP projection: it needs projection: "
+                f"linear, not {self.projection!r}"
             )
         if self.fusion.kind != "none" and self.embed_dim % self.fusion.heads:
             raise ConfigError(

@@ -319,6 +319,11 @@ def _projection(config: ModelConfig, tower_dim: int, modality: str) -> nn.Module
                 f"embed_dim ({config.embed_dim})"
             )
         return nn.Identity()
+    hidden = config.image_projection_hidden if modality == "image" else 0
+    if hidden:
+        return nn.Sequential(
+            nn.Linear(tower_dim, hidden), nn.GELU(), nn.Linear(hidden, config.embed_dim)
+        )
     return nn.Linear(tower_dim, config.embed_dim, bias=config.projection == "linear")
 
 

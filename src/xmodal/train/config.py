@@ -93,6 +93,9 @@ class ModelSection:
         N - 1 stage outputs before it (multi-level pooling; colour and local shape the
         final map pools away). Cached with the locked tower like any pooled output; the image
         projection is new (its input is wider). 1 = the final map only.
+    image_projection_hidden: the model's ``image_projection_hidden`` (None keeps the model's):
+        N > 0 makes the image projection a new two-layer MLP with N hidden units (trained at
+        ``lr``), 0 a new linear one.
     fusion_layers / embed_dim: override the preset's values for a new model (None: keep; an
         assembled model defaults to 512-d and 2 cross / 1 pooled fusion layers).
     gradient_checkpointing: recompute the towers' and fusion's activations in the backward pass:
@@ -113,6 +116,7 @@ class ModelSection:
     view_flip: float = 0.0
     view_redraw: float = 0.0
     image_pool_levels: int | None = None
+    image_projection_hidden: int | None = None
     fusion_layers: int | None = None
     embed_dim: int | None = None
     gradient_checkpointing: bool = False
@@ -135,7 +139,7 @@ class ModelSection:
         return self.name or DEFAULT_MODEL
 
     def validate(self) -> None:
-        for name in ("text_trainable_layers", "image_trainable_blocks"):
+        for name in ("text_trainable_layers", "image_trainable_blocks", "image_projection_hidden"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"model.{name} must be >= 0, got {value}")

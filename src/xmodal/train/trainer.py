@@ -719,13 +719,13 @@ class Trainer:
 
 def _with_new_heads(model: CrossModalModel, section: ModelSection) -> CrossModalModel:
     """The model under a fresh fusion and ITM head when ``fusion``, ``fusion_layers`` or
-    ``embed_dim`` change it, with a fresh image projection when ``image_pool_levels`` does
-    (else the model unchanged).
+    ``embed_dim`` change it, with a fresh image projection when ``image_pool_levels`` or
+    ``image_projection_hidden`` do (else the model unchanged).
 
     The towers are kept, and in the same shared space the projections and logit scales too, so
     an aligned model keeps its alignment under a new fusion; a new ``embed_dim`` gets fresh
     projections (``linear``, trained at ``lr`` as new layers are), new pool levels a fresh
-    image projection (its input is wider or narrower).
+    image projection (its input is wider or narrower), a new projection shape one too.
     """
     model_config = model.config
     new_fusion = section.fusion is not None and section.fusion != model_config.fusion.kind
@@ -735,10 +735,14 @@ def _with_new_heads(model: CrossModalModel, section: ModelSection) -> CrossModal
     new_dim = section.embed_dim is not None and section.embed_dim != model_config.embed_dim
     levels = section.image_pool_levels
     new_levels = levels is not None and levels != model_config.image.pool_levels
-    if not (new_fusion or new_layers or new_dim or new_levels):
+    hidden = section.image_projection_hidden
+    new_head = hidden is not None and hidden != model_config.image_projection_hidden
+    if not (new_fusion or new_layers or new_dim or new_levels or new_head):
         return model
     if new_levels:
         model_config.image.pool_levels = levels  # type: ignore[assignment]
+    if new_head:
+        model_config.image_projection_hidden = hidden  # type: ignore[assignment]
     if new_fusion:
         model_config.fusion.kind = section.fusion  # type: ignore[assignment]
     if new_layers:
@@ -758,7 +762,7 @@ def _with_new_heads(model: CrossModalModel, section: ModelSection) -> CrossModal
     kept: tuple[str, ...] = ("image_tower.", "text_tower.")
     if not new_dim:
         kept += ("text_proj.", "logit_scale", "siglip_logit_")
-        kept += () if new_levels else ("image_proj.",)
+        kept += () if new_levels or new_head else ("image_proj.",)
     state = {k: v for k, v in model.state_dict().items() if k.startswith(kept)}
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     if unexpected or any(k.startswith(kept) for k in missing):
