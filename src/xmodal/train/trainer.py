@@ -418,9 +418,13 @@ class Trainer:
                 rows, views, self.config.seed, self.world.rank, epoch, position
             )
 
-    @staticmethod
-    def _pick_views(base: torch.Tensor, extra: torch.Tensor, idx, view) -> torch.Tensor:
-        """Rows ``idx`` of view 0 (``base``) or, where ``view`` > 0, of ``extra[view - 1]``."""
+    def _cached_rows(self, field: str, idx: torch.Tensor, view) -> torch.Tensor:
+        """Rows ``idx`` of a cached field (``pooled`` or ``tokens``), each from the view its
+        pair reads: view 0 (``self.cache``) or, where ``view`` > 0, ``self.extra_views``."""
+        base = getattr(self.cache, field)
+        extra = None if self.extra_views is None else getattr(self.extra_views, field)
+        if view is None or extra is None:
+            return base[idx]
         rows = base[idx].clone()
         other = view > 0
         if other.any():
@@ -428,29 +432,19 @@ class Trainer:
         return rows
 
     def _image_features(self, batch: dict):
-        if self.cache is not None:
-            idx = batch["image_index"]
-            view, extra = batch.get("view"), self.extra_views
-            pooled = self.cache.pooled[idx]
-            if view is not None and extra is not None:
-                pooled = self._pick_views(self.cache.pooled, extra.pooled, idx, view)
-            pooled = pooled.to(self.device)
-            if self.image_start is not None:  # the cached prefix, then the trained blocks
-                hidden = self.cache.tokens[idx]
-                if view is not None and extra is not None:
-                    hidden = self._pick_views(self.cache.tokens, extra.tokens, idx, view)
-                tower = self.model.image_tower
-                out = tower.suffix(hidden.to(self.device).float(), pooled, self.image_start)
-                return self.model.image_features_from_tower(out)
-            if self.cache.tokens is None:  # no loss reads them: (B, 0, D) stands in
-                tokens = pooled.new_zeros(len(idx), 0, pooled.shape[-1])
-            elif view is not None and extra is not None and extra.tokens is not None:
-                picked = self._pick_views(self.cache.tokens, extra.tokens, idx, view)
-                tokens = picked.to(self.device).float()
-            else:
-                tokens = self.cache.tokens[idx].to(self.device).float()
-            return self.model.image_features_from_tower(TowerOutput(pooled, tokens))
-        return self.model.image_features(batch["pixel_values"].to(self.device))
+        if self.cache is None:
+            return self.model.image_features(batch["pixel_values"].to(self.device))
+        idx, view = batch["image_index"], batch.get("view")
+        pooled = self._cached_rows("pooled", idx, view).to(self.device)
+        if self.cache.tokens is None:  # no loss reads them: (B, 0, D) stands in
+            return self.model.image_features_from_tower(
+                TowerOutput(pooled, pooled.new_zeros(len(idx), 0, pooled.shape[-1]))
+            )
+        tokens = self._cached_rows("tokens", idx, view).to(self.device).float()
+        if self.image_start is not None:  # the cached prefix's map, then the trained blocks
+            out = self.model.image_tower.suffix(tokens, pooled, self.image_start)
+            return self.model.image_features_from_tower(out)
+        return self.model.image_features_from_tower(TowerOutput(pooled, tokens))
 
     # -- loop -----------------------------------------------------------------------------------
     def train(self, resume: bool = False, stop_after: int | None = None) -> TrainResult:
