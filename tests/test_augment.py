@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from xmodal.config import ConfigError
 from xmodal.data import load_dataset
-from xmodal.data.augment import STYLE_SHIFTS, AugmentView, StyleShift
+from xmodal.data.augment import STYLE_SHIFTS, AugmentView, StyleShift, keyed_rng, zoom_out
 from xmodal.evaluate.retrieval import retrieval_metrics
 from xmodal.evaluate.style_shift import format_style_shift, style_shift_report
 
@@ -152,14 +152,47 @@ def test_redrawn_views_are_seeded_keep_colours_and_default_off() -> None:
     assert len({p.tobytes() for p in redrawn}) == len(redrawn)
 
 
-def test_view_redraw_is_validated() -> None:
+def test_zoomed_out_views_shrink_the_subject_and_keep_the_other_draws() -> None:
+    image = _picture()
+    background = np.array([250, 250, 250])
+    quiet = {"crop_scale": (1.0, 1.0), "jitter": 0, "greyscale": 0, "blur": 0}
+
+    def subject_area(pixels: np.ndarray) -> int:  # pixels that are not the background
+        return int((np.abs(pixels - background).max(axis=-1) > 40).sum())
+
+    full = subject_area(_pixels(image))
+    zoomed = [_pixels(AugmentView(0, 1, zoom_out=1.0, **quiet)(k, image)) for k in "abcdef"]
+    for key, pixels in zip("abcdef", zoomed, strict=True):
+        assert np.array_equal(pixels, _pixels(AugmentView(0, 1, zoom_out=1.0, **quiet)(key, image)))
+        assert pixels.shape == (64, 64, 3)
+        # drawn at 55-90% of its size: the subject covers 0.55^2 .. 0.9^2 of its area
+        assert 0.55**2 * 0.8 < subject_area(pixels) / full < 0.9**2 * 1.1
+        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+        assert (np.abs(border - background).max(axis=-1) <= 40).mean() > 0.5  # canvas colour
+    assert len({p.tobytes() for p in zoomed}) == len(zoomed)  # sizes and places vary
+    # zooming comes last and draws from its own stream: the rest of the view is unchanged
+    for key in "abc":
+        rng = keyed_rng("zoom", 0, 1, key)
+        assert rng.random() < 1.0
+        expected = zoom_out(AugmentView(0, 1)(key, image), rng)
+        assert np.array_equal(
+            _pixels(AugmentView(0, 1, zoom_out=1.0)(key, image)), _pixels(expected)
+        )
+    assert np.array_equal(  # 0 (the default) draws nothing more
+        _pixels(AugmentView(0, 1)("a", image)), _pixels(AugmentView(0, 1, zoom_out=0.0)("a", image))
+    )
+
+
+def test_view_redraw_and_zoom_out_are_validated() -> None:
     from xmodal.config import from_dict
     from xmodal.train.config import ModelSection
 
     for bad in (-0.1, 1.5):
-        with pytest.raises(ConfigError, match=r"model.view_redraw must be in \[0, 1\]"):
-            from_dict(ModelSection, {"view_redraw": bad})
+        for name in ("view_redraw", "view_zoom_out"):
+            with pytest.raises(ConfigError, match=rf"model.{name} must be in \[0, 1\]"):
+                from_dict(ModelSection, {name: bad})
     assert from_dict(ModelSection, {"view_redraw": 0.5}).view_redraw == 0.5
+    assert from_dict(ModelSection, {"view_zoom_out": 0.5}).view_zoom_out == 0.5
 
 
 def test_artist_shift_compares_the_same_names_against_a_reference(tmp_path, tiny_model_dir):

@@ -45,6 +45,19 @@ def test_views_differ_and_are_the_same_for_a_seed(tmp_path, tiny_model_dir) -> N
     assert not torch.equal(trainer.extra_views.pooled[0], extra.pooled[0])
 
 
+def test_zoomed_out_views_reach_the_cache(tmp_path, tiny_model_dir) -> None:
+    caches = []
+    for zoom in (0.0, 1.0):
+        config = views_config(tmp_path, tiny_model_dir, f"zoom{zoom}", views=2)
+        config.model.view_zoom_out = zoom
+        trainer = Trainer(config)
+        trainer._cache_train_images()
+        caches.append((trainer.cache.pooled, trainer.extra_views.pooled))
+    (base, plain), (base_zoomed, zoomed) = caches
+    assert torch.equal(base, base_zoomed)  # view 0 is the image as evaluation sees it
+    assert ((plain - zoomed).abs().mean(dim=-1) > 1e-4).all()  # every augmented view zoomed
+
+
 def test_each_pair_reads_its_sampled_view(tmp_path, tiny_model_dir) -> None:
     trainer = Trainer(views_config(tmp_path, tiny_model_dir, "pick", views=3))
     trainer._cache_train_images()

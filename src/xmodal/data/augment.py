@@ -5,8 +5,8 @@ pixels in any process, so a cache of augmented views can be rebuilt on ``--resum
 style-shift evaluation is repeatable.
 
 - :class:`AugmentView`: a training view (optionally redrawn: :func:`redraw_view`; then random
-  resized crop, optional flip, colour jitter, greyscale, blur), for the cached views of a
-  locked image tower.
+  resized crop, optional flip, colour jitter, greyscale, blur; optionally zoomed out:
+  :func:`zoom_out`), for the cached views of a locked image tower.
 - :class:`StyleShift`: one strong, named change (greyscale, colour change, blur, low
   resolution, crop, posterised ink drawing, and redrawn: warped shape, flat shading, thick
   outlines) for evaluating robustness to a change of style.
@@ -95,6 +95,7 @@ class AugmentView:
     greyscale: float = 0.1
     blur: float = 0.2
     redraw: float = 0.0
+    zoom_out: float = 0.0
 
     def __call__(self, key: str, image: Image.Image) -> Image.Image:
         if self.view == 0:
@@ -113,7 +114,35 @@ class AugmentView:
         if rng.random() < self.blur:
             radius = rng.uniform(0.1, 2.0) * max(image.size) / 64
             image = image.filter(ImageFilter.GaussianBlur(radius))
+        if self.zoom_out:  # its own stream: the draws above are the same with or without it
+            zoom_rng = keyed_rng("zoom", self.seed, self.view, key)
+            if zoom_rng.random() < self.zoom_out:
+                image = zoom_out(image, zoom_rng)
         return image
+
+
+def zoom_out(
+    image: Image.Image, rng: random.Random, scale: tuple[float, float] = (0.55, 0.9)
+) -> Image.Image:
+    """The image shrunk by a factor in ``scale`` and placed at a random position on a canvas of
+    its size, filled with its top-left pixel's colour (the background of a drawing): the same
+    subject drawn smaller in the frame, as another artist or a photo may frame it."""
+    image = _rgb(image)
+    factor = rng.uniform(*scale)
+    return place_smaller(image, factor, image.getpixel((0, 0)), rng)
+
+
+def place_smaller(
+    image: Image.Image, factor: float, fill: tuple[int, ...], rng: random.Random
+) -> Image.Image:
+    """``image`` resized by ``factor`` and pasted at a random position on a canvas of its own
+    size filled with ``fill``."""
+    width, height = image.size
+    w, h = max(1, round(width * factor)), max(1, round(height * factor))
+    canvas = Image.new("RGB", image.size, fill)
+    small = image.resize((w, h), Image.Resampling.LANCZOS)
+    canvas.paste(small, (rng.randint(0, width - w), rng.randint(0, height - h)))
+    return canvas
 
 
 def _greyscale(image: Image.Image, rng: random.Random) -> Image.Image:
@@ -143,14 +172,9 @@ def _crop(image: Image.Image, rng: random.Random) -> Image.Image:
 
 def _small_on_canvas(image: Image.Image, rng: random.Random) -> Image.Image:
     """Re-rendered smaller, off centre, on a tinted background."""
-    width, height = image.size
     factor = rng.uniform(0.45, 0.6)
-    w, h = max(1, round(width * factor)), max(1, round(height * factor))
     shade = tuple(rng.randint(170, 255) for _ in range(3))
-    canvas = Image.new("RGB", image.size, shade)
-    small = image.resize((w, h), Image.Resampling.LANCZOS)
-    canvas.paste(small, (rng.randint(0, width - w), rng.randint(0, height - h)))
-    return canvas
+    return place_smaller(image, factor, shade, rng)
 
 
 def _ink(image: Image.Image, rng: random.Random) -> Image.Image:

@@ -83,6 +83,10 @@ class ModelSection:
     view_redraw: probability that an augmented view is first redrawn as another artist might
         draw it, colours kept (shape warped and/or shading flattened:
         :func:`xmodal.data.augment.redraw_view`); 0 (the default) never.
+    view_zoom_out: probability that an augmented view is then zoomed out: drawn at 55-90% of
+        its size at a random place on a canvas of its background colour
+        (:func:`xmodal.data.augment.zoom_out`), as other artists and photos frame a subject
+        smaller; 0 (the default) never.
     image_trainable_blocks: with an unlocked EfficientNet-Lite image tower, train only its last
         N MBConv blocks and its head convolution (0: the head only; None: all). With
         ``cache_image_features`` the frozen blocks run once per image (and view) and their
@@ -115,6 +119,7 @@ class ModelSection:
     cached_views: int = 1
     view_flip: float = 0.0
     view_redraw: float = 0.0
+    view_zoom_out: float = 0.0
     image_pool_levels: int | None = None
     image_projection_hidden: int | None = None
     fusion_layers: int | None = None
@@ -161,7 +166,7 @@ class ModelSection:
                 "model.cached_views > 1 needs cached image tower outputs (model.lock_image: "
                 "true or model.image_trainable_blocks, and model.cache_image_features: true)"
             )
-        for name in ("view_flip", "view_redraw"):
+        for name in ("view_flip", "view_redraw", "view_zoom_out"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ConfigError(f"model.{name} must be in [0, 1], got {value}")

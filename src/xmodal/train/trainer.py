@@ -396,7 +396,11 @@ class Trainer:
                 keep_tokens=keep_tokens,
                 desc=f"caching train view {view + 1}/{section.cached_views}",
                 change=AugmentView(
-                    self.config.seed, view, flip=section.view_flip, redraw=section.view_redraw
+                    self.config.seed,
+                    view,
+                    flip=section.view_flip,
+                    redraw=section.view_redraw,
+                    zoom_out=section.view_zoom_out,
                 ),
                 keys=keys,
                 prefix_blocks=self.image_start,
