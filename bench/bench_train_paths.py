@@ -9,6 +9,9 @@
 2. The locked image tower over real images (the feature cache, validation, the style-shift
    check): ``image_tower_outputs`` (an inference copy, batch norms folded, channels_last)
    against the plain tower, at the quickstart's 7 pool levels.
+3. Re-rank scoring (validation's calibration, ``eval``): ``ImagePairScorer`` on the pairs of
+   text->image and image->text queries against their top 16 (each caption of a batch run
+   through the text tower once) against the reference (each pair's caption run again).
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_train_paths.py
 """
@@ -115,16 +118,71 @@ def bench_image_tower(count: int, repeats: int) -> None:
     )
 
 
+def reference_pair_scores(scorer: runner.ImagePairScorer, image_idx, text_idx) -> torch.Tensor:
+    """What ``ImagePairScorer`` computed before: every pair's caption through the text tower."""
+    model, device = scorer.model, torch.device("cpu")
+    images, image_rows = torch.unique(image_idx, return_inverse=True)
+    image = model.image_features_from_tower(
+        TowerOutput(scorer.image_pooled[images], scorer.image_tokens[images].float())
+    )
+    batch = scorer.processor.process_text([scorer.captions[i] for i in text_idx.tolist()])
+    text = model.text_features(batch["input_ids"], batch["attention_mask"])
+    rows = torch.arange(len(text_idx), device=device)
+    logits = model.itm_pair_logits(image, text, image_rows, rows)
+    return logits[:, 1] - logits[:, 0]
+
+
+def bench_rerank_scorer(queries: int, k: int, repeats: int) -> None:
+    model, processor = load_model("offline-default")
+    model.eval()
+    captions, source = real_captions(queries, "auto")
+    generator = torch.Generator().manual_seed(0)
+    pooled = torch.randn(queries, model.image_tower.output_dim, generator=generator)
+    tokens = torch.randn(queries, 49, model.image_tower.token_dim, generator=generator).half()
+    scorer = runner.ImagePairScorer(model, processor, pooled, tokens, captions)
+    candidates = torch.randint(0, queries, (queries, k), generator=generator)
+    own = torch.arange(queries)[:, None].expand(queries, k)
+    # text->image: each caption against k images; image->text: each image against k captions
+    pairs = [(candidates.flatten(), own.flatten()), (own.flatten(), candidates.flatten())]
+    print(f"re-rank scoring: {queries} queries x top {k}, both directions, captions: {source}")
+
+    def run(score) -> None:
+        with torch.inference_mode():
+            for image_idx, text_idx in pairs:
+                for start in range(0, len(image_idx), 256):  # rerank_candidates' batch size
+                    chunk = slice(start, start + 256)
+                    score(image_idx[chunk], text_idx[chunk])
+
+    with torch.inference_mode():
+        image_idx, text_idx = pairs[0][0][:256], pairs[0][1][:256]
+        gap = scorer(image_idx, text_idx) - reference_pair_scores(scorer, image_idx, text_idx)
+        print(f"  max abs difference from the reference: {gap.abs().max():.2e}")
+    before = measure(lambda: run(lambda i, t: reference_pair_scores(scorer, i, t)), repeats=repeats)
+    after = measure(lambda: run(scorer), repeats=repeats)
+    print(
+        f"  reference {before.median:.2f} s, each caption once {after.median:.2f} s -> "
+        f"{before.median / after.median:.2f}x (load {after.load:.1f})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_machine_args(parser)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--queries", type=int, default=256, help="re-rank queries")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--only", choices=("itm", "tower", "rerank"), help="run one of the three benchmarks"
+    )
     args = parser.parse_args()
     setup_machine(args)
-    bench_itm(args.batch, args.repeats)
-    bench_image_tower(args.images, args.repeats)
+    if args.only in (None, "itm"):
+        bench_itm(args.batch, args.repeats)
+    if args.only in (None, "tower"):
+        bench_image_tower(args.images, args.repeats)
+    if args.only in (None, "rerank"):
+        bench_rerank_scorer(args.queries, 16, args.repeats)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from xmodal.config import ConfigError
 from xmodal.data import load_dataset
 from xmodal.data.augment import STYLE_SHIFTS, AugmentView, StyleShift, keyed_rng, zoom_out
 from xmodal.evaluate.retrieval import retrieval_metrics
+from xmodal.evaluate.runner import image_tower_outputs
 from xmodal.evaluate.style_shift import format_style_shift, style_shift_report
 
 
@@ -108,6 +109,13 @@ def test_style_shift_report_matches_a_reference(tmp_path, tiny_model_dir) -> Non
     if report["in_style"]["t2i_R@1"]:
         kept = 100 * mean / report["in_style"]["t2i_R@1"]
         assert report["t2i_kept"] == pytest.approx(kept, abs=0.051)
+    # the in-style tower outputs handed in (as the quickstart and `eval` do): the same report
+    images = [ex.image for ex in unique]
+    given = image_tower_outputs(model, processor, images, num_workers=0, keep_tokens=False)
+    again = style_shift_report(
+        model, processor, dataset, styles=styles, seed=2, num_workers=0, in_style=given
+    )
+    assert again == report
     assert "style shift (2 styles, seed 2)" in format_style_shift(report)
     assert report["groups"] == {}  # neither group fully evaluated
 
@@ -235,6 +243,18 @@ def test_artist_shift_compares_the_same_names_against_a_reference(tmp_path, tiny
         kept = 100 * report["drawn"]["t2i_R@1"] / report["in_style"]["t2i_R@1"]
         assert report["t2i_kept"] == pytest.approx(kept, abs=0.051)
     assert "another artist (x, never trained on; 8 test images)" in format_artist_shift("x", report)
+    # the in-style outputs of the whole dataset handed in: the artist's 8 are picked from them
+    images = [ex.image for ex in dataset.unique_images()]
+    given = image_tower_outputs(model, processor, images, num_workers=0, keep_tokens=False)
+    again = artist_shift_report(model, processor, dataset, drawn, num_workers=0, in_style=given)
+    for name in ("in_style", "drawn"):
+        assert again[name] == pytest.approx(report[name])
+    reordered = type(dataset)(dataset.examples[::-1])  # outputs of another order: rows by id
+    given = image_tower_outputs(
+        model, processor, [ex.image for ex in reordered.unique_images()], num_workers=0
+    )
+    again = artist_shift_report(model, processor, reordered, drawn, num_workers=0, in_style=given)
+    assert again["in_style"] == pytest.approx(report["in_style"])
     stray = load_dataset(table).examples + [
         type(drawn.examples[0])(drawn_rows[0]["image"], "a lost one", "x/nowhere.png")
     ]

@@ -404,3 +404,31 @@ def test_any_ties_match_the_plain_definition(owners, values, data) -> None:
     for k in (1, 2, 5):
         got = rerank_ranks(image, text, t2i, zero, k=k, chunk_size=4)
         assert torch.equal(got[0], t2i_rank) and torch.equal(got[1], i2t_rank)
+
+
+def test_image_pair_scorer_matches_the_itm_score_of_each_pair(tmp_path, tiny_model_dir) -> None:
+    """Re-ranking's scorer runs each image and each caption of a batch once however many pairs
+    share them (a text->image query meets k images); its scores are each pair's own."""
+    from conftest import write_colour_dataset
+
+    from xmodal.data import load_dataset
+    from xmodal.evaluate.runner import ImagePairScorer, image_tower_outputs
+    from xmodal.presets import load_model
+
+    model, processor = load_model(tiny_model_dir)
+    model.eval()
+    dataset = load_dataset(write_colour_dataset(tmp_path / "d", n=5))
+    images = [ex.image for ex in dataset.unique_images()]
+    outputs = image_tower_outputs(model, processor, images, num_workers=0)
+    captions = ["a red one", "a much longer caption about a blue square", "green"]
+    scorer = ImagePairScorer(model, processor, outputs.pooled, outputs.tokens, captions)
+    image_idx = torch.tensor([0, 1, 2, 3, 4, 0, 0, 3])
+    text_idx = torch.tensor([1, 1, 1, 1, 1, 0, 2, 2])
+    scores = scorer(image_idx, text_idx)
+    with torch.inference_mode():
+        for p, (i, t) in enumerate(zip(image_idx.tolist(), text_idx.tolist(), strict=True)):
+            pixels = processor.process_images([images[i]])
+            batch = processor.process_text([captions[t]])
+            image = model.image_features(pixels)
+            text = model.text_features(batch["input_ids"], batch["attention_mask"])
+            assert scores[p].item() == pytest.approx(model.itm_score(image, text).item(), abs=1e-3)

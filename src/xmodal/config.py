@@ -123,6 +123,11 @@ class FusionConfig:
         ``pooled`` (one MultiheadAttention over the stacked [image, text] pair of pooled
         vectors; the ``seed`` preset) or ``none`` (a pure dual encoder: no fusion and no ITM
         head).
+    grid_positions: ``cross`` only: add to each image token a fixed 2-D sine-cosine code of its
+        place in the grid, so the caption's tokens can attend by place (left, right, top) and
+        not only by content; needs a square grid of tokens (n^2, or n^2 + 1 with a class
+        token). Off by default: a ViT's tokens carry their positions already, a convolutional
+        map's do not.
     rerank_weight: the weight of the ITM score when re-ranking, ``final = logit_scale * cosine
         + rerank_weight * itm_score`` (:mod:`xmodal.evaluate.rerank`); calibrated on the
         validation split by training (0 when re-ranking does not beat ITC there). None: never
@@ -134,6 +139,7 @@ class FusionConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    grid_positions: bool = False
     rerank_weight: float | None = None
 
     def validate(self) -> None:
@@ -143,6 +149,15 @@ class FusionConfig:
         _check_positive("fusion.mlp_ratio", self.mlp_ratio)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"fusion.dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.grid_positions, bool):
+            raise ConfigError(
+                f"fusion.grid_positions must be true or false, got {self.grid_positions!r}"
+            )
+        if self.grid_positions and self.kind != "cross":
+            raise ConfigError(
+                f"fusion.grid_positions applies to the cross fusion (image tokens); kind is "
+                f"{self.kind!r}"
+            )
         if self.rerank_weight is not None and not 0.0 <= self.rerank_weight < math.inf:
             raise ConfigError(
                 f"fusion.rerank_weight must be a finite number >= 0 or null, got "

@@ -18,7 +18,12 @@ from pathlib import Path
 
 from xmodal.apps.builders import QUICKSTART_ARTISTS, QUICKSTART_CHECK_ARTISTS, build_emoji
 from xmodal.data import load_dataset
-from xmodal.evaluate.runner import evaluate_model, format_report, write_report
+from xmodal.evaluate.runner import (
+    evaluate_model,
+    format_report,
+    image_tower_outputs,
+    write_report,
+)
 from xmodal.evaluate.style_shift import (
     artist_shift_report,
     format_artist_shift,
@@ -100,10 +105,22 @@ def run_quickstart(
 
     model, processor = load_model(result.model_dir)
     test = load_dataset(data_dir / "test.jsonl")
-    report = evaluate_model(
-        model, processor, test, rerank_k=16, label_field="category", num_workers=num_workers
+    # the test images through the tower once, for retrieval, the style shift and the artists
+    in_style = image_tower_outputs(
+        model, processor, [ex.image for ex in test.unique_images()], num_workers=num_workers
     )
-    report["style_shift"] = style_shift_report(model, processor, test, num_workers=num_workers)
+    report = evaluate_model(
+        model,
+        processor,
+        test,
+        rerank_k=16,
+        label_field="category",
+        num_workers=num_workers,
+        image_outputs=in_style,
+    )
+    report["style_shift"] = style_shift_report(
+        model, processor, test, num_workers=num_workers, in_style=in_style
+    )
     report["other_artists"] = {
         artist: artist_shift_report(
             model,
@@ -111,6 +128,7 @@ def run_quickstart(
             test,
             load_dataset(data_dir / f"test.{artist}.jsonl"),
             num_workers=num_workers,
+            in_style=in_style,
         )
         for artist in check_artists
     }

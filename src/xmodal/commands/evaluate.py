@@ -65,7 +65,12 @@ def run(args: argparse.Namespace) -> int:
 
     from xmodal.data import load_dataset
     from xmodal.errors import InputError
-    from xmodal.evaluate.runner import evaluate_model, format_report, write_report
+    from xmodal.evaluate.runner import (
+        evaluate_model,
+        format_report,
+        image_tower_outputs,
+        write_report,
+    )
     from xmodal.models.model import CONFIG_NAME, save_rerank_weight
     from xmodal.presets import load_model
 
@@ -82,6 +87,15 @@ def run(args: argparse.Namespace) -> int:
     model, processor = load_model(args.model)
     kwargs = {"split": args.split} if args.split else {}
     dataset = load_dataset(args.data, args.format, skip_bad=args.skip_bad, **kwargs)
+    # the images through the tower once, for retrieval and the style and artist checks
+    images = image_tower_outputs(
+        model,
+        processor,
+        [ex.image for ex in dataset.unique_images()],
+        args.batch_size,
+        args.workers,
+        keep_tokens=args.rerank_k > 0 and model.has_itm,
+    )
     report = evaluate_model(
         model,
         processor,
@@ -90,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         label_field=args.label_field,
         batch_size=args.batch_size,
         num_workers=args.workers,
+        image_outputs=images,
         skip_bad=args.skip_bad,
         rerank_weight=args.rerank_weight,
         calibrate_rerank=args.calibrate_rerank,
@@ -113,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             num_workers=args.workers,
             skip_bad=args.skip_bad,
+            in_style=images,
         )
         print(format_style_shift(report["style_shift"]))
     if args.other_artist:
@@ -125,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         ).items():
             drawn = load_dataset(path, skip_bad=args.skip_bad)
             check = artist_shift_report(
-                model, processor, dataset, drawn, args.batch_size, args.workers
+                model, processor, dataset, drawn, args.batch_size, args.workers, images
             )
             report["other_artists"][name] = check
             print(format_artist_shift(name, check))

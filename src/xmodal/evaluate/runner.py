@@ -137,12 +137,15 @@ class ImagePairScorer:
                 self.image_tokens[images].to(device).float(),
             )
         )
-        batch = self.processor.process_text([self.captions[i] for i in text_idx.tolist()])
+        # each caption once too: a text->image query scores its caption against k images
+        texts, text_rows = torch.unique(text_idx, return_inverse=True)
+        batch = self.processor.process_text([self.captions[i] for i in texts.tolist()])
         text: Features = self.model.text_features(
             batch["input_ids"].to(device), batch["attention_mask"].to(device)
         )
-        text_rows = torch.arange(len(text_idx), device=device)
-        logits = self.model.itm_pair_logits(image, text, image_rows.to(device), text_rows)
+        logits = self.model.itm_pair_logits(
+            image, text, image_rows.to(device), text_rows.to(device)
+        )
         return (logits[:, 1] - logits[:, 0]).float().cpu()
 
 

@@ -22,7 +22,7 @@ from xmodal.data.augment import REDRAWN_STYLES, STYLE_SHIFTS, StyleShift, check_
 from xmodal.data.images import drop_failed_images
 from xmodal.errors import InputError
 from xmodal.evaluate.retrieval import retrieval_metrics
-from xmodal.evaluate.runner import image_tower_outputs, text_embeddings
+from xmodal.evaluate.runner import ImageOutputs, image_tower_outputs, text_embeddings
 from xmodal.models.model import CrossModalModel
 from xmodal.processing import MultimodalProcessor
 
@@ -48,6 +48,7 @@ def style_shift_report(
     batch_size: int = 64,
     num_workers: int = 1,
     skip_bad: bool = False,
+    in_style: ImageOutputs | None = None,
 ) -> dict[str, Any]:
     """ITC retrieval R@1 on ``dataset`` in its own style and under each of ``styles``.
 
@@ -55,6 +56,8 @@ def style_shift_report(
     ``t2i_kept`` / ``i2t_kept``, percent of the in-style R@1), the mean over styles
     (``t2i_R@1``, ``i2t_R@1``, ``t2i_kept``, ``i2t_kept``) and ``seed``. An undecodable image
     raises (or, with ``skip_bad``, leaves with its captions, as in :func:`evaluate_model`).
+    ``in_style``: the tower outputs of ``dataset.unique_images()`` when already computed (as
+    for :func:`evaluate_model`), so the unchanged images are not run again.
     """
     check_styles(tuple(styles))
     model.eval()
@@ -62,9 +65,11 @@ def style_shift_report(
     unique = dataset.unique_images()
     images = [ex.image for ex in unique]
     keys = [ex.image_id for ex in unique]
-    plain = image_tower_outputs(
-        model, processor, images, batch_size, num_workers, False, "style shift: in style"
-    )
+    plain = in_style
+    if plain is None:
+        plain = image_tower_outputs(
+            model, processor, images, batch_size, num_workers, False, "style shift: in style"
+        )
     kept, _ = drop_failed_images(dataset, plain.failures, skip_bad)
     good = [i for i in range(len(images)) if i not in plain.failures]
     texts = text_embeddings(model, processor, kept.captions())
@@ -159,6 +164,7 @@ def artist_shift_report(
     drawn: ImageTextDataset,
     batch_size: int = 64,
     num_workers: int = 1,
+    in_style: ImageOutputs | None = None,
 ) -> dict[str, Any]:
     """ITC R@1 on another artist's drawings of ``dataset``'s concepts, against the in-style
     R@1 on the same concepts: the real change of style the seeded styles stand in for.
@@ -166,7 +172,9 @@ def artist_shift_report(
     ``drawn``'s image ids are ``<artist>/<image id in dataset>`` (as ``xmodal data emoji``
     writes ``test.<artist>.jsonl``); only the images the artist drew are compared, so both
     figures rank the same number of candidates. Returns ``in_style`` and ``drawn``
-    ({t2i_R@1, i2t_R@1}), ``t2i_kept`` / ``i2t_kept`` and ``n_images``.
+    ({t2i_R@1, i2t_R@1}), ``t2i_kept`` / ``i2t_kept`` and ``n_images``. ``in_style``: the tower
+    outputs of ``dataset.unique_images()`` when already computed (the in-style images are
+    then taken from them, not run again).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -177,10 +185,12 @@ def artist_shift_report(
     same = dataset.without_images(set(dataset.image_ids()) - set(original.values()))
     scores = {}
     for name, data in (("in_style", same), ("drawn", drawn)):
-        images = [ex.image for ex in data.unique_images()]
-        outputs = image_tower_outputs(
-            model, processor, images, batch_size, num_workers, False, f"artist check: {name}"
-        )
+        outputs = _rows_of(in_style, dataset, data) if name == "in_style" else None
+        if outputs is None:
+            images = [ex.image for ex in data.unique_images()]
+            outputs = image_tower_outputs(
+                model, processor, images, batch_size, num_workers, False, f"artist check: {name}"
+            )
         drop_failed_images(data, outputs.failures, skip_bad=False)  # raises, naming the image
         embeds = model.embed_image_pooled(outputs.pooled.to(device)).cpu()
         texts = text_embeddings(model, processor, data.captions())
@@ -191,6 +201,25 @@ def artist_shift_report(
         "i2t_kept": _kept(scores["drawn"]["i2t_R@1"], scores["in_style"]["i2t_R@1"]),
         "n_images": len(drawn.image_ids()),
     }
+
+
+def _rows_of(
+    outputs: ImageOutputs | None, dataset: ImageTextDataset, subset: ImageTextDataset
+) -> ImageOutputs | None:
+    """The rows of ``outputs`` (of ``dataset.unique_images()``) for ``subset``'s images, in
+    its order; None when there are no outputs or one of those images failed to decode."""
+    if outputs is None:
+        return None
+    decoded = [
+        ex.image_id for i, ex in enumerate(dataset.unique_images()) if i not in outputs.failures
+    ]
+    row = {image_id: i for i, image_id in enumerate(decoded)}
+    wanted = [ex.image_id for ex in subset.unique_images()]
+    if any(image_id not in row for image_id in wanted):
+        return None
+    return ImageOutputs(
+        outputs.pooled[torch.tensor([row[i] for i in wanted], dtype=torch.long)], None
+    )
 
 
 def format_artist_shift(artist: str, report: dict[str, Any]) -> str:

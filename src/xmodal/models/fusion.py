@@ -4,15 +4,21 @@
   the stacked [image, text] pair of projected vectors, returning the first position.
 - :class:`CrossAttentionFusion` (the default) runs pre-norm transformer layers in which the
   caption's tokens attend to each other and to the image's grid tokens; padding is masked, so
-  the fused vector does not depend on how much padding a batch carries.
+  the fused vector does not depend on how much padding a batch carries. With
+  ``grid_positions`` the image tokens carry a fixed 2-D sine-cosine code of where they lie in
+  the grid: attention by itself is blind to token order, so without it a convolutional map's
+  tokens tell what is in the image but not where (which of two people is on the left).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xmodal.errors import ConfigError
 from xmodal.models.checkpointing import checkpoint_modules
 
 
@@ -120,6 +126,33 @@ class FusionLayer(nn.Module):
         return first + self.mlp(self.norm_mlp(first))
 
 
+def grid_position_code(tokens: int, dim: int) -> torch.Tensor:
+    """(tokens, dim) fixed 2-D sine-cosine code of the tokens of a square grid, row by row (as a
+    convolutional map or a ViT's patches flatten): a quarter of the channels are sin and cos of
+    the row at geometric frequencies, a quarter those of the column. ``tokens = n^2 + 1``: the
+    first token is a class token, which gets zeros. Raises :class:`ConfigError` for other counts."""
+    side = math.isqrt(tokens)
+    leading = 0 if side * side == tokens else 1
+    side = math.isqrt(tokens - leading)
+    if side * side != tokens - leading or side == 0:
+        raise ConfigError(
+            f"fusion.grid_positions needs a square grid of image tokens (n^2, or n^2 + 1 with a "
+            f"class token); the image tower gives {tokens}"
+        )
+    if dim % 4:
+        raise ConfigError(f"fusion.grid_positions needs a width divisible by 4; got {dim}")
+    quarter = dim // 4
+    frequency = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    row, column = torch.meshgrid(
+        torch.arange(side, dtype=torch.float64),
+        torch.arange(side, dtype=torch.float64),
+        indexing="ij",
+    )
+    angles = [axis.reshape(-1, 1) * frequency for axis in (row, column)]
+    code = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
+    return F.pad(code, (0, 0, leading, 0)).float()
+
+
 class CrossAttentionFusion(nn.Module):
     """Text tokens attend to image tokens over ``layers`` layers; output at the first text token."""
 
@@ -132,8 +165,13 @@ class CrossAttentionFusion(nn.Module):
         heads: int,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        grid_positions: bool = False,
     ):
         super().__init__()
+        if grid_positions and dim % 4:
+            raise ConfigError(f"fusion.grid_positions needs a width divisible by 4; got {dim}")
+        self.grid_positions = grid_positions
+        self._position_code: dict[tuple, torch.Tensor] = {}  # (tokens, device, dtype) -> code
         self.image_in = nn.Linear(image_dim, dim)
         self.text_in = nn.Linear(text_dim, dim)
         self.layers = nn.ModuleList(
@@ -162,6 +200,8 @@ class CrossAttentionFusion(nn.Module):
         The last layer runs for the first text token only, the one returned: the same values
         and gradients as running it for every token, at a fraction of the work."""
         image = self.image_in(image_tokens)
+        if self.grid_positions:
+            image = image + self.position_code(image.shape[1], image.device, image.dtype)
         text = self.text_in(text_tokens)
         for layer in self.layers[:-1]:
             if text_index is not None:  # from here on a caption's tokens depend on the image
@@ -174,3 +214,11 @@ class CrossAttentionFusion(nn.Module):
             text, text_mask, image, image_mask, image_index, text_index
         )
         return self.norm(last[:, 0])
+
+    def position_code(self, tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """:func:`grid_position_code` for ``tokens`` image tokens, computed once per shape."""
+        key = (tokens, device, dtype)
+        if key not in self._position_code:
+            code = grid_position_code(tokens, self.image_in.out_features)
+            self._position_code[key] = code.to(device=device, dtype=dtype)
+        return self._position_code[key]

@@ -98,6 +98,7 @@ class CrossModalModel(nn.Module):
                 fusion.heads,
                 fusion.mlp_ratio,
                 fusion.dropout,
+                fusion.grid_positions,
             )
         # ITM reads the fused vector and the element-wise agreement of the two embeddings: the
         # head can express the contrastive similarity itself, and the fusion refines it.

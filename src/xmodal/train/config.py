@@ -102,6 +102,9 @@ class ModelSection:
         ``lr``), 0 a new linear one.
     fusion_layers / embed_dim: override the preset's values for a new model (None: keep; an
         assembled model defaults to 512-d and 2 cross / 1 pooled fusion layers).
+    fusion_grid_positions: the fusion's ``grid_positions`` (None keeps the model's): true gives
+        the image tokens a fixed code of their place in the grid, so the ITM head can tell
+        left from right (:class:`xmodal.config.FusionConfig`); a change makes a fresh fusion.
     gradient_checkpointing: recompute the towers' and fusion's activations in the backward pass:
         less peak memory for slower steps (measured in docs/performance.md, "Training").
     """
@@ -123,6 +126,7 @@ class ModelSection:
     image_pool_levels: int | None = None
     image_projection_hidden: int | None = None
     fusion_layers: int | None = None
+    fusion_grid_positions: bool | None = None
     embed_dim: int | None = None
     gradient_checkpointing: bool = False
 

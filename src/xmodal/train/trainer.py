@@ -716,9 +716,9 @@ class Trainer:
 
 
 def _with_new_heads(model: CrossModalModel, section: ModelSection) -> CrossModalModel:
-    """The model under a fresh fusion and ITM head when ``fusion``, ``fusion_layers`` or
-    ``embed_dim`` change it, with a fresh image projection when ``image_pool_levels`` or
-    ``image_projection_hidden`` do (else the model unchanged).
+    """The model under a fresh fusion and ITM head when ``fusion``, ``fusion_layers``,
+    ``fusion_grid_positions`` or ``embed_dim`` change it, with a fresh image projection when
+    ``image_pool_levels`` or ``image_projection_hidden`` do (else the model unchanged).
 
     The towers are kept, and in the same shared space the projections and logit scales too, so
     an aligned model keeps its alignment under a new fusion; a new ``embed_dim`` gets fresh
@@ -730,12 +730,14 @@ def _with_new_heads(model: CrossModalModel, section: ModelSection) -> CrossModal
     new_layers = (
         section.fusion_layers is not None and section.fusion_layers != model_config.fusion.layers
     )
+    positions = section.fusion_grid_positions
+    new_positions = positions is not None and positions != model_config.fusion.grid_positions
     new_dim = section.embed_dim is not None and section.embed_dim != model_config.embed_dim
     levels = section.image_pool_levels
     new_levels = levels is not None and levels != model_config.image.pool_levels
     hidden = section.image_projection_hidden
     new_head = hidden is not None and hidden != model_config.image_projection_hidden
-    if not (new_fusion or new_layers or new_dim or new_levels or new_head):
+    if not (new_fusion or new_layers or new_positions or new_dim or new_levels or new_head):
         return model
     if new_levels:
         model_config.image.pool_levels = levels  # type: ignore[assignment]
@@ -745,6 +747,8 @@ def _with_new_heads(model: CrossModalModel, section: ModelSection) -> CrossModal
         model_config.fusion.kind = section.fusion  # type: ignore[assignment]
     if new_layers:
         model_config.fusion.layers = section.fusion_layers  # type: ignore[assignment]
+    if new_positions:
+        model_config.fusion.grid_positions = positions  # type: ignore[assignment]
     if new_dim:
         model_config.embed_dim = section.embed_dim  # type: ignore[assignment]
         model_config.projection = "linear"  # not the aligned model's pretrained projections
