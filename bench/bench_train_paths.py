@@ -120,15 +120,14 @@ def bench_image_tower(count: int, repeats: int) -> None:
 
 def reference_pair_scores(scorer: runner.ImagePairScorer, image_idx, text_idx) -> torch.Tensor:
     """What ``ImagePairScorer`` computed before: every pair's caption through the text tower."""
-    model, device = scorer.model, torch.device("cpu")
+    model = scorer.model
     images, image_rows = torch.unique(image_idx, return_inverse=True)
     image = model.image_features_from_tower(
         TowerOutput(scorer.image_pooled[images], scorer.image_tokens[images].float())
     )
     batch = scorer.processor.process_text([scorer.captions[i] for i in text_idx.tolist()])
     text = model.text_features(batch["input_ids"], batch["attention_mask"])
-    rows = torch.arange(len(text_idx), device=device)
-    logits = model.itm_pair_logits(image, text, image_rows, rows)
+    logits = model.itm_pair_logits(image, text, image_rows, torch.arange(len(text_idx)))
     return logits[:, 1] - logits[:, 0]
 
 

@@ -126,6 +126,12 @@ class FusionLayer(nn.Module):
         return first + self.mlp(self.norm_mlp(first))
 
 
+def check_grid_width(dim: int) -> None:
+    """:func:`grid_position_code` splits the width in four (sin and cos of row and column)."""
+    if dim % 4:
+        raise ConfigError(f"fusion.grid_positions needs a width divisible by 4; got {dim}")
+
+
 def grid_position_code(tokens: int, dim: int) -> torch.Tensor:
     """(tokens, dim) fixed 2-D sine-cosine code of the tokens of a square grid, row by row (as a
     convolutional map or a ViT's patches flatten): a quarter of the channels are sin and cos of
@@ -139,8 +145,7 @@ def grid_position_code(tokens: int, dim: int) -> torch.Tensor:
             f"fusion.grid_positions needs a square grid of image tokens (n^2, or n^2 + 1 with a "
             f"class token); the image tower gives {tokens}"
         )
-    if dim % 4:
-        raise ConfigError(f"fusion.grid_positions needs a width divisible by 4; got {dim}")
+    check_grid_width(dim)
     quarter = dim // 4
     frequency = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     row, column = torch.meshgrid(
@@ -168,10 +173,9 @@ class CrossAttentionFusion(nn.Module):
         grid_positions: bool = False,
     ):
         super().__init__()
-        if grid_positions and dim % 4:
-            raise ConfigError(f"fusion.grid_positions needs a width divisible by 4; got {dim}")
+        if grid_positions:
+            check_grid_width(dim)
         self.grid_positions = grid_positions
-        self._position_code: dict[tuple, torch.Tensor] = {}  # (tokens, device, dtype) -> code
         self.image_in = nn.Linear(image_dim, dim)
         self.text_in = nn.Linear(text_dim, dim)
         self.layers = nn.ModuleList(
@@ -200,8 +204,9 @@ class CrossAttentionFusion(nn.Module):
         The last layer runs for the first text token only, the one returned: the same values
         and gradients as running it for every token, at a fraction of the work."""
         image = self.image_in(image_tokens)
-        if self.grid_positions:
-            image = image + self.position_code(image.shape[1], image.device, image.dtype)
+        if self.grid_positions:  # a (T, dim) table of sines: < 1 ms, not worth caching
+            code = grid_position_code(image.shape[1], image.shape[2])
+            image = image + code.to(device=image.device, dtype=image.dtype)
         text = self.text_in(text_tokens)
         for layer in self.layers[:-1]:
             if text_index is not None:  # from here on a caption's tokens depend on the image
@@ -214,11 +219,3 @@ class CrossAttentionFusion(nn.Module):
             text, text_mask, image, image_mask, image_index, text_index
         )
         return self.norm(last[:, 0])
-
-    def position_code(self, tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """:func:`grid_position_code` for ``tokens`` image tokens, computed once per shape."""
-        key = (tokens, device, dtype)
-        if key not in self._position_code:
-            code = grid_position_code(tokens, self.image_in.out_features)
-            self._position_code[key] = code.to(device=device, dtype=dtype)
-        return self._position_code[key]
