@@ -395,7 +395,7 @@ def test_fine_tune_pure_dual_encoder_turns_itm_off(checkpoints, tmp_path, capsys
     config = train_config(tmp_path, str(checkpoints["dual_encoder"]), fusion="none")
     trainer = Trainer(config)
     assert trainer.model.fusion is None and config.loss.itm == 0.0
-    assert "ITM loss term is off" in capsys.readouterr().out
+    assert "ITM loss terms are off" in capsys.readouterr().out
     result = trainer.train()
     log = [json.loads(x) for x in (Path(config.out_dir) / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in log if "loss" in r]) == 3 and "itm" not in log[-1]

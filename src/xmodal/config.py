@@ -68,6 +68,12 @@ class ImageTowerConfig:
         shape), each standardised over its channels, concatenated: 3 x the summed widths; it
         is cached and exported like any pooled output. At most the backbone's number of levels
         (EfficientNet-Lite: 8, its 7 MBConv stages and the head).
+    token_levels: feature levels in each image token (what the cross fusion reads). 1: the
+        final map. N > 1 (``efficientnet_lite`` only): each token also carries the N - 1 stage
+        outputs before it, each averaged down to the final grid (at 224 px a token then holds
+        the colours and local shape of its 32 x 32 pixel patch, which the final map pools
+        away: which person has which skin tone); each level standardised over its channels per
+        token. Widens the tokens, not the pooled vector.
     """
 
     kind: Literal["efficientnet_lite", "hf"] = "efficientnet_lite"
@@ -76,13 +82,21 @@ class ImageTowerConfig:
     weights_path: str | None = None
     hf_config: dict[str, Any] | None = None
     pool_levels: int = 1
+    token_levels: int = 1
 
     def validate(self) -> None:
         check_choice("image.kind", self.kind, ("efficientnet_lite", "hf"))
         if not self.name:
             raise ConfigError("image.name must not be empty")
-        if isinstance(self.pool_levels, bool) or self.pool_levels < 1:
-            raise ConfigError(f"image.pool_levels must be >= 1, got {self.pool_levels}")
+        for name in ("pool_levels", "token_levels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value < 1:
+                raise ConfigError(f"image.{name} must be >= 1, got {value}")
+        if self.token_levels > 1 and self.kind != "efficientnet_lite":
+            raise ConfigError(
+                f"image.token_levels > 1 is built for the efficientnet_lite tower; {self.kind} "
+                "towers give their final tokens only"
+            )
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from xmodal.config import ImageTowerConfig
@@ -42,11 +43,12 @@ def multi_level_pooled(levels: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([pool_level(h) for h in levels], dim=1)
 
 
-def check_pool_levels(levels: int, available: int, name: str) -> None:
-    """Refuse ``image.pool_levels`` beyond the backbone's stage outputs (the final map included)."""
+def check_pool_levels(levels: int, available: int, name: str, field: str = "pool_levels") -> None:
+    """Refuse ``image.pool_levels`` (or ``field``) beyond the backbone's stage outputs (the
+    final map included)."""
     if levels > available:
         raise ConfigError(
-            f"image.pool_levels is {levels} but {name} has {available} feature levels "
+            f"image.{field} is {levels} but {name} has {available} feature levels "
             f"(the final map and {available - 1} stage outputs before it)"
         )
 
@@ -94,6 +96,12 @@ class EfficientNetLiteTower(nn.Module):
             self.taps = []
         widths = [blocks[i].output_filters for i in self.taps]
         self.output_dim = self.token_dim if not self.taps else 3 * (self.token_dim + sum(widths))
+        self.token_levels = config.token_levels
+        check_pool_levels(self.token_levels, 1 + len(self.stage_ends), config.name, "token_levels")
+        self.token_taps = self.stage_ends[len(self.stage_ends) - (self.token_levels - 1) :]
+        if self.token_levels == 1:
+            self.token_taps = []
+        self.token_dim += sum(blocks[i].output_filters for i in self.token_taps)
 
     @property
     def block_count(self) -> int:
@@ -101,15 +109,35 @@ class EfficientNetLiteTower(nn.Module):
         return len(self.net._blocks)
 
     def forward(self, pixel_values: torch.Tensor) -> TowerOutput:
-        return self.suffix(*self.prefix(pixel_values, self.block_count), self.block_count)
+        if not self.token_taps:
+            return self.suffix(*self.prefix(pixel_values, self.block_count), self.block_count)
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(pixel_values)))
+        x, maps = self._blocks(x, 0, self.block_count)
+        pooled_taps = [maps[i] for i in self.taps[::-1]]
+        prefix_pooled = multi_level_pooled(pooled_taps) if pooled_taps else x.new_zeros(len(x), 0)
+        out = self.suffix(x, prefix_pooled, self.block_count)
+        # each earlier stage averaged down to the final grid, beside the final map's channels;
+        # every level standardised per token (their scales differ several-fold)
+        grid = x.shape[-2:]
+        extra = [F.adaptive_avg_pool2d(maps[i], grid) for i in self.token_taps[::-1]]
+        levels = [out.tokens, *(m.flatten(2).transpose(1, 2) for m in extra)]
+        tokens = torch.cat([standardised(level) for level in levels], dim=-1)
+        return TowerOutput(pooled=out.pooled, tokens=tokens)
 
     def prefix(self, pixel_values: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The stem and blocks ``[0, start)``: the map entering block ``start`` (B, C, H, W) and
         the pooled statistics of the tapped stages among them, deepest first (B, P)."""
         net = self.net
+        if self.token_taps:
+            raise ConfigError(
+                "image.token_levels > 1 runs the whole tower at once; it cannot be split into a "
+                "cached prefix (model.image_trainable_blocks)"
+            )
         x = net._swish(net._bn0(net._conv_stem(pixel_values)))
-        x, taps = self._blocks(x, 0, start)
-        pooled = multi_level_pooled(taps[::-1]) if taps else x.new_zeros(len(x), 0)
+        x, maps = self._blocks(x, 0, start)
+        taps = [maps[i] for i in self.taps[::-1] if i in maps]
+        pooled = multi_level_pooled(taps) if taps else x.new_zeros(len(x), 0)
         return x, pooled
 
     def suffix(self, hidden: torch.Tensor, prefix_pooled: torch.Tensor, start: int) -> TowerOutput:
@@ -118,30 +146,34 @@ class EfficientNetLiteTower(nn.Module):
         that trains only the last blocks can cache the prefix (``prefix`` + ``suffix`` =
         ``forward``)."""
         net = self.net
-        x, taps = self._blocks(hidden, start, self.block_count)
+        x, maps = self._blocks(hidden, start, self.block_count)
         grid = net._swish(net._bn1(net._conv_head(x)))  # (B, C, H, W)
         tokens = grid.flatten(2).transpose(1, 2)
         if not self.taps:
             return TowerOutput(pooled=tokens.mean(dim=1), tokens=tokens)
-        pooled = torch.cat([multi_level_pooled([grid, *taps[::-1]]), prefix_pooled], dim=1)
+        taps = [maps[i] for i in self.taps[::-1] if i in maps]
+        pooled = torch.cat([multi_level_pooled([grid, *taps]), prefix_pooled], dim=1)
         return TowerOutput(pooled=pooled, tokens=tokens)
 
     def suffix_modules(self, start: int) -> list[nn.Module]:
         """The modules :meth:`suffix` runs from block ``start`` (what a partial unlock trains)."""
         return [*self.net._blocks[start:], self.net._conv_head, self.net._bn1]
 
-    def _blocks(self, x: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, list]:
+    def _blocks(
+        self, x: torch.Tensor, start: int, stop: int
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Blocks ``[start, stop)`` (as ``EfficientNet.extract_features`` runs them), keeping
-        the outputs of the tapped ones."""
+        the outputs of the tapped ones (pooled or token levels) by block index."""
         rate = self.net._global_params.drop_connect_rate
         count = self.block_count
-        taps = []
+        tapped = {*self.taps, *self.token_taps}
+        maps = {}
         for idx in range(start, stop):
             block = self.net._blocks[idx]
             x = block(x, drop_connect_rate=rate * idx / count if rate else rate)
-            if idx in self.taps:
-                taps.append(x)
-        return x, taps
+            if idx in tapped:
+                maps[idx] = x
+        return x, maps
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each MBConv block in the backward pass (training only)."""

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from xmodal.data import ImageTextDataset
+from xmodal.data import Example, ImageTextDataset
 from xmodal.data.images import PixelNormaliser, decode_crop
+from xmodal.data.reorder import pick_reordering
 from xmodal.processing import MultimodalProcessor
 
 
@@ -137,6 +138,13 @@ class PairBatches(Dataset):
     decoded is left out of the batch with its caption and listed under ``bad_images`` as
     (dataset index, reason): the trainer, in the main process, records or refuses it. A batch
     whose images all fail holds only ``bad_images``.
+
+    ``reorder_key`` (for the ITM term ``loss.itm_reordered``): the batch rows whose caption has
+    a reordering (:mod:`xmodal.data.reorder`) go under ``reordered_rows`` (S,), and
+    ``reordered_input_ids`` / ``reordered_attention_mask`` (2S, L) tokenise those rows' own
+    captions followed by one reordering of each; which reordering
+    depends on (key, ``first`` + batch position, dataset index) only, so a resumed run that
+    starts its loader at batch ``first`` draws what an uninterrupted one would.
     """
 
     def __init__(
@@ -146,6 +154,8 @@ class PairBatches(Dataset):
         processor: MultimodalProcessor,
         image_index: dict[str, int],
         decode_images: bool,
+        reorder_key: int | None = None,
+        first: int = 0,
     ):
         self.dataset = dataset
         self.batches = batches
@@ -153,6 +163,8 @@ class PairBatches(Dataset):
         self.image_index = image_index
         self.decode_images = decode_images
         self.normalise = PixelNormaliser(processor)
+        self.reorder_key = reorder_key
+        self.first = first
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -176,4 +188,23 @@ class PairBatches(Dataset):
         examples = [self.dataset[j] for j in rows]
         batch.update(self.processor.process_text([ex.caption for ex in examples]))
         batch["image_index"] = torch.tensor([self.image_index[ex.image_id] for ex in examples])
+        if self.reorder_key is not None:
+            self._add_reordered(batch, examples, rows, self.first + i)
         return batch
+
+    def _add_reordered(
+        self, batch: dict, examples: list[Example], rows: list[int], position: int
+    ) -> None:
+        own, reordered, kept = [], [], []
+        for row, (example, j) in enumerate(zip(examples, rows, strict=True)):
+            key = (self.reorder_key * 1_000_003 + position) * 1_000_033 + j  # type: ignore[operator]
+            caption = pick_reordering(example.caption, key)
+            if caption is not None:
+                own.append(example.caption)
+                reordered.append(caption)
+                kept.append(row)
+        batch["reordered_rows"] = torch.tensor(kept, dtype=torch.long)
+        if kept:  # one tokenizer call: the rows' own captions, then their reorderings
+            text = self.processor.process_text(own + reordered)
+            batch["reordered_input_ids"] = text["input_ids"]
+            batch["reordered_attention_mask"] = text["attention_mask"]

@@ -97,6 +97,11 @@ class ModelSection:
         N - 1 stage outputs before it (multi-level pooling; colour and local shape the
         final map pools away). Cached with the locked tower like any pooled output; the image
         projection is new (its input is wider). 1 = the final map only.
+    image_token_levels: the image tower's ``token_levels`` (:class:`xmodal.config.ImageTowerConfig`;
+        None keeps the model's): N > 1 gives each grid token the N - 1 stage outputs before the
+        final map too, averaged to its patch (colour and local shape where they are, for the
+        fusion); a change makes a fresh fusion (its input is wider). Not with
+        ``image_trainable_blocks``.
     image_projection_hidden: the model's ``image_projection_hidden`` (None keeps the model's):
         N > 0 makes the image projection a new two-layer MLP with N hidden units (trained at
         ``lr``), 0 a new linear one.
@@ -124,6 +129,7 @@ class ModelSection:
     view_redraw: float = 0.0
     view_zoom_out: float = 0.0
     image_pool_levels: int | None = None
+    image_token_levels: int | None = None
     image_projection_hidden: int | None = None
     fusion_layers: int | None = None
     fusion_grid_positions: bool | None = None
@@ -157,7 +163,12 @@ class ModelSection:
                 "model.lock_image freezes the whole image tower; model.image_trainable_blocks "
                 "trains its last blocks: set one of them"
             )
-        for name in ("image_pool_levels", "fusion_layers", "embed_dim"):
+        if self.image_token_levels not in (None, 1) and self.image_trainable_blocks is not None:
+            raise ConfigError(
+                "model.image_token_levels > 1 needs the whole image tower run at once; it does "
+                "not combine with model.image_trainable_blocks"
+            )
+        for name in ("image_pool_levels", "image_token_levels", "fusion_layers", "embed_dim"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {value}")
@@ -200,6 +211,12 @@ class LossSection:
     itm_rerank: the listwise re-rank term (:func:`xmodal.train.objective.itm_rerank_loss`):
         the ITM head learns to correct the ITC order of each query's ``itm_rerank_k`` hardest
         in-batch candidates, as re-ranking uses it.
+    itm_reordered: the ITM order term (:func:`xmodal.train.objective.itm_reordered_loss`):
+        each caption whose comma-separated list can be reordered (:mod:`xmodal.data.reorder`)
+        is scored against its image beside one reordered copy, and the head learns to prefer
+        the caption as written. For captions whose list order means something (left to right);
+        off by default. The image tokens must hold what the order refers to (e.g.
+        ``image_token_levels``), else the cheapest answer is a head that ignores the caption.
     """
 
     infonce: float = 1.0
@@ -208,9 +225,12 @@ class LossSection:
     cosine: float = 0.0
     itm_rerank: float = 0.0
     itm_rerank_k: int = 8
+    itm_reordered: float = 0.0
 
     def validate(self) -> None:
         weights = (self.infonce, self.siglip, self.itm, self.cosine, self.itm_rerank)
+        if self.itm_reordered < 0:
+            raise ConfigError(f"loss.itm_reordered must be >= 0, got {self.itm_reordered}")
         if any(w < 0 for w in weights):
             raise ConfigError("loss weights must be >= 0")
         if not any(w > 0 for w in weights):

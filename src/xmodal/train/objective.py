@@ -140,6 +140,27 @@ def itm_rerank_loss(
     return total / (2 * batch)
 
 
+def itm_reordered_loss(model: CrossModalModel, image: Features, text: Features) -> torch.Tensor:
+    """ITM order term, summed over rows: row r of ``image`` (n rows) is scored against its own
+    caption (``text`` row r) and a reordering of it (``text`` row n + r), and the cross-entropy
+    of the pair's two ITM scores picks its own caption: ``softplus(s_reordered - s_own)``.
+
+    The reordered caption shares every word with the true one, so the term teaches what the
+    contrastive embeddings cannot see: which item of a list sits where (see
+    :mod:`xmodal.data.reorder`). It is a pairwise term, as re-ranking compares ITM scores.
+    """
+    n = len(image.embeds)
+    if len(text.embeds) != 2 * n:
+        raise ValueError(f"expected 2 x {n} caption rows (own, reordered); got {len(text.embeds)}")
+    rows = torch.arange(n, device=image.embeds.device)
+    both = torch.cat([rows, rows])
+    logits = model.itm_pair_logits(image, text, both, torch.cat([rows, rows + n]))
+    score = (logits[:, 1] - logits[:, 0]).float()
+    pair = torch.stack([score[:n], score[n:]], dim=1)
+    target = torch.zeros(n, dtype=torch.long, device=pair.device)
+    return F.cross_entropy(pair, target, reduction="sum")
+
+
 def global_batch_losses(
     model: CrossModalModel,
     image: Features,
@@ -209,7 +230,7 @@ def global_batch_losses(
 def needed_fields(model: CrossModalModel, weights: LossSection) -> set[str]:
     """The Features fields the enabled terms read (only those are gathered across ranks)."""
     need = set()
-    itm = weights.itm or weights.itm_rerank
+    itm = weights.itm or weights.itm_rerank or weights.itm_reordered
     if weights.infonce or weights.siglip or itm:
         need.add("embeds")
     if weights.cosine or (itm and isinstance(model.fusion, PooledFusion)):

@@ -55,7 +55,12 @@ from xmodal.train.checkpoint import (
     save_final_model,
 )
 from xmodal.train.config import ModelSection, TrainConfig
-from xmodal.train.objective import global_batch_losses, needed_fields, negatives_seed
+from xmodal.train.objective import (
+    global_batch_losses,
+    itm_reordered_loss,
+    needed_fields,
+    negatives_seed,
+)
 from xmodal.train.plot import plot_metrics, read_metrics
 
 
@@ -99,6 +104,11 @@ def image_suffix_start(model: CrossModalModel, trainable_blocks: int) -> int:
         raise ConfigError(
             "model.image_trainable_blocks needs an EfficientNet-Lite image tower "
             f"(this model's is {type(tower).__name__}); use lock_image or train it whole"
+        )
+    if tower.token_taps:
+        raise ConfigError(
+            "model.image_trainable_blocks needs the image tower's prefix cached, which "
+            "image.token_levels > 1 does not allow (its tokens read the earlier stages)"
         )
     if trainable_blocks > tower.block_count:
         raise ConfigError(
@@ -247,10 +257,10 @@ class Trainer:
             model, processor = load_model(section.source, fusion=section.fusion)
             model = _with_new_heads(model, section)
         loss = self.config.loss
-        if not model.has_itm and (loss.itm or loss.itm_rerank):
+        if not model.has_itm and (loss.itm or loss.itm_rerank or loss.itm_reordered):
             if self.world.is_main:
-                print("the model has no fusion (fusion: none): the ITM loss term is off")
-            loss.itm = loss.itm_rerank = 0.0
+                print("the model has no fusion (fusion: none): the ITM loss terms are off")
+            loss.itm = loss.itm_rerank = loss.itm_reordered = 0.0
             if not (loss.infonce or loss.siglip or loss.cosine):
                 raise ConfigError(
                     "loss: itm is the only loss and the model has no fusion (fusion: none); "
@@ -285,6 +295,8 @@ class Trainer:
             self.processor,
             self.image_index,
             decode_images=not self._use_cache(),
+            reorder_key=cfg.seed * 10_007 + epoch if cfg.loss.itm_reordered else None,
+            first=start,
         )
         return data_loader(dataset, cfg.data.num_workers, cfg.seed + epoch, batch_size=None)
 
@@ -546,6 +558,10 @@ class Trainer:
             lambda image, text, ids: self._scaled(self._objective(image, text, ids, seed)),
         )
         terms["loss"] = terms.pop("unscaled_loss")
+        if self.config.loss.itm_reordered:
+            reordered = self._reordered_backward(micro)
+            terms["itm_reordered"] = reordered
+            terms["loss"] = terms["loss"] + self.config.loss.itm_reordered * reordered
         distributed.average_gradients(self.model.parameters())
         names = list(terms)
         rows = sum(len(b["image_index"]) for b in micro)
@@ -571,6 +587,33 @@ class Trainer:
             self.scheduler.step()
         distributed.broadcast_module(self.model, parameters=False)  # buffers, as DDP does
         return totals, round(means[-1] * self.world.size)
+
+    def _reordered_backward(self, micro: list[dict]) -> torch.Tensor:
+        """Back-propagate the ITM order term (``loss.itm_reordered``) of the step's reordered
+        captions, one micro-batch at a time (each row's term reads only its own pair); returns
+        this rank's term scaled so that the mean over ranks is the mean over all such rows."""
+        weight, size = self.config.loss.itm_reordered, self.world.size
+        counts = [len(b["reordered_rows"]) if "reordered_rows" in b else 0 for b in micro]
+        count = torch.tensor(float(sum(counts)), device=self.device)
+        total = float(distributed.all_reduce_mean(count[None])[0]) * size
+        value = torch.zeros((), device=self.device)
+        if total == 0:  # no caption of the global batch has a reordering
+            return value
+        for batch, n in zip(micro, counts, strict=True):
+            if n == 0:
+                continue
+            rows = batch["reordered_rows"]
+            own = {k: batch[k][rows] for k in ("image_index", "view", "pixel_values") if k in batch}
+            with self._autocast():
+                image = self._image_features(own)
+                text = self.model.text_features(
+                    batch["reordered_input_ids"].to(self.device),
+                    batch["reordered_attention_mask"].to(self.device),
+                )
+                term = itm_reordered_loss(self.model, image, text) * (size / total)
+            self.scaler.scale(weight * term).backward()
+            value = value + term.detach()
+        return value
 
     def _scaled(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The loss terms with ``loss`` multiplied by the fp16 loss scale (to back-propagate)
@@ -717,8 +760,9 @@ class Trainer:
 
 def _with_new_heads(model: CrossModalModel, section: ModelSection) -> CrossModalModel:
     """The model under a fresh fusion and ITM head when ``fusion``, ``fusion_layers``,
-    ``fusion_grid_positions`` or ``embed_dim`` change it, with a fresh image projection when
-    ``image_pool_levels`` or ``image_projection_hidden`` do (else the model unchanged).
+    ``fusion_grid_positions``, ``image_token_levels`` or ``embed_dim`` change it, with a fresh
+    image projection when ``image_pool_levels`` or ``image_projection_hidden`` do (else the
+    model unchanged).
 
     The towers are kept, and in the same shared space the projections and logit scales too, so
     an aligned model keeps its alignment under a new fusion; a new ``embed_dim`` gets fresh
@@ -733,12 +777,17 @@ def _with_new_heads(model: CrossModalModel, section: ModelSection) -> CrossModal
     positions = section.fusion_grid_positions
     new_positions = positions is not None and positions != model_config.fusion.grid_positions
     new_dim = section.embed_dim is not None and section.embed_dim != model_config.embed_dim
+    token_levels = section.image_token_levels
+    new_tokens = token_levels is not None and token_levels != model_config.image.token_levels
     levels = section.image_pool_levels
     new_levels = levels is not None and levels != model_config.image.pool_levels
     hidden = section.image_projection_hidden
     new_head = hidden is not None and hidden != model_config.image_projection_hidden
-    if not (new_fusion or new_layers or new_positions or new_dim or new_levels or new_head):
+    changed = (new_fusion, new_layers, new_positions, new_tokens, new_dim, new_levels, new_head)
+    if not any(changed):
         return model
+    if new_tokens:
+        model_config.image.token_levels = token_levels  # type: ignore[assignment]
     if new_levels:
         model_config.image.pool_levels = levels  # type: ignore[assignment]
     if new_head:
