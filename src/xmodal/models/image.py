@@ -109,14 +109,10 @@ class EfficientNetLiteTower(nn.Module):
         return len(self.net._blocks)
 
     def forward(self, pixel_values: torch.Tensor) -> TowerOutput:
+        x, maps = self._stem_and_blocks(pixel_values, self.block_count)
+        out = self.suffix(x, self._pooled_taps(maps, x), self.block_count)
         if not self.token_taps:
-            return self.suffix(*self.prefix(pixel_values, self.block_count), self.block_count)
-        net = self.net
-        x = net._swish(net._bn0(net._conv_stem(pixel_values)))
-        x, maps = self._blocks(x, 0, self.block_count)
-        pooled_taps = [maps[i] for i in self.taps[::-1]]
-        prefix_pooled = multi_level_pooled(pooled_taps) if pooled_taps else x.new_zeros(len(x), 0)
-        out = self.suffix(x, prefix_pooled, self.block_count)
+            return out
         # each earlier stage averaged down to the final grid, beside the final map's channels;
         # every level standardised per token (their scales differ several-fold)
         grid = x.shape[-2:]
@@ -128,17 +124,25 @@ class EfficientNetLiteTower(nn.Module):
     def prefix(self, pixel_values: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The stem and blocks ``[0, start)``: the map entering block ``start`` (B, C, H, W) and
         the pooled statistics of the tapped stages among them, deepest first (B, P)."""
-        net = self.net
         if self.token_taps:
             raise ConfigError(
                 "image.token_levels > 1 runs the whole tower at once; it cannot be split into a "
                 "cached prefix (model.image_trainable_blocks)"
             )
+        x, maps = self._stem_and_blocks(pixel_values, start)
+        return x, self._pooled_taps(maps, x)
+
+    def _stem_and_blocks(
+        self, pixel_values: torch.Tensor, stop: int
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        net = self.net
         x = net._swish(net._bn0(net._conv_stem(pixel_values)))
-        x, maps = self._blocks(x, 0, start)
+        return self._blocks(x, 0, stop)
+
+    def _pooled_taps(self, maps: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """Pooled statistics of the tapped stages in ``maps``, deepest first ((B, 0) if none)."""
         taps = [maps[i] for i in self.taps[::-1] if i in maps]
-        pooled = multi_level_pooled(taps) if taps else x.new_zeros(len(x), 0)
-        return x, pooled
+        return multi_level_pooled(taps) if taps else like.new_zeros(len(like), 0)
 
     def suffix(self, hidden: torch.Tensor, prefix_pooled: torch.Tensor, start: int) -> TowerOutput:
         """Blocks ``[start, end)`` and the head on ``hidden``, the map :meth:`prefix` returned
@@ -151,8 +155,8 @@ class EfficientNetLiteTower(nn.Module):
         tokens = grid.flatten(2).transpose(1, 2)
         if not self.taps:
             return TowerOutput(pooled=tokens.mean(dim=1), tokens=tokens)
-        taps = [maps[i] for i in self.taps[::-1] if i in maps]
-        pooled = torch.cat([multi_level_pooled([grid, *taps]), prefix_pooled], dim=1)
+        suffix_taps = [maps[i] for i in self.taps[::-1] if i in maps]
+        pooled = torch.cat([multi_level_pooled([grid, *suffix_taps]), prefix_pooled], dim=1)
         return TowerOutput(pooled=pooled, tokens=tokens)
 
     def suffix_modules(self, start: int) -> list[nn.Module]:

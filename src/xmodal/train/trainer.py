@@ -105,11 +105,6 @@ def image_suffix_start(model: CrossModalModel, trainable_blocks: int) -> int:
             "model.image_trainable_blocks needs an EfficientNet-Lite image tower "
             f"(this model's is {type(tower).__name__}); use lock_image or train it whole"
         )
-    if tower.token_taps:
-        raise ConfigError(
-            "model.image_trainable_blocks needs the image tower's prefix cached, which "
-            "image.token_levels > 1 does not allow (its tokens read the earlier stages)"
-        )
     if trainable_blocks > tower.block_count:
         raise ConfigError(
             f"model.image_trainable_blocks is {trainable_blocks} but the image tower has "
