@@ -365,3 +365,27 @@ def test_torchrun_two_ranks_learn_the_order_term_like_one_process(run_config: Pa
     b = load_file(str(tmp / "single" / "model" / "model.safetensors"))
     for key in b:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_torchrun_runs_the_itm_stage_like_one_process(run_config: Path) -> None:
+    """``itm_stage`` runs on rank 0 after the contrastive steps (the other ranks wait for its
+    weights): the log and the saved model are the one-process run's."""
+    tmp = run_config.parent
+    config = yaml.safe_load(run_config.read_text())
+    config["itm_stage"] = {"steps": 3, "batch_size": 4, "hard_negatives": 2}
+    path = tmp / "stage.yaml"
+    path.write_text(yaml.safe_dump(config))
+    torchrun(["--config", str(path), "--out-dir", str(tmp / "ranks")], tmp)
+    single = load_train_config(
+        path, {"out_dir": str(tmp / "single"), "optim": {"batch_size": 8, "accum_steps": 1}}
+    )
+    Trainer(single).train()
+    log, reference = read_log(tmp / "ranks"), read_log(tmp / "single")
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6, 7]  # rank 0 alone logs the stage
+    assert "val_rerank_weight" in log[-1] and "val_rerank_weight" not in log[3]
+    for got, want in zip(log[4:], reference[4:], strict=True):
+        assert got["itm"] == pytest.approx(want["itm"], rel=1e-4), got["step"]
+    a = load_file(str(tmp / "ranks" / "model" / "model.safetensors"))
+    b = load_file(str(tmp / "single" / "model" / "model.safetensors"))
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -282,6 +282,54 @@ class OptimSection:
 
 
 @dataclass
+class ITMStageSection:
+    """A second stage after ``optim.steps``: the fusion and ITM head train alone on the frozen
+    features of the training pairs, with negatives from the whole training set
+    (:mod:`xmodal.train.itm_stage`); the re-rank weight is calibrated after it.
+
+    steps: the stage's optimiser steps (0: no stage). batch_size: captions per step.
+    lr / warmup_steps / weight_decay: AdamW with linear warm-up and cosine decay to 0.
+    hard_negatives: each caption's negative image is drawn from its ``hard_negatives`` most
+        similar training images by ITC, each image's negative caption likewise.
+    itm / reordered / reordered_images: weights of the binary ITM term, the order term (an
+        image against its caption and a reordering of it) and its image side (a caption
+        against its image and the image of a training caption that reorders it).
+    views: how many of the run's cached image views the stage reads (1: view 0 only, the
+        images as evaluation sees them; measured better for the order terms, README).
+    reordered_batch: rows the order terms read each step, drawn from the captions that have a
+        reordering (0: the listed captions of the step's batch). Such captions are often a
+        small share of a dataset (6% of the emoji names); drawn apart, they train every step.
+    """
+
+    steps: int = 0
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    hard_negatives: int = 16
+    itm: float = 1.0
+    reordered: float = 0.0
+    reordered_images: float = 0.0
+    reordered_batch: int = 64
+    views: int = 1
+
+    def validate(self) -> None:
+        for name in ("steps", "warmup_steps", "reordered_batch"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"itm_stage.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "hard_negatives", "views"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"itm_stage.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("itm_stage.lr must be > 0 and itm_stage.weight_decay >= 0")
+        weights = {n: getattr(self, n) for n in ("itm", "reordered", "reordered_images")}
+        if any(w < 0 for w in weights.values()):
+            raise ConfigError(f"itm_stage weights must be >= 0, got {weights}")
+        if self.steps and not any(weights.values()):
+            raise ConfigError("itm_stage: give itm, reordered or reordered_images a weight > 0")
+
+
+@dataclass
 class TrainConfig:
     """A whole training run.
 
@@ -305,6 +353,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     loss: LossSection = field(default_factory=LossSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    itm_stage: ITMStageSection = field(default_factory=ITMStageSection)
     out_dir: str = "runs/xmodal"
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -316,7 +365,7 @@ class TrainConfig:
     rerank_k: int = 16
 
     def validate(self) -> None:
-        for section in (self.data, self.model, self.loss, self.optim):
+        for section in (self.data, self.model, self.loss, self.optim, self.itm_stage):
             section.validate()
         for name in ("eval_every", "save_every", "log_every", "rerank_k"):
             if getattr(self, name) < 0:

@@ -12,7 +12,6 @@ per step, and only rank 0 logs, validates and writes checkpoints and the final m
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 import warnings
@@ -55,12 +54,14 @@ from xmodal.train.checkpoint import (
     save_final_model,
 )
 from xmodal.train.config import ModelSection, TrainConfig
+from xmodal.train.itm_stage import FrozenPairs, ITMStage, frozen_pairs
 from xmodal.train.objective import (
     global_batch_losses,
     itm_reordered_loss,
     needed_fields,
     negatives_seed,
 )
+from xmodal.train.optim import build_optimizer, cosine_schedule
 from xmodal.train.plot import plot_metrics, read_metrics
 
 
@@ -133,45 +134,6 @@ def set_train_mode(model: CrossModalModel, image_eval: bool = False) -> None:
         model.image_tower.eval()
 
 
-def build_optimizer(model: CrossModalModel, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW: towers at ``tower_lr``, new layers at ``lr``; no decay on norms, biases, scales.
-    An aligned model's projections (bias-free, from its checkpoint) are pretrained too."""
-    groups: dict[tuple[bool, bool], list] = {}
-    pretrained = ("image_tower.", "text_tower.")
-    if model.config.projection == "linear_no_bias":
-        pretrained += ("image_proj.", "text_proj.")
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        is_tower = name.startswith(pretrained)
-        no_decay = (
-            param.ndim < 2 or "norm" in name.lower() or "embeddings" in name or "logit" in name
-        )
-        groups.setdefault((is_tower, no_decay), []).append(param)
-    optim = config.optim
-    param_groups = [
-        {
-            "params": params,
-            "lr": optim.tower_lr if is_tower else optim.lr,
-            "weight_decay": 0.0 if no_decay else optim.weight_decay,
-        }
-        for (is_tower, no_decay), params in sorted(groups.items())
-    ]
-    return torch.optim.AdamW(param_groups, betas=(0.9, 0.98), eps=1e-6)
-
-
-def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float):
-    """Linear warm-up to the peak, then cosine decay to ``min_ratio`` of it."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 NEIGHBOURS_PER_IMAGE = 8  # look-alikes an anchor's batch-mate is drawn from (neighbour_share)
 
 
@@ -230,6 +192,7 @@ class Trainer:
         self.neighbours: Neighbours | None = None  # optim.neighbour_share
         self.bad_images: dict[tuple[str, str], dict] = {}  # (dataset, image id) -> record
         self.step_bad_images: list[dict] = []  # this rank's, met since the last step
+        self.itm_stage_started = False  # itm_stage: validations calibrate only after it
 
     @property
     def global_batch(self) -> int:
@@ -252,6 +215,11 @@ class Trainer:
             model, processor = load_model(section.source, fusion=section.fusion)
             model = _with_new_heads(model, section)
         loss = self.config.loss
+        if not model.has_itm and self.config.itm_stage.steps:
+            raise ConfigError(
+                "itm_stage trains the fusion and ITM head, and this model has none (fusion: "
+                "none); set model.fusion (cross or pooled) or itm_stage.steps: 0"
+            )
         if not model.has_itm and (loss.itm or loss.itm_rerank or loss.itm_reordered):
             if self.world.is_main:
                 print("the model has no fusion (fusion: none): the ITM loss terms are off")
@@ -350,6 +318,7 @@ class Trainer:
         refused, or (``data.skip_bad``) dropped from the run with its captions."""
         keep_tokens = "tokens" in needed_fields(self.model, self.config.loss)  # ITM, cross fusion
         keep_tokens |= self.image_start is not None  # the prefix's map, always
+        keep_tokens |= bool(self.config.itm_stage.steps) and self.model.has_itm
         cache = self._cache_images(self.train_set, "caching train images", keep_tokens)
         kept, records = drop_failed_images(
             self.train_set, cache.failures, self.config.data.skip_bad
@@ -510,6 +479,8 @@ class Trainer:
                     break
         bar.close()
         final = self.out_dir / "model"
+        if cfg.itm_stage.steps:
+            self._itm_stage(progress.step)
         if main and self._uncalibrated():  # e.g. resumed from the last checkpoint
             self.validate()
         if main:
@@ -517,6 +488,72 @@ class Trainer:
             plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir / "training.png")
         distributed.barrier()
         return TrainResult(final, progress, last_metrics)
+
+    # -- the ITM stage ----------------------------------------------------------------------------
+    def _itm_stage(self, step: int) -> None:
+        """``itm_stage``: the fusion and ITM head train alone on frozen features (rank 0; the
+        other ranks wait and receive its weights), then validation calibrates the re-rank
+        weight. Logged after the contrastive steps, as steps ``step + 1 ..``."""
+        self.itm_stage_started = True
+        if self.world.is_main:
+            section = self.config.itm_stage
+            pairs = self._frozen_pairs()
+            stage = ITMStage(self.model, pairs, section, self.config.seed, self._autocast)
+            bar = tqdm(total=section.steps, desc="ITM stage", unit="step", disable=None)
+
+            def log(done: int, terms: dict) -> None:
+                bar.update(done - bar.n)
+                bar.set_postfix(loss=f"{terms['loss']:.3f}")
+                record = {"step": step + done, "stage": "itm", **terms}
+                if done == section.steps and self.val_set is not None:
+                    record.update(self.validate())
+                with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record) + "\n")
+
+            stage.run(log, self.config.log_every or section.steps)
+            bar.close()
+        distributed.broadcast_module(self.model)
+
+    def _frozen_pairs(self) -> FrozenPairs:
+        """The ITM stage's features: the first ``itm_stage.views`` cached views of a locked
+        image tower, else one pass of the (now frozen) tower over the training images."""
+        self.model.eval()
+        dataset = self.train_set
+        if self.cache is not None and self.image_start is None and self.cache.tokens is not None:
+            outputs = [self.cache]
+            if self.extra_views is not None:
+                outputs += [
+                    ImageOutputs(pooled, tokens)
+                    for pooled, tokens in zip(
+                        self.extra_views.pooled, self.extra_views.tokens, strict=True
+                    )
+                ]
+            outputs = outputs[: self.config.itm_stage.views]
+        else:  # the tower trained (or is not cached): its final outputs, once
+            out = self._cache_images(dataset, "ITM stage: train images", True, prefix=False)
+            dataset, _ = drop_failed_images(dataset, out.failures, self.config.data.skip_bad)
+            outputs = [out]
+        with torch.no_grad(), self._autocast():
+            images = [
+                self.model.image_features_from_tower(
+                    TowerOutput(out.pooled.to(self.device), out.tokens)
+                )
+                for out in outputs
+            ]
+        images = [  # on the CPU, as the cache: the stage moves each step's rows
+            Features(f.embeds.float().cpu(), f.projected.float().cpu(), f.tokens.cpu(), None)
+            for f in images
+        ]
+        image_row = {image_id: i for i, image_id in enumerate(dataset.image_ids())}
+        rows = [image_row[ex.image_id] for ex in dataset.examples]
+        return frozen_pairs(
+            self.model,
+            self.processor,
+            images,
+            dataset.captions(),
+            torch.tensor(rows),
+            reorder=bool(self.config.itm_stage.reordered or self.config.itm_stage.reordered_images),
+        )
 
     def _resume(self, progress: TrainProgress) -> TrainProgress:
         """Every rank restores the latest checkpoint, with its own RNG states."""
@@ -691,9 +728,10 @@ class Trainer:
         """Retrieval recall on the validation set, and (with an ITM head) the re-rank weight
         calibrated on it (:mod:`xmodal.evaluate.rerank`), kept in the model config so the
         saved model carries the latest one."""
-        calibrate = self.model.has_itm and self.config.rerank_k > 0
+        rerank = self.model.has_itm and self.config.rerank_k > 0
+        calibrate = rerank and (not self.config.itm_stage.steps or self.itm_stage_started)
         if self._use_cache() and self.image_start is None and self.val_cache is None:
-            self.val_cache = self._cache_images(self.val_set, "caching val images", calibrate)
+            self.val_cache = self._cache_images(self.val_set, "caching val images", rerank)
         rng = torch.get_rng_state()
         report = evaluate_model(
             self.model,
@@ -728,10 +766,11 @@ class Trainer:
         )
 
     def _cache_images(
-        self, dataset: ImageTextDataset, desc: str, keep_tokens: bool
+        self, dataset: ImageTextDataset, desc: str, keep_tokens: bool, prefix: bool = True
     ) -> ImageOutputs:
         """The locked image tower's outputs (its token grids only when ``keep_tokens``), or,
-        with ``image_trainable_blocks``, those of its frozen prefix (pooled taps and map)."""
+        with ``image_trainable_blocks`` (unless ``prefix`` is False), those of its frozen
+        prefix (pooled taps and map)."""
         self.model.eval()
         images = [ex.image for ex in dataset.unique_images()]
         return image_tower_outputs(
@@ -741,7 +780,7 @@ class Trainer:
             num_workers=self.config.data.num_workers,
             keep_tokens=keep_tokens,
             desc=desc,
-            prefix_blocks=self.image_start,
+            prefix_blocks=self.image_start if prefix else None,
         )
 
     def _truncate_log(self, step: int) -> None:
