@@ -18,8 +18,11 @@ from xmodal.apps.builders import (
     build_emoji,
     build_fashion_mnist,
     code_key,
+    name_kinds,
     sha512_integrity,
+    split_names,
     tone_caption,
+    tones_named,
 )
 from xmodal.data import load_dataset
 from xmodal.errors import ConfigError, InputError, MissingDependencyError
@@ -91,6 +94,42 @@ def test_tone_caption() -> None:
     assert tone_caption("1F3FB") == "light skin tone"
     assert tone_caption("1f3fb-1F3FC") == "light skin tone, medium-light skin tone"
     assert tone_caption("1F3FF-1F3FF") == "dark skin tone"
+
+
+def test_tones_named_and_name_kinds() -> None:
+    kiss = "kiss: woman, man"
+    rows = [
+        {"name": kiss, "caption": kiss},
+        {"name": kiss, "caption": f"{kiss}: light skin tone"},
+        {"name": kiss, "caption": f"{kiss}: light skin tone, dark skin tone"},
+        {"name": "wave", "caption": "wave: medium skin tone"},
+        {"name": "cat", "caption": "cat"},
+        {"name": "dog", "caption": "a dog, drawn"},  # a caption that is not "<name>: ..."
+    ]
+    assert [tones_named(r) for r in rows] == [0, 1, 2, 1, 0, 0]
+    assert name_kinds(rows) == {kiss: 2, "wave": 1, "cat": 0, "dog": 0}
+
+
+def test_split_names_keeps_the_test_names_and_draws_validation_per_kind() -> None:
+    names = [f"name {i:03d}" for i in range(200)]
+    kinds = {n: 0 for n in names[:170]} | {n: 1 for n in names[170:194]}
+    kinds |= {n: 2 for n in names[194:]}  # 6 rare names: a plain shuffle may give val none
+    plain = split_names(names, 7, 0.1, 0.2)
+    split = split_names(names, 7, 0.1, 0.2, kinds)
+    assert [n for n in split if split[n] == "test"] == [n for n in plain if plain[n] == "test"]
+    assert sorted(split) == sorted(names) and set(split.values()) == {"train", "val", "test"}
+    for kind, total in ((0, 170), (1, 24), (2, 6)):
+        members = [n for n in names if kinds[n] == kind]
+        val = [n for n in members if split[n] == "val"]
+        left = [n for n in members if split[n] != "test"]
+        assert len(val) == min(max(round(total * 0.1), 1), len(left) - 1)
+        assert any(split[n] == "train" for n in members)  # every kind still trains
+    # seeded: the same draw again, another seed another one
+    assert split_names(names, 7, 0.1, 0.2, kinds) == split
+    assert split_names(names, 8, 0.1, 0.2, kinds) != split
+    # a kind with a single name left keeps it for training
+    lone = split_names("abcde", 0, 0.2, 0.0, {"a": 0, "b": 0, "c": 0, "d": 0, "e": 1})
+    assert lone["e"] == "train" and list(lone.values()).count("val") == 1
 
 
 def test_build_emoji(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import tarfile
 import tempfile
 import typing
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -388,17 +388,58 @@ def _emoji_record(image: str, caption: str, name: str, entry: dict) -> dict:
 
 
 def split_names(
-    names: Iterable[str], seed: int, val_fraction: float, test_fraction: float
+    names: Iterable[str],
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    kinds: Mapping[str, Hashable] | None = None,
 ) -> dict[str, str]:
-    """Assign each unique name to train/val/test with a seeded shuffle."""
+    """Assign each unique name to train/val/test with a seeded shuffle.
+
+    The test names are the first of the shuffled order, whatever ``kinds`` says (so the
+    held-out names stay those of earlier versions). ``kinds`` (name -> kind, e.g. how many
+    skin tones its variants name): the validation names are then drawn kind by kind, each kind
+    giving ``val_fraction`` of its names (at least one while it has two or more left), so
+    validation holds every kind of name the test does instead of only those a shuffle happened
+    to put there; without ``kinds`` they are simply the next in the order."""
     order = sorted(set(names))
     random.Random(seed).shuffle(order)
     n_test = round(len(order) * test_fraction)
-    n_val = round(len(order) * val_fraction)
     split = {name: "test" for name in order[:n_test]}
-    split.update({name: "val" for name in order[n_test : n_test + n_val]})
-    split.update({name: "train" for name in order[n_test + n_val :]})
+    rest = order[n_test:]
+    if kinds is None:
+        n_val = round(len(order) * val_fraction)
+        val = set(rest[:n_val])
+    else:
+        by_kind: dict[Hashable, list[str]] = {}
+        for name in rest:
+            by_kind.setdefault(kinds[name], []).append(name)
+        total = Counter(kinds[name] for name in order)
+        val = set()
+        for kind, members in by_kind.items():
+            wanted = round(total[kind] * val_fraction)
+            if val_fraction > 0 and len(members) >= 2:
+                wanted = max(wanted, 1)
+            val.update(members[: min(wanted, len(members) - 1)])
+    split.update({name: "val" if name in val else "train" for name in rest})
     return split
+
+
+def tones_named(record: dict) -> int:
+    """How many skin tones a record's caption names (``"kiss: woman, man: light skin tone,
+    dark skin tone"`` -> 2; a base emoji -> 0)."""
+    caption, name = record["caption"], record["name"]
+    if caption == name or not caption.startswith(f"{name}: "):
+        return 0
+    return len(caption[len(name) + 2 :].split(", "))
+
+
+def name_kinds(records: Iterable[dict]) -> dict[str, int]:
+    """Each name's kind for the validation draw: the most skin tones any of its images names."""
+    kinds: dict[str, int] = {}
+    for record in records:
+        kinds[record["name"]] = max(kinds.get(record["name"], 0), tones_named(record))
+    return kinds
 
 
 def _slice_by_name(records: list[dict], limit: int, seed: int) -> list[dict]:
@@ -490,6 +531,7 @@ def build_emoji(
         "seed": seed,
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
+        "val_kinds": "skin tones named",  # validation drawn per kind (earlier builds: none)
         "size": size,
         "limit": limit,
         "rich_captions": rich_captions,
@@ -505,7 +547,9 @@ def build_emoji(
         raise InputError(f"{path}: no usable emoji images found under {EMOJI_IMG_DIR}")
     if limit is not None:
         records = _slice_by_name(records, limit, seed)
-    assignment = split_names((r["name"] for r in records), seed, val_fraction, test_fraction)
+    assignment = split_names(
+        (r["name"] for r in records), seed, val_fraction, test_fraction, name_kinds(records)
+    )
     for record in tqdm(records, desc="emoji images", unit="img"):
         image = _on_white(pngs[record["image_id"]], size)
         atomic_write_bytes(out / record["image"], _png_bytes(image))

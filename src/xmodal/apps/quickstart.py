@@ -53,7 +53,8 @@ def run_quickstart(
 ) -> dict:
     """Build data, train, evaluate; return the test report (also written to out_dir).
 
-    ``steps`` / ``batch_size`` override the config's; ``limit`` uses a slice of at most that
+    ``steps`` / ``batch_size`` override the config's contrastive steps and batch (the ITM stage
+    after them keeps its share of the steps); ``limit`` uses a slice of at most that
     many emoji images (a quick check; the batch is then capped at the training split's size).
     ``rich_captions``: train on more captions per image (:mod:`xmodal.apps.emoji_captions`);
     ``keywords_tarball``: their emojibase-data tarball (default: cached in ``cache_dir`` or
@@ -92,6 +93,11 @@ def run_quickstart(
     optim: dict = {}
     if steps:
         optim["steps"] = steps
+        # the ITM stage keeps its share of the run (the config's 150 of 300: half)
+        base = load_train_config(quickstart_config_path())
+        if base.itm_stage.steps:
+            stage_steps = max(1, round(base.itm_stage.steps * steps / base.optim.steps))
+            overrides["itm_stage"] = {"steps": stage_steps}
     if batch_size:
         optim["batch_size"] = batch_size
     elif limit is not None:
@@ -137,7 +143,8 @@ def run_quickstart(
     # calibrated on the validation names during training (None: not calibrated)
     report["rerank_weight"] = model.config.fusion.rerank_weight
     report["model"] = str(result.model_dir)
-    report["train_steps"] = result.progress.step
+    report["train_steps"] = result.progress.step  # the contrastive steps
+    report["itm_stage_steps"] = config.itm_stage.steps  # the ITM stage's, after them
     report["total_seconds"] = round(time.time() - started, 1)
     write_report(report, out_dir / "report.json")
     print("\nheld-out emoji names (test split)")

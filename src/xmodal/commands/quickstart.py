@@ -9,7 +9,12 @@ def add(commands) -> None:
     p = commands.add_parser("quickstart", help="emoji data -> fine-tune -> held-out evaluation")
     p.add_argument("--out", default="runs/quickstart", help="where data, model and report go")
     p.add_argument("--from", dest="tarball", default=None, help="emoji npm tarball to use")
-    p.add_argument("--steps", type=int, default=None, help="override the training steps")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="override the contrastive steps (the ITM stage after them keeps its share)",
+    )
     p.add_argument("--workers", type=int, default=1, help="image decoding processes")
     p.add_argument("--batch-size", type=int, default=None, help="override optim.batch_size")
     p.add_argument(

@@ -295,7 +295,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"left out: {report['n_bad_images']} undecodable images and their "
             f"{report['n_dropped_captions']} captions (listed under bad_images in the report)"
         )
-    header = f"{'':22}{'R@1':>8}{'R@5':>8}{'R@10':>8}"
+    header = f"{'':31}{'R@1':>8}{'R@5':>8}{'R@10':>8}"
     lines.append(header)
     for key, title in (("retrieval_itc", "ITC"), ("retrieval_itm_rerank", "ITC + ITM re-rank")):
         if key not in report:
@@ -303,7 +303,7 @@ def format_report(report: dict[str, Any]) -> str:
         metrics = report[key]
         for direction, name in (("t2i", "text->image"), ("i2t", "image->text")):
             values = [metrics[f"{direction}_R@{k}"] for k in (1, 5, 10)]
-            lines.append(f"{title + ' ' + name:22}" + "".join(f"{v:8.1f}" for v in values))
+            lines.append(f"{title + ' ' + name:31}" + "".join(f"{v:8.1f}" for v in values))
     if "rerank" in report:
         rerank = report["rerank"]
         weight = f"ITC logit + {rerank['weight']:.4g} x ITM score (weight: {rerank['source']})"

@@ -303,7 +303,7 @@ class ITMStageSection:
 
     steps: int = 0
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 5e-4
     warmup_steps: int = 30
     weight_decay: float = 0.1
     hard_negatives: int = 16
