@@ -10,8 +10,12 @@
    check): ``image_tower_outputs`` (an inference copy, batch norms folded, channels_last)
    against the plain tower, at the quickstart's 7 pool levels.
 3. Re-rank scoring (validation's calibration, ``eval``): ``ImagePairScorer`` on the pairs of
-   text->image and image->text queries against their top 16 (each caption of a batch run
-   through the text tower once) against the reference (each pair's caption run again).
+   text->image and image->text queries against their top 16 (each caption run through the
+   text tower once, its features kept for the later batches) against the reference (each
+   pair's caption run again).
+4. The contrastive step's text side (forward and backward through MiniLM's last 4 layers, a
+   batch of real captions): ``text_features_by_length`` in 2, 4 and 8 runs of similar length
+   (``optim.text_length_groups``) against the batch at once, padded to its longest caption.
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_train_paths.py
 """
@@ -157,11 +161,41 @@ def bench_rerank_scorer(queries: int, k: int, repeats: int) -> None:
         gap = scorer(image_idx, text_idx) - reference_pair_scores(scorer, image_idx, text_idx)
         print(f"  max abs difference from the reference: {gap.abs().max():.2e}")
     before = measure(lambda: run(lambda i, t: reference_pair_scores(scorer, i, t)), repeats=repeats)
-    after = measure(lambda: run(scorer), repeats=repeats)
+
+    def fresh_scorer():  # each run starts with an empty caption cache
+        return runner.ImagePairScorer(model, processor, pooled, tokens, captions)
+
+    after = measure(lambda: run(fresh_scorer()), repeats=repeats)
     print(
         f"  reference {before.median:.2f} s, each caption once {after.median:.2f} s -> "
         f"{before.median / after.median:.2f}x (load {after.load:.1f})"
     )
+
+
+def bench_text_groups(batch: int, repeats: int) -> None:
+    model, processor = load_model("offline-default")
+    model.train().text_tower.requires_grad_(False)
+    for layer in model.text_tower.model.encoder.layer[-4:]:  # text_trainable_layers: 4
+        layer.requires_grad_(True)
+    captions, source = real_captions(batch, "auto")
+    tokens = processor.process_text(captions)
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    real = int(mask.sum())
+    print(
+        f"text side of a contrastive step: {batch} captions ({source}), padded to "
+        f"{ids.shape[1]}: {real / mask.numel():.0%} of the positions are real tokens"
+    )
+
+    def step(groups: int) -> None:
+        model.text_features_by_length(ids, mask, groups).embeds.sum().backward()
+
+    before = measure(lambda: step(1), repeats=repeats)
+    for groups in (2, 4, 8):
+        after = measure(lambda g=groups: step(g), repeats=repeats)
+        print(
+            f"  one run {before.median:.3f} s, {groups} runs by length {after.median:.3f} s -> "
+            f"{before.median / after.median:.2f}x (load {after.load:.1f})"
+        )
 
 
 def main() -> None:
@@ -172,7 +206,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=256, help="re-rank queries")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--only", choices=("itm", "tower", "rerank"), help="run one of the three benchmarks"
+        "--only",
+        choices=("itm", "tower", "rerank", "text"),
+        help="run one of the four benchmarks",
     )
     args = parser.parse_args()
     setup_machine(args)
@@ -182,6 +218,8 @@ def main() -> None:
         bench_image_tower(args.images, args.repeats)
     if args.only in (None, "rerank"):
         bench_rerank_scorer(args.queries, 16, args.repeats)
+    if args.only in (None, "text"):
+        bench_text_groups(args.batch, args.repeats)
 
 
 if __name__ == "__main__":

@@ -432,3 +432,44 @@ def test_image_pair_scorer_matches_the_itm_score_of_each_pair(tmp_path, tiny_mod
             image = model.image_features(pixels)
             text = model.text_features(batch["input_ids"], batch["attention_mask"])
             assert scores[p].item() == pytest.approx(model.itm_score(image, text).item(), abs=1e-3)
+
+
+def test_image_pair_scorer_runs_each_caption_once(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    """Across calls (image->text re-ranking meets a caption in many images' top k) a caption
+    goes through the text tower once; with no room in the cache, once per call, and the
+    scores are the same either way."""
+    from conftest import write_colour_dataset
+
+    from xmodal.data import load_dataset
+    from xmodal.evaluate.runner import ImagePairScorer, image_tower_outputs
+    from xmodal.presets import load_model
+
+    model, processor = load_model(tiny_model_dir)
+    model.eval()
+    dataset = load_dataset(write_colour_dataset(tmp_path / "d", n=4))
+    images = [ex.image for ex in dataset.unique_images()]
+    outputs = image_tower_outputs(model, processor, images, num_workers=0)
+    captions = ["a red one", "a much longer caption about a blue square", "green", "yellow"]
+    seen: list[int] = []
+    original = model.text_tower.forward
+
+    def counting(input_ids, attention_mask):
+        seen.append(len(input_ids))
+        return original(input_ids, attention_mask)
+
+    monkeypatch.setattr(model.text_tower, "forward", counting)
+    calls = [
+        (torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1])),
+        (torch.tensor([0, 0, 1, 2]), torch.tensor([1, 2, 3, 0])),
+        (torch.tensor([3, 2]), torch.tensor([2, 1])),
+    ]
+    scores = {}
+    for budget in (1 << 30, 0):
+        seen.clear()
+        scorer = ImagePairScorer(
+            model, processor, outputs.pooled, outputs.tokens, captions, max_text_cache_bytes=budget
+        )
+        scores[budget] = [scorer(i, t) for i, t in calls]
+        assert seen == ([2, 2] if budget else [2, 4, 2])  # captions new to the tower, per call
+    for cached, plain in zip(scores[1 << 30], scores[0], strict=True):
+        torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)

@@ -121,6 +121,45 @@ class CrossModalModel(nn.Module):
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Features:
         return self.text_features_from_tower(self.text_tower(input_ids, attention_mask))
 
+    def text_features_by_length(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, groups: int
+    ) -> Features:
+        """:meth:`text_features` of a batch run as ``groups`` runs of similar length: the
+        captions sorted by length, each run cut to its own longest caption. The same features
+        to float rounding (tokens padded back to the batch's width), with far less padding to
+        compute: a batch padded to its longest caption is often half padding (emoji captions:
+        24 positions, 12.5 real tokens on average; the text tower's training step 1.43x
+        faster in 4 runs, docs/performance.md). Falls back to one run when the tower's output
+        depends on the padding (:attr:`HFTextTower.padding_free`), the padding is not on the
+        right, or the batch is too small to split."""
+        lengths = attention_mask.sum(dim=1)
+        order = torch.argsort(lengths, stable=True)
+        runs = order.chunk(groups) if groups > 1 and len(order) >= 2 * groups else ()
+        width = attention_mask.shape[1]
+        cuts = [max(1, int(lengths[rows].max())) for rows in runs]
+        positions = torch.arange(width, device=attention_mask.device)
+        right_padded = (positions[None, :] < lengths[:, None]) == attention_mask.bool()
+        if (
+            not runs
+            or not getattr(self.text_tower, "padding_free", False)
+            or all(cut == width for cut in cuts)
+            or not bool(right_padded.all())
+        ):
+            return self.text_features(input_ids, attention_mask)
+        parts = [
+            self.text_features(input_ids[rows, :cut], attention_mask[rows, :cut])
+            for rows, cut in zip(runs, cuts, strict=True)
+        ]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+        tokens = torch.cat([F.pad(p.tokens, (0, 0, 0, width - p.tokens.shape[1])) for p in parts])
+        return Features(
+            torch.cat([p.embeds for p in parts])[inverse],
+            torch.cat([p.projected for p in parts])[inverse],
+            tokens[inverse],
+            attention_mask,
+        )
+
     def image_features_from_tower(self, out: TowerOutput) -> Features:
         """Project a (possibly cached) image tower output into the shared space."""
         projected = self.image_proj(out.pooled)

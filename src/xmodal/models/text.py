@@ -46,6 +46,13 @@ class HFTextTower(nn.Module):
         self.token_dim = _width(model)  # the hidden states' width (the fusion's input)
         self.output_dim = pooled_width(model) if config.pooling == "pooler" else self.token_dim
 
+    @property
+    def padding_free(self) -> bool:
+        """Whether a caption's output ignores the padding after it: the encoder reads the mask
+        and the pooling reads only real tokens (not a ``pooler`` head, which may read a fixed
+        position, as SigLIP's reads the last). Captions may then run padded to any length."""
+        return self.use_attention_mask and self.pooling != "pooler"
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TowerOutput:
         mask = attention_mask if self.use_attention_mask else None
         out = self.model(input_ids=input_ids, attention_mask=mask)

@@ -660,8 +660,10 @@ class Trainer:
     def _features(self, batch: dict) -> tuple[Features, Features, torch.Tensor]:
         with self._autocast():
             image = self._image_features(batch)
-            text = self.model.text_features(
-                batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            text = self.model.text_features_by_length(
+                batch["input_ids"].to(self.device),
+                batch["attention_mask"].to(self.device),
+                self.config.optim.text_length_groups,
             )
         return image, text, batch["image_index"].to(self.device)
 
