@@ -23,9 +23,9 @@ from conftest import tiny_model_config, write_colour_dataset
 from safetensors.torch import load_file, save_file
 
 from xmodal import distributed as xdist
-from xmodal.models.model import CrossModalModel, Features
+from xmodal.models.model import CrossModalModel, Features, cat_features
 from xmodal.train import Trainer, load_train_config
-from xmodal.train.accumulate import accumulated_backward, cat_features
+from xmodal.train.accumulate import accumulated_backward
 from xmodal.train.batches import epoch_batches, rank_micro_batches
 from xmodal.train.config import LossSection
 from xmodal.train.objective import compute_losses, global_batch_losses

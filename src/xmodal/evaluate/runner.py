@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from xmodal.atomic import atomic_write_text
 from xmodal.data.images import ImageChange, drop_failed_images, image_loader
 from xmodal.models.inference import has_conv, inference_copy
-from xmodal.models.model import CrossModalModel, Features
+from xmodal.models.model import CrossModalModel, Features, cat_features
 from xmodal.models.towers import TowerOutput
 from xmodal.processing import MultimodalProcessor
 
@@ -133,7 +132,7 @@ class ImagePairScorer:
         self.image_tokens = image_tokens
         self.captions = list(captions)
         self.max_text_cache_bytes = max_text_cache_bytes
-        self._text_rows: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._text_rows: dict[int, Features] = {}
         self._text_bytes = 0
 
     @torch.inference_mode()
@@ -157,33 +156,26 @@ class ImagePairScorer:
 
     def _text_features(self, texts: list[int], device: torch.device) -> Features:
         """Text features of captions ``texts``: those seen before from the cache, the others
-        through the tower (and into the cache while it has room); tokens padded on the right
-        to the longest (padding masked)."""
-        fresh: dict[int, tuple[torch.Tensor, ...]] = {}
+        through the tower (and into the cache while it has room)."""
+        fresh: dict[int, Features] = {}
         missing = [t for t in texts if t not in self._text_rows]
         if missing:
             batch = self.processor.process_text([self.captions[t] for t in missing])
-            mask = batch["attention_mask"].to(device)
-            features = self.model.text_features(batch["input_ids"].to(device), mask)
+            features = self.model.text_features(
+                batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            )
+            fields = (features.embeds, features.projected, features.tokens, features.mask)
             for row, t in enumerate(missing):
-                fields = tuple(  # copies: a kept row must not hold its whole batch alive
-                    f[row].clone()
-                    for f in (features.embeds, features.projected, features.tokens, mask)
-                )
-                size = sum(f.numel() * f.element_size() for f in fields)
+                # copies: a kept row must not hold its whole batch alive
+                kept = [f[row : row + 1].clone() for f in fields]  # type: ignore[index]
+                one = Features(*kept)
+                size = sum(f.numel() * f.element_size() for f in kept)
                 if self._text_bytes + size <= self.max_text_cache_bytes:
-                    self._text_rows[t] = fields
+                    self._text_rows[t] = one
                     self._text_bytes += size
                 else:
-                    fresh[t] = fields
-        rows = [self._text_rows[t] if t in self._text_rows else fresh[t] for t in texts]
-        width = max(r[3].shape[0] for r in rows)
-        return Features(
-            torch.stack([r[0] for r in rows]),
-            torch.stack([r[1] for r in rows]),
-            torch.stack([F.pad(r[2], (0, 0, 0, width - r[2].shape[0])) for r in rows]),
-            torch.stack([F.pad(r[3], (0, width - r[3].shape[0])) for r in rows]),
-        )
+                    fresh[t] = one
+        return cat_features([fresh[t] if t in fresh else self._text_rows[t] for t in texts])
 
 
 def evaluate_model(

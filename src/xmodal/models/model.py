@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,23 +129,21 @@ class CrossModalModel(nn.Module):
         captions sorted by length, each run cut to its own longest caption. The same features
         to float rounding (tokens padded back to the batch's width), with far less padding to
         compute: a batch padded to its longest caption is often half padding (emoji captions:
-        24 positions, 12.5 real tokens on average; the text tower's training step 1.43x
+        24 positions, 12.5 real tokens on average; the text tower's training step 1.44x
         faster in 4 runs, docs/performance.md). Falls back to one run when the tower's output
         depends on the padding (:attr:`HFTextTower.padding_free`), the padding is not on the
         right, or the batch is too small to split."""
+        splittable = groups > 1 and len(input_ids) >= 2 * groups
+        if not splittable or not getattr(self.text_tower, "padding_free", False):
+            return self.text_features(input_ids, attention_mask)
         lengths = attention_mask.sum(dim=1)
         order = torch.argsort(lengths, stable=True)
-        runs = order.chunk(groups) if groups > 1 and len(order) >= 2 * groups else ()
+        runs = order.chunk(groups)
         width = attention_mask.shape[1]
         cuts = [max(1, int(lengths[rows].max())) for rows in runs]
         positions = torch.arange(width, device=attention_mask.device)
         right_padded = (positions[None, :] < lengths[:, None]) == attention_mask.bool()
-        if (
-            not runs
-            or not getattr(self.text_tower, "padding_free", False)
-            or all(cut == width for cut in cuts)
-            or not bool(right_padded.all())
-        ):
+        if all(cut == width for cut in cuts) or not bool(right_padded.all()):
             return self.text_features(input_ids, attention_mask)
         parts = [
             self.text_features(input_ids[rows, :cut], attention_mask[rows, :cut])
@@ -152,13 +151,7 @@ class CrossModalModel(nn.Module):
         ]
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order), device=order.device)
-        tokens = torch.cat([F.pad(p.tokens, (0, 0, 0, width - p.tokens.shape[1])) for p in parts])
-        return Features(
-            torch.cat([p.embeds for p in parts])[inverse],
-            torch.cat([p.projected for p in parts])[inverse],
-            tokens[inverse],
-            attention_mask,
-        )
+        return select_rows(pad_tokens(cat_features(parts), width), inverse)
 
     def image_features_from_tower(self, out: TowerOutput) -> Features:
         """Project a (possibly cached) image tower output into the shared space."""
@@ -216,7 +209,7 @@ class CrossModalModel(nn.Module):
         many pairs share them."""
         self._require_itm()
         if isinstance(self.fusion, PooledFusion):
-            return self.itm_logits(_rows(image, image_rows), _rows(text, text_rows))
+            return self.itm_logits(select_rows(image, image_rows), select_rows(text, text_rows))
         fused = self.fusion(image.tokens, image.mask, text.tokens, text.mask, image_rows, text_rows)
         agreement = image.embeds.index_select(0, image_rows) * text.embeds.index_select(
             0, text_rows
@@ -339,14 +332,53 @@ class CrossModalModel(nn.Module):
         return model.eval()
 
 
-def _rows(features: Features, rows: torch.Tensor) -> Features:
-    """The rows ``rows`` of every field, via ``index_select`` (whose backward sums repeated
-    rows in a fixed order on CPUs)."""
+def select_rows(features: Features, rows: torch.Tensor) -> Features:
+    """The rows ``rows`` of every field, via ``index_select``: its backward sums repeated rows
+    in a fixed order on CPUs (indexing's backward uses racing atomic adds on large tensors)."""
     return Features(
         features.embeds.index_select(0, rows),
         features.projected.index_select(0, rows),
         features.tokens.index_select(0, rows),
         None if features.mask is None else features.mask.index_select(0, rows),
+    )
+
+
+def pad_tokens(features: Features, length: int) -> Features:
+    """``features`` with tokens (and mask) padded to ``length`` positions; padding is masked."""
+    extra = length - features.tokens.shape[1]
+    if extra <= 0:
+        return features
+    mask = features.mask
+    if mask is None:
+        tokens = features.tokens
+        mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+    return Features(
+        features.embeds,
+        features.projected,
+        F.pad(features.tokens, (0, 0, 0, extra)),
+        F.pad(mask, (0, extra)),
+    )
+
+
+def cat_features(parts: Sequence[Features]) -> Features:
+    """Row-wise concatenation; tokens are padded (and masked) to the longest part."""
+    length = max(p.tokens.shape[1] for p in parts)
+    parts = [pad_tokens(p, length) for p in parts]
+    masks = [p.mask for p in parts]
+    known = [m for m in masks if m is not None]
+    mask = None
+    if known:
+        mask = torch.cat(
+            [
+                m if m is not None else known[0].new_ones(p.tokens.shape[:2])
+                for m, p in zip(masks, parts, strict=True)
+            ]
+        )
+    return Features(
+        torch.cat([p.embeds for p in parts]),
+        torch.cat([p.projected for p in parts]),
+        torch.cat([p.tokens for p in parts]),
+        mask,
     )
 
 

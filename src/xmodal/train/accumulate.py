@@ -24,8 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from xmodal.models.model import Features
-from xmodal.train.objective import pad_tokens
+from xmodal.models.model import Features, cat_features
 
 Batch = tuple[Features, Features, torch.Tensor]
 FeatureFn = Callable[[dict], Batch]
@@ -70,28 +69,6 @@ def accumulated_backward(
         for buffer, saved in zip(model.buffers(), buffers, strict=True):
             buffer.copy_(saved)
     return {name: value.detach() for name, value in terms.items()}
-
-
-def cat_features(parts: Sequence[Features]) -> Features:
-    """Row-wise concatenation; tokens are padded (and masked) to the longest part."""
-    length = max(p.tokens.shape[1] for p in parts)
-    parts = [pad_tokens(p, length) for p in parts]
-    masks = [p.mask for p in parts]
-    known = [m for m in masks if m is not None]
-    mask = None
-    if known:
-        mask = torch.cat(
-            [
-                m if m is not None else known[0].new_ones(p.tokens.shape[:2])
-                for m, p in zip(masks, parts, strict=True)
-            ]
-        )
-    return Features(
-        torch.cat([p.embeds for p in parts]),
-        torch.cat([p.projected for p in parts]),
-        torch.cat([p.tokens for p in parts]),
-        mask,
-    )
 
 
 def _detach(features: Features) -> Features:

@@ -36,11 +36,11 @@ import torch.nn.functional as F
 
 from xmodal import losses
 from xmodal.data.reorder import reorderings
-from xmodal.models.model import CrossModalModel, Features
+from xmodal.models.model import CrossModalModel, Features, pad_tokens, select_rows
 from xmodal.processing import MultimodalProcessor
 from xmodal.train.batches import epoch_batches
 from xmodal.train.config import ITMStageSection
-from xmodal.train.objective import itm_reordered_loss, pad_tokens, select_rows
+from xmodal.train.objective import itm_reordered_loss
 from xmodal.train.optim import cosine_schedule, no_decay
 
 

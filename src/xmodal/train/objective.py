@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from xmodal import losses
 from xmodal.distributed import gather_no_grad, gather_rows, world
 from xmodal.models.fusion import PooledFusion
-from xmodal.models.model import CrossModalModel, Features
+from xmodal.models.model import CrossModalModel, Features, pad_tokens
 from xmodal.train.config import LossSection
 
 
@@ -279,31 +279,3 @@ def _gather_batch(
 def _absent(rows: int, device: torch.device) -> torch.Tensor:
     """A (rows, 0) stand-in for a field no enabled loss reads (so it is not gathered)."""
     return torch.zeros(rows, 0, device=device)
-
-
-def pad_tokens(features: Features, length: int) -> Features:
-    """``features`` with tokens (and mask) padded to ``length`` positions; padding is masked."""
-    extra = length - features.tokens.shape[1]
-    if extra <= 0:
-        return features
-    mask = features.mask
-    if mask is None:
-        tokens = features.tokens
-        mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
-    return Features(
-        features.embeds,
-        features.projected,
-        F.pad(features.tokens, (0, 0, 0, extra)),
-        F.pad(mask, (0, extra)),
-    )
-
-
-def select_rows(features: Features, rows: torch.Tensor) -> Features:
-    """The rows ``rows`` of every field, via ``index_select``: its backward sums repeated rows
-    in a fixed order on CPUs (indexing's backward uses racing atomic adds on large tensors)."""
-    return Features(
-        features.embeds.index_select(0, rows),
-        features.projected.index_select(0, rows),
-        features.tokens.index_select(0, rows),
-        None if features.mask is None else features.mask.index_select(0, rows),
-    )
