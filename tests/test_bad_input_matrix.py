@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from xmodal.cli import main  # noqa: E402
 from xmodal.errors import CaptionError, ImageLoadError  # noqa: E402
 
+LOCAL = "http://localhost"  # a Host name the server answers when bound to loopback
+
 
 def _encode(img: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
@@ -266,7 +268,8 @@ def _client(model: str):
         processor = MultimodalProcessor.from_pretrained(model)
         index = SearchIndex(root / "idx")
         app = create_app(Searcher(net, processor, index, identify(net, processor, model)))
-        _CLIENTS[model] = TestClient(app, raise_server_exceptions=False).__enter__()
+        client = TestClient(base_url=LOCAL, app=app, raise_server_exceptions=False)
+        _CLIENTS[model] = client.__enter__()
     return _CLIENTS[model]
 
 

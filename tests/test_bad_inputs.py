@@ -37,6 +37,8 @@ from xmodal.search import Searcher
 from xmodal.serve import ServeSettings, create_app
 from xmodal.train import load_train_config
 
+LOCAL = "http://localhost"  # a Host name the server answers when bound to loopback
+
 RED, BLUE = (220, 20, 20), (20, 20, 220)
 
 
@@ -85,7 +87,7 @@ EXPECTED: dict[str, str | None] = {
     "bomb-30000x30000.png": "too many pixels (decompression bomb?)",
     "header-20000x20000.png": "too many pixels (decompression bomb?)",
     "corrupt-lzw.tiff": "OSError: decoder error",
-    "unknown-pixel-format.dds": "NotImplementedError: Unknown pixel format",
+    "unknown-pixel-format.dds": "not a recognised image format (accepted: PNG, JPEG",
     "dangling-link.jpg": "file not found",
     "folder.jpg": "not a regular file",
 }
@@ -368,7 +370,7 @@ def client(tmp_path_factory, corpus, tiny_model: Path):
     processor = MultimodalProcessor.from_pretrained(tiny_model)
     index = SearchIndex(root / "idx")
     app = create_app(Searcher(model, processor, index, identify(model, processor, tiny_model)))
-    with TestClient(app, raise_server_exceptions=False) as test_client:
+    with TestClient(base_url=LOCAL, app=app, raise_server_exceptions=False) as test_client:
         yield test_client
 
 
@@ -409,7 +411,7 @@ def test_uploads_with_too_many_pixels_are_413_before_decoding(client, corpus) ->
         "image 'wide.png': 7000x6000 pixels exceeds the limit of 40000000 per image"
     )
     strict = ServeSettings(max_image_pixels=64 * 48 - 1)
-    with TestClient(create_app(client.app.state.searcher, strict)) as small:
+    with TestClient(base_url=LOCAL, app=create_app(client.app.state.searcher, strict)) as small:
         assert small.post("/embed", files=upload(corpus["plain.png"])).status_code == 413
         assert small.post("/embed", files=upload(corpus["one-pixel.png"])).status_code == 200
 

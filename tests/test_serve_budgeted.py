@@ -29,6 +29,8 @@ from xmodal.serve import ServeSettings, create_app
 from xmodal.serve import public as public_module
 from xmodal.serve.public import PublicNames
 
+LOCAL = "http://localhost"  # a Host name the server answers when bound to loopback
+
 IMAGES = 120  # enough rows for an IVF index (the budget refuses IVF below 78)
 BUDGET = "6K"  # 120 x 32-d: exact search needs 15K, IVF-SQ8 ~5.5K
 REFINE = 20
@@ -127,7 +129,7 @@ def test_serving_a_budgeted_index_without_per_item_lists(setup) -> None:
     searcher = setup["searcher"](index)
     query = "photo number 7"
     vector = searcher.embed_texts([query])[0]
-    with TestClient(create_app(searcher)) as client:
+    with TestClient(base_url=LOCAL, app=create_app(searcher)) as client:
         health = client.get("/health").json()
         assert (health["kind"], health["count"], health["refinable"]) == ("ivf-sq8", IMAGES, True)
         # at the index's own settings: the library's answer, under public names
@@ -159,7 +161,7 @@ def test_serving_a_budgeted_index_without_per_item_lists(setup) -> None:
 def test_a_budgeted_caption_index_shows_relative_image_ids(setup) -> None:
     index = SearchIndex(setup["root"] / "texts")
     searcher = setup["searcher"](index)
-    with TestClient(create_app(searcher)) as client:
+    with TestClient(base_url=LOCAL, app=create_app(searcher)) as client:
         upload = {"image": ("q.png", (setup["root"] / "data/pics/img4.png").read_bytes())}
         body = client.post("/search", files=upload, data={"k": "5", "refine": "0"}).json()
     assert len(body["results"]) == 5
@@ -242,7 +244,7 @@ def test_refine_per_request_over_http(setup) -> None:
     root = setup["root"]
     index = SearchIndex(root / "images")
     settings = ServeSettings(max_refine=50)
-    with TestClient(create_app(setup["searcher"](index), settings)) as client:
+    with TestClient(base_url=LOCAL, app=create_app(setup["searcher"](index), settings)) as client:
 
         def search(**fields):
             return client.post("/search", json={"text": "photo number 3", **fields})
@@ -270,7 +272,7 @@ def test_refine_per_request_over_http(setup) -> None:
         assert "refine" in json.dumps(client.get("/openapi.json").json()["paths"]["/search"])
 
     plain = SearchIndex(root / "plain")
-    with TestClient(create_app(setup["searcher"](plain))) as client:
+    with TestClient(base_url=LOCAL, app=create_app(setup["searcher"](plain))) as client:
         assert client.get("/health").json()["refinable"] is False
         refused = client.post("/search", json={"text": "photo", "refine": 10})
         assert refused.status_code == 422

@@ -20,6 +20,8 @@ from xmodal.search import Searcher
 from xmodal.serve import ServeSettings, create_app
 from xmodal.serve.public import PublicNames
 
+LOCAL = "http://localhost"  # a Host name the server answers when bound to loopback
+
 
 def write_rows(data: Path) -> Path:
     """rows.jsonl beside a pics/ folder, without image ids: each image's id is its path."""
@@ -76,7 +78,7 @@ def every_response(client: TestClient, image: Path) -> dict[str, str]:
 @pytest.mark.parametrize("index", ["images", "texts"])
 def test_no_server_path_in_any_response_by_default(setup, index) -> None:
     root = setup["root"]
-    with TestClient(create_app(setup["searcher"](index))) as client:
+    with TestClient(base_url=LOCAL, app=create_app(setup["searcher"](index))) as client:
         texts = every_response(client, root / "data" / "pics" / "img3.png")
         hits = client.post("/search", json={"text": "photo 3", "k": 10}).json()["results"]
         for hit in hits[:3]:
@@ -100,7 +102,8 @@ def test_no_server_path_in_any_response_by_default(setup, index) -> None:
 def test_expose_sources_shows_the_stored_locations(setup) -> None:
     root = setup["root"]
     settings = ServeSettings(expose_sources=True)
-    with TestClient(create_app(setup["searcher"]("images"), settings)) as client:
+    app = create_app(setup["searcher"]("images"), settings)
+    with TestClient(base_url=LOCAL, app=app) as client:
         hits = client.post("/search", json={"text": "photo 3", "k": 10}).json()["results"]
         expected = {str((root / "data" / "pics" / f"img{i}.png").resolve()) for i in range(10)}
         assert {h["id"] for h in hits} == expected and {h["source"] for h in hits} == expected
@@ -148,7 +151,8 @@ def test_images_outside_the_dataset_folder_are_named_without_climbing(setup, tmp
     names = {f"img{i}.png" for i in range(10)}
     for modality in ("images", "texts"):
         index = SearchIndex(tmp_path / modality)
-        with TestClient(create_app(Searcher(searcher.model, searcher.processor, index))) as client:
+        app = create_app(Searcher(searcher.model, searcher.processor, index))
+        with TestClient(base_url=LOCAL, app=app) as client:
             hits = client.post("/search", json={"text": "photo 3", "k": 10}).json()["results"]
             field = "id" if modality == "images" else "image_id"
             assert {h[field] for h in hits} == names
@@ -171,7 +175,7 @@ def test_deleted_or_damaged_indexed_images_answer_without_paths(setup, tmp_path)
     searcher = setup["searcher"]("images")
     index = SearchIndex(tmp_path / "idx")
     searcher = Searcher(searcher.model, searcher.processor, index, rerank_weight=1.0)
-    with TestClient(create_app(searcher)) as client:
+    with TestClient(base_url=LOCAL, app=create_app(searcher)) as client:
         gone = client.get("/images/pics%2Fimg1.png")
         assert gone.status_code == 404
         assert gone.json()["detail"] == (

@@ -74,3 +74,28 @@ class MissingDependencyError(XmodalError, ImportError):
 class OutputError(XmodalError, OSError):
     """An output file or folder cannot be written (no permission, a full disk, a file where a
     folder should be); the message names the path."""
+
+
+class IndexDamagedError(IndexBuildError):
+    """An index file changed on disk while the index was open (truncated, replaced or
+    deleted): searching it could read past the end of a memory-mapped file. ``public`` says
+    what happened naming files by their name only (a service may show it)."""
+
+    def __init__(self, message: str, public: str):
+        super().__init__(message)
+        self.public = public
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.public))
+
+
+class LimitError(InputError):
+    """A request asks for more work than a configured limit allows; the message names it."""
+
+
+class DeadlineError(XmodalError, TimeoutError):
+    """Work stopped because it ran past its deadline."""
+
+
+class CancelledWorkError(XmodalError):
+    """Work stopped because whoever asked for it went away (a client that disconnected)."""

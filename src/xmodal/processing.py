@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 import unicodedata
 import warnings
 from collections.abc import Sequence
@@ -33,6 +34,39 @@ from xmodal.config import (
 from xmodal.errors import CaptionError, ImageLoadError, InputError, MissingFileError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# The only formats xmodal decodes, anywhere (Pillow's names; MPO is the multi-picture JPEG that
+# phones write). Every other format Pillow knows is refused before a decoder runs: EPS would
+# start Ghostscript, and rarely used decoders are where parser bugs live.
+RASTER_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")
+ACCEPTED_FORMATS = "PNG, JPEG, WebP, GIF, BMP or TIFF"
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+    """The bytes of a regular file. A FIFO, a device or a folder is refused without blocking
+    on it (``OSError``); ``max_bytes`` refuses a larger file before reading it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{os.fspath(path)} is not a regular file")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise OSError(f"{os.fspath(path)} is {info.st_size} bytes, over {max_bytes}")
+        os.set_blocking(fd, True)
+        return handle.read()
+
+
+def open_raster(data: bytes) -> Image.Image:
+    """Pillow's lazy open of encoded bytes, restricted to :data:`RASTER_FORMATS`
+    (``UnidentifiedImageError`` for anything else)."""
+    return Image.open(io.BytesIO(data), formats=_registered_formats())
+
+
+def _registered_formats() -> tuple[str, ...]:
+    """:data:`RASTER_FORMATS` that this Pillow opens by name (some versions open MPO through
+    the JPEG plugin only)."""
+    if not all(name in Image.OPEN for name in ("PNG", "JPEG", "WEBP", "TIFF")):
+        Image.init()  # registers the plugins Pillow does not load up front (WebP, TIFF)
+    return tuple(name for name in RASTER_FORMATS if name in Image.OPEN)
 
 
 @runtime_checkable
@@ -95,7 +129,10 @@ def _open(image: Any, source: str) -> Image.Image:
             raise ImageLoadError(source, "file not found")
         if not path.is_file():
             raise ImageLoadError(source, "not a regular file")
-        data = path.read_bytes()
+        try:
+            data = read_regular_file(path)
+        except OSError as exc:
+            raise ImageLoadError(source, f"cannot be read ({type(exc).__name__})") from exc
     elif isinstance(image, bytes):
         data = image
     elif isinstance(image, ByteSource):
@@ -107,9 +144,11 @@ def _open(image: Any, source: str) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            return Image.open(io.BytesIO(data))
+            return open_raster(data)
         except UnidentifiedImageError as exc:
-            raise ImageLoadError(source, "not a recognised image format") from exc
+            raise ImageLoadError(
+                source, f"not a recognised image format (accepted: {ACCEPTED_FORMATS})"
+            ) from exc
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
             raise ImageLoadError(source, f"too many pixels (decompression bomb?): {exc}") from exc
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import platform
 import re
+import time
 from pathlib import Path
 
 import torch
 
 from xmodal.config import ConfigError, Precision, check_choice
+from xmodal.errors import CancelledWorkError, DeadlineError
 
 
 def check_device_name(name: str, key: str = "device") -> None:
@@ -86,3 +89,40 @@ def reuse_freed_memory() -> bool:
     if libc is None:
         return False
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED))
+
+
+class Deadline:
+    """A cooperative stop signal for work done on someone's behalf (a service request).
+
+    Long work calls :meth:`check` between its steps (an image decoded, a model call, a chunk
+    of re-ranking): past ``seconds`` it raises :class:`DeadlineError`, after :meth:`cancel`
+    :class:`CancelledWorkError`. Thread-safe: the event loop cancels, a worker thread checks.
+    """
+
+    def __init__(self, seconds: float | None = None):
+        self.seconds = seconds
+        self.expires = None if seconds is None else time.monotonic() + seconds
+        self._cancelled: str | None = None
+
+    def remaining(self) -> float:
+        """Seconds left (``inf`` without a deadline, 0 once passed)."""
+        if self.expires is None:
+            return math.inf
+        return max(0.0, self.expires - time.monotonic())
+
+    def cancel(self, reason: str) -> None:
+        self._cancelled = reason
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled is not None
+
+    def check(self) -> None:
+        """Raise when the work should stop."""
+        if self._cancelled is not None:
+            raise CancelledWorkError(f"work cancelled: {self._cancelled}")
+        if self.expires is not None and time.monotonic() > self.expires:
+            raise DeadlineError(f"the work took longer than its deadline of {self.seconds:g} s")
+
+
+NO_DEADLINE = Deadline()

@@ -22,7 +22,10 @@ from xmodal.evaluate.rerank import RerankWeight, resolve_rerank_weight
 from xmodal.index import SearchIndex, ShardedIndex, open_index
 from xmodal.models.identity import ModelIdentity, check_compatible, identify
 from xmodal.models.model import CrossModalModel, Features
-from xmodal.processing import ImageInput, MultimodalProcessor
+from xmodal.processing import ImageInput, MultimodalProcessor, read_regular_file
+from xmodal.runtime import NO_DEADLINE, Deadline
+
+RERANK_CHUNK = 8  # re-ranked candidates per model call: the deadline is checked between chunks
 
 
 class IndexedImageError(IndexBuildError):
@@ -46,10 +49,38 @@ class IndexedImageError(IndexBuildError):
         )
 
 
+class FairLock:
+    """A lock granted in arrival order: a thread that releases it and asks again queues
+    behind those already waiting (``threading.Lock`` lets it cut in), so short model calls
+    are never starved by a long run of chunks."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> FairLock:
+        with self._condition:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while ticket != self._serving:
+                self._condition.wait()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        with self._condition:
+            self._serving += 1
+            self._condition.notify_all()
+
+
 class Searcher:
-    """A model, its processor and an index that belong together; model calls are serialised.
+    """A model, its processor and an index that belong together; model calls are serialised
+    (in arrival order).
 
     ``rerank_weight`` overrides the model's calibrated re-rank weight (None: use the model's).
+    Every method takes an optional ``work`` :class:`~xmodal.runtime.Deadline`, checked between
+    steps (each image decoded, each model call, each chunk of re-ranking), so that a service
+    can stop work past its deadline or for a client that went away.
     """
 
     def __init__(
@@ -73,7 +104,7 @@ class Searcher:
         self.model = model.eval()
         self.processor = processor
         self.index = index
-        self.lock = threading.Lock()
+        self.lock = FairLock()
         self.rerank: RerankWeight = resolve_rerank_weight(
             model.config.fusion.rerank_weight, rerank_weight
         )
@@ -85,38 +116,57 @@ class Searcher:
         return self.rerank.note
 
     # -- features -------------------------------------------------------------------------------
-    def text_features(self, texts: list[str]) -> Features:
+    def text_features(self, texts: list[str], work: Deadline = NO_DEADLINE) -> Features:
+        work.check()
         with self.lock, torch.inference_mode():  # fast tokenizers are not thread-safe
+            work.check()
             batch = self.processor.process_text(texts)
             return self.model.text_features(batch["input_ids"], batch["attention_mask"])
 
-    def image_features(self, images: list[ImageInput]) -> Features:
-        pixels = self.processor.process_images(images)  # decoding needs no lock
+    def image_features(self, images: list[ImageInput], work: Deadline = NO_DEADLINE) -> Features:
+        if not images:
+            self.processor.process_images(images)  # InputError: no images given
+        crops = []
+        for image in images:  # decoding needs no lock
+            work.check()
+            crops.append(self.processor.process_image(image))
+        work.check()
         with self.lock, torch.inference_mode():
-            return self.model.image_features(pixels)
+            work.check()
+            return self.model.image_features(torch.stack(crops))
 
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
+    def embed_texts(self, texts: list[str], work: Deadline = NO_DEADLINE) -> np.ndarray:
         """(N, D) float32 L2-normalised caption embeddings."""
-        return self.text_features(texts).embeds.float().numpy()
+        return self.text_features(texts, work).embeds.float().numpy()
 
-    def embed_images(self, images: list[ImageInput]) -> np.ndarray:
+    def embed_images(self, images: list[ImageInput], work: Deadline = NO_DEADLINE) -> np.ndarray:
         """(N, D) float32 L2-normalised image embeddings; a bad image raises ImageLoadError."""
-        return self.image_features(images).embeds.float().numpy()
+        return self.image_features(images, work).embeds.float().numpy()
 
     # -- search ---------------------------------------------------------------------------------
     def search_text(
-        self, text: str, k: int = 10, rerank: bool = False, **params: Any
+        self,
+        text: str,
+        k: int = 10,
+        rerank: bool = False,
+        work: Deadline = NO_DEADLINE,
+        **params: Any,
     ) -> list[dict[str, Any]]:
         """Top-k index entries for a caption, as result dicts (best first)."""
         self._check_rerank(rerank, text_query=True)
-        return self._search(self.text_features([text]), k, rerank, True, params)
+        return self._search(self.text_features([text], work), k, rerank, True, params, work)
 
     def search_image(
-        self, image: ImageInput, k: int = 10, rerank: bool = False, **params: Any
+        self,
+        image: ImageInput,
+        k: int = 10,
+        rerank: bool = False,
+        work: Deadline = NO_DEADLINE,
+        **params: Any,
     ) -> list[dict[str, Any]]:
         """Top-k index entries for an image, as result dicts (best first)."""
         self._check_rerank(rerank, text_query=False)
-        return self._search(self.image_features([image]), k, rerank, False, params)
+        return self._search(self.image_features([image], work), k, rerank, False, params, work)
 
     def _check_rerank(self, rerank: bool, text_query: bool) -> None:
         if rerank:
@@ -129,8 +179,15 @@ class Searcher:
             )
 
     def _search(
-        self, query: Features, k: int, rerank: bool, text_query: bool, params: dict[str, Any]
+        self,
+        query: Features,
+        k: int,
+        rerank: bool,
+        text_query: bool,
+        params: dict[str, Any],
+        work: Deadline = NO_DEADLINE,
     ) -> list[dict[str, Any]]:
+        work.check()
         found = self.index.search(
             query.embeds.numpy(),
             k,
@@ -140,7 +197,7 @@ class Searcher:
         )[0]
         results = [self._result(position, score) for position, score in found]
         if rerank and found and self.rerank.active:
-            itm = self._itm_scores(query, [position for position, _ in found], text_query)
+            itm = self._itm_scores(query, [position for position, _ in found], text_query, work)
             weight = self.rerank.weight
             for result, score in zip(results, itm, strict=True):
                 result["itm_score"] = score
@@ -162,17 +219,33 @@ class Searcher:
             result["image_id"] = self.index.image_ids[position]
         return result
 
-    def _itm_scores(self, query: Features, positions: list[int], text_query: bool) -> list[float]:
-        """ITM score of the query paired with each indexed item (images loaded from disk)."""
-        repeat = torch.zeros(len(positions), dtype=torch.long)
-        if text_query:
-            image = self.image_features([self.indexed_image(p) for p in positions])
-            text = query.index(repeat)
-        else:
-            image = query.index(repeat)
-            text = self.text_features([self.index.sources[p] for p in positions])
-        with self.lock, torch.inference_mode():
-            return self.model.itm_score(image, text).float().tolist()
+    def _itm_scores(
+        self,
+        query: Features,
+        positions: list[int],
+        text_query: bool,
+        work: Deadline = NO_DEADLINE,
+    ) -> list[float]:
+        """ITM score of the query paired with each indexed item (images loaded from disk), a
+        chunk of :data:`RERANK_CHUNK` candidates per model call."""
+        scores: list[float] = []
+        for start in range(0, len(positions), RERANK_CHUNK):
+            chunk = positions[start : start + RERANK_CHUNK]
+            repeat = torch.zeros(len(chunk), dtype=torch.long)
+            if text_query:
+                images = []
+                for position in chunk:
+                    work.check()
+                    images.append(self.indexed_image(position))
+                image = self.image_features(images, work)
+                text = query.index(repeat)
+            else:
+                image = query.index(repeat)
+                text = self.text_features([self.index.sources[p] for p in chunk], work)
+            with self.lock, torch.inference_mode():
+                work.check()
+                scores += self.model.itm_score(image, text).float().tolist()
+        return scores
 
     def indexed_image_bytes(self, position: int) -> bytes:
         """The encoded bytes of the indexed image at ``position``, checked to decode as it did
@@ -182,6 +255,10 @@ class Searcher:
     def indexed_image(self, position: int) -> Image.Image:
         """The indexed image at ``position``, decoded (IndexedImageError when it cannot be)."""
         return self._read_indexed(position)[1]
+
+    def read_indexed(self, position: int) -> tuple[bytes, Image.Image]:
+        """The indexed image at ``position``: its encoded bytes and the decoded image."""
+        return self._read_indexed(position)
 
     def _read_indexed(self, position: int) -> tuple[bytes, Image.Image]:
         location = self.index.locations[position]
@@ -193,7 +270,7 @@ class Searcher:
         if ref is None:
             raise fail("has no stored location")
         try:
-            data = ref.read_bytes() if not isinstance(ref, str) else Path(ref).read_bytes()
+            data = ref.read_bytes() if not isinstance(ref, str) else read_regular_file(ref)
         except (FileNotFoundError, NotADirectoryError):
             raise fail("is gone (deleted or moved since indexing)", gone=True) from None
         except OSError as err:  # its text names the path: keep it out of the reason
@@ -203,11 +280,14 @@ class Searcher:
         except ImageLoadError as err:  # decoding bytes: the reason names no path
             raise fail(f"cannot be decoded any more: {err.reason}") from None
 
-    def match(self, image: ImageInput, caption: str) -> dict[str, float]:
+    def match(
+        self, image: ImageInput, caption: str, work: Deadline = NO_DEADLINE
+    ) -> dict[str, float]:
         """ITM score, match probability and embedding similarity of one (image, caption) pair."""
-        image_features = self.image_features([image])
-        text_features = self.text_features([caption])
+        image_features = self.image_features([image], work)
+        text_features = self.text_features([caption], work)
         with self.lock, torch.inference_mode():
+            work.check()
             logits = self.model.itm_logits(image_features, text_features)[0].float()
         similarity = float((image_features.embeds @ text_features.embeds.T)[0, 0])
         return {

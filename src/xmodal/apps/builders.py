@@ -34,6 +34,7 @@ from xmodal.apps.emoji_captions import (
 from xmodal.atomic import atomic_write_bytes, make_dir
 from xmodal.config import FashionMnistSplit
 from xmodal.errors import ConfigError, InputError, MissingDependencyError, MissingFileError
+from xmodal.processing import open_raster
 
 EMOJI_PACKAGE = "emoji-datasource-google@16.0.0"
 EMOJI_TARBALL = "emoji-datasource-google-16.0.0.tgz"
@@ -461,7 +462,7 @@ def _slice_by_name(records: list[dict], limit: int, seed: int) -> list[dict]:
 
 def _on_white(data: bytes, size: int) -> Image.Image:
     """Composite an RGBA PNG on white and resize to ``size`` if needed."""
-    with Image.open(io.BytesIO(data)) as img:
+    with open_raster(data) as img:
         rgba = img.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     rgb = Image.alpha_composite(white, rgba).convert("RGB")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import stat
 import tarfile
 import typing
 import warnings
@@ -30,6 +31,11 @@ FORMATS = typing.get_args(DatasetFormat)
 _RESERVED_COLUMNS = ("image", "caption", "image_id", "label")
 
 
+def _nonblocking(path: str, flags: int) -> int:
+    """An ``open`` opener that does not block on a FIFO (it is refused once open)."""
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
 @dataclass(frozen=True)
 class TarMember:
     """Lazy reference to one file inside a tar shard; ``read_bytes()`` seeks and reads it."""
@@ -41,7 +47,10 @@ class TarMember:
 
     def read_bytes(self) -> bytes:
         """Return the member's bytes (a seek and a read, no scan of the tar)."""
-        with open(self.tar_path, "rb") as fh:
+        with open(self.tar_path, "rb", opener=_nonblocking) as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise OSError(f"{self.tar_path} is not a regular file")
+            os.set_blocking(fh.fileno(), True)
             fh.seek(self.offset)
             data = fh.read(self.size)
         if len(data) != self.size:

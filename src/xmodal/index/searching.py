@@ -12,6 +12,7 @@ import numpy as np
 
 from xmodal.errors import IndexBuildError, InputError, MissingFileError
 from xmodal.index.description import INDEX_JSON, read_info
+from xmodal.index.integrity import FileWatch
 from xmodal.index.ondisk import READ_FLAGS, check_lists, file_digest, read_index
 from xmodal.index.store import IdsFile, open_vectors
 from xmodal.index.tuning import search_index
@@ -70,6 +71,9 @@ class SearchIndex:
         self.sources: Sequence[str] = self.ids_file.column("source")
         self.locations: Sequence[str | None] = self.ids_file.column("location")
         self.image_ids: Sequence[str | None] = self.ids_file.column("image_id")
+        mapped = ("lists_file", "vectors_file")
+        watched = [self.directory / info[key] for key in mapped if key in info]
+        self.files = FileWatch(self.directory.name, [*watched, self.ids_file.path])
         if not self.index.ntotal == len(self.ids) == info["count"]:
             raise IndexBuildError(
                 f"{self.directory}: index holds {self.index.ntotal} vectors, ids file "
@@ -108,6 +112,11 @@ class SearchIndex:
         """Whether it keeps the vectors that exact re-ranking (``refine``) reads."""
         return self.vectors is not None
 
+    def check_files(self) -> None:
+        """IndexDamagedError when a file this index reads lazily or maps has changed on disk
+        since it was opened (searching it could crash the process)."""
+        self.files.check()
+
     def search_parameters(
         self, nprobe: int | None = None, ef_search: int | None = None, k: int = RECALL_K
     ) -> faiss.SearchParameters | None:
@@ -134,6 +143,7 @@ class SearchIndex:
 
         ``refine``: re-rank a shortlist of that many candidates exactly (default: the
         index's own setting; 0 turns it off)."""
+        self.check_files()
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dim:
             raise InputError(f"query dimension {queries.shape[1]} != index dimension {self.dim}")

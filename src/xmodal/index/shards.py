@@ -129,6 +129,11 @@ class ShardedIndex:
         """Whether every part keeps the vectors that exact re-ranking (``refine``) reads."""
         return all(part.refinable for part in self.parts)
 
+    def check_files(self) -> None:
+        """IndexDamagedError when a file of any part has changed on disk since it was opened."""
+        for part in self.parts:
+            part.check_files()
+
     def search_arrays(
         self,
         queries: np.ndarray,

@@ -28,11 +28,9 @@ def serve(
 ) -> None:
     """Load the index (one folder, a sharded index or several folders searched as one) and the
     model, check they belong together, and serve until stopped."""
-    import uvicorn
-
     from xmodal.search import open_searcher
     from xmodal.serve.app import create_app
+    from xmodal.serve.server import run
 
     settings = settings or ServeSettings()
-    app = create_app(open_searcher(index_dir, model), settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    run(create_app(open_searcher(index_dir, model), settings), settings)

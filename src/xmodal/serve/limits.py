@@ -1,10 +1,10 @@
 """The limits that protect the server: the request body size (plain ASGI middleware: 413
 before or while the body arrives) and, per uploaded image, its size in bytes and in pixels
-(413, read from the image header before anything is decoded)."""
+(413, read from the image header before anything is decoded; a header check runs in a worker
+thread, never on the event loop: some headers take seconds to parse)."""
 
 from __future__ import annotations
 
-import io
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -12,6 +12,8 @@ from typing import Any
 
 from fastapi import HTTPException, UploadFile
 from PIL import Image
+
+from xmodal.processing import open_raster
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -90,8 +92,8 @@ class Upload:
         return f"uploaded file {self.filename}"
 
 
-async def read_uploads(files: list[UploadFile], max_bytes: int, max_pixels: int) -> list[Upload]:
-    """The uploaded images' bytes; 413 for one over ``max_bytes`` or ``max_pixels``."""
+async def read_uploads(files: list[UploadFile], max_bytes: int) -> list[Upload]:
+    """The uploaded images' bytes; 413 for one over ``max_bytes``. Nothing is parsed here."""
     images = []
     for upload in files:
         data = await upload.read(max_bytes + 1)
@@ -101,24 +103,29 @@ async def read_uploads(files: list[UploadFile], max_bytes: int, max_pixels: int)
                 status_code=413,
                 detail=f"image {filename!r} exceeds the upload limit of {max_bytes} bytes",
             )
-        check_pixels(filename, data, max_pixels)
         images.append(Upload(filename, data))
     return images
 
 
-def check_pixels(filename: str, data: bytes, limit: int) -> None:
-    """413 when the image header announces more than ``limit`` pixels (read from the header
-    only); undecodable data is left to the decoder, which reports it."""
+def uploads_pixels(uploads: list[Upload], max_pixels: int) -> int:
+    """All the uploads' pixels together, read from their headers (slow for some files: call
+    it in a worker thread); 413 for an image over ``max_pixels``."""
+    return sum(check_pixels(upload.filename, upload.data, max_pixels) for upload in uploads)
+
+
+def check_pixels(filename: str, data: bytes, limit: int) -> int:
+    """The pixels the image header announces; 413 when more than ``limit`` (read from the
+    header only). Undecodable data counts 0 and is left to the decoder, which reports it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            width, height = Image.open(io.BytesIO(data)).size
+            width, height = open_raster(data).size
     except Image.DecompressionBombError as err:
         reason = f"too many pixels (decompression bomb?): {err}"
     except Exception:  # noqa: BLE001 - not an image Pillow can even open: the decoder says why
-        return
+        return 0
     else:
         if width * height <= limit:
-            return
+            return width * height
         reason = f"{width}x{height} pixels exceeds the limit of {limit} per image"
     raise HTTPException(status_code=413, detail=f"image {filename!r}: {reason}")

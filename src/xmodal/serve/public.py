@@ -33,6 +33,7 @@ from xmodal.atomic import atomic_path, atomic_write_text
 from xmodal.errors import OutputError
 from xmodal.extract.writer import load_manifest
 from xmodal.index import SearchIndex, ShardedIndex, read_info
+from xmodal.index.integrity import FileWatch
 from xmodal.index.store import ID_ROW_GROUP
 
 CACHE_MIN_ITEMS = 100_000  # smaller indexes build their table at each start (well under 1 s)
@@ -95,8 +96,12 @@ class PublicNames:
         folder = cache_folder(index) if self.count >= cache_min_items else None
         key = self._table_key()
         saved = load_table(folder, self._mode, key, self.count) if folder else None
+        # the saved table is memory-mapped: checked before each lookup, like the index files
+        self.table_watch: FileWatch | None = None
         if saved is not None:
             self.fallback, table = saved
+            table_path = _table_files(folder, self._mode, key)[0]
+            self.table_watch = FileWatch(Path(index.directory).name, [table_path])
         else:
             if not expose:
                 self.fallback = self._scan_fallback()
@@ -133,6 +138,8 @@ class PublicNames:
     def position(self, public_id: str) -> int | None:
         """The first index position of the entry shown as ``public_id`` (None when there is
         none): hash candidates from the table, each checked against the id at its position."""
+        if self.table_watch is not None:
+            self.table_watch.check()
         key = np.uint64(id_hash(public_id))
         low = int(np.searchsorted(self.hashes, key, "left"))
         high = int(np.searchsorted(self.hashes, key, "right"))

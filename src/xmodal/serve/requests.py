@@ -25,7 +25,9 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+from starlette.requests import ClientDisconnect
 
+from xmodal.errors import CancelledWorkError
 from xmodal.processing import caption_problem
 from xmodal.serve.settings import ServeSettings
 
@@ -169,6 +171,8 @@ def body(
             return model.model_validate(_form_values(form, model))
         except ValidationError as err:
             raise HTTPException(status_code=422, detail=describe(err, model)) from None
+        except ClientDisconnect:  # one log line (the handler's), not a traceback
+            raise CancelledWorkError("the client went away while sending its request") from None
 
     return parse
 
