@@ -9,6 +9,7 @@ raised by the caller's own code inside the ``with`` block pass through unchanged
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -32,6 +33,28 @@ def _reason(err: OSError) -> str:
     return err.strerror or str(err)
 
 
+# A full disk, a full quota, a file past the file system's size limit, a read-only file system
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+_SPACE_WORDS = ("no space left", "disk quota exceeded", "file too large", "read-only file system")
+
+
+def is_out_of_space(err: BaseException) -> bool:
+    """Whether ``err`` (an OSError, or a library's error that wraps one in its text, as
+    pyarrow's, FAISS's and safetensors' do) says the output cannot take more bytes."""
+    if isinstance(err, OSError) and err.errno in SPACE_ERRNOS:
+        return True
+    text = str(err).lower()
+    return any(word in text for word in _SPACE_WORDS)
+
+
+def space_reason(err: BaseException) -> str:
+    """The few words of an out-of-space error (no traceback, no library prefix)."""
+    if isinstance(err, OSError) and err.errno in SPACE_ERRNOS:
+        return os.strerror(err.errno)
+    text = str(err).lower()
+    return next((w for w in _SPACE_WORDS if w in text), "no space left").capitalize()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
@@ -44,7 +67,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as err:  # the caller's write into tmp met a full disk
+            if is_out_of_space(err) and not isinstance(err, OutputError):
+                raise OutputError(f"cannot write {path}: {space_reason(err)}") from err
+            raise
         try:
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -80,7 +108,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except OSError as err:
         raise OutputError(f"cannot write {path}: {_reason(err)}") from err
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as err:
+            if is_out_of_space(err) and not isinstance(err, OutputError):
+                raise OutputError(f"cannot write {path}: {space_reason(err)}") from err
+            raise
         _replace_dir(tmp, path)
     finally:
         if tmp.exists():

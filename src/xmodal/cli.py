@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from xmodal.atomic import is_out_of_space, space_reason
 from xmodal.commands import (
     data,
     demo,
@@ -62,6 +63,18 @@ def _guarded(command: str, run, args: argparse.Namespace) -> int:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         print(f"xmodal {command}: error: {'; '.join(lines)}", file=sys.stderr)
         return 2
+    except Exception as err:  # a write outside the atomic helpers met a full disk
+        if not is_out_of_space(err):
+            raise
+        output = getattr(err, "filename", None) or _output_of(args) or "the output"
+        print(f"xmodal {command}: error: cannot write {output}: {space_reason(err)}; free "
+              "space and run the same command again (finished parts are kept)", file=sys.stderr)
+        return 2
+
+
+def _output_of(args: argparse.Namespace) -> str | None:
+    """The output the command line names (``--out`` or ``--out-dir``), if any."""
+    return getattr(args, "out", None) or getattr(args, "out_dir", None)
 
 
 if __name__ == "__main__":

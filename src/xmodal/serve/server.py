@@ -81,8 +81,9 @@ class TimedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def run(app: Any, settings: ServeSettings) -> None:
-    """Serve ``app`` until stopped, with the settings' timeouts and connection limit."""
+def build_server(app: Any, settings: ServeSettings) -> Any:
+    """A ``uvicorn.Server`` for ``app`` with the settings' timeouts and connection limit; the
+    service's own log lines (warnings, timeouts, clients gone) go where uvicorn's go."""
     import uvicorn
 
     protocol = partial(
@@ -100,10 +101,16 @@ def run(app: Any, settings: ServeSettings) -> None:
         limit_concurrency=settings.max_connections,
         server_header=False,
     )
-    # the service's own lines (warnings, timeouts, clients gone) go where uvicorn's go
     server_log = logging.getLogger("uvicorn.error")
-    log.handlers, log.propagate = list(server_log.handlers), False
-    log.setLevel(server_log.level)
+    if server_log.handlers:
+        log.handlers, log.propagate = list(server_log.handlers), False
+        log.setLevel(server_log.level)
+    return uvicorn.Server(config)
+
+
+def run(app: Any, settings: ServeSettings) -> None:
+    """Serve ``app`` until stopped, after warning about an exposed server."""
+    server = build_server(app, settings)
     for warning in exposure_warnings(settings):
         log.warning(warning)
-    uvicorn.Server(config).run()
+    server.run()
