@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from xmodal.config import ImageTowerConfig
 from xmodal.errors import ConfigError
-from xmodal.models.image import EfficientNetLiteTower, standardised
+from xmodal.models.image import EfficientNetLiteTower, grid_mean, standardised
 from xmodal.models.inference import inference_copy
 from xmodal.train.config import ModelSection
 
@@ -96,3 +97,58 @@ def test_training_option_widens_the_fusion_and_saves(tmp_path, make_processor) -
     saved = CrossModalModel.from_pretrained(result.model_dir)
     assert saved.config.image.token_levels == 3
     assert saved.image_tower.token_dim == 1792
+
+
+@pytest.mark.parametrize(
+    ("size", "grid"),
+    [
+        ((56, 56), (7, 7)),
+        ((14, 14), (7, 7)),
+        ((7, 7), (7, 7)),
+        ((25, 13), (4, 4)),
+        ((5, 6), (7, 3)),
+    ],
+)
+def test_grid_mean_is_adaptive_average_pooling(size, grid) -> None:
+    """The export-friendly pooling of the token levels gives adaptive pooling's values: the
+    same bits where the grid divides the map (every EfficientNet stage at 64 or 224 px), float
+    rounding elsewhere; channels_last (the inference copy) too."""
+    hidden = torch.randn(2, 8, *size)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        batch = hidden.contiguous(memory_format=layout)
+        expected = F.adaptive_avg_pool2d(batch, grid)
+        got = grid_mean(batch, *grid)
+        if size[0] % grid[0] == 0 and size[1] % grid[1] == 0:
+            assert torch.equal(got, expected)
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_token_levels_export_to_onnx_at_an_uneven_grid(tmp_path, make_processor) -> None:
+    """At 100 px the grid is 3 x 3 and the first stages' maps (50 and 25 px) do not divide into
+    it: the exported tower still gives torch's tokens and pooled vector."""
+    pytest.importorskip("onnxruntime")
+    from conftest import TINY_BERT
+
+    from xmodal.config import ModelConfig, TextTowerConfig
+    from xmodal.export.onnx import export_onnx
+    from xmodal.export.ort import OnnxTowers
+    from xmodal.models import CrossModalModel
+
+    config = ModelConfig(
+        image=ImageTowerConfig(pretrained=False, pool_levels=7, token_levels=7),
+        text=TextTowerConfig(
+            name="tiny-bert", package=None, pretrained=False, hf_config=dict(TINY_BERT)
+        ),
+        embed_dim=32,
+    )
+    config.fusion.heads = 4
+    model = CrossModalModel(config).eval()
+    export_onnx(model, make_processor(image_size=100, resize_size=100), tmp_path)
+    pixels = torch.randn(3, 3, 100, 100)
+    with torch.inference_mode():
+        expected = model.image_tower(pixels)
+    got = OnnxTowers(tmp_path).image(pixels)
+    assert got.tokens.shape == expected.tokens.shape == (3, 9, model.image_tower.token_dim)
+    torch.testing.assert_close(got.tokens, expected.tokens, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.pooled, expected.pooled, rtol=1e-4, atol=1e-4)

@@ -66,6 +66,11 @@ class IndexBuildError(XmodalError, ValueError):
     """Shards or an index directory cannot be used as asked."""
 
 
+class ExportError(XmodalError, RuntimeError):
+    """A model's towers cannot be exported (to ONNX) or their export does not match PyTorch;
+    the message names the tower and the exporter's reason in one line."""
+
+
 class MissingDependencyError(XmodalError, ImportError):
     """A package a feature needs is not installed or cannot be obtained (an optional Python
     extra, a tower package, npm); the message says what to install."""

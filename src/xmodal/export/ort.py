@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from pathlib import Path
 
@@ -10,14 +9,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xmodal.errors import IncompatibleError, MissingDependencyError
-from xmodal.export.onnx import load_meta, sample_inputs, tower_hashes
+from xmodal.errors import ExportError, IncompatibleError, MissingDependencyError
+from xmodal.export.onnx import failure_reason, load_meta, sample_inputs, tower_hashes
 from xmodal.models.model import CrossModalModel
 from xmodal.models.towers import TowerOutput
 from xmodal.processing import MultimodalProcessor
 
 MIN_COSINE = 0.9999
-log = logging.getLogger(__name__)
 
 
 def _session(path: Path, threads: int | None):
@@ -143,10 +141,11 @@ def parity(
 
 def temporary_towers(
     model: CrossModalModel, processor: MultimodalProcessor, threads: int | None = None
-) -> OnnxTowers | None:
+) -> OnnxTowers:
     """Export the towers to a temporary folder and load them (the folder is removed with the
-    towers); None when the export fails or its embeddings differ from PyTorch's (cosine <
-    ``MIN_COSINE``)."""
+    towers). Raises :class:`ExportError`, its message one line saying why, when the export or
+    ONNX Runtime fails, or when the ONNX embeddings differ from PyTorch's (cosine <
+    ``MIN_COSINE``): the caller then runs the towers in torch."""
     from xmodal.export.onnx import export_onnx
 
     device = next(model.parameters()).device
@@ -156,14 +155,30 @@ def temporary_towers(
         export_onnx(model, processor, folder.name)
         towers = OnnxTowers(folder.name, threads)
         towers._folder = folder
-    except Exception as exc:  # noqa: BLE001 - any exporter failure means: use torch
-        log.warning("ONNX export failed (%s: %s)", type(exc).__name__, exc)
+        model.to(device)  # export_onnx ran it on the CPU
+        scores = parity(model, processor, towers)
+    except ExportError:
         folder.cleanup()
-        return None
+        raise
+    except ImportError as exc:  # torch.onnx needs the onnx package
+        folder.cleanup()
+        package = (exc.name or "onnx").split(".")[0]
+        raise ExportError(
+            f"exporting the towers needs the {package} package (pip install 'xmodal[onnx]')"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - any failure means: use torch, saying why
+        folder.cleanup()
+        raise ExportError(
+            f"ONNX Runtime cannot run the exported towers ({failure_reason(exc)})"
+        ) from exc
     finally:
         model.to(device)
-    scores = parity(model, processor, towers)
     if min(scores.values()) < MIN_COSINE:
-        log.warning("ONNX towers differ from PyTorch's (lowest cosine %s)", scores)
-        return None
+        del towers
+        folder.cleanup()
+        lowest = ", ".join(f"{name} {value:.6f}" for name, value in scores.items())
+        raise ExportError(
+            f"the ONNX towers' embeddings differ from PyTorch's (lowest cosine {lowest}; "
+            f"{MIN_COSINE} needed)"
+        )
     return towers

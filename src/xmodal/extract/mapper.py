@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmodal.config import Backend, ConfigError, Precision, check_choice
+from xmodal.errors import ExportError
 from xmodal.models.inference import has_conv, inference_copy
 from xmodal.models.model import CrossModalModel, Features
 from xmodal.models.towers import TowerOutput
@@ -34,6 +35,7 @@ PRECISIONS = typing.get_args(Precision)
 BACKENDS = typing.get_args(Backend)
 
 log = logging.getLogger(__name__)
+FALLBACK_LINE = "backend auto: the towers run in torch, not ONNX Runtime: %s"
 
 __all__ = [
     "BACKENDS",
@@ -91,12 +93,24 @@ class MapperOptions:
 
 def resolve_backend(options: MapperOptions, device: torch.device) -> str:
     """``torch`` or ``onnx`` for ``options.backend`` (see :class:`MapperOptions`)."""
+    return _resolve_backend(options, device)[0]
+
+
+def _resolve_backend(options: MapperOptions, device: torch.device) -> tuple[str, str | None]:
+    """The backend and, when ``auto`` would have taken ONNX Runtime but cannot, why not."""
     if options.backend != "auto":
-        return options.backend
+        return options.backend, None
     wants_torch = options.compile or options.precision in ("bf16", "fp16")
-    if device.type == "cpu" and not wants_torch and importlib.util.find_spec("onnxruntime"):
-        return "onnx"
-    return "torch"
+    if device.type != "cpu" or wants_torch:
+        return "torch", None
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "torch", "onnxruntime is not installed (pip install 'xmodal[onnx]')"
+    return "onnx", None
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks and runs of white space as single spaces."""
+    return " ".join(text.split())
 
 
 class Pending:
@@ -130,7 +144,11 @@ class DeviceTimer:
 class EmbeddingMapper:
     """Wraps a model for extraction; the model itself is left unchanged (its towers are copied
     or exported for speed, never rewritten in place). ``processor`` is needed only to export the
-    towers for the ``auto`` backend; without it ``auto`` means torch."""
+    towers for the ``auto`` backend; without it ``auto`` means torch.
+
+    ``backend`` is the backend in use; ``fallback`` says why ``auto`` runs torch where it would
+    have run ONNX Runtime (onnxruntime missing, an export that fails or differs from PyTorch),
+    None otherwise. Such a fallback is logged as one warning line."""
 
     def __init__(
         self, model: CrossModalModel, options: MapperOptions | None = None, processor=None
@@ -143,7 +161,7 @@ class EmbeddingMapper:
         self.model = model.eval().to(self.device)
         if self.device.type == "cpu" and options.reuse_memory:
             reuse_freed_memory()
-        self.backend = resolve_backend(options, self.device)
+        self.backend, self.fallback = _resolve_backend(options, self.device)
         self.onnx = None
         self.channels_last = False  # whether image batches should arrive channels_last
         if self.backend == "onnx":
@@ -151,6 +169,10 @@ class EmbeddingMapper:
         if self.onnx is not None:
             self.autocast = None  # ONNX Runtime runs the exported fp32 graphs
             return
+        if self.fallback:
+            log.warning(
+                "backend auto: the towers run in torch, not ONNX Runtime: %s", self.fallback
+            )
         self.backend = "torch"
         self.autocast = pick_autocast(options.precision, self.device)
         self.channels_last = has_conv(model.image_tower)
@@ -171,11 +193,13 @@ class EmbeddingMapper:
             towers.check(self.model)
             return towers
         if processor is None:
+            self.fallback = "no processor to trace the towers with"
             return None
-        towers = temporary_towers(self.model, processor, threads)
-        if towers is None:
-            log.warning("ONNX export of the towers failed its checks; extracting with torch")
-        return towers
+        try:
+            return temporary_towers(self.model, processor, threads)
+        except ExportError as err:
+            self.fallback = one_line(str(err))
+            return None
 
     @property
     def dim(self) -> int:

@@ -43,6 +43,30 @@ def multi_level_pooled(levels: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([pool_level(h) for h in levels], dim=1)
 
 
+def grid_mean(hidden: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, rows, cols): the mean of each cell's window, the windows of
+    ``F.adaptive_avg_pool2d`` (cell i spans [floor(i H / rows), ceil((i + 1) H / rows))), with
+    every size a constant so that the ONNX exporter takes it: an average pooling of fixed
+    kernel when the grid divides the map (EfficientNet's stages at 224 or 64 px), else two
+    constant averaging matrices."""
+    height, width = (int(size) for size in hidden.shape[-2:])
+    if height % rows == 0 and width % cols == 0:
+        kernel = (height // rows, width // cols)
+        return hidden if kernel == (1, 1) else F.avg_pool2d(hidden, kernel)
+    down = hidden.new_tensor(_window_means(height, rows))  # (rows, H)
+    across = hidden.new_tensor(_window_means(width, cols)).t()  # (W, cols)
+    return torch.matmul(torch.matmul(down, hidden), across)
+
+
+def _window_means(size: int, cells: int) -> list[list[float]]:
+    """The (cells, size) matrix that averages adaptive pooling's window of each cell."""
+    matrix = []
+    for i in range(cells):
+        start, end = (i * size) // cells, -(-(i + 1) * size // cells)
+        matrix.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(size)])
+    return matrix
+
+
 def check_pool_levels(levels: int, available: int, name: str, field: str = "pool_levels") -> None:
     """Refuse ``image.pool_levels`` (or ``field``) beyond the backbone's stage outputs (the
     final map included)."""
@@ -115,8 +139,8 @@ class EfficientNetLiteTower(nn.Module):
             return out
         # each earlier stage averaged down to the final grid, beside the final map's channels;
         # every level standardised per token (their scales differ several-fold)
-        grid = x.shape[-2:]
-        extra = [F.adaptive_avg_pool2d(maps[i], grid) for i in self.token_taps[::-1]]
+        rows, cols = (int(size) for size in x.shape[-2:])  # fixed in a traced (ONNX) graph
+        extra = [grid_mean(maps[i], rows, cols) for i in self.token_taps[::-1]]
         levels = [out.tokens, *(m.flatten(2).transpose(1, 2) for m in extra)]
         tokens = torch.cat([standardised(level) for level in levels], dim=-1)
         return TowerOutput(pooled=out.pooled, tokens=tokens)
