@@ -63,8 +63,8 @@ def cpu_has_bf16_hardware() -> bool:
 # -- reusing freed memory on glibc ----------------------------------------------------------------
 # glibc hands every allocation above its mmap threshold (at most 32 MiB) straight from the kernel
 # and gives it back on free, so each large activation tensor page-faults in zeroed memory on every
-# forward pass. For EfficientNet-Lite0 at 224 px (5 MB of activations per image) that made the
-# torch extraction path ~3x slower here and full-model training 1.5x slower (docs/performance.md).
+# forward pass. For EfficientNet-Lite0 at 224 px (5 MB of activations per image) that slows the
+# torch extraction path and full-model training markedly on CPUs (docs/performance.md).
 # Serving all allocations from the heap and keeping freed memory removes that cost; the process
 # then keeps its peak memory until it exits, which suits an extraction or training run.
 M_TRIM_THRESHOLD = -1

@@ -73,8 +73,8 @@ ARTISTS = {
         "EmojiOne free license (attribution; see the package's LICENSE.md)",
     ),
 }
-# The quickstart's choice (README, "fourth round"): no other artist trained on (EmojiOne's drawings
-# did not carry over to OpenMoji's and cost in-style R@1), both checked as unseen artists.
+# The quickstart trains on no other artist (EmojiOne's drawings did not carry over to OpenMoji's
+# and cost in-style R@1; docs/experiments.md) and checks both as unseen artists.
 QUICKSTART_ARTISTS: tuple[str, ...] = ()
 QUICKSTART_CHECK_ARTISTS: tuple[str, ...] = ("emojione", "openmoji")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
             )
     model, processor = load_model(args.model)
     if next(model.parameters()).device.type == "cpu":
-        # every tower pass (and each style of --style-shift) 1.6x faster on a 2-core CPU
+        # tower passes (and each style of --style-shift) reuse freed memory instead of
+        # page-faulting fresh pages on every batch; the process keeps its peak until it exits
         reuse_freed_memory()  # docs/performance.md: "Freed memory kept for reuse"
     kwargs = {"split": args.split} if args.split else {}
     dataset = load_dataset(args.data, args.format, skip_bad=args.skip_bad, **kwargs)

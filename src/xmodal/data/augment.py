@@ -83,7 +83,7 @@ class AugmentView:
     after a resume. View 0 is the image unchanged (what evaluation sees). The defaults are
     mild (no hue change, rare greyscale): emoji names carry colour, e.g. skin tones; a stronger
     setting (crops from 35%, jitter 0.4, hue 0.1, greyscale 0.2) measured worse in and out of
-    style (README, "Transfer and style shift").
+    style (docs/experiments.md).
     """
 
     seed: int

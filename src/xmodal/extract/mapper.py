@@ -5,9 +5,8 @@ into the convolutions, channels_last); captions come length-bucketed from the re
 runs in inference mode, and on a CPU freed memory is reused (:mod:`xmodal.runtime`).
 Options: a device (CUDA with bf16/fp16 autocast), ``torch.compile``, or the ONNX Runtime towers
 (the projections into the shared space stay in torch). ``auto`` picks ONNX Runtime on a CPU when
-it is installed (1.2x the torch fp32 image tower, 2.3x the text tower here, see
-docs/performance.md), exporting the
-towers once at start.
+it is installed (faster than the torch fp32 towers on CPUs; docs/performance.md has the
+figures), exporting the towers once at start.
 """
 
 from __future__ import annotations
@@ -333,8 +332,8 @@ def mapper_pairs(
     """Both towers on a batch of pairs (image i with caption i), then :func:`score_pairs`, on
     the mapper's backend (torch or ONNX Runtime towers) and device. The fusion and ITM head run
     under the precision's autocast also beside the (fp32) ONNX towers: with ``auto`` that is
-    bf16 on CPUs with bf16 hardware, where it halves the fusion's time (ITM probabilities within
-    0.002 of fp32, fused vectors at cosine >= 0.9999 here); ``fp32`` keeps everything fp32."""
+    bf16 on CPUs with bf16 hardware, where it speeds up the fusion at a small cost in precision
+    (ITM probabilities and fused vectors close to fp32's); ``fp32`` keeps everything fp32."""
     device = mapper.device
     dtype = mapper.autocast
     if mapper.onnx is not None:

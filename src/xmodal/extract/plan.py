@@ -2,19 +2,19 @@
 
 ``extract()`` times the first batch: its decoding on one core (seconds per image) and the model
 on it (seconds per image, with all the model's threads). From these, decoding needs the share
-``decode / (decode + model * cores)`` of the machine's core time. Measured on a 2-core machine
-(docs/performance.md):
+``decode / (decode + model * cores)`` of the machine's core time. Why the plans below
+(measurements in docs/performance.md):
 
 - A model on the CPU wants every core, and on few cores decoding is light next to it (an emoji
-  PNG ~0.6 ms against ~7 core-ms of model). Worker *processes* then cost more than they bring:
-  a batch of 64 decoded images crosses to the main process as 38 MB of shared memory, and a
-  third busy process on 2 cores stalls the model's thread pool. Decoding in *threads* of this
-  process (Pillow releases the GIL while it decodes and resizes) avoids both. When those
-  threads can use every core (cores <= ``THREAD_DECODE_CORES``), decoding and the model *take
-  turns*: each batch is decoded by one thread per core while the model waits, then the model
-  runs on all cores with nothing beside it. That costs ``m + d / cores`` per image, the cap
-  itself (:func:`best_share`), while a decode thread running beside the model's parallel ops
-  delays the op thread it displaces, and every other op thread waits for that one.
+  PNG decodes in a small fraction of the model's time). Worker *processes* then cost more than
+  they bring: a batch of 64 decoded images crosses to the main process as 38 MB of shared
+  memory, and a third busy process on 2 cores stalls the model's thread pool. Decoding in
+  *threads* of this process (Pillow releases the GIL while it decodes and resizes) avoids both.
+  When those threads can use every core (cores <= ``THREAD_DECODE_CORES``), decoding and the
+  model *take turns*: each batch is decoded by one thread per core while the model waits, then
+  the model runs on all cores with nothing beside it. That costs ``m + d / cores`` per image,
+  the cap itself (:func:`best_share`), while a decode thread running beside the model's parallel
+  ops delays the op thread it displaces, and every other op thread waits for that one.
 - When decoding needs more than the threads of one process can give (the GIL-held part of
   Pillow's Python code limits them to ~2 cores' worth), or the model runs on a GPU and the
   host only decodes, decoding goes to DataLoader worker processes: as many cores as it needs

@@ -83,8 +83,8 @@ def shard_table(
 def write_table_atomic(path: str | Path, table: pa.Table) -> None:
     """Write ``table`` to the Parquet file ``path`` atomically. Only string columns are
     dictionary-encoded: for vectors and scores, distinct floats, a dictionary only costs time
-    (measured: 3x the CPU time of writing a 512 x 256 float32 shard) and space (+50%) before
-    Parquet falls back to plain encoding."""
+    (a multiple of the plain write's CPU time) and space before Parquet falls back to plain
+    encoding."""
     strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
     with atomic_path(path) as tmp:
         pq.write_table(table, str(tmp), use_dictionary=strings)

@@ -39,7 +39,7 @@ FLAT_MAX = 50_000
 TARGET_RECALL = 0.95
 RECALL_K = 10
 TUNING_QUERIES = 500
-# Scanning inverted lists is ~10x slower per vector than exact BLAS search: when IVF needs
+# Scanning inverted lists costs far more per vector than exact BLAS search: when IVF needs
 # more than this fraction of its lists, "auto" keeps exact search.
 IVF_MAX_PROBE_FRACTION = 0.05
 HNSW_M = 32

@@ -204,7 +204,7 @@ class CrossAttentionFusion(nn.Module):
         The last layer runs for the first text token only, the one returned: the same values
         and gradients as running it for every token, at a fraction of the work."""
         image = self.image_in(image_tokens)
-        if self.grid_positions:  # a (T, dim) table of sines: < 1 ms, not worth caching
+        if self.grid_positions:  # a (T, dim) table of sines: cheap, not worth caching
             code = grid_position_code(image.shape[1], image.shape[2])
             image = image + code.to(device=image.device, dtype=image.dtype)
         text = self.text_in(text_tokens)

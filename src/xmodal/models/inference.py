@@ -112,8 +112,8 @@ def inference_copy(
     tower: nn.Module, channels_last: bool = True, widen_kernels: bool = True
 ) -> nn.Module:
     """A frozen copy of an image tower with the rewrites above (channels_last only for convs).
-    ``widen_kernels``: absorb asymmetric padding into wider kernels (measured on CPUs: 1.1x for
-    EfficientNet-Lite0; GPUs keep the padding, where that trade is unmeasured)."""
+    ``widen_kernels``: absorb asymmetric padding into wider kernels (faster on CPUs, see
+    docs/performance.md; GPUs keep the padding, where that trade is unmeasured)."""
     fast = copy.deepcopy(tower).eval().requires_grad_(False)
     fold_batch_norms(fast)
     absorb_static_padding(fast, asymmetric=widen_kernels)

@@ -128,11 +128,10 @@ class CrossModalModel(nn.Module):
         """:meth:`text_features` of a batch run as ``groups`` runs of similar length: the
         captions sorted by length, each run cut to its own longest caption. The same features
         to float rounding (tokens padded back to the batch's width), with far less padding to
-        compute: a batch padded to its longest caption is often half padding (emoji captions:
-        24 positions, 12.5 real tokens on average; the text tower's training step 1.44x
-        faster in 4 runs, docs/performance.md). Falls back to one run when the tower's output
-        depends on the padding (:attr:`HFTextTower.padding_free`), the padding is not on the
-        right, or the batch is too small to split."""
+        compute: a batch padded to its longest caption can be half padding when most captions
+        are short (docs/performance.md has the figures). Falls back to one run when the tower's
+        output depends on the padding (:attr:`HFTextTower.padding_free`), the padding is not on
+        the right, or the batch is too small to split."""
         splittable = groups > 1 and len(input_ids) >= 2 * groups
         if not splittable or not getattr(self.text_tower, "padding_free", False):
             return self.text_features(input_ids, attention_mask)

@@ -36,7 +36,7 @@ from xmodal.index import SearchIndex, ShardedIndex, read_info
 from xmodal.index.integrity import FileWatch
 from xmodal.index.store import ID_ROW_GROUP
 
-CACHE_MIN_ITEMS = 100_000  # smaller indexes build their table at each start (well under 1 s)
+CACHE_MIN_ITEMS = 100_000  # smaller indexes build their table at each start (a quick pass)
 TABLE_FORMAT = "xmodal.serve-names/1"
 TABLE_PREFIX = "serve-names"
 log = logging.getLogger(__name__)

@@ -51,7 +51,7 @@ class ServeSettings:
     )
     # -- work per request ----------------------------------------------------------------------
     max_upload_bytes: int = _setting(10 * 1024 * 1024, "largest image upload; larger -> 413")
-    # a 300 kB PNG can hold 89 M pixels: 1.5 s and 650 MB to decode
+    # a 300 kB PNG can declare 89 M pixels: far more time and memory to decode than its size
     max_image_pixels: int = _setting(
         40_000_000, "most pixels per uploaded image, read from its header; more -> 413"
     )

@@ -300,7 +300,7 @@ class ITMStageSection:
         image against its caption and a reordering of it) and its image side (a caption
         against its image and the image of a training caption that reorders it).
     views: how many of the run's cached image views the stage reads (1: view 0 only, the
-        images as evaluation sees them; measured better for the order terms, README).
+        images as evaluation sees them; better for the order terms, docs/experiments.md).
     reordered_batch: rows the order terms read each step, drawn from the captions that have a
         reordering (0: the listed captions of the step's batch). Such captions are often a
         small share of a dataset (6% of the emoji names); drawn apart, they train every step.
