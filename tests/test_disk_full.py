@@ -22,6 +22,8 @@ from conftest import write_colour_dataset
 from test_extract import make_image_folder, read_all, save_tiny_model, tiny_processor
 from test_index import random_vectors, write_fake_shards
 
+from xmodal.pairs import score_pairs
+
 from xmodal.atomic import atomic_path, is_out_of_space
 from xmodal.cli import main
 from xmodal.errors import OutputError
@@ -46,6 +48,12 @@ class SmallDisk:
 
         self.monkeypatch.setattr(pq, "write_table", full)
         self.monkeypatch.setattr("xmodal.atomic.os.replace", full)
+
+    def fill(self, leave: int = 1024) -> None:
+        """Take all but ``leave`` bytes of the space left (a tmpfs only)."""
+        if self.mounted:
+            free = os.statvfs(self.path).f_bavail * os.statvfs(self.path).f_frsize
+            (self.path / "filler").write_bytes(b"\0" * max(0, free - leave))
 
     def grow(self) -> None:
         if self.mounted:
@@ -166,3 +174,20 @@ def test_train_on_a_full_disk_then_resumed(
     small_disk.grow()
     assert main(["train", "--config", str(path), "--out-dir", str(out), "--resume"]) == 0
     assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_filter_on_a_full_disk_then_rerun(
+    small_disk: SmallDisk, tmp_path: Path, capsys, minilm_tokenizer, minilm_path: str
+) -> None:
+    model = save_tiny_model(tmp_path / "model", tiny_processor(minilm_tokenizer, minilm_path))
+    data = make_image_folder(tmp_path / "data")
+    scored = tmp_path / "scored"
+    score_pairs(model, data, scored, fused=True, shard_size=4, workers=0, progress=False)
+    small_disk.fill()
+    kept = small_disk.path / "kept.jsonl"
+    args = ["filter", "--scores", str(scored), "--out", str(kept), "--keep-fraction", "0.5"]
+    assert main(args) == 2
+    one_error_line(capsys, "filter", kept)
+    small_disk.grow()
+    assert main(args) == 0
+    assert len(kept.read_text().splitlines()) == 10

@@ -4,6 +4,7 @@ mixed requests from 8 clients, every status as planned and the server still answ
 from __future__ import annotations
 
 import importlib.util
+import io
 import sys
 from collections import Counter
 from pathlib import Path
@@ -30,3 +31,34 @@ def test_short_load_run_has_no_errors(tmp_path: Path, tiny_model_dir: str) -> No
     assert summary["statuses"] == dict(planned)
     assert summary["server_alive_after"] and summary["server_running_after"]
     assert summary["requests_per_s"] > 0 and 0 < summary["p50_ms"] <= summary["p99_ms"]
+
+
+def test_short_attack_run_keeps_normal_searches_answered(tmp_path: Path) -> None:
+    """The attack scenario, short: a tiny model with an active re-rank weight, 2.5 s a phase,
+    a few attackers of each kind; the server lives, the honest searches all succeed and every
+    attacker gets only a refusal, an answer or a closed connection."""
+    from PIL import Image
+
+    bomb = bench_serve_load.bomb_png(5000)
+    with Image.open(io.BytesIO(bomb)) as image:  # a real PNG: 25 M pixels, 16-bit RGBA
+        assert image.size == (5000, 5000) and image.mode == "RGBA" and len(bomb) < 200_000
+    index, model = bench_serve_load.build_tiny_setup(tmp_path, "tiny", rerank_weight=1.0)
+    attackers = {"rerank": 2, "bomb": 1, "slow": 2, "disconnect": 3}
+    summary = bench_serve_load.attack_bench(
+        index, model, tmp_path / "serve.log", seconds=2.5, attackers=attackers, bomb_side=5000,
+        server_options=["--header-timeout", "1"], ramp=0.5,
+    )  # fmt: skip
+    assert summary["server_alive_after"] and summary["server_running_after"]
+    assert summary["normal_all_ok"] and summary["unexpected_attacker_outcomes"] == {}
+    calm, busy = summary["phases"]["no_attack"], summary["phases"]["attack"]
+    for phase in (calm, busy):
+        assert phase["normal"]["count"] > 0 and phase["normal"]["outcomes"].keys() == {"200"}
+        assert 0 < phase["normal"]["p50_ms"] <= phase["normal"]["p99_ms"]
+    assert calm["attackers"] == {} and busy["attackers_still_running"] == 0
+    got = {kind: set(tally["outcomes"]) for kind, tally in busy["attackers"].items()}
+    assert got["rerank"] & {"200", "503"} and got["bomb"] <= {"413", "422", "503", "closed"}
+    assert got["bomb"] & {"413", "422"}  # the bombs are refused, not decoded
+    slow = busy["attackers"]["slow"]  # closed by the server's header timeout (1 s), each
+    assert got["slow"] == {"closed"} and slow["count"] >= 2 and slow["p50_ms"] >= 900
+    assert got["disconnect"] <= bench_serve_load.ATTACK_EXPECTED["disconnect"]
+    assert summary["p99_ratio_attack_vs_none"] > 0

@@ -433,7 +433,8 @@ def test_a_mapped_file_truncated_in_place_never_kills_the_process(tmp_path: Path
 
     like["format"] = MANIFEST_FORMAT
     shards = write_fake_shards(tmp_path / "emb", vectors, like)
-    build_index(shards, tmp_path / "idx", modality="texts", max_index_memory="128k", refine=50)
+    build_index(shards, tmp_path / "idx", modality="texts", max_index_memory="128k", refine=50,
+                max_build_memory="16G")
     info = json.loads((tmp_path / "idx" / "index.json").read_text())
     assert kind in info, info.keys()
     np.save(tmp_path / "q.npy", vectors[:2])

@@ -86,7 +86,7 @@ class IndexDamagedError(IndexBuildError):
     deleted): searching it could read past the end of a memory-mapped file. ``public`` says
     what happened naming files by their name only (a service may show it)."""
 
-    def __init__(self, message: str, public: str):
+    def __init__(self, message: str, public: str = ""):
         super().__init__(message)
         self.public = public
 

@@ -16,6 +16,7 @@ from xmodal.errors import (
     CaptionError,
     ConfigError,
     DeadlineError,
+    ExportError,
     ExtractError,
     ImageLoadError,
     IncompatibleError,
@@ -51,6 +52,7 @@ ERROR_STATUS: tuple[tuple[type[XmodalError], int], ...] = (
     (ConfigError, 500),
     (ModelLoadError, 500),
     (ExtractError, 500),
+    (ExportError, 500),
     (MissingDependencyError, 500),
     (OutputError, 500),
     (XmodalError, 500),
@@ -77,7 +79,7 @@ def error_response(err: XmodalError, names: PublicNames) -> tuple[int, str]:
         detail = str(err) if names.expose else f"image {shown!r} {err.reason}"
         return (404 if err.gone else 500), detail
     if isinstance(err, IndexDamagedError):
-        return 503, str(err) if names.expose else err.public
+        return 503, str(err) if names.expose else (err.public or without_paths(str(err)))
     detail = str(err) if names.expose else without_paths(str(err))
     if isinstance(err, IndexBuildError):
         detail = f"the index cannot be read: {detail}"
