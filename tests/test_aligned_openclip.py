@@ -1,15 +1,33 @@
 """OpenCLIP models as xmodal models: the same embeddings, logit scale, pixels and token ids as
 OpenCLIP itself. Runs where open_clip imports (it needs torchvision, which the CPU torch build
-used in CI has no matching wheel of); skipped with the reason elsewhere."""
+of the main test run has no matching wheel of); skipped with the reason elsewhere. CI runs these
+tests again in a second environment that has open_clip (.ci/run, ``./install.sh --open-clip``)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 CAPTIONS = ["a photo of a cat", "a woman in a space suit", "a cup of coffee"]
+# (height, width): square, landscape with an odd width, landscape (skimage's astronaut, chelsea
+# and coffee sizes), so the resize and the centre crop are checked on each shape
+PHOTO_SIZES = ((512, 512), (300, 451), (400, 600))
+
+
+def photos() -> list[Image.Image]:
+    """Deterministic RGB pictures: smooth gradients (what resizing averages) plus noise (what
+    it must not smear differently) at the PHOTO_SIZES."""
+    rng = np.random.default_rng(0)
+    out = []
+    for height, width in PHOTO_SIZES:
+        y, x = np.mgrid[0:height, 0:width]
+        smooth = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200
+        pixels = smooth + rng.integers(0, 56, size=(height, width, 3))
+        out.append(Image.fromarray(pixels.astype(np.uint8), "RGB"))
+    return out
 
 
 def _open_clip():
@@ -39,15 +57,13 @@ def tiny_open_clip():
 
 def test_open_clip_parity(tiny_open_clip) -> None:
     open_clip = _open_clip()
-    from skimage import data
-
     from xmodal.models.openclip import from_open_clip_model
 
-    photos = [Image.fromarray(f()) for f in (data.astronaut, data.chelsea, data.coffee)]
+    pictures = photos()
     model, processor = from_open_clip_model(tiny_open_clip)
     preprocess = open_clip.image_transform(tiny_open_clip.visual.image_size, False)
-    ref_pixels = torch.stack([preprocess(p) for p in photos])
-    pixels = processor.process_images(photos)
+    ref_pixels = torch.stack([preprocess(p) for p in pictures])
+    pixels = processor.process_images(pictures)
     torch.testing.assert_close(pixels, ref_pixels, atol=1e-6, rtol=0)
     tokens = open_clip.get_tokenizer("ViT-B-32")(CAPTIONS)  # SimpleTokenizer, padded to 77
     batch = processor.process_text(CAPTIONS)

@@ -286,9 +286,9 @@ def test_load_dataset_with_and_without_skip_bad(dataset_dir: Path, corpus) -> No
     with pytest.warns(UserWarning, match=f"skipped {fates.count('skipped')} of {len(fates)}"):
         dataset = load_dataset(path, skip_bad=True)
     assert len(dataset) == fates.count("kept")
-    skipped_lines = [int(s.split(":")[1]) for s in dataset.skipped]
+    skipped_lines = [int(s.origin.split(":")[1]) for s in dataset.skipped]
     assert skipped_lines == [i + 1 for i, fate in enumerate(fates) if fate == "skipped"]
-    reasons = "\n".join(dataset.skipped)
+    reasons = "\n".join(s.reason for s in dataset.skipped)
     for words in ("not found", "invalid JSON", "empty caption", "invisible characters"):
         assert words in reasons
     kept = {ex.image_id for ex in dataset}
@@ -312,8 +312,8 @@ def test_csv_with_invalid_utf8_and_oversized_fields(dataset_dir: Path) -> None:
     with pytest.warns(UserWarning):
         dataset = load_dataset(path, skip_bad=True)
     assert dataset.captions() == ["fine", "a quoted, comma caption", "猫 🐱"]
-    assert [s.split(": ")[0] for s in dataset.skipped] == ["rows.csv:3", "rows.csv:5"]
-    assert "field larger than field limit" in dataset.skipped[1]
+    assert [s.origin for s in dataset.skipped] == ["rows.csv:3", "rows.csv:5"]
+    assert "field larger than field limit" in dataset.skipped[1].reason
 
 
 # ------------------------------------------------------------------------------ extract
@@ -346,8 +346,9 @@ def test_extract_records_every_bad_input_and_keeps_every_good_one(
     texts = read_all(out, "texts")
     assert len(texts["ids"]) == fates.count("kept") == len(set(texts["ids"]))
     assert np.isfinite(texts["embeddings"]).all() and np.isfinite(images["embeddings"]).all()
-    skipped = [json.loads(line)["row"] for line in (out / "skipped.jsonl").open()]
-    assert len(skipped) == fates.count("skipped") and skipped[0].startswith("rows.jsonl:4:")
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").open()]
+    assert len(skipped) == fates.count("skipped") and skipped[0]["row"] == "rows.jsonl:4"
+    assert skipped[0]["reason"].startswith("invalid JSON")
     manifest = load_manifest(out)
     assert manifest["skipped_rows"] == len(skipped)
     assert manifest["modalities"]["images"]["failed"] == len(UNDECODABLE)

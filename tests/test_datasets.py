@@ -87,7 +87,8 @@ def test_csv_reader_and_invalid_utf8(tmp_path: Path, images: dict[str, Path]) ->
     assert ds.captions() == ["a red, square", "two\nlines", "红色"]
     assert ds.labels() == ["red", None, "red"]
     assert ds[0].extra == {"category": "shapes"} and ds[2].origin == "data.csv:6"
-    assert len(ds.skipped) == 1 and ds.skipped[0].startswith("data.csv:3:")
+    assert len(ds.skipped) == 1 and ds.skipped[0].origin == "data.csv:3"
+    assert str(ds.skipped[0]).startswith("data.csv:3: invalid UTF-8")
     assert ds.text_to_image().tolist() == [0, 1, 0]
 
 
@@ -222,9 +223,9 @@ def test_bad_rows(tmp_path: Path, images: dict[str, Path]) -> None:
     with pytest.warns(UserWarning, match=r"skipped 4 of 6 rows in data\.jsonl \(first: data"):
         ds = load_dataset(path, skip_bad=True)
     assert ds.captions() == ["fine", "fine too"]
-    assert [s.split(": ")[0] for s in ds.skipped] == [f"data.jsonl:{i}" for i in (2, 3, 4, 5)]
-    assert "empty caption" in ds.skipped[1] and "invalid JSON" in ds.skipped[2]
-    assert "missing 'image'" in ds.skipped[3]
+    assert [s.origin for s in ds.skipped] == [f"data.jsonl:{i}" for i in (2, 3, 4, 5)]
+    assert ds.skipped[1].reason == "empty caption" and "invalid JSON" in ds.skipped[2].reason
+    assert ds.skipped[3].reason == "missing 'image' column"
 
 
 def test_all_bad_and_missing_file(tmp_path: Path) -> None:

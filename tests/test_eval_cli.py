@@ -104,7 +104,60 @@ def test_eval_bad_rows_error_or_skip(tmp_path, tiny_model_dir, capsys) -> None:
     assert main(args) == 2
     assert "data.jsonl:7" in capsys.readouterr().err
     out = tmp_path / "report.json"
-    with pytest.warns(UserWarning, match="skipped 1"):
-        assert main([*args, "--skip-bad", "--out", str(out)]) == 0
+    assert main([*args, "--skip-bad", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["skipped_rows"] == 1 and report["n_images"] == 6
+    assert [r["row"] for r in report["skipped"]] == ["data.jsonl:7"]
+    # a later run with nothing left out removes the old list
+    listed = tmp_path / "report.skipped.jsonl"
+    assert listed.is_file() and report["skipped_list"] == str(listed)
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:6]))
+    assert main([*args, "--skip-bad", "--out", str(out)]) == 0
+    assert not listed.exists() and json.loads(out.read_text())["skipped"] == []
+
+
+def test_eval_skip_bad_lists_every_row_left_out(tmp_path, tiny_model_dir, capsys) -> None:
+    """Four kinds of bad row, two of each image kind: every row is in the report and in
+    report.skipped.jsonl with its file:line and reason; the terminal says how many and where."""
+    data = Path(write_colour_dataset(tmp_path / "data", n=6))
+    images = data.parent / "images"
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (images / "dangling.png").symlink_to(images / "deleted-long-ago.png")
+    bad = [
+        {"image": "images/corrupt.png", "caption": "a corrupt picture"},  # line 7
+        {"image": "images/dangling.png", "caption": "a link to nothing"},  # line 8
+        {"image": "images/img000.png", "caption": "   "},  # line 9
+        {"image": "images/missing.png", "caption": "a ghost"},  # line 10
+        {"image": "images/corrupt.png", "caption": "the corrupt picture again"},  # line 11
+    ]
+    with open(data, "a", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in bad)
+    out = tmp_path / "eval" / "report.json"
+    argv = ["eval", "--model", tiny_model_dir, "--data", str(data), "--rerank-k", "0"]
+    capsys.readouterr()
+    assert main([*argv, "--workers", "0", "--skip-bad", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    report = json.loads(out.read_text())
+    assert (report["n_images"], report["n_texts"]) == (6, 6)
+    assert report["skipped_rows"] == 3 and report["n_dropped_captions"] == 2
+    rows = {r["row"]: r["reason"] for r in report["skipped"]}
+    assert list(rows) == [f"data.jsonl:{n}" for n in (7, 8, 9, 10, 11)]  # in dataset order
+    assert rows["data.jsonl:8"].startswith("image 'images/dangling.png' not found (a symbolic")
+    assert str(images / "deleted-long-ago.png") in rows["data.jsonl:8"]
+    assert rows["data.jsonl:9"] == "empty caption"
+    assert rows["data.jsonl:10"].startswith("image 'images/missing.png' not found (resolved")
+    for line in (7, 11):
+        assert rows[f"data.jsonl:{line}"].startswith(f"cannot load image {images / 'corrupt.png'}")
+    listed = out.parent / "report.skipped.jsonl"
+    lines = listed.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == report["skipped"]
+    assert report["skipped_list"] == str(listed)
+    # short terminal summary: counts and where the list is, no row printed, no warning
+    assert f"5 dataset rows left out, each with its reason: {listed}" in printed.out
+    assert "left out: 3 rows the reader refused, 1 undecodable images with 2 rows" in printed.out
+    assert "data.jsonl:8" not in printed.out + printed.err
+    # without --out the rows themselves are printed (on stderr)
+    assert main([*argv, "--workers", "0", "--skip-bad"]) == 0
+    err = capsys.readouterr().err
+    assert "5 dataset rows left out (--out REPORT lists every one):" in err
+    assert all(f"  data.jsonl:{n}: " in err for n in (7, 8, 9, 10, 11))

@@ -155,9 +155,9 @@ def test_unusable_rows_are_recorded_never_dropped_silently(setup, tmp_path: Path
     assert "captions.jsonl:3" in capsys.readouterr().err
     assert not (tmp_path / "strict" / "manifest.json").exists()
     assert main([*argv, str(tmp_path / "out"), "--skip-bad"]) == 0
-    skipped = [json.loads(x)["row"] for x in (tmp_path / "out" / "skipped.jsonl").open()]
-    assert [s.split(":")[1] for s in skipped] == ["3", "6"]
-    assert "not found" in skipped[0] and "caption" in skipped[1]
+    skipped = [json.loads(x) for x in (tmp_path / "out" / "skipped.jsonl").open()]
+    assert [s["row"] for s in skipped] == ["captions.jsonl:3", "captions.jsonl:6"]
+    assert "not found" in skipped[0]["reason"] and "caption" in skipped[1]["reason"]
     record = load_manifest(tmp_path / "out")["modalities"]["pairs"]
     assert record["rows"] == 20 and load_manifest(tmp_path / "out")["skipped_rows"] == 2
 

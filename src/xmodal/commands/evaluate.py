@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import typing
+import warnings
+from pathlib import Path
 
 from xmodal.commands import MODEL_HELP
 from xmodal.config import DatasetFormat, KarpathySplit
@@ -56,14 +59,55 @@ def add(commands) -> None:
     p.add_argument(
         "--skip-bad",
         action="store_true",
-        help="leave out unusable rows and undecodable images (with their captions), reported",
+        help="leave out unusable rows and undecodable images (with their captions): each row "
+        "left out is listed with its reason in the report and in REPORT.skipped.jsonl beside it",
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+SHOWN_SKIPPED = 10  # rows left out printed when there is no --out to list them in
 
+
+def skipped_list_path(report_path: str | Path) -> Path:
+    """Where the rows an evaluation left out are listed: ``report.json`` ->
+    ``report.skipped.jsonl`` beside it (two reports in one folder keep their own lists)."""
+    from xmodal.data.skipped import SKIPPED_NAME
+
+    path = Path(report_path)
+    return path.with_name(f"{path.stem}.{SKIPPED_NAME}")
+
+
+def load_quietly(path: str, data_format: str | None, skip_bad: bool, **kwargs):
+    """``load_dataset`` without the reader's "skipped N rows (first: ...)" warning: eval
+    reports every row it leaves out itself (the report, REPORT.skipped.jsonl)."""
     from xmodal.data import load_dataset
+    from xmodal.data.datasets import SkippedRowsWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedRowsWarning)
+        return load_dataset(path, data_format, skip_bad=skip_bad, **kwargs)
+
+
+def print_left_out(report: dict, listed_in: Path | None) -> None:
+    """How many dataset rows were left out and where they are listed, in one line; without a
+    list file (no --out), that line and the first SHOWN_SKIPPED rows on stderr."""
+    rows = report.get("skipped", [])
+    if not rows:
+        return
+    if listed_in is not None:
+        print(f"{len(rows)} dataset rows left out, each with its reason: {listed_in}")
+        return
+    shown = rows[:SHOWN_SKIPPED]
+    more = f"; {len(rows) - len(shown)} more" if len(rows) > len(shown) else ""
+    print(
+        f"{len(rows)} dataset rows left out (--out REPORT lists every one{more}):",
+        file=sys.stderr,
+    )
+    for row in shown:
+        print(f"  {row['row']}: {row['reason']}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    from xmodal.data.skipped import skipped_records, write_skipped
     from xmodal.errors import InputError
     from xmodal.evaluate.runner import (
         evaluate_model,
@@ -91,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         # page-faulting fresh pages on every batch; the process keeps its peak until it exits
         reuse_freed_memory()  # docs/performance.md: "Freed memory kept for reuse"
     kwargs = {"split": args.split} if args.split else {}
-    dataset = load_dataset(args.data, args.format, skip_bad=args.skip_bad, **kwargs)
+    dataset = load_quietly(args.data, args.format, args.skip_bad, **kwargs)
     # the images through the tower once, for retrieval and the style and artist checks
     images = image_tower_outputs(
         model,
@@ -116,7 +160,6 @@ def run(args: argparse.Namespace) -> int:
     )
     report["model"] = str(args.model)
     report["data"] = str(args.data)
-    report["skipped_rows"] = len(dataset.skipped)
     print(format_report(report))
     if "rerank_calibration" in report:
         weight = report["rerank_calibration"]["rerank_weight"]
@@ -144,13 +187,20 @@ def run(args: argparse.Namespace) -> int:
         for name, path in name_value_pairs(
             args.other_artist, "--other-artist", "NAME=DATA"
         ).items():
-            drawn = load_dataset(path, skip_bad=args.skip_bad)
+            drawn = load_quietly(path, None, args.skip_bad)
             check = artist_shift_report(
                 model, processor, dataset, drawn, args.batch_size, args.workers, images
             )
+            check["skipped_rows"] = len(drawn.skipped)
+            report["skipped"] += skipped_records(drawn.skipped)
             report["other_artists"][name] = check
             print(format_artist_shift(name, check))
+    listed_in = None
     if args.out:
+        listed_in = skipped_list_path(args.out) if report["skipped"] else None
+        report["skipped_list"] = str(listed_in) if listed_in else None
+        write_skipped(skipped_list_path(args.out), report["skipped"])
         write_report(report, args.out)
         print(f"report written to {args.out}")
+    print_left_out(report, listed_in)
     return 0

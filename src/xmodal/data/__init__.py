@@ -4,16 +4,20 @@ from xmodal.data.datasets import (
     BadRowError,
     Example,
     ImageTextDataset,
+    SkippedRowsWarning,
     TarMember,
     detect_format,
     load_dataset,
 )
 from xmodal.data.refs import image_ref, location
+from xmodal.data.skipped import SkippedRow
 
 __all__ = [
     "BadRowError",
     "Example",
     "ImageTextDataset",
+    "SkippedRow",
+    "SkippedRowsWarning",
     "TarMember",
     "detect_format",
     "image_ref",

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from xmodal.config import DatasetFormat, KarpathySplit
+from xmodal.data.skipped import SkippedRow
 from xmodal.errors import BadRowError, ConfigError, InputError, MissingFileError
 from xmodal.processing import caption_problem
 
@@ -73,6 +74,10 @@ class Example:
     extra: dict = field(default_factory=dict)
 
 
+class SkippedRowsWarning(UserWarning):
+    """``skip_bad`` left rows out: their number and the first (all in ``dataset.skipped``)."""
+
+
 class _Bad(Exception):
     """Internal: reason why one row is unusable."""
 
@@ -82,13 +87,13 @@ Row = tuple[str, "Example | str"]
 
 
 class ImageTextDataset(Dataset):
-    """A list of Examples plus a report of skipped rows."""
+    """A list of Examples plus the rows the reader left out (``skipped``, with ``skip_bad``)."""
 
     def __init__(
-        self, examples: Iterable[Example], skipped: Iterable[str] = (), source: str = ""
+        self, examples: Iterable[Example], skipped: Iterable[SkippedRow] = (), source: str = ""
     ) -> None:
         self.examples: list[Example] = list(examples)
-        self.skipped: list[str] = list(skipped)
+        self.skipped: list[SkippedRow] = list(skipped)
         self.source = source
 
     def __len__(self) -> int:
@@ -171,8 +176,20 @@ def _image_path(value: Any, base: Path) -> Path:
     except OSError as err:  # e.g. a name too long for the file system
         raise _Bad(f"image {value[:200]!r} cannot be looked up ({err.strerror})") from None
     if not found:
-        raise _Bad(f"image {value!r} not found (resolved {path})")
+        raise _Bad(f"image {value!r} {_missing_file(path)}")
     return path
+
+
+def _missing_file(path: Path) -> str:
+    """Why an image path is no file: a broken symbolic link, a folder, or nothing there."""
+    try:
+        if path.is_symlink():
+            return f"not found (a symbolic link to a missing {os.readlink(path)}; at {path})"
+        if path.is_dir():
+            return f"is not a regular file (a folder: {path})"
+    except OSError:
+        pass
+    return f"not found (resolved {path})"
 
 
 def _record_example(record: dict, base: Path, origin: str) -> Example:
@@ -195,22 +212,24 @@ def _record_example(record: dict, base: Path, origin: str) -> Example:
 def _collect(rows: Iterable[Row], name: str, skip_bad: bool, source: str) -> ImageTextDataset:
     """Gather rows, raising at the first bad one unless ``skip_bad``."""
     examples: list[Example] = []
-    skipped: list[str] = []
+    skipped: list[SkippedRow] = []
     for origin, item in rows:
         if isinstance(item, Example):
             examples.append(item)
             continue
-        message = f"{origin}: {item}"
+        row = SkippedRow(origin, item)
         if not skip_bad:
-            raise BadRowError(message)
-        skipped.append(message)
+            raise BadRowError(str(row))
+        skipped.append(row)
     if not examples:
         detail = f" (first: {skipped[0]})" if skipped else ""
         raise BadRowError(f"no valid rows in {name}{detail}")
     if skipped:
         total = len(examples) + len(skipped)
         warnings.warn(
-            f"skipped {len(skipped)} of {total} rows in {name} (first: {skipped[0]})",
+            SkippedRowsWarning(
+                f"skipped {len(skipped)} of {total} rows in {name} (first: {skipped[0]})"
+            ),
             stacklevel=3,
         )
     return ImageTextDataset(examples, skipped, source)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from tqdm import tqdm
 
 from xmodal.atomic import atomic_write_text
 from xmodal.data.images import ImageChange, drop_failed_images, image_loader
+from xmodal.data.skipped import SkippedRow, skipped_records
 from xmodal.models.inference import has_conv, inference_copy
 from xmodal.models.model import CrossModalModel, Features, cat_features
 from xmodal.models.towers import TowerOutput
@@ -202,7 +204,11 @@ def evaluate_model(
 
     An image that cannot be decoded raises :class:`ImageLoadError` naming the file and its
     dataset row; with ``skip_bad`` it is left out of the whole evaluation together with its
-    captions (which would have no image to retrieve), and listed under ``bad_images``."""
+    captions (which would have no image to retrieve), and listed under ``bad_images``.
+
+    ``report["skipped"]`` lists every dataset row left out, ``{"row": "data.jsonl:7",
+    "reason": ...}`` (:mod:`xmodal.data.skipped`): those the reader refused
+    (``report["skipped_rows"]`` of them), then each row of an undecodable image."""
     from xmodal.evaluate.retrieval import rerank_candidates, retrieval_metrics
 
     model.eval()
@@ -213,7 +219,7 @@ def evaluate_model(
         image_outputs = image_tower_outputs(
             model, processor, images, batch_size, num_workers, keep_tokens
         )
-    n_rows = len(dataset)
+    n_rows, loaded = len(dataset), dataset
     dataset, bad_images = drop_failed_images(dataset, image_outputs.failures, skip_bad)
     unique = dataset.unique_images()
     pooled, tokens = image_outputs.pooled, image_outputs.tokens
@@ -232,6 +238,8 @@ def evaluate_model(
         report["bad_images"] = bad_images
         report["n_bad_images"] = len(bad_images)
         report["n_dropped_captions"] = n_rows - len(dataset)
+    report["skipped_rows"] = len(loaded.skipped)
+    report["skipped"] = skipped_records(left_out_rows(loaded, bad_images))
     if rerank_k > 0 and not model.has_itm:
         report["retrieval_itm_rerank_skipped"] = "the model has no ITM head (fusion: none)"
     elif rerank_k > 0 and tokens is not None:
@@ -250,6 +258,26 @@ def evaluate_model(
         report["zeroshot"] = zeroshot_report(model, processor, image_embeds, unique, labels)
     report["seconds"] = round(time.time() - started, 2)
     return report
+
+
+def left_out_rows(dataset, bad_images: Sequence[dict[str, str]]) -> list[SkippedRow]:
+    """Every row of ``dataset`` an evaluation leaves out, in dataset order (``data.jsonl:7``
+    before ``data.jsonl:10``): those the reader refused (``dataset.skipped``) and each row of
+    an image in ``bad_images`` (:func:`~xmodal.data.images.failure_record` records), with the
+    image's reason."""
+    reasons = {r["image_id"]: f"cannot load image {r['source']}: {r['reason']}" for r in bad_images}
+    rows = list(dataset.skipped)
+    rows += [
+        SkippedRow(ex.origin or str(ex.image), reasons[ex.image_id])
+        for ex in dataset.examples
+        if ex.image_id in reasons
+    ]
+    return sorted(rows, key=lambda row: natural_key(row.origin))
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key that orders the numbers in ``text`` by value: ``a:7`` < ``a:10``."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
 
 
 def rerank_report(
@@ -319,11 +347,16 @@ def zeroshot_report(
 def format_report(report: dict[str, Any]) -> str:
     """The headline numbers as a printed table."""
     lines = [f"images: {report['n_images']}  captions: {report['n_texts']}"]
+    left_out = []
+    if report.get("skipped_rows"):
+        left_out.append(f"{report['skipped_rows']} rows the reader refused")
     if report.get("n_bad_images"):
-        lines.append(
-            f"left out: {report['n_bad_images']} undecodable images and their "
-            f"{report['n_dropped_captions']} captions (listed under bad_images in the report)"
+        left_out.append(
+            f"{report['n_bad_images']} undecodable images with "
+            f"{report['n_dropped_captions']} rows of captions"
         )
+    if left_out:
+        lines.append(f"left out: {', '.join(left_out)}")
     header = f"{'':31}{'R@1':>8}{'R@5':>8}{'R@10':>8}"
     lines.append(header)
     for key, title in (("retrieval_itc", "ITC"), ("retrieval_itm_rerank", "ITC + ITM re-rank")):

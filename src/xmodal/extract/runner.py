@@ -23,6 +23,7 @@ from xmodal.atomic import make_dir
 from xmodal.data.datasets import ImageTextDataset, load_dataset
 from xmodal.data.images import ImageBatch, ThreadedImageBatches, image_loader
 from xmodal.data.refs import location
+from xmodal.data.skipped import save_skipped
 from xmodal.distributed import World
 from xmodal.errors import ExtractError
 from xmodal.extract.background import OrderedWriter, run_ahead
@@ -73,7 +74,6 @@ from xmodal.extract.writer import (
     remove_stale_temporaries,
     save_errors,
     save_manifest,
-    save_skipped,
     shard_name,
     shard_table,
     write_table_atomic,

@@ -14,6 +14,7 @@ import numpy as np
 
 from xmodal.atomic import atomic_path, atomic_write_text
 from xmodal.config import Modality, ShardDtype, load_json_config
+from xmodal.data.skipped import SKIPPED_NAME
 from xmodal.errors import ExtractError, IndexBuildError, MissingDependencyError
 
 try:
@@ -26,7 +27,6 @@ except ImportError as exc:  # an optional extra: embedding in Python works witho
 
 MANIFEST_NAME = "manifest.json"
 ERRORS_NAME = "errors.jsonl"
-SKIPPED_NAME = "skipped.jsonl"
 MANIFEST_FORMAT = "xmodal.embeddings/1"
 MODALITIES = typing.get_args(Modality)
 SHARD_KINDS = (*MODALITIES, "pairs")  # what a shard holds: images, texts or scored pairs
@@ -190,7 +190,7 @@ def complete_shards(directory: str | Path, record: dict[str, Any]) -> dict[int, 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     """Delete temporary files an interrupted (killed) run left behind; returns them."""
     stale = []
-    patterns = (".manifest.json.*.tmp", ".errors.jsonl.*.tmp", ".skipped.jsonl.*.tmp")
+    patterns = (".manifest.json.*.tmp", ".errors.jsonl.*.tmp", f".{SKIPPED_NAME}.*.tmp")
     for pattern in (*patterns, *(f".{kind}-*.tmp" for kind in SHARD_KINDS)):
         for path in Path(directory).glob(pattern):
             path.unlink(missing_ok=True)
@@ -223,14 +223,3 @@ def save_errors(directory: str | Path, records: list[dict[str, Any]]) -> None:
     """Write ``errors.jsonl`` atomically (one JSON object per unreadable item)."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     atomic_write_text(Path(directory) / ERRORS_NAME, text)
-
-
-def save_skipped(directory: str | Path, rows: list[str]) -> None:
-    """Write ``skipped.jsonl`` atomically: the dataset rows ``--skip-bad`` left out, one per line
-    (``{"row": "data.jsonl:7: image 'x.jpg' not found ..."}``); removed when there are none."""
-    path = Path(directory) / SKIPPED_NAME
-    if not rows:
-        path.unlink(missing_ok=True)
-        return
-    text = "".join(json.dumps({"row": r}, ensure_ascii=True) + "\n" for r in rows)
-    atomic_write_text(path, text)
