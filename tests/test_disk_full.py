@@ -22,13 +22,12 @@ from conftest import write_colour_dataset
 from test_extract import make_image_folder, read_all, save_tiny_model, tiny_processor
 from test_index import random_vectors, write_fake_shards
 
-from xmodal.pairs import score_pairs
-
 from xmodal.atomic import atomic_path, is_out_of_space
 from xmodal.cli import main
 from xmodal.errors import OutputError
 from xmodal.extract.writer import MANIFEST_FORMAT
 from xmodal.index import SearchIndex
+from xmodal.pairs import score_pairs
 
 
 class SmallDisk:
