@@ -157,31 +157,32 @@ def test_work_for_a_client_that_went_away_is_cancelled() -> None:
             await workers.run(FakeRequest(0.15), workers.deadline(), True, long_work)
 
     anyio.run(main)
-    assert 5 < len(steps) < 60  # stopped about 0.15 s in, not after 2 s
+    assert 1 <= len(steps) < 100  # stopped about 0.15 s in, not after 200 steps (2 s)
 
 
 def test_heavy_requests_never_hold_the_slots_of_light_ones() -> None:
     settings = ServeSettings(max_concurrency=3, max_heavy_requests=1, request_timeout=5.0)
     workers = Workers(settings)
-    light_took: list[float] = []
+    finished: list[str] = []
+    release = threading.Event()
 
     def heavy(work: Deadline) -> None:
-        time.sleep(0.6)
+        release.wait(5)  # holds its slot until the light request is done
+        finished.append("heavy")
 
     def light(work: Deadline) -> None:
-        pass
+        finished.append("light")
 
     async def main() -> None:
         async with anyio.create_task_group() as group:
-            for _ in range(3):
+            for _ in range(3):  # one computing, two queued for the single heavy slot
                 group.start_soon(workers.run, FakeRequest(60), workers.deadline(), True, heavy)
             await anyio.sleep(0.05)
-            started = time.monotonic()
             await workers.run(FakeRequest(60), workers.deadline(), False, light)
-            light_took.append(time.monotonic() - started)
+            release.set()
 
     anyio.run(main)
-    assert light_took[0] < 0.3
+    assert finished[0] == "light" and finished.count("heavy") == 3
 
 
 def test_a_request_waiting_past_its_deadline_for_a_slot_gets_503() -> None:
