@@ -623,6 +623,7 @@ def run_phase(
         for kind, count in attackers.items()
         for _ in range(count)
     ]
+    load_before = os.getloadavg()[0]  # other work on this machine skews every figure
     for thread in threads:
         thread.start()
     if threads:
@@ -640,6 +641,7 @@ def run_phase(
             kind: {"clients": attackers[kind], **tally.summary()} for kind, tally in tallies.items()
         },
         "attackers_still_running": sum(thread.is_alive() for thread in threads),
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 
