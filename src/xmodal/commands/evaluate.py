@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from xmodal.commands import MODEL_HELP
-from xmodal.config import DatasetFormat, KarpathySplit
+from xmodal.data.datasets import DatasetFormat, KarpathySplit
 
 
 def add(commands) -> None:
