@@ -9,17 +9,21 @@ with ``fusion: none`` and the offline default's architecture with ``fusion: none
 
 Paths, each a cell: ``export-onnx`` + ``extract`` of images, texts and pairs through the
 exported towers (``--onnx-dir``); ``eval`` with ITM re-rank (a dual encoder says in one line
-that it skips it); ``index`` + ``search`` of a caption with ``--rerank`` and of an indexed
-image (its top hit is itself); the service (``/search`` plain and re-ranked, ``/embed`` of
-captions and images, ``/match``); ``filter`` and ``probe`` on the extraction; ``train`` two
-steps then ``--resume`` to three. Each cell: exit 0 (HTTP 200), the output's shape and values
-where cheap, and stderr (file descriptors: native output counts) under 4 KB.
+that it skips it); ``eval --calibrate-rerank`` into a copy of an xmodal model directory, whose
+weight ``search --rerank`` then uses (a transformers folder is refused in one line, untouched);
+``index`` + ``search`` of a caption with ``--rerank``, of an image with ``--rerank`` on a
+caption index, and of an indexed image (its top hit is itself); the service (``/search``
+plain and re-ranked, ``/embed`` of captions and images, ``/match``); ``filter`` and ``probe``
+on the extraction; ``train`` two steps then ``--resume`` to three. Each cell: exit 0 (HTTP
+200), the output's shape and values where cheap, and stderr (file descriptors: native output
+counts) under 4 KB.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +50,7 @@ pytest.importorskip("fastapi")
 
 import xmodal  # noqa: E402
 import xmodal.extract.runner as runner  # noqa: E402
+from xmodal.evaluate.rerank import NOT_BETTER  # noqa: E402
 from xmodal.extract import load_manifest, read_shard  # noqa: E402
 from xmodal.extract.mapper import EmbeddingMapper  # noqa: E402
 from xmodal.models.model import CrossModalModel  # noqa: E402
@@ -210,6 +215,38 @@ def test_eval_with_rerank(family, data, capfd, tmp_path) -> None:
         assert line == "ITM re-rank skipped: the model has no ITM head (fusion: none)"
 
 
+def test_calibrated_rerank_weight_reaches_search(
+    family, data, capfd, caplog, mappers, tmp_path
+) -> None:
+    """``eval --calibrate-rerank`` saves the weight into (a copy of) the model directory, and
+    ``search --rerank`` with that copy on the index built before re-ranks with it."""
+    idx = index(family, data, capfd, caplog, mappers)
+    argv = ["eval", "--data", str(data), "--rerank-k", str(K), "--workers", "0"]
+    argv += ["--calibrate-rerank", "--model"]
+    if family.name == "siglip":  # a transformers folder: its config.json is not xmodal's
+        before = (family.model_dir / "config.json").read_bytes()
+        err = refused(capfd, [*argv, str(family.model_dir)])
+        assert "not a model saved by xmodal" in err and "--rerank-weight" in err
+        assert (family.model_dir / "config.json").read_bytes() == before
+        return
+    model_dir = tmp_path / "model"
+    shutil.copytree(family.model_dir, model_dir)
+    before = (model_dir / "config.json").read_bytes()
+    stdout, _ = cli(capfd, [*argv, str(model_dir)])
+    if not family.has_itm:  # nothing to calibrate, said in one line
+        assert "ITM re-rank skipped: the model has no ITM head (fusion: none)" in stdout
+        assert (model_dir / "config.json").read_bytes() == before
+        return
+    weight = json.loads((model_dir / "config.json").read_text())["model"]["fusion"]
+    weight = weight["rerank_weight"]
+    assert f"re-rank weight {weight:.4g} saved in" in stdout
+    search = ["search", "--index", str(idx), "--model", str(model_dir), "--text", "photo 3"]
+    stdout, _ = cli(capfd, [*search, "-k", str(K), "--rerank"])
+    note = NOT_BETTER if weight == 0 else f"re-rank score: ITC logit + {weight:.4g} x ITM score"
+    assert stdout.splitlines()[0] == note
+    assert len(search_hits(stdout)) == K
+
+
 def search_hits(stdout: str) -> list[list[str]]:
     """The rows of ``xmodal search``'s result table (rank, score, [itm,] id, source)."""
     lines = stdout.splitlines()
@@ -232,6 +269,16 @@ def test_index_and_search_with_rerank(family, data, capfd, caplog, mappers) -> N
         assert err.startswith("xmodal search: error: ") and "fusion: none" in err
     stdout, _ = cli(capfd, [*base, "--text", "photo 3"])
     assert len(search_hits(stdout)) == K
+    if family.has_itm:  # the other way round: an image query re-ranks indexed captions
+        shards, texts = family.done["features"], family.root / "texts-index"
+        cli(capfd, ["index", "--shards", str(shards), "--out", str(texts), "--modality", "texts"])
+        argv = [*base, "--image", str(data / "img3.png"), "--rerank"]
+        argv[2] = str(texts)
+        stdout, _ = cli(capfd, [*argv, "--rerank-weight", str(RERANK_WEIGHT)])
+        hits = search_hits(stdout)
+        assert len(hits) == K and all(len(h) >= 5 for h in hits)  # captions: spaces in them
+        itm = [float(h[2]) for h in hits]
+        assert all(np.isfinite(itm))
     base[-1] = str(N_IMAGES)
     stdout, _ = cli(capfd, [*base, "--image", str(data / "img7.png")])
     hits = search_hits(stdout)
