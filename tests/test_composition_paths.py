@@ -14,7 +14,8 @@ weight ``search --rerank`` then uses (a transformers folder is refused in one li
 ``index`` + ``search`` of a caption with ``--rerank``, of an image with ``--rerank`` on a
 caption index, and of an indexed image (its top hit is itself); the service (``/search``
 plain and re-ranked, ``/embed`` of captions and images, ``/match``); ``filter`` and ``probe``
-on the extraction; ``train`` two steps then ``--resume`` to three. Each cell: exit 0 (HTTP
+on the extraction; ``train`` two steps then ``--resume`` to three (and so the packaged
+quickstart.yaml's training, shrunk). Each cell: exit 0 (HTTP
 200), the output's shape and values where cheap, and stderr (file descriptors: native output
 counts) under 4 KB.
 """
@@ -420,3 +421,39 @@ def test_train_two_steps_and_resume(family, data, capfd, tmp_path) -> None:
     with torch.no_grad():
         text = model.encode_text(batch["input_ids"], batch["attention_mask"])
     assert text.shape == (1, family.embed_dim) and torch.isfinite(text).all()
+
+
+def test_train_the_quickstart_config_two_steps_and_resume(
+    data, capfd, tmp_path, minilm_path, minilm_tokenizer
+) -> None:
+    """The packaged quickstart.yaml as it is (locked image tower with cached views and
+    zoom-outs, multi-level pooling, an MLP projection, token levels, grid positions, the ITM
+    stage on reorderings), shrunk: the tiny quickstart model, two steps then one more."""
+    from xmodal.apps.quickstart import quickstart_config_path
+
+    model_dir = save_family("quickstart", tmp_path, minilm_path, minilm_tokenizer)
+    config = yaml.safe_load(quickstart_config_path().read_text())
+    captions = str(data / "captions.jsonl")
+    config["data"].update(train=captions, val=captions, num_workers=0)
+    config["model"].update(name=str(model_dir), text_trainable_layers=1)
+    config["model"]["image_projection_hidden"] = 16
+    config["itm_stage"]["steps"] = 2
+    config["optim"].update(steps=2, batch_size=6, warmup_steps=1)
+    run = tmp_path / "run"
+    config.update(out_dir=str(run), eval_every=0, save_every=0, log_every=1)
+    config.update(device="cpu", precision="fp32")
+    path = tmp_path / "quickstart.yaml"
+    path.write_text(yaml.safe_dump(config))
+    stdout, _ = cli(capfd, ["train", "--config", str(path)])
+    assert "after 2 steps" in stdout
+    stdout, _ = cli(capfd, ["train", "--config", str(path), "--resume", "--steps", "3"])
+    assert "at step 2" in stdout and "after 3 steps" in stdout
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "infonce" in r] == [1, 2, 3]
+    assert [r["step"] for r in log if r.get("stage") == "itm"] == [4, 5]
+    assert all(np.isfinite(r["loss"]) for r in log)
+    model, _ = xmodal.load_model(run / "model")
+    image = model.config.image
+    assert (image.pool_levels, image.token_levels) == (7, 7)
+    assert model.config.fusion.grid_positions and model.config.image_projection_hidden == 16
+    assert model.config.fusion.rerank_weight is not None  # calibrated after the ITM stage
