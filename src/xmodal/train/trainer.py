@@ -61,7 +61,7 @@ from xmodal.train.objective import (
     needed_fields,
     negatives_seed,
 )
-from xmodal.train.optim import build_optimizer, cosine_schedule
+from xmodal.train.optim import build_optimizer, cosine_schedule, resume_schedule
 from xmodal.train.plot import plot_metrics, read_metrics
 from xmodal.train.run_config import check_resumed_config, save_run_config
 
@@ -572,6 +572,7 @@ class Trainer:
             rank=self.world.rank,
             scaler=self.scaler,
         )
+        resume_schedule(self.scheduler)  # this run's schedule (optim.steps may have grown)
         ranks = extra.get("world_size", 1)
         if ranks != self.world.size:
             raise ConfigError(
