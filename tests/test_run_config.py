@@ -42,15 +42,18 @@ def test_the_run_records_its_config_and_resume_checks_it(
     assert len(flatten(saved)) > 40
     capsys.readouterr()
 
-    changed = write_config(tmp_path / "b.yaml", data, tiny_model_dir, lr=0.002, steps=4)
+    changed = write_config(tmp_path / "b.yaml", data, tiny_model_dir, lr=0.002, batch_size=2)
     code = main(["train", "--config", str(changed), "--out-dir", str(out), "--resume"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert "optim.lr (0.001 -> 0.002)" in err[0] and "optim.steps (3 -> 4)" in err[0]
+    assert "optim.lr (0.001 -> 0.002)" in err[0] and "optim.batch_size (4 -> 2)" in err[0]
     assert json.loads((out / RUN_CONFIG).read_text()) == saved  # the record is unchanged
 
     same = write_config(tmp_path / "c.yaml", data, tiny_model_dir, lr=0.001)
     config = yaml.safe_load(same.read_text())
-    config["log_every"] = 5  # how the run is watched may change
+    config["log_every"] = 5  # how the run is watched may change, and how long it runs
+    config["optim"]["steps"] = 4
     same.write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(same), "--out-dir", str(out), "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4]

@@ -17,8 +17,9 @@ from xmodal.config import ConfigError, to_dict
 from xmodal.train.config import TrainConfig
 
 RUN_CONFIG = "config.json"
-# keys a resumed run may change: where its logs go and how often, how fast data is read
-FREE_ON_RESUME = frozenset({"out_dir", "log_every", "data.num_workers"})
+# keys a resumed run may change: where its logs go and how often, how fast data is read, and
+# how long it runs (more steps continue on the longer schedule: train.optim.resume_schedule)
+FREE_ON_RESUME = frozenset({"out_dir", "log_every", "data.num_workers", "optim.steps"})
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
