@@ -25,9 +25,9 @@ from test_index import random_vectors, write_fake_shards
 from xmodal.atomic import atomic_path, is_out_of_space
 from xmodal.cli import main
 from xmodal.errors import OutputError
-from xmodal.extract.writer import MANIFEST_FORMAT
 from xmodal.index import SearchIndex
 from xmodal.pairs import score_pairs
+from xmodal.shards import MANIFEST_FORMAT
 
 
 class SmallDisk:

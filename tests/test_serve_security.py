@@ -430,7 +430,7 @@ def test_a_mapped_file_truncated_in_place_never_kills_the_process(tmp_path: Path
         "processor_hash": "0" * 16,
         "created": "2024-01-01T00:00:00+00:00",
     }
-    from xmodal.extract.writer import MANIFEST_FORMAT
+    from xmodal.shards import MANIFEST_FORMAT
 
     like["format"] = MANIFEST_FORMAT
     shards = write_fake_shards(tmp_path / "emb", vectors, like)

@@ -24,13 +24,13 @@ from xmodal.data.refs import location
 from xmodal.errors import ExtractError, IncompatibleError, IndexBuildError
 from xmodal.extract.mapper import PairScores
 from xmodal.extract.reader import TokenizedCaptions
-from xmodal.extract.writer import (  # MissingDependencyError without pyarrow
+from xmodal.processing import MultimodalProcessor, caption_problem
+from xmodal.shards import (  # MissingDependencyError without pyarrow
     modality_record,
     pa,
     pq,
     write_table_atomic,
 )
-from xmodal.processing import MultimodalProcessor, caption_problem
 
 PAIRS = "pairs"
 SCORE_COLUMNS = typing.get_args(PairScore)

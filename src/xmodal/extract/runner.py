@@ -62,25 +62,24 @@ from xmodal.extract.reader import (
     text_batches,
     text_items,
 )
-from xmodal.extract.writer import (
+from xmodal.extract.writer import complete_shards, remove_stale_temporaries
+from xmodal.models.identity import ModelIdentity, check_compatible, identify
+from xmodal.presets import load_model
+from xmodal.processing import MultimodalProcessor
+from xmodal.shards import (
     DTYPES,
     MANIFEST_FORMAT,
     MODALITIES,
-    complete_shards,
     load_errors,
     load_manifest,
     modality_record,
     now,
-    remove_stale_temporaries,
     save_errors,
     save_manifest,
     shard_name,
     shard_table,
     write_table_atomic,
 )
-from xmodal.models.identity import ModelIdentity, check_compatible, identify
-from xmodal.presets import load_model
-from xmodal.processing import MultimodalProcessor
 
 ShardHook = Callable[[str, int], None]
 log = logging.getLogger(__name__)
