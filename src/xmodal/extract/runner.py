@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from xmodal import distributed
-from xmodal.data.datasets import ImageTextDataset, load_dataset
+from xmodal.data.datasets import load_dataset
 from xmodal.data.images import ImageBatch, ThreadedImageBatches, image_loader
 from xmodal.data.refs import location
 from xmodal.data.skipped import save_skipped
@@ -154,9 +154,7 @@ class _Images(ModalityStrategy):
     """Unique images, decoded in worker processes or threads as the measured costs plan."""
 
     name, unit = "images", "img"
-
-    def items(self, dataset: ImageTextDataset) -> list[Item]:
-        return image_items(dataset)
+    items = staticmethod(image_items)
 
     def batches(self, items: Sequence[Item], bounds: Bounds) -> Batches:
         batches, count = batches_per_shard(bounds, self.tools.batch_size)
@@ -213,9 +211,7 @@ class _Texts(ModalityStrategy):
     """Every caption; a shard's captions are tokenised together and batched by length."""
 
     name, unit = "texts", "txt"
-
-    def items(self, dataset: ImageTextDataset) -> list[Item]:
-        return text_items(dataset)
+    items = staticmethod(text_items)
 
     def batches(self, items: Sequence[Item], bounds: Bounds) -> Batches:
         _, count = batches_per_shard(bounds, self.tools.batch_size)
@@ -252,9 +248,7 @@ class _Pairs(ModalityStrategy):
     by length within a shard, then both towers, the fusion and the ITM head per batch."""
 
     name, unit = PAIRS, "pair"
-
-    def items(self, dataset: ImageTextDataset) -> list[PairItem]:
-        return pair_items(dataset)
+    items = staticmethod(pair_items)
 
     def add_record(
         self, manifest: dict[str, Any], items: Sequence[PairItem], out: Path, data
