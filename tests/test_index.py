@@ -16,11 +16,11 @@ from xmodal import index as index_module
 from xmodal.cli import main
 from xmodal.errors import IncompatibleError
 from xmodal.extract import extract, load_manifest, read_shard
-from xmodal.extract.writer import MANIFEST_FORMAT, save_manifest, shard_name, write_shard
 from xmodal.index import SearchIndex, build_faiss, build_index, neighbour_recall
 from xmodal.models.model import CrossModalModel, save_rerank_weight
 from xmodal.processing import MultimodalProcessor
 from xmodal.search import search
+from xmodal.shards import MANIFEST_FORMAT, save_manifest, shard_name, write_shard
 
 
 def normed(x: np.ndarray) -> np.ndarray:
