@@ -142,7 +142,7 @@ def test_the_build_budget_counts_the_process_itself(data, tmp_path: Path) -> Non
         data["shards"],
         tmp_path / "i",
         modality="texts",
-        max_index_memory="100K",
+        max_index_memory="130K",
         max_build_memory="1G",
     )
     assert info["budget"]["process_bytes"] > 10 << 20
