@@ -286,8 +286,10 @@ def escalate(
 
 
 def sample_for(plan: budgets.IndexPlan, train: np.ndarray) -> np.ndarray:
-    """The part of the training sample ``plan`` trains on."""
-    return train[: min(len(train), plan.train_rows())]
+    """The part of the training sample ``plan`` trains on (evenly spaced: the sample is in
+    row order)."""
+    need = min(len(train), plan.train_rows())
+    return train[np.linspace(0, len(train) - 1, need).astype(np.int64)] if need else train[:0]
 
 
 def scan_codes(
@@ -329,12 +331,10 @@ def refusal(
     ]
     larger = [with_plan(p, opq=plan.opq) if p.kind == "ivf-pq" else p for p in larger]
     larger.sort(key=lambda p: p.index_bytes())
-    coded = [p for p in larger if p.compressed][:LADDER]
-    codecs = [train_index(p, sample_for(p, train), seed) for p in coded]
-    scans = scan_codes(source, rows, held, codecs, RECALL_K) if codecs else []
     need, reached = None, 1.0
-    for option, scan in zip(coded, scans, strict=True):
-        value = held.recall_at(scan.found, RECALL_K)
+    for option in [p for p in larger if p.compressed][:LADDER]:  # smallest first
+        codec = train_index(option, sample_for(option, train), seed)
+        value = held.recall_at(scan_codes(source, rows, held, [codec], RECALL_K)[0].found)
         if value >= target:
             need, reached = option, value
             break
