@@ -127,6 +127,7 @@ def build_planned(
             if choice.best < target and (accept is None or choice.best < accept):
                 message = refusal(choice, train, source, rows, held, target, limits, seed)
                 raise RecallTargetError(message)
+            retune = choice.plan != plan or choice.refine != refine
             if choice.plan != plan:  # another code within the budget: add the rows again
                 del index
                 for block in work.glob("block-*.faiss"):
@@ -136,7 +137,8 @@ def build_planned(
                 rows = budgets.batch_rows(plan, max_build_memory, reserved)
                 index, _ = add_batches(plan, trained, source, 0, rows, work, None, None, None)
                 info = _describe(source, plan, added, generation, rows, limits, opq_check)
-            _tune(info, index, held, choice.refine, target, work, work)
+            if retune:
+                _tune(info, index, held, choice.refine, target, work, work)
             info["plan"]["recall_check"] = choice.tried
         del train
         _save(index, trained, plan, work, files)
@@ -289,7 +291,9 @@ def sample_for(plan: budgets.IndexPlan, train: np.ndarray) -> np.ndarray:
     """The part of the training sample ``plan`` trains on (evenly spaced: the sample is in
     row order)."""
     need = min(len(train), plan.train_rows())
-    return train[np.linspace(0, len(train) - 1, need).astype(np.int64)] if need else train[:0]
+    if need == len(train):
+        return train
+    return train[np.linspace(0, len(train) - 1, need).astype(np.int64)]
 
 
 def scan_codes(
