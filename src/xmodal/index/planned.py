@@ -254,8 +254,6 @@ def escalate(
     finer = with_plan(plan, nlist=plan.nlist * FINER_NLIST)
     if plan.count >= budgets.MIN_TRAIN_PER_LIST * finer.nlist:
         variants.append(finer)
-        if plan.kind == "ivf-pq" and not plan.opq:
-            variants.append(with_plan(finer, opq=True))
     for variant in variants:
         if limits.fits(variant):
             options.append((variant, train_index(variant, sample_for(variant, train), seed)))
