@@ -329,7 +329,7 @@ def refusal(
     larger = [
         p
         for p in budgets.candidates(plan.count, plan.dim, plan.nlist)
-        if p.index_bytes() > limits.index and (p.kind != "flat" or plan.count < limits.flat_max)
+        if p.code_size > plan.code_size and (p.kind != "flat" or plan.count < limits.flat_max)
     ]
     larger = [with_plan(p, opq=plan.opq) if p.kind == "ivf-pq" else p for p in larger]
     larger.sort(key=lambda p: p.index_bytes())
@@ -341,7 +341,11 @@ def refusal(
             need, reached = option, value
             break
     if need is None:
-        need = next(p for p in larger if not p.compressed)
+        need = next(p for p in larger if not p.compressed)  # IVF-Flat is always a candidate
+    budget = f"--max-index-memory {budgets.format_size(need.index_bytes())}"
+    if limits.build is not None and need.build_bytes() + limits.reserved > limits.build:
+        build = budgets.format_size(need.build_bytes() + limits.reserved)
+        budget += f" and --max-build-memory {build}"
     shortlist = f", re-ranking {choice.refine}" if choice.refine else ""
     hint = ""
     if choice.hint >= target:
@@ -353,7 +357,7 @@ def refusal(
         f"--max-index-memory {budgets.format_size(limits.index)} cannot reach recall@10 "
         f"{target} on {plan.count:,} {plan.dim}-d vectors: the best within it is "
         f"{choice.best:.3f} ({plan.factory()}, every list probed{shortlist}); "
-        f"--max-index-memory {budgets.format_size(need.index_bytes())} would reach it "
+        f"{budget} would reach it "
         f"({need.factory()}, recall@10 {reached:.3f}){hint}; or pass --accept-recall "
         f"{floor2(choice.best)} to build it anyway"
     )
