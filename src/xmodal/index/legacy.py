@@ -23,6 +23,7 @@ from xmodal.errors import IndexBuildError, MissingDependencyError, MissingFileEr
 from xmodal.extract.writer import MODALITIES, load_manifest, now, read_shard
 from xmodal.index.description import INDEX_FORMAT, INDEX_JSON, read_info
 from xmodal.index.tuning import (
+    GROUND_TRUTH_K,
     RECALL_K,
     HeldOut,
     check_recall,
@@ -128,9 +129,9 @@ class Tuner:
         self.rows = np.sort(rng.choice(count, size=held_out_count(count, sample), replace=False))
         self.queries = np.ascontiguousarray(vectors[self.rows])
         self.k = min(RECALL_K, count - len(self.rows))
-        self.held = HeldOut(self.rows, self.queries, max(1, self.k))
+        self.held = HeldOut(self.rows, self.queries, GROUND_TRUTH_K)
         self.held.update(0, vectors)
-        self.exact = self.held.found
+        self.exact = self.held.found[:, : self.k]
         self.selector = self.held.selector()  # kept alive with the tuner
 
     def recall(self, index: faiss.Index, params: faiss.SearchParameters | None) -> float:

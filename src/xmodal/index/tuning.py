@@ -27,6 +27,7 @@ GROUND_TRUTH_K = 100
 HELD_OUT = 500  # tuning queries (fewer for small collections: at most a tenth of the rows)
 TARGET_RECALL = 0.95
 CHUNK = 16_384
+TIE = 1e-6  # inner products this close to the k-th exact one are ties (duplicate rows)
 
 
 class RecallTargetError(IndexBuildError):
@@ -114,29 +115,32 @@ class HeldOut:
     def recall_at(self, found: np.ndarray, k: int = RECALL_K, shortlist: int = 0) -> float:
         """Mean fraction of each query's exact top-``k`` found in the first ``shortlist``
         (default ``k``) positions of ``found`` (what re-ranking that shortlist exactly finds);
-        1.0 when no query has neighbours."""
-        exact = self.found[:, : min(k, self.k)]
+        1.0 when no query has neighbours. Rows tied with the k-th exact score (duplicates)
+        count as found: any of them is a correct k-th neighbour."""
+        k = min(k, self.k)
+        exact = self.found[:, :k]
         valid = int((exact >= 0).sum())
         if valid == 0:
             return 1.0
         shortlist = shortlist or k
-        hits = sum(
-            len(set(a[:shortlist].tolist()) & set(e.tolist()) - {-1})
-            for a, e in zip(found, exact, strict=True)
-        )
+        hits = 0
+        for i, row in enumerate(found):
+            wanted = int((exact[i] >= 0).sum())
+            if wanted == 0:
+                continue
+            kth = self.scores[i, wanted - 1]
+            correct = set(self.found[i][self.scores[i] >= kth - TIE].tolist()) - {-1}
+            hits += min(wanted, len(set(row[:shortlist].tolist()) & correct))
         return hits / valid
 
     def recalls(self, found: np.ndarray) -> dict[str, float]:
         """recall@1/10/100 of ``found`` (rows: queries, best first) against exact search."""
-        out = {}
-        for k in RECALL_AT:
-            k = min(k, self.k, found.shape[1])
-            exact = self.found[:, :k]
-            if (exact >= 0).sum() == 0:
-                continue
-            hits = sum(len(set(a[:k]) & set(e) - {-1}) for a, e in zip(found, exact, strict=True))
-            out[f"recall_at_{k}"] = round(hits / max(1, int((exact >= 0).sum())), 4)
-        return out
+        depth = min(self.k, found.shape[1])
+        return {
+            f"recall_at_{k}": round(self.recall_at(found, k), 4)
+            for k in sorted({min(k, depth) for k in RECALL_AT})
+            if k >= 1
+        }
 
     def save(self, path: Path) -> None:
         with open(path, "wb") as handle:
