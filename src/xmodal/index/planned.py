@@ -1,5 +1,8 @@
 """Indexes built under a memory budget, out of RAM: train on a sample, add the shards batch by
-batch into blocks, merge the blocks into on-disk inverted lists, tune nprobe on held-out rows.
+batch into blocks, merge the blocks into on-disk inverted lists, tune nprobe on held-out rows
+and record the recall reached (:mod:`.tuning`). Under the target recall the build tries what
+raises it within the budget (:func:`escalate`) and refuses, naming the budget that would
+reach it (:func:`refusal`), when nothing does.
 
 Files of generation ``g`` in the index folder: ``index-g.faiss`` (quantizer and tables; the
 lists are in ``lists-g.ivfdata``, memory-mapped when searching), ``ids-g.parquet`` (ids and
