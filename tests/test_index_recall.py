@@ -176,3 +176,35 @@ def test_duplicates_do_not_lower_the_recall_of_exact_search(tmp_path: Path):
     assert budgeted["kind"] == "flat"
     for info in (by_kind, budgeted):
         assert info["params"]["measured_recall"] == {"at": 10, "value": 1.0, "queries": 200}
+
+
+def test_an_index_by_kind_under_its_target_is_refused_unless_accepted(data, tmp_path: Path):
+    """The same rule for indexes built by kind: HNSW held to an efSearch too small for the
+    target is refused in one line, and kept with --accept-recall."""
+    from xmodal.index import legacy
+
+    def shallow(self, index, make, low, high, target):  # efSearch tuning stops at 16
+        return low, self.recall(index, make(low))
+
+    small = write_fake_shards(tmp_path / "emb", data["vectors"][:3000], LIKE, 1000)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(legacy.Tuner, "smallest", shallow)
+        patch.setattr(legacy, "HNSW_EF_CONSTRUCTION", 16)
+        patch.setattr(legacy, "HNSW_M", 4)
+        message = (
+            r"hnsw index of 3,000 texts: recall@10 0\.\d+ on 300 held-out queries is under "
+            r"the target 0\.999; pass --accept-recall"
+        )
+        with pytest.raises(RecallTargetError, match=message) as refused:
+            build_index(small, tmp_path / "h", kind="hnsw", modality="texts", target_recall=0.999)
+        assert not (tmp_path / "h" / "index.json").exists()
+        floor = float(re.search(r"--accept-recall (0\.\d+)", str(refused.value)).group(1))
+        info = build_index(
+            small,
+            tmp_path / "h",
+            kind="hnsw",
+            modality="texts",
+            target_recall=0.999,
+            accept_recall=floor,
+        )
+    assert info["params"]["accept_recall"] == floor <= info["params"]["measured_recall"]["value"]
