@@ -1,6 +1,9 @@
 """Memory-budgeted indexes on Parquet shards: build time, peak RSS of build and search,
-queries/s and recall@10 against exact search, for the index a budget picks vs today's
-in-memory IVF-Flat (``--kind ivf``), each build and search in its own process.
+queries/s and recall@10 against exact search (of queries the index never saw, beside the
+``measured_recall`` the build recorded on its held-out rows), for the index a budget picks
+vs today's in-memory IVF-Flat (``--kind ivf``), each build and search in its own process. A
+budget that cannot reach the target recall is refused by ``xmodal index``; the row then
+holds its one-line reason.
 
 ``--search-memory-limit 2.25G`` runs each search in a fresh memory cgroup with that hard
 limit (Linux, root; page cache counts against it), after evicting the index's files from the
@@ -23,6 +26,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -77,18 +81,24 @@ def evict(folder: Path) -> None:
                 os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
+class Refused(Exception):
+    """A build that exited 2: the one-line reason (e.g. the budget cannot reach the target
+    recall)."""
+
+
 def run_child(
     argv: list[str], cgroup: Path | None = None
 ) -> tuple[float, float, str, dict[str, int]]:
     """Wall seconds, peak RSS (MiB), stdout and peak RssAnon / RssFile (KiB) of a child (in
-    ``cgroup`` when given)."""
+    ``cgroup`` when given); Refused with its error line when it exits 2."""
     start = time.perf_counter()
     enter = None
     if cgroup is not None:
         procs = cgroup / "cgroup.procs"
         enter = lambda: procs.write_text(str(os.getpid()))  # noqa: E731 (runs in the child)
+    errors = tempfile.TemporaryFile("w+")
     child = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, preexec_fn=enter
+        argv, stdout=subprocess.PIPE, stderr=errors, text=True, preexec_fn=enter
     )
     peaks: dict[str, int] = {}
     done = threading.Event()
@@ -99,6 +109,11 @@ def run_child(
     sampler.join()
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
+    errors.seek(0)
+    error_lines = [line for line in errors.read().splitlines() if "error:" in line]
+    errors.close()
+    if child.returncode == 2 and error_lines:
+        raise Refused(error_lines[-1].split("error: ", 1)[1])
     if child.returncode:
         raise SystemExit(f"{argv} failed ({child.returncode}): {out[-2000:]}")
     return time.perf_counter() - start, usage.ru_maxrss / 1024, out, peaks
@@ -144,7 +159,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="folder for the indexes and queries")
     parser.add_argument("--budget", default="200M", help="--max-index-memory")
     parser.add_argument("--build-memory", default=None, help="--max-build-memory")
-    parser.add_argument("--refine", type=int, default=100)
+    parser.add_argument("--refine", type=int, default=100, help="0: no stored vectors")
+    parser.add_argument("--target-recall", default=None, help="xmodal index --target-recall")
+    parser.add_argument("--accept-recall", default=None, help="xmodal index --accept-recall")
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compare-ivf", action="store_true", help="also today's IVF-Flat")
@@ -193,6 +210,8 @@ def main() -> None:
             "--refine",
             str(args.refine),
             *(["--max-build-memory", args.build_memory] if args.build_memory else []),
+            *(["--target-recall", args.target_recall] if args.target_recall else []),
+            *(["--accept-recall", args.accept_recall] if args.accept_recall else []),
         ],
     }
     if args.compare_ivf:
@@ -203,7 +222,14 @@ def main() -> None:
         if args.reuse and (out / "index.json").is_file():
             built_s, build_rss, build_peaks = 0.0, 0.0, {"reused": 1}  # not measured here
         else:
-            built_s, build_rss, _, build_peaks = run_child([*xmodal, "--out", str(out), *flags])
+            try:
+                started = time.perf_counter()
+                built_s, build_rss, _, build_peaks = run_child([*xmodal, "--out", str(out), *flags])
+            except Refused as refused:  # the budget cannot reach the target recall
+                seconds = round(time.perf_counter() - started, 1)
+                rows.append({"index": name, "refused": str(refused), "build_s": seconds})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
         info = json.loads((out / "index.json").read_text())
         found_file = args.work / "found.npy"
         worker = [
@@ -244,6 +270,7 @@ def main() -> None:
                 "search_memory_limit": args.search_memory_limit,
                 "qps": round(report["qps"]),
                 "recall_at_10": round(float(recall), 4),
+                "measured_recall": info["params"].get("measured_recall"),
             }
         )
         print(json.dumps(rows[-1]), flush=True)

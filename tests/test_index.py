@@ -136,6 +136,7 @@ def test_auto_keeps_exact_search_for_structureless_data(setup, tmp_path, monkeyp
     monkeypatch.setattr(index_module.legacy, "FLAT_MAX", 1000)
     _, params = build_faiss(random_vectors(4000), "auto")
     assert params["kind"] == "flat" and "little cluster structure" in params["ivf_rejected"]
+    assert params["measured_recall"] == {"at": 10, "value": 1.0, "queries": 400}
     index, params = build_faiss(clustered_vectors(4000, 40), "auto")
     assert params["kind"] == "ivf" and params["recall_at_10"] >= 0.95
     assert params["nprobe"] <= 0.05 * params["nlist"]
@@ -147,6 +148,9 @@ def test_hnsw_index(setup) -> None:
     index, params = build_faiss(vectors, "hnsw")
     assert params["kind"] == "hnsw" and params["recall_at_10"] >= 0.95
     assert index.hnsw.efSearch == params["efSearch"] >= 16
+    measured = params["measured_recall"]
+    assert measured["at"] == 10 and measured["queries"] == 200  # a tenth of the rows
+    assert measured["value"] == pytest.approx(params["recall_at_10"], abs=1e-4)
 
 
 def test_neighbour_recall() -> None:

@@ -78,6 +78,8 @@ def test_health_and_docs(setup) -> None:
         32,
     )
     assert body["processor_hash"] == setup["processor"].config_hash
+    recall = body["measured_recall"]  # measured when the index was built, against exact search
+    assert recall["at"] == 10 and recall["value"] == 1.0 and recall["queries"] >= 1
     schema = client.get("/openapi.json").json()
     assert {"/embed", "/search", "/match", "/health", "/images/{image_id}"} <= set(schema["paths"])
     assert "multipart/form-data" in schema["paths"]["/search"]["post"]["requestBody"]["content"]

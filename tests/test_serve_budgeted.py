@@ -61,9 +61,10 @@ def setup(tmp_path_factory, minilm_tokenizer, minilm_path):
         argv = ["index", "--shards", str(root / "emb"), "--out", str(root / modality)]
         argv += ["--modality", modality, "--max-index-memory", BUDGET, "--refine", str(REFINE)]
         assert main(argv) == 0
-    # the same rows without stored vectors: refine is refused on it
+    # the same rows without stored vectors: refine is refused on it (its SQ8 codes miss the
+    # 0.95 target on these near-identical tiny-model embeddings: accepted as they are)
     plain = ["index", "--shards", str(root / "emb"), "--out", str(root / "plain")]
-    assert main([*plain, "--max-index-memory", BUDGET]) == 0
+    assert main([*plain, "--max-index-memory", BUDGET, "--accept-recall", "0.5"]) == 0
     model = CrossModalModel.from_pretrained(model_dir)
     processor = MultimodalProcessor.from_pretrained(model_dir)
     identity = identify(model, processor, model_dir)

@@ -71,6 +71,11 @@ class ExportError(XmodalError, RuntimeError):
     the message names the tower and the exporter's reason in one line."""
 
 
+class RecallTargetError(IndexBuildError):
+    """The index a build can make reaches less than its target recall (and less than what
+    ``--accept-recall`` allows): nothing is written."""
+
+
 class MissingDependencyError(XmodalError, ImportError):
     """A package a feature needs is not installed or cannot be obtained (an optional Python
     extra, a tower package, npm); the message says what to install."""

@@ -21,7 +21,14 @@ from xmodal.atomic import atomic_path, atomic_write_text, make_dir
 from xmodal.config import IndexKind
 from xmodal.errors import IndexBuildError, MissingDependencyError, MissingFileError
 from xmodal.index.description import INDEX_FORMAT, INDEX_JSON, read_info
-from xmodal.index.tuning import neighbour_recall
+from xmodal.index.tuning import (
+    GROUND_TRUTH_K,
+    RECALL_K,
+    HeldOut,
+    check_recall,
+    held_out_count,
+    measured_record,
+)
 from xmodal.models.identity import ModelIdentity, check_compatible
 from xmodal.shards import MODALITIES, load_manifest, now, read_shard
 
@@ -37,7 +44,6 @@ except ImportError as exc:  # an optional extra, needed only to build or search 
 INDEX_KINDS = typing.get_args(IndexKind)
 FLAT_MAX = 50_000
 TARGET_RECALL = 0.95
-RECALL_K = 10
 TUNING_QUERIES = 500
 # Scanning inverted lists costs far more per vector than exact BLAS search: when IVF needs
 # more than this fraction of its lists, "auto" keeps exact search.
@@ -113,32 +119,32 @@ def ivf_nlist(count: int) -> int:
 
 
 class Tuner:
-    """Recall of an index against exact search, on a sample of the data as queries.
-
-    Each query's own vector is left out of both result lists (it would be an easy hit).
-    """
+    """Recall@10 of an index against exact search on held-out rows of the data
+    (:mod:`.tuning`): up to ``sample`` rows, at most a tenth of them, searched with every
+    held-out row left out of both the index's results and the exact ones."""
 
     def __init__(self, vectors: np.ndarray, sample: int = TUNING_QUERIES, seed: int = 0):
         rng = np.random.default_rng(seed)
         count = len(vectors)
-        self.rows = np.sort(rng.choice(count, size=min(sample, count), replace=False))
+        self.rows = np.sort(rng.choice(count, size=held_out_count(count, sample), replace=False))
         self.queries = np.ascontiguousarray(vectors[self.rows])
-        self.k = min(RECALL_K, count - 1)
-        _, exact = faiss.knn(self.queries, vectors, self.k + 1, metric=faiss.METRIC_INNER_PRODUCT)
-        self.exact = self._drop_self(exact)
-
-    def _drop_self(self, found: np.ndarray) -> np.ndarray:
-        out = np.full((len(found), self.k), -1, dtype=np.int64)
-        for i, (row, own) in enumerate(zip(found, self.rows, strict=True)):
-            kept = [j for j in row if j != own][: self.k]
-            out[i, : len(kept)] = kept
-        return out
+        self.k = min(RECALL_K, count - len(self.rows))
+        self.held = HeldOut(self.rows, self.queries, GROUND_TRUTH_K)
+        self.held.update(0, vectors)
+        self.exact = self.held.found[:, : self.k]
+        self.selector = self.held.selector()  # kept alive with the tuner
 
     def recall(self, index: faiss.Index, params: faiss.SearchParameters | None) -> float:
-        if self.k < 1:
+        if self.k < 1 or not len(self.rows):
             return 1.0
-        _, found = index.search(self.queries, self.k + 1, params=params)
-        return neighbour_recall(self._drop_self(found), self.exact, self.k)
+        params = params if params is not None else faiss.SearchParameters()
+        params.sel = self.selector
+        _, found = index.search(self.queries, self.k, params=params)
+        return self.held.recall_at(found, self.k)
+
+    def measured(self, index: faiss.Index, params: faiss.SearchParameters | None) -> dict:
+        """The ``measured_recall`` record of ``index`` searched with ``params``."""
+        return measured_record(self.recall(index, params), len(self.rows))
 
     def smallest(
         self, index: faiss.Index, make: Any, low: int, high: int, target: float = TARGET_RECALL
@@ -164,21 +170,42 @@ class Tuner:
 def build_faiss(
     vectors: np.ndarray, kind: str = "auto", seed: int = 0, target: float = TARGET_RECALL
 ) -> tuple[faiss.Index, dict[str, Any]]:
-    """An inner-product index over ``vectors`` and the parameters it was built and tuned with."""
+    """An inner-product index over ``vectors`` and the parameters it was built and tuned with,
+    its ``measured_recall`` among them (:mod:`.tuning`; exact search measures ~1.0)."""
     if kind not in INDEX_KINDS:
         raise IndexBuildError(f"kind must be one of {INDEX_KINDS}, got {kind!r}")
     count, dim = vectors.shape
     if count == 0:
         raise IndexBuildError("no vectors to index")
+    tuner = Tuner(vectors, seed=seed)
     if kind == "flat" or (kind == "auto" and count < FLAT_MAX):
-        return _flat(vectors), {"kind": "flat"}
+        flat = _flat(vectors)
+        return flat, _exact_params(tuner, flat, target)
     if kind == "hnsw":
-        return _hnsw(vectors, seed, target)
-    index, params = _ivf(vectors, seed, target)
+        index, params = _hnsw(vectors, seed, target, tuner)
+        return index, _measured(params, tuner, index)
+    index, params = _ivf(vectors, seed, target, tuner)
     reason = ivf_rejection(params)
     if kind == "auto" and reason:
-        return _flat(vectors), {"kind": "flat", "ivf_rejected": reason}
-    return index, params
+        flat = _flat(vectors)
+        return flat, {**_exact_params(tuner, flat, target), "ivf_rejected": reason}
+    return index, _measured(params, tuner, index)
+
+
+def _exact_params(tuner: Tuner, flat: faiss.Index, target: float) -> dict[str, Any]:
+    measured = tuner.measured(flat, None) if len(tuner.rows) else measured_record(1.0, 0)
+    return {"kind": "flat", "target_recall": target, "measured_recall": measured}
+
+
+def _measured(params: dict[str, Any], tuner: Tuner, index: faiss.Index) -> dict[str, Any]:
+    """``params`` with the recall of ``index`` searched as it is served (its tuned nprobe or
+    efSearch) on the tuner's held-out rows."""
+    if params["kind"] == "ivf":
+        search = faiss.SearchParametersIVF(nprobe=params["nprobe"])
+    else:
+        search = faiss.SearchParametersHNSW(efSearch=params["efSearch"])
+    params["measured_recall"] = tuner.measured(index, search)
+    return params
 
 
 def ivf_rejection(params: dict[str, Any]) -> str | None:
@@ -198,7 +225,9 @@ def _flat(vectors: np.ndarray) -> faiss.Index:
     return index
 
 
-def _ivf(vectors: np.ndarray, seed: int, target: float) -> tuple[faiss.Index, dict[str, Any]]:
+def _ivf(
+    vectors: np.ndarray, seed: int, target: float, tuner: Tuner | None = None
+) -> tuple[faiss.Index, dict[str, Any]]:
     count, dim = vectors.shape
     nlist = ivf_nlist(count)
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -208,23 +237,27 @@ def _ivf(vectors: np.ndarray, seed: int, target: float) -> tuple[faiss.Index, di
     train_rows = np.sort(rng.choice(count, size=min(count, 50 * nlist), replace=False))
     index.train(np.ascontiguousarray(vectors[train_rows]))
     index.add(vectors)
-    nprobe, recall = tune_ivf(index, vectors, seed, target)
+    nprobe, recall = tune_ivf(index, vectors, seed, target, tuner)
     return index, {
         "kind": "ivf",
         "nlist": nlist,
         "nprobe": nprobe,
         "recall_at_10": recall,
         "target_recall": target,
-        "tuning_queries": min(TUNING_QUERIES, count),
+        "tuning_queries": len(tuner.rows) if tuner else held_out_count(count, TUNING_QUERIES),
         "train_vectors": len(train_rows),
     }
 
 
 def tune_ivf(
-    index: faiss.Index, vectors: np.ndarray, seed: int = 0, target: float = TARGET_RECALL
+    index: faiss.Index,
+    vectors: np.ndarray,
+    seed: int = 0,
+    target: float = TARGET_RECALL,
+    tuner: Tuner | None = None,
 ) -> tuple[int, float]:
     """The smallest nprobe reaching ``target`` recall@10 (sets it as the index default)."""
-    tuner = Tuner(vectors, seed=seed)
+    tuner = tuner or Tuner(vectors, seed=seed)
     nprobe, recall = tuner.smallest(
         index, lambda p: faiss.SearchParametersIVF(nprobe=p), 1, index.nlist, target
     )
@@ -232,11 +265,13 @@ def tune_ivf(
     return nprobe, recall
 
 
-def _hnsw(vectors: np.ndarray, seed: int, target: float) -> tuple[faiss.Index, dict[str, Any]]:
+def _hnsw(
+    vectors: np.ndarray, seed: int, target: float, tuner: Tuner | None = None
+) -> tuple[faiss.Index, dict[str, Any]]:
     index = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     index.add(vectors)
-    tuner = Tuner(vectors, seed=seed)
+    tuner = tuner or Tuner(vectors, seed=seed)
     ef, recall = tuner.smallest(
         index, lambda e: faiss.SearchParametersHNSW(efSearch=e), 16, 4096, target
     )
@@ -285,14 +320,18 @@ def build_index(
     modality: str = "images",
     add: bool = False,
     seed: int = 0,
+    target: float = TARGET_RECALL,
+    accept: float | None = None,
 ) -> dict[str, Any]:
     """Index the ``modality`` shards of ``shards`` into ``out`` as a ``kind`` index (auto,
-    flat, ivf or hnsw); ``add`` appends new shards only."""
+    flat, ivf or hnsw); ``add`` appends new shards only. An index whose measured recall@10
+    is under ``target`` (and under ``accept`` when given) is refused, nothing written."""
     out = Path(out)
     if add:
-        return _add(Path(shards), out, modality, seed)
+        return _add(Path(shards), out, modality, seed, accept)
     manifest, vectors = load_vectors(shards, modality)
-    index, params = build_faiss(vectors.embeddings, kind, seed)
+    index, params = build_faiss(vectors.embeddings, kind, seed, target)
+    _check(params, f"{params['kind']} index of {len(vectors.ids):,} {modality}", accept)
     previous = read_info(out) or {}
     info = {
         "format": INDEX_FORMAT,
@@ -313,7 +352,19 @@ def build_index(
     return info
 
 
-def _add(shards: Path, out: Path, modality: str, seed: int) -> dict[str, Any]:
+def _check(params: dict[str, Any], what: str, accept: float | None) -> None:
+    """Refuse a measured recall under the target (unless ``accept`` allows it); record the
+    floor that let it through."""
+    measured, target = params["measured_recall"], params["target_recall"]
+    check_recall(measured, target, accept, what)
+    params.pop("accept_recall", None)
+    if measured["value"] < target:
+        params["accept_recall"] = accept
+
+
+def _add(
+    shards: Path, out: Path, modality: str, seed: int, accept: float | None = None
+) -> dict[str, Any]:
     info = read_info(out)
     if info is None:
         raise IndexBuildError(f"{out}: no index to add to (build one first, without --add)")
@@ -334,10 +385,19 @@ def _add(shards: Path, out: Path, modality: str, seed: int) -> dict[str, Any]:
         new.embeddings,
         info["shards"] + new.shards,
     )
+    params = info["params"]
+    params.setdefault("target_recall", TARGET_RECALL)  # an index built before it was recorded
+    merged.embeddings = _all_embeddings(merged.shards, modality)
+    tuner = Tuner(merged.embeddings, seed=seed)
     if info["kind"] == "ivf":
-        merged.embeddings = _all_embeddings(merged.shards, modality)
-        nprobe, recall = tune_ivf(index, merged.embeddings, seed, info["params"]["target_recall"])
-        info["params"].update(nprobe=nprobe, recall_at_10=recall)
+        nprobe, recall = tune_ivf(index, merged.embeddings, seed, params["target_recall"], tuner)
+        params.update(nprobe=nprobe, recall_at_10=recall, tuning_queries=len(tuner.rows))
+    if info["kind"] == "flat":
+        params["measured_recall"] = tuner.measured(index, None)
+    else:
+        served = _measured(dict(params, kind=info["kind"]), tuner, index)
+        params["measured_recall"] = served["measured_recall"]
+    _check(params, f"{out} after adding", params.get("accept_recall") if accept is None else accept)
     info.update(count=index.ntotal, shards=merged.shards, generation=info["generation"] + 1)
     _write(out, index, merged, info)
     return info

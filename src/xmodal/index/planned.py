@@ -1,5 +1,8 @@
 """Indexes built under a memory budget, out of RAM: train on a sample, add the shards batch by
-batch into blocks, merge the blocks into on-disk inverted lists, tune nprobe on held-out rows.
+batch into blocks, merge the blocks into on-disk inverted lists, tune nprobe on held-out rows
+and record the recall reached (:mod:`.tuning`). Under the target recall the build tries what
+raises it within the budget (:func:`escalate`) and refuses, naming the budget that would
+reach it (:func:`refusal`), when nothing does.
 
 Files of generation ``g`` in the index folder: ``index-g.faiss`` (quantizer and tables; the
 lists are in ``lists-g.ivfdata``, memory-mapped when searching), ``ids-g.parquet`` (ids and
@@ -10,10 +13,12 @@ sources, read by position), ``trained-g.faiss`` (the empty trained index, for ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +32,27 @@ from xmodal.index.description import INDEX_FORMAT, INDEX_JSON
 from xmodal.index.ondisk import file_digest, merge_blocks, read_index
 from xmodal.index.store import IdsFile, IdsWriter, VectorsWriter, open_vectors
 from xmodal.index.stream import Batch, ShardSource
-from xmodal.index.tuning import HELD_OUT, TARGET_RECALL, HeldOut, tune_nprobe
+from xmodal.index.tuning import (
+    GROUND_TRUTH_K,
+    RECALL_K,
+    TARGET_RECALL,
+    HeldOut,
+    RecallTargetError,
+    check_recall,
+    floor2,
+    held_out_count,
+    measured_record,
+    search_index,
+    tune_nprobe,
+)
 from xmodal.shards import now
 
 VECTORS_FILE = "vectors.bin"
+REFINE_MAX = 1000  # longest exact re-ranking shortlist the build may settle on
+REFINE_HINT = 100  # the shortlist a refusal suggests when no vectors are stored
+FINER_NLIST = 4  # the finer coarse quantizer tried under the target: this many times the lists
+LADDER = 4  # larger codes a refusal measures to name the budget that would reach the target
+RECALL_ROWS = 16_384  # rows encoded at once while measuring codes
 IVF_MAX_PROBE_FRACTION = 0.05
 OPQ_SAMPLE = 8_000  # rows the OPQ rotation is trained on
 OPQ_IMBALANCE = 1.5
@@ -57,15 +79,21 @@ def build_planned(
     seed: int = 0,
     previous: dict[str, Any] | None = None,
     flat_max: int = budgets.FLAT_MAX,
+    accept: float | None = None,
 ) -> dict[str, Any]:
-    """Build the index the budget picks over ``source`` into ``out`` (a new generation)."""
+    """Build the index the budget picks over ``source`` into ``out`` (a new generation).
+
+    Its recall@10 is measured on held-out rows (:mod:`.tuning`). Under ``target`` (with every
+    list probed) the build tries what raises recall within the budget (:func:`escalate`);
+    when nothing reaches it, RecallTargetError names the best recall and the budget that
+    would reach the target, unless ``accept`` allows the best one."""
     started = time.perf_counter()
     reserved = budgets.process_memory() if max_build_memory is not None else 0
     plan = budgets.plan_index(
         source.count, source.dim, max_index_memory, max_build_memory, flat_max, reserved
     )
     rng = np.random.default_rng(seed)
-    held_count = min(HELD_OUT, source.count // 10) if plan.kind != "flat" else 0
+    held_count = held_out_count(source.count)
     sample = source.sample_positions(plan.train_rows() + held_count, rng)
     held_rows = np.sort(rng.choice(sample, size=held_count, replace=False))
     train_rows = np.setdiff1d(sample, held_rows)
@@ -85,7 +113,6 @@ def build_planned(
         if plan.kind == "ivf-pq":
             plan, opq_check = choose_opq(plan, train, seed)
         trained = train_index(plan, train, seed)
-        del train
         rows = budgets.batch_rows(plan, max_build_memory, reserved)
         vectors = VectorsWriter(work / VECTORS_FILE, source.dtype) if refine else None
         ids = IdsWriter(work / files["ids_file"])
@@ -93,34 +120,35 @@ def build_planned(
         ids.close()
         if vectors is not None:
             vectors.close()
-        _save(index, trained, plan, work, files)
-        info = {
-            "format": INDEX_FORMAT,
-            "kind": plan.kind,
-            "modality": source.modality,
-            "metric": "inner_product",
-            "count": added,
-            "dim": source.dim,
-            "dtype": source.dtype,
-            "model": source.manifest["model"],
-            "processor_hash": source.manifest["processor_hash"],
-            "shards": [f.record() for f in source.files],
-            "generation": generation,
-            "created": now(),
-            "budget": {
-                "max_index_memory": max_index_memory,
-                "max_build_memory": max_build_memory,
-                "index_bytes": plan.index_bytes(),
-                "build_bytes": plan.build_bytes(rows),
-                "process_bytes": reserved,
-                "batch_rows": rows,
-            },
-            "plan": plan.describe(),
-            "params": {"factory": plan.factory()},
-        }
-        if opq_check:
-            info["plan"]["opq_check"] = opq_check
+        limits = Limits(max_index_memory, max_build_memory, reserved, flat_max)
+        info = _describe(source, plan, added, generation, rows, limits, opq_check)
         _tune(info, index, held, refine, target, work, work)
+        if info["params"]["measured_recall"]["value"] < target and plan.compressed:
+            choice = escalate(
+                plan, trained, train, source, rows, held, refine, target, limits, seed
+            )
+            if choice.best < target and (accept is None or choice.best < accept):
+                message = refusal(choice, train, source, rows, held, target, limits, seed)
+                raise RecallTargetError(message)
+            retune = choice.plan != plan or choice.refine != refine
+            if choice.plan != plan:  # another code within the budget: add the rows again
+                del index
+                for block in work.glob("block-*.faiss"):
+                    block.unlink()
+                (work / "lists.ivfdata").unlink(missing_ok=True)
+                plan, trained = choice.plan, choice.trained
+                rows = budgets.batch_rows(plan, max_build_memory, reserved)
+                index, _ = add_batches(plan, trained, source, 0, rows, work, None, None, None)
+                info = _describe(source, plan, added, generation, rows, limits, opq_check)
+            if retune:
+                _tune(info, index, held, choice.refine, target, work, work)
+            info["plan"]["recall_check"] = choice.tried
+        del train
+        _save(index, trained, plan, work, files)
+        measured = info["params"]["measured_recall"]
+        if measured["value"] < target:  # what the build reaches on the held-out rows
+            check_recall(measured, target, accept, f"{plan.factory()} index of {added:,} vectors")
+            info["params"]["accept_recall"] = accept
         if plan.kind == "ivf-flat" and _ivf_rejected(info, max_index_memory, flat_max):
             info["params"]["ivf_rejected"] = _ivf_rejected(info, max_index_memory, flat_max)
         info["build_seconds"] = round(time.perf_counter() - started, 1)
@@ -128,6 +156,214 @@ def build_planned(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return info
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The budgets of one build (bytes; ``reserved``: what the process itself holds)."""
+
+    index: int
+    build: int | None
+    reserved: int
+    flat_max: int
+
+    def fits(self, plan: budgets.IndexPlan) -> bool:
+        """Whether ``plan`` fits the index budget and can be built within the build one."""
+        if plan.index_bytes() > self.index:
+            return False
+        return self.build is None or plan.build_bytes() + self.reserved <= self.build
+
+
+def _describe(
+    source: ShardSource,
+    plan: budgets.IndexPlan,
+    added: int,
+    generation: int,
+    rows: int,
+    limits: Limits,
+    opq_check: dict[str, float],
+) -> dict[str, Any]:
+    """index.json of a fresh build of ``plan`` (params filled in by :func:`_tune`)."""
+    info = {
+        "format": INDEX_FORMAT,
+        "kind": plan.kind,
+        "modality": source.modality,
+        "metric": "inner_product",
+        "count": added,
+        "dim": source.dim,
+        "dtype": source.dtype,
+        "model": source.manifest["model"],
+        "processor_hash": source.manifest["processor_hash"],
+        "shards": [f.record() for f in source.files],
+        "generation": generation,
+        "created": now(),
+        "budget": {
+            "max_index_memory": limits.index,
+            "max_build_memory": limits.build,
+            "index_bytes": plan.index_bytes(),
+            "build_bytes": plan.build_bytes(rows),
+            "process_bytes": limits.reserved,
+            "batch_rows": rows,
+        },
+        "plan": plan.describe(),
+        "params": {"factory": plan.factory()},
+    }
+    if opq_check and plan.kind == "ivf-pq":
+        info["plan"]["opq_check"] = opq_check
+    return info
+
+
+@dataclass
+class Choice:
+    """What :func:`escalate` settled on: the plan (and its trained index), the re-ranking
+    shortlist, the best recall@10 any option reaches with every list probed, and every
+    option tried (for index.json)."""
+
+    plan: budgets.IndexPlan
+    trained: faiss.Index
+    refine: int
+    best: float
+    tried: list[dict[str, Any]]
+    hint: float = 0.0  # recall@10 the best option reaches re-ranking REFINE_HINT exactly
+
+
+def with_plan(plan: budgets.IndexPlan, **changes: Any) -> budgets.IndexPlan:
+    return dataclasses.replace(plan, **changes)
+
+
+def escalate(
+    plan: budgets.IndexPlan,
+    trained: faiss.Index,
+    train: np.ndarray,
+    source: ShardSource,
+    rows: int,
+    held: HeldOut,
+    refine: int,
+    target: float,
+    limits: Limits,
+    seed: int = 0,
+) -> Choice:
+    """Options that raise recall within the budget, when ``plan`` (nprobe tuned up to every
+    list) misses ``target``: OPQ (a learnt rotation before the PQ code), a finer coarse
+    quantizer (smaller residuals to encode), and, when the vectors are stored (``refine``),
+    longer exact re-ranking shortlists (up to ``REFINE_MAX``); the code itself is already the
+    largest the budget holds. Each option's recall@10 with every list probed is measured in
+    one pass over the rows (the code's decoded vectors scored against the held-out queries,
+    as the index scores them); the first that reaches ``target`` wins."""
+    options = [(plan, trained)]
+    variants = []
+    if plan.kind == "ivf-pq" and not plan.opq:
+        variants.append(with_plan(plan, opq=True))
+    finer = with_plan(plan, nlist=plan.nlist * FINER_NLIST)
+    if plan.count >= budgets.MIN_TRAIN_PER_LIST * finer.nlist:
+        variants.append(finer)
+    for variant in variants:
+        if limits.fits(variant):
+            options.append((variant, train_index(variant, sample_for(variant, train), seed)))
+    shortlist = REFINE_MAX if refine else REFINE_HINT
+    scans = scan_codes(source, rows, held, [t for _, t in options], shortlist)
+    served = max(RECALL_K, refine) if refine else RECALL_K
+    lengths = [served]
+    while refine and lengths[-1] < REFINE_MAX:
+        lengths.append(min(REFINE_MAX, lengths[-1] * 2))
+    tried, table = [], []
+    for (option, _), scan in zip(options, scans, strict=True):
+        recalls = {r: round(held.recall_at(scan.found, RECALL_K, r), 4) for r in lengths}
+        table.append(recalls)
+        entry = {"factory": option.factory(), "recall_at_10_all_lists": recalls[served]}
+        if refine:
+            entry["refine"] = {str(r): v for r, v in recalls.items()}
+        tried.append(entry)
+    for length in lengths:  # the shortest shortlist first, then the plan's own order
+        for (option, codec), recalls in zip(options, table, strict=True):
+            if recalls[length] >= target:
+                chosen = length if refine and length != served else refine
+                return Choice(option, codec, chosen, recalls[length], tried)
+    best = max(range(len(options)), key=lambda i: (table[i][lengths[-1]], -i))
+    option, codec = options[best]
+    value = table[best][lengths[-1]]
+    length = min(r for r in lengths if table[best][r] >= value) if refine else 0
+    length = refine if length == served else length
+    hint = 0.0 if refine else held.recall_at(scans[best].found, RECALL_K, REFINE_HINT)
+    return Choice(option, codec, length, value, tried, hint)
+
+
+def sample_for(plan: budgets.IndexPlan, train: np.ndarray) -> np.ndarray:
+    """The part of the training sample ``plan`` trains on (evenly spaced: the sample is in
+    row order)."""
+    need = min(len(train), plan.train_rows())
+    if need == len(train):
+        return train
+    return train[np.linspace(0, len(train) - 1, need).astype(np.int64)]
+
+
+def scan_codes(
+    source: ShardSource, rows: int, held: HeldOut, codecs: list[faiss.Index], shortlist: int
+) -> list[HeldOut]:
+    """Each trained (empty) index's top-``shortlist`` for the held-out queries over every row
+    of ``source`` (held-out rows skipped) with every list probed: the rows encoded and
+    decoded by the index (``sa_encode``/``sa_decode``), scored by inner product with the
+    queries, as the index scores its codes."""
+    found = [HeldOut(held.positions, held.queries, shortlist) for _ in codecs]
+    bar = tqdm(total=source.count * len(codecs), desc="checking recall", unit="vec", leave=False)
+    for batch in source.batches(min(rows, RECALL_ROWS), with_ids=False):
+        for codec, top in zip(codecs, found, strict=True):
+            top.update(batch.start, codec.sa_decode(codec.sa_encode(batch.embeddings)))
+            bar.update(len(batch.embeddings))
+    bar.close()
+    return found
+
+
+def refusal(
+    choice: Choice,
+    train: np.ndarray,
+    source: ShardSource,
+    rows: int,
+    held: HeldOut,
+    target: float,
+    limits: Limits,
+    seed: int = 0,
+) -> str:
+    """The one line naming the best recall the budget reaches and the budget that would
+    reach the target: the smallest larger index (up to ``LADDER`` of them measured as
+    :func:`escalate` does) whose recall@10 with every list probed reaches it, else the
+    smallest exact one (IVF-Flat: exact scores)."""
+    plan = choice.plan
+    larger = [
+        p
+        for p in budgets.candidates(plan.count, plan.dim, plan.nlist)
+        if p.code_size > plan.code_size and (p.kind != "flat" or plan.count < limits.flat_max)
+    ]
+    larger = [with_plan(p, opq=plan.opq) if p.kind == "ivf-pq" else p for p in larger]
+    larger.sort(key=lambda p: p.index_bytes())
+    need, reached = None, 1.0
+    for option in [p for p in larger if p.compressed][:LADDER]:  # smallest first
+        codec = train_index(option, sample_for(option, train), seed)
+        value = held.recall_at(scan_codes(source, rows, held, [codec], RECALL_K)[0].found)
+        if value >= target:
+            need, reached = option, value
+            break
+    if need is None:
+        need = next(p for p in larger if not p.compressed)  # IVF-Flat is always a candidate
+    budget = f"--max-index-memory {budgets.format_size(need.index_bytes())}"
+    if limits.build is not None and need.build_bytes() + limits.reserved > limits.build:
+        build = budgets.format_size(need.build_bytes() + limits.reserved)
+        budget += f" and --max-build-memory {build}"
+    shortlist = f", re-ranking {choice.refine}" if choice.refine else ""
+    hint = ""
+    if choice.hint >= target:
+        hint = (
+            f"; so would --refine {REFINE_HINT} (recall@10 {choice.hint:.3f}, the vectors "
+            "kept on disk)"
+        )
+    return (
+        f"--max-index-memory {budgets.format_size(limits.index)} cannot reach recall@10 "
+        f"{target} on {plan.count:,} {plan.dim}-d vectors: the best within it is "
+        f"{choice.best:.3f} ({plan.factory()}, every list probed{shortlist}); "
+        f"{budget} would reach it "
+        f"({need.factory()}, recall@10 {reached:.3f}){hint}; or pass --accept-recall "
+        f"{floor2(choice.best)} to build it anyway"
+    )
 
 
 def _ivf_rejected(info: dict[str, Any], budget: int, flat_max: int) -> str | None:
@@ -208,19 +444,20 @@ def add_batches(
     first: int,
     rows: int,
     work: Path,
-    ids: IdsWriter,
+    ids: IdsWriter | None,
     vectors: VectorsWriter | None,
     held: HeldOut | None,
 ) -> tuple[faiss.Index, int]:
     """Add every row of ``source`` (positions from ``first``); IVF rows go to block files in
-    ``work`` that are merged into on-disk lists. Returns the index and the rows added."""
+    ``work`` that are merged into on-disk lists. Returns the index and the rows added. Ids,
+    vectors and the held-out rows' exact neighbours are recorded where given."""
     flat = plan.kind == "flat"
     index = trained if flat else faiss.clone_index(trained)
     blocks: list[Path] = []
     block_limit = max(rows, budgets.BLOCK_BYTES // (plan.code_size + budgets.ID_BYTES))
     added = 0
     bar = tqdm(total=source.count, desc=f"adding to {plan.factory()}", unit="vec", leave=False)
-    for batch in source.batches(rows):
+    for batch in source.batches(rows, with_ids=ids is not None):
         positions = np.arange(first + added, first + added + len(batch.embeddings), dtype=np.int64)
         if flat:
             index.add(batch.embeddings)
@@ -248,8 +485,9 @@ def blocks_index(
     return merge_blocks(faiss.clone_index(trained), blocks, work / "lists.ivfdata", ondisk)
 
 
-def _record(batch: Batch, ids: IdsWriter, vectors: VectorsWriter | None) -> None:
-    ids.write(batch.columns)
+def _record(batch: Batch, ids: IdsWriter | None, vectors: VectorsWriter | None) -> None:
+    if ids is not None:
+        ids.write(batch.columns)
     if vectors is not None:
         vectors.write(batch.embeddings)
 
@@ -286,19 +524,28 @@ def _tune(
     vectors_dir: Path,
     work: Path,
 ) -> None:
-    """nprobe from the held-out rows, recall at 1/10/100 (exact search: 1.0)."""
+    """nprobe from the held-out rows (the smallest reaching ``target``, else every list),
+    recall at 1/10/100 and ``measured_recall`` (:mod:`.tuning`) of the index as served."""
     params = info["params"]
-    if info["kind"] == "flat":
-        params.update(recall_at_1=1.0, recall_at_10=1.0, recall_at_100=1.0)
-        return
     vectors = (
         open_vectors(vectors_dir / VECTORS_FILE, info["count"], info["dim"], info["dtype"])
         if refine
         else None
     )
-    nlist = faiss.extract_index_ivf(index).nlist
-    nprobe, recalls = tune_nprobe(index, held, nlist, target, refine, vectors)
-    params.update(nlist=nlist, nprobe=nprobe, refine=refine, target_recall=target, **recalls)
+    if info["kind"] == "flat":
+        nprobe = None
+        found = search_index(
+            index, held.queries, GROUND_TRUTH_K, None, refine, vectors, held.selector()
+        )[1]
+        recalls = held.recalls(found)
+        params.update(refine=refine, target_recall=target, **recalls)
+    else:
+        nlist = faiss.extract_index_ivf(index).nlist
+        nprobe, recalls = tune_nprobe(index, held, nlist, target, refine, vectors)
+        params.update(nlist=nlist, nprobe=nprobe, refine=refine, target_recall=target, **recalls)
+    selector = held.selector()
+    found = search_index(index, held.queries, RECALL_K, nprobe, refine, vectors, selector)[1]
+    params["measured_recall"] = measured_record(held.recall_at(found), len(held.queries))
     params["tuning_queries"] = len(held.queries)
     held.save(work / names(info["generation"])["heldout_file"])
 
@@ -330,9 +577,13 @@ def _commit(out: Path, work: Path, info: dict[str, Any], files: dict[str, str]) 
         (out / VECTORS_FILE).unlink(missing_ok=True)
 
 
-def add_planned(source: ShardSource, out: Path, info: dict[str, Any]) -> dict[str, Any]:
+def add_planned(
+    source: ShardSource, out: Path, info: dict[str, Any], accept: float | None = None
+) -> dict[str, Any]:
     """Append ``source``'s rows to a budgeted index as a new generation: the new rows go to
-    blocks merged with the current lists; nprobe is re-tuned on the same held-out rows."""
+    blocks merged with the current lists; nprobe is re-tuned and recall measured on the same
+    held-out rows (RecallTargetError, the index left as it was, when it falls under the
+    target and under ``accept``, default: the floor the index was built with)."""
     old_count = info["count"]
     generation = info["generation"] + 1
     files = names(generation)
@@ -385,7 +636,13 @@ def add_planned(source: ShardSource, out: Path, info: dict[str, Any]) -> dict[st
         info["shards"] = info["shards"] + [f.record() for f in source.files]
         info["plan"] = dict(info["plan"], count=old_count + added)
         if held is not None:
-            _tune(info, index, held, refine, info["params"]["target_recall"], out, work)
+            params = info["params"]
+            target = params.get("target_recall", TARGET_RECALL)
+            _tune(info, index, held, refine, target, out, work)
+            floor = params.pop("accept_recall", None) if accept is None else accept
+            if params["measured_recall"]["value"] < target:
+                check_recall(params["measured_recall"], target, floor, f"{out} after adding")
+                params["accept_recall"] = floor
         _commit(out, work, info, files)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -117,6 +117,11 @@ class SearchIndex:
         since it was opened (searching it could crash the process)."""
         self.files.check()
 
+    @property
+    def measured_recall(self) -> dict[str, Any] | None:
+        """Recall@10 against exact search measured at build time (:func:`measured_recall`)."""
+        return measured_recall(self.info)
+
     def search_parameters(
         self, nprobe: int | None = None, ef_search: int | None = None, k: int = RECALL_K
     ) -> faiss.SearchParameters | None:
@@ -196,6 +201,20 @@ def hits(scores: np.ndarray, found: np.ndarray) -> Hits:
 
 
 def describe(info: dict[str, Any]) -> str:
-    """One line: kind and the parameters that matter."""
-    params = ", ".join(f"{k}={v}" for k, v in info.get("params", {}).items()) or "exact"
-    return f"{info['kind']} index of {info['count']} {info['modality']} ({params})"
+    """One line: kind, the parameters that matter and the measured recall."""
+    params = dict(info.get("params", {}))
+    measured = params.pop("measured_recall", None)
+    text = ", ".join(f"{k}={v}" for k, v in params.items()) or "exact"
+    if measured:
+        text += (
+            f"; measured recall@{measured['at']} {measured['value']} on {measured['queries']} "
+            "held-out queries"
+        )
+    return f"{info['kind']} index of {info['count']} {info['modality']} ({text})"
+
+
+def measured_recall(info: dict[str, Any]) -> dict[str, Any] | None:
+    """``{"at": 10, "value": ..., "queries": n}``: the recall the index measured against exact
+    search when it was built (``info["params"]["measured_recall"]``; None for an index built
+    before it was recorded)."""
+    return info.get("params", {}).get("measured_recall")

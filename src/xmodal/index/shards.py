@@ -70,6 +70,16 @@ def combine_indexes(parts: list[str | Path], out: str | Path) -> dict[str, Any]:
     return info
 
 
+def _lowest_recall(parts: list[SearchIndex]) -> dict[str, Any]:
+    """``measured_recall`` of a sharded index: the lowest of its parts' (each measured on its
+    own rows), with every part's value; absent when a part has none."""
+    measured = [p.info.get("params", {}).get("measured_recall") for p in parts]
+    if not measured or any(m is None for m in measured):
+        return {}
+    lowest = min(measured, key=lambda m: m["value"])
+    return {"measured_recall": {**lowest, "part_values": [m["value"] for m in measured]}}
+
+
 class ShardedIndex:
     """Index parts searched as one; positions run through the parts in order."""
 
@@ -105,6 +115,7 @@ class ShardedIndex:
             "params": {
                 "parts": len(self.parts),
                 "part_kinds": [p.kind for p in self.parts],
+                **_lowest_recall(self.parts),
             },
             "parts": info.get("parts", [{"dir": str(f)} for f in folders]),
             "shards": [s for p in self.parts for s in p.info.get("shards", [])],

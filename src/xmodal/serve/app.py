@@ -18,6 +18,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from xmodal.errors import IndexBuildError, XmodalError
+from xmodal.index.searching import measured_recall
 from xmodal.processing import open_raster
 from xmodal.runtime import Deadline
 from xmodal.search import Searcher
@@ -52,6 +53,8 @@ class Health(BaseModel):
     model: dict[str, Any]
     processor_hash: str
     refinable: bool  # whether a search may ask for exact re-ranking (refine)
+    # recall@10 against exact search, measured when the index was built (None: older index)
+    measured_recall: dict[str, Any] | None = None
 
 
 class Embeddings(BaseModel):
@@ -165,6 +168,7 @@ def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> Fas
             model=model,
             processor_hash=index.info["processor_hash"],
             refinable=index.refinable,
+            measured_recall=measured_recall(index.info),
         )
         if status != "ok":
             return JSONResponse(report.model_dump(), status_code=503)

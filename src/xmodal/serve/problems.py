@@ -28,6 +28,7 @@ from xmodal.errors import (
     MissingFileError,
     ModelLoadError,
     OutputError,
+    RecallTargetError,
     XmodalError,
 )
 from xmodal.search import IndexedImageError
@@ -48,6 +49,7 @@ ERROR_STATUS: tuple[tuple[type[XmodalError], int], ...] = (
     (CancelledWorkError, CLIENT_CLOSED),
     (IndexDamagedError, 503),  # an index file changed on disk under the server
     (IndexedImageError, 500),  # see error_response: 404 when gone
+    (RecallTargetError, 500),  # an index build refused (not met while serving)
     (IndexBuildError, 503),  # an index the server cannot read (any more)
     (ConfigError, 500),
     (ModelLoadError, 500),
