@@ -18,6 +18,7 @@ from pathlib import Path
 import anyio
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from test_extract import make_image_folder, save_tiny_model, tiny_processor
@@ -511,3 +512,40 @@ def test_a_client_leaving_mid_body_is_one_log_line(live, caplog) -> None:
     text = caplog.text
     assert "Traceback" not in text and "Exception in ASGI" not in text
     assert text.count("went away") == 1, text  # one line, naming what happened
+
+
+def test_the_model_lock_serves_short_calls_before_queued_long_ones() -> None:
+    from xmodal.search import ModelLock
+
+    lock = ModelLock()
+    order: list[str] = []
+    holding = threading.Event()
+
+    def take(name: str, priority: int) -> None:
+        with lock.held(priority):
+            order.append(name)
+
+    with lock.held(1):  # a chunk of long work holds the lock while others queue
+        threads = [threading.Thread(target=take, args=(f"long{i}", 1)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.05)
+        short = threading.Thread(target=take, args=("short", 0))
+        short.start()
+        time.sleep(0.05)
+        holding.set()
+    for thread in [*threads, short]:
+        thread.join(5)
+    assert order == ["short", "long0", "long1", "long2"]  # then in arrival order
+
+
+def test_images_through_the_tower_in_chunks_equal_one_batch(setup) -> None:
+    searcher = setup["searcher"]
+    images = sorted(setup["data"].glob("img*.png"))
+    assert len(images) > 8  # more than one chunk of the model lock
+    chunked = searcher.image_features(images)
+    pixels = searcher.processor.process_images(images)
+    with torch.inference_mode():
+        whole = searcher.model.image_features(pixels)
+    torch.testing.assert_close(chunked.embeds, whole.embeds, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(chunked.tokens, whole.tokens, atol=1e-5, rtol=1e-4)

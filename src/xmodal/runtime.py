@@ -97,10 +97,12 @@ class Deadline:
     Long work calls :meth:`check` between its steps (an image decoded, a model call, a chunk
     of re-ranking): past ``seconds`` it raises :class:`DeadlineError`, after :meth:`cancel`
     :class:`CancelledWorkError`. Thread-safe: the event loop cancels, a worker thread checks.
+    ``priority`` orders waiters for a shared resource (the model: 0, short requests, first).
     """
 
-    def __init__(self, seconds: float | None = None):
+    def __init__(self, seconds: float | None = None, priority: int = 0):
         self.seconds = seconds
+        self.priority = priority  # for shared resources: lower goes first
         self.expires = None if seconds is None else time.monotonic() + seconds
         self._cancelled: str | None = None
 

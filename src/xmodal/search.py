@@ -8,7 +8,10 @@ calibrated) re-ranking is a no-op: results keep their ITC order and ``rerank_not
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +24,12 @@ from xmodal.errors import ImageLoadError, IncompatibleError, IndexBuildError, In
 from xmodal.evaluate.rerank import RerankWeight, resolve_rerank_weight
 from xmodal.index import SearchIndex, ShardedIndex, open_index
 from xmodal.models.identity import ModelIdentity, check_compatible, identify
-from xmodal.models.model import CrossModalModel, Features
+from xmodal.models.model import CrossModalModel, Features, cat_features
 from xmodal.processing import ImageInput, MultimodalProcessor, read_regular_file
 from xmodal.runtime import NO_DEADLINE, Deadline
 
-RERANK_CHUNK = 8  # re-ranked candidates per model call: the deadline is checked between chunks
+RERANK_CHUNK = 4  # re-ranked candidates per model call: the deadline is checked between chunks
+MODEL_CHUNK = 8  # images through the image tower per hold of the model lock
 
 
 class IndexedImageError(IndexBuildError):
@@ -49,28 +53,37 @@ class IndexedImageError(IndexBuildError):
         )
 
 
-class FairLock:
-    """A lock granted in arrival order: a thread that releases it and asks again queues
-    behind those already waiting (``threading.Lock`` lets it cut in), so short model calls
-    are never starved by a long run of chunks."""
+class ModelLock:
+    """The lock model calls take, granted by priority, then in arrival order.
+
+    A thread that releases it and asks again queues behind those already waiting
+    (``threading.Lock`` lets it cut in), and a short, urgent call (``priority`` 0: a caption
+    search) goes before queued chunks of long work (priority 1: re-ranking, uploads), so it waits
+    for one chunk at most, never for a whole run of them.
+    """
 
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self._next_ticket = 0
-        self._serving = 0
+        self._waiting: list[tuple[int, int]] = []  # (priority, ticket), a heap
+        self._held = False
 
-    def __enter__(self) -> FairLock:
+    @contextlib.contextmanager
+    def held(self, priority: int = 0) -> Iterator[None]:
         with self._condition:
-            ticket = self._next_ticket
+            entry = (priority, self._next_ticket)
             self._next_ticket += 1
-            while ticket != self._serving:
+            heapq.heappush(self._waiting, entry)
+            while self._held or self._waiting[0] != entry:
                 self._condition.wait()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        with self._condition:
-            self._serving += 1
-            self._condition.notify_all()
+            heapq.heappop(self._waiting)
+            self._held = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._held = False
+                self._condition.notify_all()
 
 
 class Searcher:
@@ -104,7 +117,7 @@ class Searcher:
         self.model = model.eval()
         self.processor = processor
         self.index = index
-        self.lock = FairLock()
+        self.lock = ModelLock()
         self.rerank: RerankWeight = resolve_rerank_weight(
             model.config.fusion.rerank_weight, rerank_weight
         )
@@ -118,7 +131,8 @@ class Searcher:
     # -- features -------------------------------------------------------------------------------
     def text_features(self, texts: list[str], work: Deadline = NO_DEADLINE) -> Features:
         work.check()
-        with self.lock, torch.inference_mode():  # fast tokenizers are not thread-safe
+        # fast tokenizers are not thread-safe
+        with self.lock.held(work.priority), torch.inference_mode():
             work.check()
             batch = self.processor.process_text(texts)
             return self.model.text_features(batch["input_ids"], batch["attention_mask"])
@@ -130,10 +144,13 @@ class Searcher:
         for image in images:  # decoding needs no lock
             work.check()
             crops.append(self.processor.process_image(image))
-        work.check()
-        with self.lock, torch.inference_mode():
-            work.check()
-            return self.model.image_features(torch.stack(crops))
+        parts = []
+        for start in range(0, len(crops), MODEL_CHUNK):  # the lock is held a chunk at a time
+            batch = torch.stack(crops[start : start + MODEL_CHUNK])
+            with self.lock.held(work.priority), torch.inference_mode():
+                work.check()
+                parts.append(self.model.image_features(batch))
+        return parts[0] if len(parts) == 1 else cat_features(parts)
 
     def embed_texts(self, texts: list[str], work: Deadline = NO_DEADLINE) -> np.ndarray:
         """(N, D) float32 L2-normalised caption embeddings."""
@@ -242,7 +259,7 @@ class Searcher:
             else:
                 image = query.index(repeat)
                 text = self.text_features([self.index.sources[p] for p in chunk], work)
-            with self.lock, torch.inference_mode():
+            with self.lock.held(work.priority), torch.inference_mode():
                 work.check()
                 scores += self.model.itm_score(image, text).float().tolist()
         return scores
@@ -286,7 +303,7 @@ class Searcher:
         """ITM score, match probability and embedding similarity of one (image, caption) pair."""
         image_features = self.image_features([image], work)
         text_features = self.text_features([caption], work)
-        with self.lock, torch.inference_mode():
+        with self.lock.held(work.priority), torch.inference_mode():
             work.check()
             logits = self.model.itm_logits(image_features, text_features)[0].float()
         similarity = float((image_features.embeds @ text_features.embeds.T)[0, 0])

@@ -99,6 +99,7 @@ class Workers:
         """``fn(*args, work=work, **kwargs)`` in a worker thread of the right kind, within the
         request's deadline; cancelled when the client goes away."""
         limiter = self.heavy if heavy else self.light
+        work.priority = 1 if heavy else 0  # at the model lock, short requests go first
         call = partial(fn, *args, work=work, **kwargs)
         result: list[T] = []
         failure: list[Exception] = []
