@@ -101,10 +101,10 @@ def build_server(app: Any, settings: ServeSettings) -> Any:
         limit_concurrency=settings.max_connections,
         server_header=False,
     )
-    server_log = logging.getLogger("uvicorn.error")
+    server_log = logging.getLogger("uvicorn")  # uvicorn's handler sits on its root logger
     if server_log.handlers:
         log.handlers, log.propagate = list(server_log.handlers), False
-        log.setLevel(server_log.level)
+        log.setLevel(logging.getLogger("uvicorn.error").getEffectiveLevel())
     return uvicorn.Server(config)
 
 
