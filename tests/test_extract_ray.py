@@ -177,6 +177,20 @@ def test_resume_after_the_driver_is_killed(cluster, pool, setup, tmp_path: Path)
     assert_same_output(out, setup["plain"])
 
 
+def test_a_removed_node_loses_nothing(cluster, pool, setup, tmp_path: Path) -> None:
+    """The last test on the cluster: it leaves the head node alone."""
+    out = tmp_path / "ray"
+    worker = next(n for n in cluster.list_all_nodes() if n is not cluster.head_node)
+
+    def remove_a_node(modality: str, k: int) -> None:
+        if (modality, k) == ("images", 0):  # its actor's shards are lost with it
+            cluster.remove_node(worker)
+
+    plain_run(extract_ray, setup["model"], setup["data"], out, on_shard=remove_a_node, pool=pool)
+    assert_same_output(out, setup["plain"])
+    assert sum(1 for n in ray.nodes() if n["Alive"]) == 1
+
+
 def test_without_ray_the_engine_says_how_to_install_it(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(MissingDependencyError, match=r"pip install 'xmodal\[ray\]'"):
