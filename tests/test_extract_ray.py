@@ -20,7 +20,13 @@ from test_extract import make_image_folder, save_tiny_model, tiny_processor
 from xmodal.errors import ExtractError, MissingDependencyError
 from xmodal.extract import extract, load_manifest
 from xmodal.extract.mapper import MapperOptions
-from xmodal.extract.ray_engine import MapperPool, actor_spec, extract_ray, import_ray
+from xmodal.extract.ray_engine import (
+    ActorSpec,
+    MapperPool,
+    actor_spec,
+    extract_ray,
+    import_ray,
+)
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'xmodal[ray]')")
 
@@ -199,12 +205,12 @@ def test_without_ray_the_engine_says_how_to_install_it(monkeypatch) -> None:
 
 def test_actor_spec_one_per_gpu_else_one_per_node() -> None:
     cpu, auto = MapperOptions(device="cpu"), MapperOptions(device="auto")
-    assert actor_spec({"CPU": 8, "GPU": 4}, 2, auto, None).count == 4
-    assert actor_spec({"CPU": 8, "GPU": 4}, 2, auto, None).num_gpus == 1
-    assert actor_spec({"CPU": 8, "GPU": 4}, 2, cpu, None).count == 2
-    assert actor_spec({"CPU": 8}, 3, auto, None).num_gpus == 0
-    assert actor_spec({"CPU": 8}, 3, cpu, 5).count == 5
+    gpu_nodes = [{"CPU": 16, "GPU": 4}, {"CPU": 48, "GPU": 8}]
+    assert actor_spec(gpu_nodes, auto, None) == ActorSpec(12, 4, 1, 4)  # 16 / 4 cores a GPU
+    assert actor_spec(gpu_nodes, cpu, None) == ActorSpec(2, 1, 0)
+    assert actor_spec([{"CPU": 8}] * 3, auto, None) == ActorSpec(3, 1, 0)
+    assert actor_spec([{"CPU": 8}] * 3, cpu, 5).count == 5
     with pytest.raises(ExtractError, match="no GPU"):
-        actor_spec({"CPU": 8}, 1, MapperOptions(device="cuda"), None)
+        actor_spec([{"CPU": 8}], MapperOptions(device="cuda"), None)
     with pytest.raises(ExtractError, match=">= 1"):
-        actor_spec({"CPU": 8}, 1, cpu, 0)
+        actor_spec([{"CPU": 8}], cpu, 0)

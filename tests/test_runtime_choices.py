@@ -13,6 +13,7 @@ from xmodal.config import (
     Backend,
     ConfigError,
     DatasetFormat,
+    ExtractEngine,
     ExtractModality,
     IndexKind,
     KarpathySplit,
@@ -81,6 +82,7 @@ def test_cli_choices_are_the_types_values() -> None:
         "dtype": args(ShardDtype),
         "precision": args(Precision),
         "backend": args(Backend),
+        "engine": args(ExtractEngine),
     }
     assert _choices("index") == {"kind": args(IndexKind), "modality": args(Modality)}
     assert _choices("eval") == {"format": args(DatasetFormat), "split": args(KarpathySplit)}

@@ -6,7 +6,7 @@ import argparse
 import typing
 
 from xmodal.commands import MODEL_HELP
-from xmodal.config import Backend, ExtractModality, Precision, ShardDtype
+from xmodal.config import Backend, ExtractEngine, ExtractModality, Precision, ShardDtype
 
 
 def add(commands) -> None:
@@ -52,7 +52,7 @@ def add(commands) -> None:
     p.add_argument("--onnx-dir", default=None, help="towers from `xmodal export-onnx`")
     p.add_argument(
         "--engine",
-        choices=("plain", "ray"),
+        choices=typing.get_args(ExtractEngine),
         default="plain",
         help="plain: this process (or torchrun ranks); ray: the model in a pool of Ray actors, "
         "the same output (pip install 'xmodal[ray]')",

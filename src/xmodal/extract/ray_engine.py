@@ -76,27 +76,34 @@ def import_ray() -> Any:
 
 @dataclass(frozen=True)
 class ActorSpec:
-    """How many mapper actors, and what each reserves from the cluster."""
+    """How many mapper actors, and what each reserves from the cluster. ``cores``: the host
+    cores an actor's decoding and model use (None: all of its node's)."""
 
     count: int
     num_cpus: float
     num_gpus: float
+    cores: int | None = None
 
 
 def actor_spec(
-    resources: dict[str, float], nodes: int, options: MapperOptions, actors: int | None
+    nodes: list[dict[str, float]], options: MapperOptions, actors: int | None
 ) -> ActorSpec:
-    """One actor per GPU when the model may run on one and the cluster has GPUs; else one per
-    node (a CPU model uses all of its node's cores). ``actors`` overrides the count."""
-    gpus = int(resources.get("GPU", 0))
-    wants_gpu = options.device == "auto" or options.device.startswith("cuda")
+    """The pool for a cluster whose alive nodes have the resources ``nodes``: one actor per GPU
+    when the model may run on one and there are GPUs, each with its share of its node's cores
+    (the fewest CPUs per GPU of any node; it decodes for its GPU); else one actor per node,
+    which uses all of the node's cores (a CPU model's fastest split). ``actors`` overrides the
+    count."""
     if actors is not None and actors < 1:
         raise ExtractError(f"ray actors must be >= 1, got {actors}")
+    gpus = sum(int(n.get("GPU", 0)) for n in nodes)
+    wants_gpu = options.device == "auto" or options.device.startswith("cuda")
     if wants_gpu and gpus:
-        return ActorSpec(actors or gpus, 1, 1)
+        shares = [int(n.get("CPU", 0)) // int(n["GPU"]) for n in nodes if n.get("GPU", 0) >= 1]
+        cores = max(1, min(shares))
+        return ActorSpec(actors or gpus, cores, 1, cores)
     if options.device.startswith("cuda"):
         raise ExtractError(f"--device {options.device}: the Ray cluster has no GPU")
-    return ActorSpec(actors or max(1, nodes), 1, 0)
+    return ActorSpec(actors or max(1, len(nodes)), 1, 0)
 
 
 @dataclass(frozen=True)
@@ -164,7 +171,9 @@ class _ShardRun(_Run):
 class MapperActor:
     """A Ray actor holding one copy of the model; :meth:`shard` embeds one shard."""
 
-    def __init__(self, model: str, options: MapperOptions | None):
+    def __init__(self, model: str, options: MapperOptions | None, cores: int | None = None):
+        if cores:  # this actor's share of the node: local_cores() divides by LOCAL_WORLD_SIZE
+            os.environ["LOCAL_WORLD_SIZE"] = str(max(1, (os.cpu_count() or 1) // cores))
         net, self.processor = load_model(model)
         self.mapper = EmbeddingMapper(net, options, self.processor)
         self.runs: dict[ShardSettings, _ShardRun] = {}
@@ -203,8 +212,8 @@ class MapperPool:
         self.started = _join(self.ray, address)
         self.actors: list[Any] = []
         try:
-            nodes = sum(1 for n in self.ray.nodes() if n.get("Alive"))
-            spec = actor_spec(self.ray.cluster_resources(), nodes, self.options, actors)
+            nodes = [n["Resources"] for n in self.ray.nodes() if n.get("Alive")]
+            spec = actor_spec(nodes, self.options, actors)
             remote = self.ray.remote(MapperActor).options(
                 num_cpus=spec.num_cpus,
                 num_gpus=spec.num_gpus,
@@ -212,7 +221,9 @@ class MapperPool:
                 max_task_retries=TASK_RETRIES,
                 scheduling_strategy="SPREAD",
             )
-            self.actors = [remote.remote(self.model, self.options) for _ in range(spec.count)]
+            self.actors = [
+                remote.remote(self.model, self.options, spec.cores) for _ in range(spec.count)
+            ]
         except BaseException:
             self.close()
             raise
