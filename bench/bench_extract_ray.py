@@ -3,7 +3,8 @@
 Data: ``--images`` (256) photos from skimage, rotated and resized to ``--size`` px JPEGs, one
 caption each. Model: the offline default towers (EfficientNet-Lite0 + MiniLM, from PyPI).
 
-Per round (rounds alternate the two engines, so background load touches both alike):
+Per round (the two engines alternate, and which goes first alternates between rounds, so
+background load touches both alike):
 
 - plain: ``extract()`` in this process;
 - ray: ``extract_ray()`` with one mapper actor on an embedded one-node Ray cluster (started
@@ -111,10 +112,17 @@ def main() -> None:
             with MapperPool(args.model, options, actors=1) as pool:
                 ray.get([actor.pid.remote() for actor in pool.actors])  # the model is loaded
                 for r in range(args.rounds):
-                    plain = timed(extract, args.model, data, folder / f"plain{r}", args)
-                    on_ray = timed(
-                        extract_ray, args.model, data, folder / f"ray{r}", args, pool=pool
-                    )
+                    runs = {
+                        "plain": lambda r=r: timed(
+                            extract, args.model, data, folder / f"plain{r}", args
+                        ),
+                        "ray": lambda r=r: timed(
+                            extract_ray, args.model, data, folder / f"ray{r}", args, pool=pool
+                        ),
+                    }
+                    order = ["plain", "ray"] if r % 2 == 0 else ["ray", "plain"]
+                    done = {name: runs[name]() for name in order}  # alternate who goes first
+                    plain, on_ray = done["plain"], done["ray"]
                     ratio = on_ray["steady"] / plain["steady"]
                     results["rounds"].append({"plain": plain, "ray": on_ray, "ratio": ratio})
                     print(
