@@ -123,6 +123,8 @@ def test_ray_engine_writes_what_the_plain_run_writes(pool, setup, tmp_path: Path
     ]
     assert_same_output(out, setup["plain"])
     assert len(pool.actors) == 2  # one per node
+    with pytest.raises(ExtractError, match="the Ray pool holds the model"):
+        extract_ray(setup["root"] / "another", setup["data"], tmp_path / "x", pool=pool)
 
 
 def test_a_killed_mapper_actor_loses_nothing(pool, setup, tmp_path: Path) -> None:
@@ -201,6 +203,14 @@ def test_without_ray_the_engine_says_how_to_install_it(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(MissingDependencyError, match=r"pip install 'xmodal\[ray\]'"):
         import_ray()
+
+
+def test_ray_options_need_the_ray_engine(capsys) -> None:
+    from xmodal.cli import main
+
+    argv = ["extract", "--model", "m", "--data", "d", "--out", "o", "--ray-address", "auto"]
+    assert main(argv) == 2
+    assert "--ray-address and --ray-actors need --engine ray" in capsys.readouterr().err
 
 
 def test_actor_spec_one_per_gpu_else_one_per_node() -> None:
