@@ -605,6 +605,11 @@ def run_phase(
 ) -> dict[str, Any]:
     """The normal client for ``seconds`` while ``attackers`` (kind -> clients) run; they start
     ``ramp`` seconds before it and stop after it (every loop checks the stop event)."""
+    unknown = set(attackers) - set(ATTACK_MIX)
+    if unknown:
+        raise ValueError(
+            f"unknown attacker kinds {sorted(unknown)}; choose from {list(ATTACK_MIX)}"
+        )
     stop = threading.Event()
     tallies = {kind: Tally() for kind, count in attackers.items() if count}
     targets = {
@@ -618,6 +623,7 @@ def run_phase(
         for kind, count in attackers.items()
         for _ in range(count)
     ]
+    load_before = os.getloadavg()[0]  # other work on this machine skews every figure
     for thread in threads:
         thread.start()
     if threads:
@@ -626,14 +632,16 @@ def run_phase(
         normal, problems = normal_client(base, seconds, timeout)
     finally:
         stop.set()
+        give_up = time.monotonic() + timeout + 5  # a request in flight ends by its timeout
         for thread in threads:
-            thread.join(timeout + 5)
+            thread.join(max(0.0, give_up - time.monotonic()))
     return {
         "normal": {**normal.summary(), "problems": problems},
         "attackers": {
             kind: {"clients": attackers[kind], **tally.summary()} for kind, tally in tallies.items()
         },
         "attackers_still_running": sum(thread.is_alive() for thread in threads),
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from xmodal.extract.writer import now, save_manifest, shard_name, shard_rows, write_shard
+from xmodal.shards import now, save_manifest, shard_name, shard_rows, write_shard
 
 IDENTITY = {"id": "synthetic", "weights_hash": "5" * 64}
 PROCESSOR_HASH = "synthetic"

@@ -28,13 +28,13 @@ from xmodal.cli import main
 from xmodal.config import ConfigError
 from xmodal.data.datasets import BadRowError, load_dataset
 from xmodal.extract import extract, load_manifest
-from xmodal.extract.writer import MANIFEST_FORMAT
 from xmodal.index import SearchIndex, build_index
 from xmodal.models.identity import identify
 from xmodal.models.model import CrossModalModel
 from xmodal.processing import CaptionError, ImageLoadError, MultimodalProcessor
 from xmodal.search import Searcher
 from xmodal.serve import ServeSettings, create_app
+from xmodal.shards import MANIFEST_FORMAT
 from xmodal.train import load_train_config
 
 LOCAL = "http://localhost"  # a Host name the server answers when bound to loopback

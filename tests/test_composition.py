@@ -5,13 +5,18 @@ Families: the offline default's architecture (EfficientNet-Lite0 + a tiny BERT, 
 each fusion (cross, pooled, none); the ``seed`` preset's shape (ResNet + BERT [CLS], pooled
 fusion, squash resize, captions padded to a fixed length), tiny; and the model ``xmodal
 quickstart`` trains, built from the packaged quickstart.yaml's model section (pool levels, token
-levels, an MLP image projection, cross fusion with grid positions) over tiny random weights.
+levels, an MLP image projection, cross fusion with grid positions) over tiny random weights;
+and the aligned dual encoders xmodal loads (tiny random transformers CLIP, SigLIP, ChineseCLIP
+and VisionTextDualEncoder folders, a new cross fusion on top).
 
 For each: the export's ONNX Runtime towers match PyTorch; ``extract`` on the default backend
 (auto: ONNX Runtime on a CPU) runs the ONNX towers, writes the torch run's embeddings (cosine
 >= 0.9999) and pair scores (the fusion reads the ONNX image tokens), and writes nothing but
-its progress bars to stderr. A fallback to torch says why
-in exactly one line (no exporter graph dumps).
+progress bars (its own, and transformers' while it loads weights) to stderr. A fallback to
+torch says why in exactly one line (no exporter graph dumps).
+
+tests/test_composition_paths.py takes a representative set of these families through the
+other paths (eval, index, search, the service, filter, probe, train and resume).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from aligned_fixtures import save_chinese_clip, save_clip, save_dual_encoder, save_siglip
 from conftest import TINY_BERT, TINY_RESNET, write_colour_dataset
 
 pytest.importorskip("onnx")
@@ -143,7 +149,7 @@ def run_cli(capfd, argv: list[str]) -> tuple[int, str, str]:
     return code, out, err
 
 
-PROGRESS = re.compile(r"^\w+: +\d+%\|")  # tqdm's bars (images: 100%|####| 6/6 ...)
+PROGRESS = re.compile(r"^\w[\w ]*: +\d+%\|")  # tqdm's bars (images: 100%|####| 6/6 ...)
 
 
 def messages(err: str) -> list[str]:
@@ -164,9 +170,36 @@ def test_family_exports_and_extracts_on_onnx_runtime(
     model = FAMILIES[family]().eval()
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir, family_processor(family, minilm_path, minilm_tokenizer))
+    check_exports_and_extracts(model_dir, model.has_itm, tmp_path, dataset, recorded, capfd)
 
-    onnx_dir = tmp_path / "onnx"
-    argv = ["export-onnx", "--model", str(model_dir), "--out", str(onnx_dir)]
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory, minilm_path) -> dict[str, Path]:
+    """A tiny random transformers checkpoint of each aligned kind (tests/aligned_fixtures.py),
+    as a folder of its own files: xmodal loads it with a new cross fusion on top."""
+    root = tmp_path_factory.mktemp("aligned")
+    return {
+        "clip": save_clip(root / "clip"),
+        "siglip": save_siglip(root / "siglip", minilm_path),
+        "chinese_clip": save_chinese_clip(root / "chinese_clip", minilm_path),
+        "dual_encoder": save_dual_encoder(root / "dual_encoder", minilm_path),
+    }
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "chinese_clip", "dual_encoder"])
+def test_aligned_family_exports_and_extracts_on_onnx_runtime(
+    kind, aligned, tmp_path, dataset, recorded, capfd
+) -> None:
+    check_exports_and_extracts(aligned[kind], True, tmp_path, dataset, recorded, capfd)
+
+
+def check_exports_and_extracts(
+    model_dir: Path, has_itm: bool, tmp_path: Path, dataset: str, recorded, capfd
+) -> None:
+    """``export-onnx`` of ``model_dir`` passes its parity check; ``extract`` (images and texts,
+    and pairs where the model has an ITM head) on the default backend runs ONNX Runtime and
+    writes what torch writes; stderr holds progress bars only."""
+    argv = ["export-onnx", "--model", str(model_dir), "--out", str(tmp_path / "onnx")]
     code, out, err = run_cli(capfd, argv)
     assert code == 0, err[-2000:]
     assert len(err) < MAX_STDERR, err[:2000]
@@ -174,7 +207,7 @@ def test_family_exports_and_extracts_on_onnx_runtime(
     assert len(cosines) == 2 and min(cosines) >= MIN_COSINE, out
 
     # images and texts; and pairs where there is a fusion (the image tokens, ITM head)
-    modalities = ["both"] if model.config.fusion.kind == "none" else ["both", "pairs"]
+    modalities = ["both", "pairs"] if has_itm else ["both"]
     outs = {}
     for modality in modalities:
         for name, extra in {"default": [], "torch": ["--backend", "torch"]}.items():

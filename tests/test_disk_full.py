@@ -20,12 +20,11 @@ import pytest
 import yaml
 from conftest import write_colour_dataset
 from test_extract import make_image_folder, read_all, save_tiny_model, tiny_processor
-from test_index import random_vectors, write_fake_shards
+from test_index import FAKE_IDENTITY, random_vectors, write_fake_shards
 
 from xmodal.atomic import atomic_path, is_out_of_space
 from xmodal.cli import main
 from xmodal.errors import OutputError
-from xmodal.extract.writer import MANIFEST_FORMAT
 from xmodal.index import SearchIndex
 from xmodal.pairs import score_pairs
 
@@ -133,13 +132,7 @@ def test_extract_on_a_full_disk_then_resumed(
 
 def test_index_on_a_full_disk_then_rebuilt(small_disk: SmallDisk, tmp_path: Path, capsys) -> None:
     vectors = random_vectors(4000, dim=32, seed=5)
-    like = {
-        "format": MANIFEST_FORMAT,
-        "model": {"id": "fake", "weights_hash": "0" * 64},
-        "processor_hash": "0" * 16,
-        "created": "2024-01-01T00:00:00+00:00",
-    }
-    shards = write_fake_shards(tmp_path / "emb", vectors, like)
+    shards = write_fake_shards(tmp_path / "emb", vectors, FAKE_IDENTITY)
     out = small_disk.path / "index"
     args = ["index", "--shards", str(shards), "--out", str(out), "--modality", "texts"]
     assert main(args) == 2

@@ -76,7 +76,7 @@ def test_embedding_from_python_works_without_pyarrow_and_faiss(
             "images": list(images.shape),
             "norms": np.linalg.norm(texts, axis=1).round(4).tolist(),
             "loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED),
-            "writer_loaded": "xmodal.extract.writer" in sys.modules,
+            "writer_loaded": bool({{"xmodal.extract.writer", "xmodal.shards"}} & set(sys.modules)),
         }}))
         """
     )
@@ -98,6 +98,7 @@ def test_the_parquet_writer_and_index_name_the_extra_to_install():
 
         found = {}
         for statement in (
+            "from xmodal.shards import write_shard",
             "from xmodal.extract.writer import write_shard",
             "from xmodal.extract import extract",
             "import xmodal.index",
@@ -112,10 +113,11 @@ def test_the_parquet_writer_and_index_name_the_extra_to_install():
     )
     assert proc.returncode == 0, proc.stderr
     found = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(found) == 4, found
+    assert len(found) == 5, found
     for message, is_import_error in found.values():
         assert "pip install 'xmodal[index]'" in message
         assert is_import_error
+    assert "pyarrow" in found["from xmodal.shards import write_shard"][0]
     assert "pyarrow" in found["from xmodal.extract.writer import write_shard"][0]
 
 

@@ -16,11 +16,11 @@ from xmodal import index as index_module
 from xmodal.cli import main
 from xmodal.errors import IncompatibleError
 from xmodal.extract import extract, load_manifest, read_shard
-from xmodal.extract.writer import save_manifest, shard_name, write_shard
 from xmodal.index import SearchIndex, build_faiss, build_index, neighbour_recall
 from xmodal.models.model import CrossModalModel, save_rerank_weight
 from xmodal.processing import MultimodalProcessor
 from xmodal.search import search
+from xmodal.shards import MANIFEST_FORMAT, save_manifest, shard_name, write_shard
 
 
 def normed(x: np.ndarray) -> np.ndarray:
@@ -36,6 +36,15 @@ def clustered_vectors(count: int, clusters: int, dim: int = 32, seed: int = 0) -
     centres = normed(rng.standard_normal((clusters, dim)))
     owner = rng.integers(0, clusters, count)
     return normed(centres[owner] + 0.3 * rng.standard_normal((count, dim)) / np.sqrt(dim) * 3)
+
+
+# the identity of shards that no model made (index tests that need only vectors)
+FAKE_IDENTITY = {
+    "format": MANIFEST_FORMAT,
+    "model": {"id": "fake", "weights_hash": "0" * 64},
+    "processor_hash": "0" * 16,
+    "created": "2024-01-01T00:00:00+00:00",
+}
 
 
 def write_fake_shards(

@@ -4,7 +4,7 @@ The order, bottom to top (``|`` separates independent siblings of one layer, whi
 import each other):
 
     errors -> config | atomic -> runtime | distributed -> processing -> models
-    -> presets | losses -> data -> evaluate -> train -> export -> extract -> pairs -> index
+    -> presets | losses -> data | shards -> evaluate -> train -> export -> extract -> pairs -> index
     -> search -> serve -> apps -> commands -> cli
 
 Every import statement counts, including those inside functions (a lazy import is still a
@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("xmodal.processing",),
     ("xmodal.models",),
     ("xmodal.presets", "xmodal.losses"),
-    ("xmodal.data",),
+    ("xmodal.data", "xmodal.shards"),
     ("xmodal.evaluate",),
     ("xmodal.train",),
     ("xmodal.export",),
@@ -149,7 +149,12 @@ def test_the_check_sees_lazy_relative_and_from_package_imports(tmp_path, monkeyp
 
 @pytest.mark.parametrize(
     ("module", "layer"),
-    [("xmodal.models.identity", 4), ("xmodal.data.refs", 6), ("xmodal.apps.quickstart", 15)],
+    [
+        ("xmodal.models.identity", 4),
+        ("xmodal.data.refs", 6),
+        ("xmodal.shards", 6),
+        ("xmodal.apps.quickstart", 15),
+    ],
 )
 def test_shared_pieces_sit_below_their_users(module, layer):
     assert unit_of(module)[0] == layer

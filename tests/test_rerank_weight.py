@@ -189,6 +189,25 @@ def test_eval_uses_the_saved_weight_the_override_and_calibrates(
     assert "not one" in capsys.readouterr().err
 
 
+def test_a_transformers_folder_is_refused_before_it_is_changed(tmp_path, capsys) -> None:
+    """A CLIP folder loads with a new fusion, but its config.json is transformers': a weight
+    written there would never be read back (search would say "never calibrated")."""
+    from aligned_fixtures import save_clip
+
+    folder = save_clip(tmp_path / "clip")
+    before = (folder / "config.json").read_bytes()
+    with pytest.raises(InputError, match="not a model saved by xmodal"):
+        save_rerank_weight(folder, 4.0)
+    data = write_colour_dataset(tmp_path / "data", n=4)
+    capsys.readouterr()  # transformers' notes while the folder was written
+    argv = ["eval", "--model", str(folder), "--data", data, "--calibrate-rerank"]
+    assert main([*argv, "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a model saved by xmodal" in err
+    assert "--rerank-weight" in err
+    assert (folder / "config.json").read_bytes() == before
+
+
 @pytest.mark.parametrize("fusion", ["cross", "pooled"])
 def test_itm_pair_logits_equal_itm_logits_of_the_selected_rows(fusion, make_tiny_config) -> None:
     """Re-ranking and the ITM losses score pairs sharing images with each image read once."""

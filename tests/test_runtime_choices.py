@@ -12,11 +12,9 @@ import torch
 from xmodal.config import (
     Backend,
     ConfigError,
-    DatasetFormat,
     ExtractEngine,
     ExtractModality,
     IndexKind,
-    KarpathySplit,
     Modality,
     PairScore,
     Precision,
@@ -25,6 +23,7 @@ from xmodal.config import (
     ShardDtype,
     from_dict,
 )
+from xmodal.data.datasets import DatasetFormat, KarpathySplit
 from xmodal.extract.mapper import MapperOptions
 from xmodal.extract.reader import TokenizedCaptions
 from xmodal.runtime import pick_autocast, pick_device

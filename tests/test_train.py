@@ -96,6 +96,34 @@ def test_resume_after_stop_at_step_10_is_exact(tmp_path, tiny_model_dir) -> None
     assert steps == sorted(set(steps)) and steps[-1] == 20  # no duplicated log lines
 
 
+def test_resume_with_more_steps_follows_the_longer_schedule(tmp_path, tiny_model_dir) -> None:
+    """A finished run resumed with a larger ``optim.steps`` (``--resume --steps N``): its added
+    steps run at the longer schedule's rates, not at the 0 the finished schedule ended on."""
+    import math
+
+    from xmodal.train.checkpoint import TrainProgress
+
+    short = make_config(tmp_path, tiny_model_dir, "run", steps=2, warmup_steps=1)
+    short.data.val, short.eval_every, short.save_every = None, 0, 0
+    Trainer(short).train()
+    finished = load_file(str(Path(short.out_dir) / "model" / "model.safetensors"))
+    assert read_log(short.out_dir)[-1]["lr"] == 0.0  # the end of the 2-step schedule
+
+    longer = make_config(tmp_path, tiny_model_dir, "run", steps=4, warmup_steps=1)
+    longer.data.val, longer.eval_every, longer.save_every = None, 0, 0
+    trainer = Trainer(longer)
+    assert trainer._resume(TrainProgress()).step == 2
+    factor = 0.5 * (1 + math.cos(math.pi * (2 - 1) / (4 - 1)))  # step 2 of 4, warm-up 1
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx(
+        [base * factor for base in trainer.scheduler.base_lrs]
+    )
+    Trainer(longer).train(resume=True)
+    log = read_log(longer.out_dir)
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and log[2]["lr"] > 0
+    after = load_file(str(Path(longer.out_dir) / "model" / "model.safetensors"))
+    assert not torch.equal(after["image_proj.weight"], finished["image_proj.weight"])
+
+
 def test_accumulation_and_locked_image_with_cache(tmp_path, tiny_model_dir) -> None:
     config = make_config(tmp_path, tiny_model_dir, "accum", steps=4, accum_steps=2)
     config.model.lock_image = True

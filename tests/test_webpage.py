@@ -17,7 +17,7 @@ from xmodal.index import SearchIndex, build_index
 from xmodal.models.model import CrossModalModel
 from xmodal.processing import MultimodalProcessor
 from xmodal.search import Searcher
-from xmodal.serve import create_app
+from xmodal.serve import ServeSettings, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -42,8 +42,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture()
-def server(tmp_path: Path, minilm_tokenizer, minilm_path):
+TOKEN = "a-token-for-the-web-page-test"
+
+
+@pytest.fixture(params=["open", "token"])
+def server(request, tmp_path: Path, minilm_tokenizer, minilm_path):
     """uvicorn serving a 10-image index on a free loopback port, in a thread; the dataset gives
     no image ids, so each image's stored id is its absolute path."""
     uvicorn = pytest.importorskip("uvicorn")
@@ -56,7 +59,8 @@ def server(tmp_path: Path, minilm_tokenizer, minilm_path):
         MultimodalProcessor.from_pretrained(model_dir),
         SearchIndex(tmp_path / "idx"),
     )
-    app = create_app(searcher)
+    settings = ServeSettings(token=TOKEN if request.param == "token" else "")
+    app = create_app(searcher, settings)
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     instance = uvicorn.Server(config)
@@ -67,13 +71,13 @@ def server(tmp_path: Path, minilm_tokenizer, minilm_path):
         if time.monotonic() > deadline or not thread.is_alive():
             pytest.fail("uvicorn did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", tmp_path
+    yield f"http://localhost:{port}", tmp_path, request.param
     instance.should_exit = True
     thread.join(timeout=10)
 
 
-def test_typed_query_shows_thumbnails_with_scores(server: tuple[str, Path]) -> None:
-    url, root = server
+def test_typed_query_shows_thumbnails_with_scores(server: tuple[str, Path, str]) -> None:
+    url, root, access = server
     data = root / "data" / "pics"
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
@@ -81,6 +85,10 @@ def test_typed_query_shows_thumbnails_with_scores(server: tuple[str, Path]) -> N
         try:
             page = browser.new_page()
             page.goto(url + "/")
+            if access == "token":  # the page asks for the token, then sends it with every call
+                sync_api.expect(page.locator("#info")).to_have_text("this server needs a token")
+                page.fill("#token", TOKEN)
+                page.press("#token", "Enter")
             sync_api.expect(page.locator("#info")).to_have_text("10 images indexed (flat)")
             page.select_option("#k", "5")
             page.fill("#query", "photo 4")
@@ -99,7 +107,10 @@ def test_typed_query_shows_thumbnails_with_scores(server: tuple[str, Path]) -> N
                 ".every(img => img.complete && img.naturalWidth > 0)",
                 timeout=15_000,
             )
-            assert thumbs.first.get_attribute("src").startswith("/images/pics%2Fimg")
+            if access == "open":
+                assert thumbs.first.get_attribute("src").startswith("/images/pics%2Fimg")
+            else:  # fetched with the token, shown from memory
+                assert thumbs.first.get_attribute("src").startswith("blob:")
             shown = page.content() + page.inner_text("body")
             assert "pics/img" in shown and str(root) not in shown
 

@@ -42,11 +42,6 @@ PairScore = Literal["similarity", "itm"]
 ProbeFeatures = Literal["fused", "image", "text", "image+text", "fused+image+text"]
 """The feature kinds ``xmodal probe`` compares (``+``: concatenated)."""
 IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
-DatasetFormat = Literal["jsonl", "csv", "json", "coco", "karpathy", "folder", "tar", "webdataset"]
-"""Dataset readers of :func:`xmodal.data.load_dataset` (``webdataset`` is ``tar``)."""
-KarpathySplit = Literal["train", "val", "test", "restval"]
-FashionMnistSplit = Literal["train", "test"]
-"""Splits of the Fashion-MNIST builder (``xmodal data fashion-mnist``)."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -32,7 +32,6 @@ from xmodal.apps.emoji_captions import (
     read_keywords_tar,
 )
 from xmodal.atomic import atomic_write_bytes, make_dir
-from xmodal.config import FashionMnistSplit
 from xmodal.errors import ConfigError, InputError, MissingDependencyError, MissingFileError
 from xmodal.processing import open_raster
 
@@ -48,6 +47,9 @@ SKIN_TONES = {
     "1F3FE": "medium-dark skin tone",
     "1F3FF": "dark skin tone",
 }
+
+FashionMnistSplit = Literal["train", "test"]
+"""Splits of the Fashion-MNIST builder (``xmodal data fashion-mnist``)."""
 
 
 @dataclass(frozen=True)

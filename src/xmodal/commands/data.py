@@ -6,7 +6,8 @@ import argparse
 import json
 import typing
 
-from xmodal.config import ConfigError, FashionMnistSplit
+from xmodal.apps.builders import FashionMnistSplit
+from xmodal.config import ConfigError
 
 
 def add_artist_arguments(parser: argparse.ArgumentParser, check_default: list[str]) -> None:

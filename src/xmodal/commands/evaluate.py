@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from xmodal.commands import MODEL_HELP
-from xmodal.config import DatasetFormat, KarpathySplit
+from xmodal.data.datasets import DatasetFormat, KarpathySplit
 
 
 def add(commands) -> None:
@@ -115,7 +115,12 @@ def run(args: argparse.Namespace) -> int:
         image_tower_outputs,
         write_report,
     )
-    from xmodal.models.model import CONFIG_NAME, save_rerank_weight
+    from xmodal.models.model import (
+        CONFIG_NAME,
+        not_saved_by_xmodal,
+        save_rerank_weight,
+        saved_by_xmodal,
+    )
     from xmodal.presets import load_model
     from xmodal.runtime import reuse_freed_memory
 
@@ -129,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
                 f"--calibrate-rerank saves the weight into a model directory; {args.model} "
                 "is not one (save the model first, e.g. by training it)"
             )
+        if not saved_by_xmodal(args.model):  # before the evaluation, not after it
+            raise InputError(not_saved_by_xmodal(args.model))
     model, processor = load_model(args.model)
     if next(model.parameters()).device.type == "cpu":
         # tower passes (and each style of --style-shift) reuse freed memory instead of

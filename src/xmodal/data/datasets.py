@@ -15,17 +15,19 @@ import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
 
-from xmodal.config import DatasetFormat, KarpathySplit
 from xmodal.data.skipped import SkippedRow
 from xmodal.errors import BadRowError, ConfigError, InputError, MissingFileError
 from xmodal.processing import caption_problem
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+DatasetFormat = Literal["jsonl", "csv", "json", "coco", "karpathy", "folder", "tar", "webdataset"]
+"""Dataset readers of :func:`load_dataset` (``webdataset`` is ``tar``)."""
+KarpathySplit = Literal["train", "val", "test", "restval"]
 KARPATHY_SPLITS = typing.get_args(KarpathySplit)
 CAPTION_FILES = ("captions.jsonl", "captions.csv", "captions.txt")
 FORMATS = typing.get_args(DatasetFormat)

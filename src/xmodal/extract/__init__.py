@@ -2,7 +2,8 @@
 
 The package itself imports nothing heavy: ``xmodal.extract.mapper`` (embedding in Python) needs
 only the base install, while the names below load the Parquet writer (``pip install
-'xmodal[index]'``) on first use.
+'xmodal[index]'``) on first use. The shard format itself is :mod:`xmodal.shards`; ``Shard``,
+``load_manifest`` and ``read_shard`` are importable from here too.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from typing import Any
 
 _LAZY = {
     "extract": "xmodal.extract.runner",
-    "Shard": "xmodal.extract.writer",
-    "load_manifest": "xmodal.extract.writer",
-    "read_shard": "xmodal.extract.writer",
+    "Shard": "xmodal.shards",
+    "load_manifest": "xmodal.shards",
+    "read_shard": "xmodal.shards",
     "read_pair_shards": "xmodal.extract.pairs",
 }
 

@@ -78,7 +78,8 @@ class OrderedWriter:
 
     def __init__(self, depth: int = 2, name: str = "xmodal-writer"):
         self._jobs: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # a job's error, until raised in the caller
+        self._failed = False  # a job raised: every later job is dropped, even once it is raised
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -87,11 +88,11 @@ class OrderedWriter:
             job = self._jobs.get()
             if job is _DONE:
                 return
-            if self._error is None:
+            if not self._failed:
                 try:
                     job()
                 except BaseException as error:  # noqa: BLE001 - raised again in the caller
-                    self._error = error
+                    self._error, self._failed = error, True
 
     def _raise(self) -> None:
         if self._error is not None:

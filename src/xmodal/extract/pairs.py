@@ -24,13 +24,12 @@ from xmodal.data.refs import location
 from xmodal.errors import ExtractError, IncompatibleError, IndexBuildError
 from xmodal.extract.mapper import PairScores
 from xmodal.extract.reader import TokenizedCaptions
-from xmodal.extract.writer import (  # MissingDependencyError without pyarrow
+from xmodal.processing import MultimodalProcessor, caption_problem
+from xmodal.shards import (  # MissingDependencyError without pyarrow
     modality_record,
     pa,
     pq,
-    write_table_atomic,
 )
-from xmodal.processing import MultimodalProcessor, caption_problem
 
 PAIRS = "pairs"
 SCORE_COLUMNS = typing.get_args(PairScore)
@@ -179,15 +178,11 @@ class PairBuffer:
         self.ok[index] = True
 
 
-def write_pair_shard(
-    path: str | Path,
-    items: Sequence[PairItem],
-    buffer: PairBuffer,
-    scores: Sequence[str],
-    dtype: str,
-) -> int:
-    """Write the scored pairs of one shard; returns the row count. Columns: ``id`` (dataset row
-    index), ``image_id``, ``source`` (image location), ``caption``, ``row`` (``file:line``), the
+def pair_table(
+    items: Sequence[PairItem], buffer: PairBuffer, scores: Sequence[str], dtype: str
+) -> pa.Table:
+    """The table of one shard's scored pairs. Columns: ``id`` (dataset row index),
+    ``image_id``, ``source`` (image location), ``caption``, ``row`` (``file:line``), the
     ``scores`` (float32) and, with fused vectors, ``fused`` (fixed_size_list[D] of ``dtype``)."""
     keep = np.flatnonzero(buffer.ok)
     chosen = [items[buffer.start + i] for i in keep]
@@ -204,8 +199,7 @@ def write_pair_shard(
     if buffer.vectors is not None:
         values = pa.array(np.ascontiguousarray(buffer.vectors[keep], dtype=dtype).reshape(-1))
         columns[FUSED_COLUMN] = pa.FixedSizeListArray.from_arrays(values, buffer.dim)
-    write_table_atomic(path, pa.table(columns))
-    return len(keep)
+    return pa.table(columns)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from xmodal.atomic import atomic_write_text
-from xmodal.extract.writer import SHARD_KINDS, upgrade_error_record
+from xmodal.shards import SHARD_KINDS, upgrade_error_record
 
 PARTS_DIR = ".parts"
 

@@ -1,181 +1,84 @@
-"""Parquet embedding shards, the manifest that describes them and the error log, all atomic."""
+"""The writing end of extraction: the manifest of a run opened or resumed, each finished shard
+recorded (errors, then manifest), the ranks' records merged, and what a killed run left
+half-written cleared. The format itself is :mod:`xmodal.shards`; its names are importable from
+here too, as they were before it moved."""
 
 from __future__ import annotations
 
-import json
-import math
-import typing
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from xmodal.atomic import atomic_path, atomic_write_text
-from xmodal.config import Modality, ShardDtype, load_json_config
+from xmodal import distributed
+from xmodal.atomic import make_dir
 from xmodal.data.skipped import SKIPPED_NAME
-from xmodal.errors import ExtractError, IndexBuildError, MissingDependencyError
+from xmodal.distributed import World
+from xmodal.errors import ExtractError
+from xmodal.extract.ranks import (
+    fold_errors,
+    fold_shards,
+    load_parts,
+    new_part,
+    remove_parts,
+    save_part,
+)
+from xmodal.models.identity import ModelIdentity, check_compatible
+from xmodal.shards import (  # MissingDependencyError without pyarrow
+    DTYPES,
+    ERRORS_NAME,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MODALITIES,
+    SHARD_KINDS,
+    Shard,
+    load_errors,
+    load_manifest,
+    modality_record,
+    now,
+    read_shard,
+    save_errors,
+    save_manifest,
+    shard_name,
+    shard_rows,
+    shard_table,
+    upgrade_error_record,
+    write_shard,
+    write_table_atomic,
+)
 
-try:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-except ImportError as exc:  # an optional extra: embedding in Python works without it
-    raise MissingDependencyError(
-        f"Parquet embedding shards need pyarrow ({exc}): pip install 'xmodal[index]'"
-    ) from exc
+__all__ = [
+    "ShardHook",
+    "ShardLog",
+    "complete_shards",
+    "open_manifest",
+    "remove_stale_temporaries",
+    "resume_state",
+    "shard_entry",
+]
+__all__ += [  # the format's names, importable from here as before they moved to xmodal.shards
+    "DTYPES",
+    "ERRORS_NAME",
+    "MANIFEST_FORMAT",
+    "MANIFEST_NAME",
+    "MODALITIES",
+    "SHARD_KINDS",
+    "Shard",
+    "load_errors",
+    "load_manifest",
+    "modality_record",
+    "now",
+    "read_shard",
+    "save_errors",
+    "save_manifest",
+    "shard_name",
+    "shard_rows",
+    "shard_table",
+    "upgrade_error_record",
+    "write_shard",
+    "write_table_atomic",
+]
 
-MANIFEST_NAME = "manifest.json"
-ERRORS_NAME = "errors.jsonl"
-MANIFEST_FORMAT = "xmodal.embeddings/1"
-MODALITIES = typing.get_args(Modality)
-SHARD_KINDS = (*MODALITIES, "pairs")  # what a shard holds: images, texts or scored pairs
-DTYPES = typing.get_args(ShardDtype)
-
-
-def shard_name(modality: str, index: int) -> str:
-    """``images-00000.parquet`` for shard 0 of the images."""
-    return f"{modality}-{index:05d}.parquet"
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def write_shard(
-    path: str | Path,
-    ids: list[str],
-    sources: list[str],
-    embeddings: np.ndarray,
-    dtype: str,
-    extra: dict[str, list[Any]] | None = None,
-) -> None:
-    """Write one shard: ``id``, ``source``, ``embedding`` (fixed_size_list[D]) and extra columns."""
-    write_table_atomic(path, shard_table(path, ids, sources, embeddings, dtype, extra))
-
-
-def shard_table(
-    path: str | Path,
-    ids: list[str],
-    sources: list[str],
-    embeddings: np.ndarray,
-    dtype: str,
-    extra: dict[str, list[Any]] | None = None,
-) -> pa.Table:
-    """The table :func:`write_shard` writes to ``path`` (built apart, so that the Python work is
-    done in one thread and the file written in another)."""
-    if dtype not in DTYPES:
-        raise ExtractError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    rows, dim = embeddings.shape
-    if not len(ids) == len(sources) == rows:
-        raise ValueError(f"{path}: {len(ids)} ids, {len(sources)} sources, {rows} embeddings")
-    values = pa.array(np.ascontiguousarray(embeddings, dtype=dtype).reshape(-1))
-    columns: dict[str, pa.Array] = {
-        "id": pa.array(ids, pa.string()),
-        "source": pa.array(sources, pa.string()),
-        "embedding": pa.FixedSizeListArray.from_arrays(values, dim),
-    }
-    for name, column in (extra or {}).items():
-        columns[name] = pa.array(column, pa.string())
-    return pa.table(columns)
-
-
-def write_table_atomic(path: str | Path, table: pa.Table) -> None:
-    """Write ``table`` to the Parquet file ``path`` atomically. Only string columns are
-    dictionary-encoded: for vectors and scores, distinct floats, a dictionary only costs time
-    (a multiple of the plain write's CPU time) and space before Parquet falls back to plain
-    encoding."""
-    strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
-    with atomic_path(path) as tmp:
-        pq.write_table(table, str(tmp), use_dictionary=strings)
-
-
-@dataclass
-class Shard:
-    """One shard read back: embeddings as float32 (N, D)."""
-
-    ids: list[str]
-    sources: list[str]
-    embeddings: np.ndarray
-    columns: dict[str, list[Any]] = field(default_factory=dict)
-
-
-def read_shard(path: str | Path) -> Shard:
-    table = pq.read_table(str(path))
-    missing = {"id", "source", "embedding"} - set(table.column_names)
-    if missing:
-        raise IndexBuildError(f"{path}: not an embedding shard (no column(s) {sorted(missing)})")
-    embedding = table.column("embedding").combine_chunks()
-    dim = embedding.type.list_size
-    flat = embedding.flatten().to_numpy(zero_copy_only=False)
-    extra = {
-        name: table.column(name).to_pylist()
-        for name in table.column_names
-        if name not in ("id", "source", "embedding")
-    }
-    return Shard(
-        table.column("id").to_pylist(),
-        table.column("source").to_pylist(),
-        flat.astype(np.float32).reshape(-1, dim),
-        extra,
-    )
-
-
-def shard_rows(path: str | Path) -> int | None:
-    """Row count from the Parquet footer; None when the file is missing or unreadable."""
-    try:
-        return pq.ParquetFile(str(path)).metadata.num_rows
-    except (OSError, pa.ArrowException):
-        return None
-
-
-def load_manifest(directory: str | Path) -> dict[str, Any] | None:
-    """The ``manifest.json`` of an extraction directory (None when there is none yet).
-
-    Its ``modalities`` maps ``images`` / ``texts`` to their shard records; manifests written
-    before that key was renamed (``kinds``) are read the same way.
-    """
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    manifest = load_json_config(path, "embeddings manifest", IndexBuildError, MANIFEST_FORMAT)
-    if "modalities" not in manifest and "kinds" in manifest:  # written before the rename
-        manifest["modalities"] = manifest.pop("kinds")
-    return manifest
-
-
-def modality_record(
-    manifest: dict[str, Any], modality: str, count: int, fingerprint: str, out: Path, data: str
-) -> dict[str, Any]:
-    """The manifest's record of ``modality`` (``count`` items hashed to ``fingerprint``): a new
-    one, or the existing one after checking that it holds the same items."""
-    record = manifest["modalities"].get(modality)
-    if record is None:
-        record = manifest["modalities"][modality] = {
-            "items": count,
-            "items_hash": fingerprint,
-            "num_shards": math.ceil(count / manifest["shard_size"]),
-            "shards": [],
-        }
-    elif record["items"] != count or record["items_hash"] != fingerprint:
-        raise ExtractError(
-            f"{out} holds {modality} of other data ({record['items']} items, fingerprint "
-            f"{record['items_hash']}) than {data} ({count} items, fingerprint "
-            f"{fingerprint}): use a new --out directory"
-        )
-    return record
-
-
-def save_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
-    """Recount the totals and write ``manifest.json`` atomically."""
-    for record in manifest["modalities"].values():
-        record["rows"] = sum(s["rows"] for s in record["shards"])
-        record["failed"] = sum(s["failed"] for s in record["shards"])
-        done = {s["index"] for s in record["shards"]}
-        record["complete"] = done == set(range(record["num_shards"]))
-    manifest["total_rows"] = sum(r["rows"] for r in manifest["modalities"].values())
-    manifest["updated"] = now()
-    atomic_write_text(Path(directory) / MANIFEST_NAME, json.dumps(manifest, indent=2))
+ShardHook = Callable[[str, int], None]
 
 
 def complete_shards(directory: str | Path, record: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -198,28 +101,116 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     return stale
 
 
-def load_errors(directory: str | Path, keep: set[str]) -> list[dict[str, Any]]:
-    """Error records of the shard files in ``keep`` (those of unfinished shards are dropped)."""
-    path = Path(directory) / ERRORS_NAME
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = upgrade_error_record(json.loads(line))
-            if record.get("shard") in keep:
-                records.append(record)
-    return records
+# -- the run's state on disk: opening, resuming, recording each shard, merging ranks -------------
+def open_manifest(
+    out: Path, identity: ModelIdentity, dim: int, dtype: str, shard_size: int, data: str | Path
+) -> dict[str, Any]:
+    """The existing manifest (checked against this run) or a fresh one."""
+    manifest = load_manifest(out)
+    if manifest is None:
+        return {
+            "format": MANIFEST_FORMAT,
+            "model": identity.to_dict(),
+            "processor_hash": identity.processor_hash,
+            "dim": dim,
+            "dtype": dtype,
+            "normalised": True,
+            "shard_size": shard_size,
+            "data": str(Path(data).resolve()),
+            "created": now(),
+            "modalities": {},
+            "total_rows": 0,
+        }
+    previous = ModelIdentity.from_record(manifest)
+    check_compatible(previous, identity, f"{out} holds embeddings of another model; not extracting")
+    for key, value in (("dim", dim), ("dtype", dtype), ("shard_size", shard_size)):
+        if manifest[key] != value:
+            raise ExtractError(
+                f"{out} was extracted with {key}={manifest[key]}, this run asks for {value}: "
+                "use the same setting or a new --out directory"
+            )
+    return manifest
 
 
-def upgrade_error_record(record: dict[str, Any]) -> dict[str, Any]:
-    """An error record with its ``modality`` key (older logs called it ``kind``)."""
-    if "modality" not in record and "kind" in record:
-        record["modality"] = record.pop("kind")
-    return record
+def resume_state(
+    out: Path, manifest: dict[str, Any], world: World
+) -> tuple[dict[str, dict[int, dict[str, Any]]], list[dict[str, Any]]]:
+    """The finished shards per modality (including those a killed distributed run recorded in part
+    files) and their error records. Once every rank has read them, rank 0 removes stale
+    temporaries and writes the folded state, before any rank writes a shard."""
+    parts = load_parts(out)
+    fold_shards(manifest, parts)
+    done = {
+        modality: complete_shards(out, record)
+        for modality, record in manifest["modalities"].items()
+    }
+    for modality, record in manifest["modalities"].items():
+        record["shards"] = [done[modality][k] for k in sorted(done[modality])]
+    keep = {e["file"] for d in done.values() for e in d.values()}
+    errors = load_errors(out, keep)
+    if parts:
+        errors = fold_errors(errors, parts, keep)
+    distributed.barrier()
+    if world.is_main:
+        make_dir(out)
+        remove_stale_temporaries(out)
+        if parts:
+            save_errors(out, errors)
+            save_manifest(out, manifest)
+            remove_parts(out)
+    distributed.barrier()
+    return done, errors
 
 
-def save_errors(directory: str | Path, records: list[dict[str, Any]]) -> None:
-    """Write ``errors.jsonl`` atomically (one JSON object per unreadable item)."""
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write_text(Path(directory) / ERRORS_NAME, text)
+def shard_entry(k: int, file: str, start: int, end: int, rows: int, failed: int) -> dict[str, Any]:
+    """Shard ``k``'s manifest entry: its file, item range, rows written and items failed."""
+    return {"index": k, "file": file, "start": start, "end": end, "rows": rows, "failed": failed}
+
+
+class ShardLog:
+    """Records each shard once its file is written: in this rank's part file under torchrun
+    (rank 0 merges them at the end), else in ``errors.jsonl`` and then ``manifest.json`` (in that
+    order, for resuming); then calls ``on_shard(modality, k)``."""
+
+    def __init__(
+        self,
+        out: Path,
+        manifest: dict[str, Any],
+        errors: list[dict[str, Any]],
+        world: World,
+        on_shard: ShardHook | None,
+    ):
+        self.out, self.manifest, self.errors = out, manifest, errors
+        self.world, self.on_shard = world, on_shard
+        self.part = new_part()  # this rank's finished shards and errors (distributed runs)
+
+    def record(
+        self, modality: str, k: int, entry: dict[str, Any], failures: list[dict[str, Any]]
+    ) -> None:
+        if self.world.distributed:  # rank 0 writes the manifest once all ranks are done
+            self.part["shards"][modality].append(entry)
+            self.part["errors"] += failures
+            save_part(self.out, self.world.rank, self.part)
+        else:
+            self.errors += failures
+            save_errors(self.out, self.errors)
+            record = self.manifest["modalities"][modality]
+            record["shards"] = sorted([*record["shards"], entry], key=lambda e: e["index"])
+            save_manifest(self.out, self.manifest)
+        if self.on_shard is not None:
+            self.on_shard(modality, k)
+
+    def close(self) -> dict[str, Any]:
+        """Write the final manifest and return it. Under torchrun rank 0 first folds every
+        rank's shards and errors into the one manifest and error log; every rank returns it."""
+        if not self.world.distributed:
+            save_manifest(self.out, self.manifest)
+            return self.manifest
+        parts = distributed.gather_objects(self.part)
+        if self.world.is_main:
+            fold_shards(self.manifest, parts)
+            save_errors(self.out, fold_errors(self.errors, parts))
+            save_manifest(self.out, self.manifest)
+            remove_parts(self.out)
+        distributed.barrier()
+        return self.manifest if self.world.is_main else load_manifest(self.out)

@@ -20,10 +20,10 @@ from tqdm import tqdm
 from xmodal.atomic import atomic_path, atomic_write_text, make_dir
 from xmodal.config import IndexKind
 from xmodal.errors import IndexBuildError, MissingDependencyError, MissingFileError
-from xmodal.extract.writer import MODALITIES, load_manifest, now, read_shard
 from xmodal.index.description import INDEX_FORMAT, INDEX_JSON, read_info
 from xmodal.index.tuning import neighbour_recall
 from xmodal.models.identity import ModelIdentity, check_compatible
+from xmodal.shards import MODALITIES, load_manifest, now, read_shard
 
 try:
     import faiss

@@ -22,13 +22,13 @@ import numpy as np
 from tqdm import tqdm
 
 from xmodal.atomic import atomic_write_text, make_dir
-from xmodal.extract.writer import now
 from xmodal.index import budget as budgets
 from xmodal.index.description import INDEX_FORMAT, INDEX_JSON
 from xmodal.index.ondisk import file_digest, merge_blocks, read_index
 from xmodal.index.store import IdsFile, IdsWriter, VectorsWriter, open_vectors
 from xmodal.index.stream import Batch, ShardSource
 from xmodal.index.tuning import HELD_OUT, TARGET_RECALL, HeldOut, tune_nprobe
+from xmodal.shards import now
 
 VECTORS_FILE = "vectors.bin"
 IVF_MAX_PROBE_FRACTION = 0.05

@@ -16,11 +16,11 @@ import numpy as np
 
 from xmodal.atomic import atomic_write_text, make_dir
 from xmodal.errors import IncompatibleError, IndexBuildError, InputError, MissingFileError
-from xmodal.extract.writer import now
 from xmodal.index.description import INDEX_FORMAT, INDEX_JSON, read_info
 from xmodal.index.searching import Hits, SearchIndex, hits
 from xmodal.index.store import ConcatView
 from xmodal.models.identity import ModelIdentity, check_compatible
+from xmodal.shards import now
 
 
 def _check_parts(parts: list[SearchIndex]) -> None:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xmodal.errors import IndexBuildError, MissingFileError
-from xmodal.extract.writer import MODALITIES, load_manifest
+from xmodal.shards import MODALITIES, load_manifest
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,13 @@ from torch import nn
 
 from xmodal.atomic import atomic_path, atomic_write_text, make_dir
 from xmodal.config import ConfigError, ModelConfig, from_dict, load_json_config, to_dict
-from xmodal.errors import IncompatibleError, MissingFileError, ModelLoadError, XmodalError
+from xmodal.errors import (
+    IncompatibleError,
+    InputError,
+    MissingFileError,
+    ModelLoadError,
+    XmodalError,
+)
 from xmodal.models.fusion import CrossAttentionFusion, PooledFusion
 from xmodal.models.image import build_image_tower
 from xmodal.models.text import HFTextTower
@@ -29,6 +35,7 @@ from xmodal.models.towers import TowerOutput
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+XMODAL_LIBRARY = "xmodal"  # config.json's "library" in a directory saved by xmodal
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -296,7 +303,7 @@ class CrossModalModel(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt", "library": "xmodal"})
-        data = {"model": to_dict(self.saved_config()), "library": "xmodal"}
+        data = {"model": to_dict(self.saved_config()), "library": XMODAL_LIBRARY}
         atomic_write_text(directory / CONFIG_NAME, json.dumps(data, indent=2))
         if processor is not None:
             processor.save_pretrained(directory)
@@ -416,11 +423,31 @@ def load_model_config(directory: str | Path) -> ModelConfig:
         raise ConfigError(f"{path}: {err}") from None
 
 
+def saved_by_xmodal(directory: str | Path) -> bool:
+    """Whether ``directory``'s config.json was written by xmodal (a transformers checkpoint's
+    was not)."""
+    data = load_json_config(Path(directory) / CONFIG_NAME, "the model config")
+    return data.get("library") == XMODAL_LIBRARY
+
+
+def not_saved_by_xmodal(directory: str | Path) -> str:
+    """Why a re-rank weight cannot be saved into ``directory``: its config.json is not
+    xmodal's (e.g. a transformers CLIP / SigLIP folder, whose loader never reads one back)."""
+    return (
+        f"{directory} is not a model saved by xmodal (a transformers checkpoint?): a "
+        "calibrated re-rank weight is saved only into an xmodal model directory; fine-tune it "
+        "with `xmodal train` (or save it with xmodal) first, or give search and serve "
+        "--rerank-weight"
+    )
+
+
 def save_rerank_weight(directory: str | Path, weight: float | None) -> None:
     """Write a calibrated re-rank weight (``fusion.rerank_weight``) into a saved model's
     ``config.json`` (atomically); the weights and thus the model's identity are unchanged."""
     path = Path(directory) / CONFIG_NAME
     load_model_config(directory)  # a model directory with a valid config
+    if not saved_by_xmodal(directory):
+        raise InputError(not_saved_by_xmodal(directory))
     data = load_json_config(path, "the model config")
     data.setdefault("model", {}).setdefault("fusion", {})["rerank_weight"] = weight
     from_dict(ModelConfig, data["model"], "model").validate()

@@ -27,8 +27,8 @@ from xmodal.config import ConfigError
 from xmodal.data.datasets import CAPTION_FILES
 from xmodal.errors import InputError, OutputError
 from xmodal.extract.pairs import SCORE_COLUMNS
-from xmodal.extract.writer import ERRORS_NAME
 from xmodal.pairs.scores import Extraction, load_matching_dataset, open_extraction
+from xmodal.shards import ERRORS_NAME
 
 SCORE_RANGES = {"similarity": (-1.0, 1.0), "itm": (0.0, 1.0)}
 

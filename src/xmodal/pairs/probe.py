@@ -24,9 +24,9 @@ import numpy as np
 from xmodal.config import ConfigError, ProbeFeatures
 from xmodal.errors import InputError, MissingDependencyError
 from xmodal.extract.pairs import PAIRS
-from xmodal.extract.writer import read_shard
 from xmodal.models.identity import ModelIdentity, check_compatible
 from xmodal.pairs.scores import Extraction, column_value, load_matching_dataset, open_extraction
+from xmodal.shards import read_shard
 
 KINDS = typing.get_args(ProbeFeatures)
 

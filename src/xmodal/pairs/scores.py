@@ -12,7 +12,7 @@ from xmodal.data.datasets import Example, ImageTextDataset, load_dataset
 from xmodal.errors import IncompatibleError, InputError, MissingFileError
 from xmodal.extract.pairs import PAIRS, PairTable, pair_items, pairs_fingerprint, read_pair_shards
 from xmodal.extract.reader import items_fingerprint, text_items
-from xmodal.extract.writer import load_manifest
+from xmodal.shards import load_manifest
 
 
 @dataclass

@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 from xmodal.atomic import atomic_path, atomic_write_text
 from xmodal.errors import OutputError
-from xmodal.extract.writer import load_manifest
 from xmodal.index import SearchIndex, ShardedIndex, read_info
 from xmodal.index.integrity import FileWatch
 from xmodal.index.store import ID_ROW_GROUP
+from xmodal.shards import load_manifest
 
 CACHE_MIN_ITEMS = 100_000  # smaller indexes build their table at each start (a quick pass)
 TABLE_FORMAT = "xmodal.serve-names/1"

@@ -11,11 +11,11 @@ from typing import Literal
 
 from xmodal.config import (
     ConfigError,
-    DatasetFormat,
     check_caption_template,
     from_dict,
     load_yaml_or_json,
 )
+from xmodal.data.datasets import DatasetFormat
 
 
 @dataclass

@@ -49,3 +49,17 @@ def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set each group's learning rate to ``scheduler``'s value at the step it was restored at,
+    under this run's schedule. A checkpoint restores the rate its own run's schedule reached:
+    the same value when the run is unchanged, but a run resumed with more steps
+    (``xmodal train --resume --steps N``) would keep the rate its shorter schedule ended with
+    (0 after a finished run), and its added steps would change nothing."""
+    step = scheduler.last_epoch
+    pairs = zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    rates = [base * factor(step) for base, factor in pairs]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports (the rate of the next step)

@@ -61,8 +61,9 @@ from xmodal.train.objective import (
     needed_fields,
     negatives_seed,
 )
-from xmodal.train.optim import build_optimizer, cosine_schedule
+from xmodal.train.optim import build_optimizer, cosine_schedule, resume_schedule
 from xmodal.train.plot import plot_metrics, read_metrics
+from xmodal.train.run_config import check_resumed_config, save_run_config
 
 
 @dataclass
@@ -436,9 +437,12 @@ class Trainer:
             make_dir(self.out_dir)
         progress = TrainProgress()
         if resume:
+            check_resumed_config(self.out_dir, cfg)
             progress = self._resume(progress)
         if main:
             self._truncate_log(progress.step)
+            if progress.step == 0:
+                save_run_config(self.out_dir, cfg)
         self._load_bad_images(resume)
         if self._use_cache():
             self._cache_train_images()
@@ -568,6 +572,7 @@ class Trainer:
             rank=self.world.rank,
             scaler=self.scaler,
         )
+        resume_schedule(self.scheduler)  # this run's schedule (optim.steps may have grown)
         ranks = extra.get("world_size", 1)
         if ranks != self.world.size:
             raise ConfigError(
