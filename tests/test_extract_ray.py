@@ -112,6 +112,14 @@ def mapper_pids() -> list[int]:
     return pids
 
 
+def only_the_pool_is_left(pool: MapperPool, wait_s: float = 30) -> bool:
+    """Whether the mapper actors of other runs are gone (stopping one takes a moment)."""
+    deadline = time.monotonic() + wait_s
+    while len(mapper_pids()) > len(pool.actors) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return len(mapper_pids()) == len(pool.actors)
+
+
 def test_ray_engine_writes_what_the_plain_run_writes(pool, setup, tmp_path: Path) -> None:
     out = tmp_path / "ray"
     written: list[tuple[str, int]] = []
@@ -148,9 +156,9 @@ from xmodal.extract import ray_engine
 
 write = ray_engine._write
 
-def write_then_die(writer, modality, k, items, buffer):
-    write(writer, modality, k, items, buffer)
-    if (modality, k) == ("texts", 1):
+def write_then_die(run, strategy, k, items, buffer):
+    write(run, strategy, k, items, buffer)
+    if (strategy.name, k) == ("texts", 1):
         os.kill(os.getpid(), signal.SIGKILL)
 
 ray_engine._write = write_then_die
@@ -170,10 +178,7 @@ def test_resume_after_the_driver_is_killed(cluster, pool, setup, tmp_path: Path)
     manifest = load_manifest(out)
     assert [len(r["shards"]) for r in manifest["modalities"].values()] == [4, 2]
     assert not manifest["modalities"]["texts"]["complete"]
-    deadline = time.monotonic() + 30  # Ray stops the dead driver's actor
-    while len(mapper_pids()) > len(pool.actors) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert len(mapper_pids()) == len(pool.actors)
+    assert only_the_pool_is_left(pool)  # Ray stops the dead driver's actor
 
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
     written: list[tuple[str, int]] = []
@@ -183,6 +188,22 @@ def test_resume_after_the_driver_is_killed(cluster, pool, setup, tmp_path: Path)
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
     assert all(after[name] == stamp for name, stamp in before.items())
     assert_same_output(out, setup["plain"])
+
+
+def test_a_users_error_in_an_actor_is_one_line(cluster, pool, setup, tmp_path, capsys) -> None:
+    """An --onnx-dir with no towers fails where the model loads: in the actor under Ray. The CLI
+    prints the plain engine's one line, not Ray's error with the actor's traceback."""
+    from xmodal.cli import main
+
+    args = ["extract", "--model", str(setup["model"]), "--data", str(setup["data"])]
+    args += ["--device", "cpu", "--backend", "onnx", "--onnx-dir", str(tmp_path / "none")]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 2
+    plain = capsys.readouterr().err
+    assert plain.startswith("xmodal extract: error: ") and str(tmp_path / "none") in plain
+    ray_args = ["--engine", "ray", "--ray-address", cluster.address, "--ray-actors", "1"]
+    assert main([*args, *ray_args, "--out", str(tmp_path / "ray")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == plain.strip()  # after the progress bar
+    assert only_the_pool_is_left(pool)  # the run's actor is stopped
 
 
 def test_a_removed_node_loses_nothing(cluster, pool, setup, tmp_path: Path) -> None:

@@ -23,34 +23,26 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from xmodal.data.datasets import load_dataset
-from xmodal.data.images import ImageBatch
-from xmodal.data.skipped import save_skipped
 from xmodal.distributed import World
-from xmodal.errors import ExtractError, MissingDependencyError
+from xmodal.errors import ExtractError, MissingDependencyError, XmodalError
 from xmodal.extract.mapper import EmbeddingMapper, MapperOptions
-from xmodal.extract.pairs import PAIRS, PairBuffer, check_fused, pairs_record
-from xmodal.extract.plan import DecodePlan, local_cores
-from xmodal.extract.runner import (
-    ShardHook,
-    _check_options,
-    _items,
-    _modality_record,
-    _open_manifest,
-    _resume_state,
-    _Run,
-    _ShardBuffer,
+from xmodal.extract.pipeline import (
+    ExtractSettings,
+    ModalityStrategy,
+    ShardBuffer,
+    ShardRun,
     model_threads,
 )
-from xmodal.extract.writer import save_manifest
-from xmodal.models.identity import identify
+from xmodal.extract.plan import local_cores
+from xmodal.extract.runner import STRATEGIES, check_options, open_extraction
+from xmodal.extract.writer import ShardHook
 from xmodal.presets import load_model
 
 log = logging.getLogger(__name__)
@@ -61,8 +53,6 @@ ACTOR_RESTARTS = 4  # times Ray restarts a dead actor
 TASK_RETRIES = 2  # times Ray retries a call whose actor died
 WAIT_WARNING_S = 120  # a warning when no shard finishes for this long
 IN_FLIGHT_PER_ACTOR = 2  # shards queued per actor: the next one waits while one runs
-
-Buffer = _ShardBuffer | PairBuffer
 
 
 def import_ray() -> Any:
@@ -106,86 +96,41 @@ def actor_spec(
     return ActorSpec(actors or max(1, len(nodes)), 1, 0)
 
 
-@dataclass(frozen=True)
-class ShardSettings:
-    """What one run asks of the actors for each shard (the rest is the pool's model)."""
-
-    batch_size: int
-    workers: int | None
-    shard_size: int
-    dtype: str
-    fused: bool
-
-
-class _ShardRun(_Run):
-    """The plain runner's embedding of one shard, keeping the shard's buffer instead of writing
-    it (the driver writes). The decode plan measured on the first image shard is kept."""
-
-    def __init__(self, mapper: EmbeddingMapper, processor: Any, settings: ShardSettings):
-        manifest = {"shard_size": settings.shard_size, "dtype": settings.dtype, "modalities": {}}
-        super().__init__(
-            Path("."),
-            manifest,
-            processor,
-            mapper,
-            [],
-            settings.batch_size,
-            settings.workers,
-            False,
-            None,
-        )
-        self.fused = settings.fused
-        self.plan: DecodePlan | None = None
-        self.captured: Buffer | None = None
-
-    def shard(self, modality: str, items: Sequence[Any], start: int) -> Buffer:
-        """Embed ``items`` (a whole shard whose first item is at ``start``) as shard 0 of a
-        run of their own, then move the buffer to the shard's real positions."""
-        self.manifest["modalities"] = {modality: {"num_shards": 1}}
-        self.captured = None
-        self.embed(modality, items, set())
-        buffer = self.captured
-        if buffer is None:
-            raise ExtractError(f"{modality}: the shard at item {start} produced no result")
-        buffer.start += start
-        buffer.end += start
-        buffer.failures = [(p + start, reason) for p, reason in buffer.failures]
-        return buffer
-
-    def _finish(self, modality, k, items, buffer):  # type: ignore[override]
-        self.captured = buffer
-        return lambda: None
-
-    def _finish_pairs(self, k, items, buffer) -> None:  # type: ignore[override]
-        self.captured = buffer
-
-    def _image_stream(
-        self, refs: list, batches: list[list[int]]
-    ) -> tuple[Iterator[ImageBatch], DecodePlan]:
-        if self.plan is not None:
-            return self._decoder(refs, batches, self.plan), self.plan
-        stream, self.plan = super()._image_stream(refs, batches)
-        return stream, self.plan
-
-
 class MapperActor:
-    """A Ray actor holding one copy of the model; :meth:`shard` embeds one shard."""
+    """A Ray actor holding one copy of the model; :meth:`shard` embeds one shard with the plain
+    run's strategy for its modality (one per run's settings, kept: an image strategy keeps the
+    decoding it planned on its first shard). A user's error in loading the model here (say,
+    ``onnx_dir`` missing on this node) is raised by each call, where the driver gets it as
+    itself; raised here, Ray would only report the actor dead, with the traceback as text."""
 
     def __init__(self, model: str, options: MapperOptions | None, cores: int | None = None):
         if cores:  # this actor's share of the node: local_cores() divides by LOCAL_WORLD_SIZE
             os.environ["LOCAL_WORLD_SIZE"] = str(max(1, (os.cpu_count() or 1) // cores))
-        net, self.processor = load_model(model)
-        self.mapper = EmbeddingMapper(net, options, self.processor)
-        self.runs: dict[ShardSettings, _ShardRun] = {}
+        self.strategies: dict[tuple[ExtractSettings, str], ModalityStrategy] = {}
+        self.failed: XmodalError | None = None
+        try:
+            net, self.processor = load_model(model)
+            self.mapper = EmbeddingMapper(net, options, self.processor)
+        except XmodalError as err:
+            self.failed = err
 
     def shard(
-        self, settings: ShardSettings, modality: str, items: Sequence[Any], start: int
-    ) -> Buffer:
-        run = self.runs.get(settings)
-        if run is None:
-            run = self.runs[settings] = _ShardRun(self.mapper, self.processor, settings)
+        self, settings: ExtractSettings, modality: str, items: Sequence[Any], start: int
+    ) -> ShardBuffer:
+        """Embed ``items``, a whole shard whose first item is item ``start`` of the run, as
+        shard 0 of their own; the buffer returned holds the run's positions."""
+        if self.failed is not None:
+            raise self.failed
+        strategy = self.strategies.get((settings, modality))
+        if strategy is None:
+            tools = settings.tools(self.processor, self.mapper, self.mapper.model.has_itm)
+            strategy = self.strategies[settings, modality] = STRATEGIES[modality](tools)
         with model_threads(self.mapper, local_cores()):
-            return run.shard(modality, items, start)
+            ((_, buffer),) = strategy.embedded(items, [0])
+        buffer.start += start
+        buffer.end += start
+        buffer.failures = [(p + start, reason) for p, reason in buffer.failures]
+        return buffer
 
     def pid(self) -> int:
         """This actor's process id."""
@@ -271,52 +216,37 @@ def extract_ray(
     import_ray()
     if pool is not None and pool.model != str(model):
         raise ExtractError(f"the Ray pool holds the model {pool.model}, not {model}")
-    modalities = _check_options(modality, shard_size, dtype, batch_size, workers)
-    if fused and PAIRS not in modalities:
-        raise ExtractError("fused vectors are written for pairs only (--what pairs --fused)")
+    modalities = check_options(modality, shard_size, dtype, batch_size, workers, fused)
     options = options or MapperOptions()
     options.validate()
-    net, processor = load_model(model)
-    check_fused(net.has_itm, fused and PAIRS in modalities)
-    identity = identify(net, processor, model)
-    dim, has_itm = net.config.embed_dim, net.has_itm
-    del net  # the actors hold the model; the driver only writes
-    dataset = load_dataset(data, data_format, skip_bad)
-    out = Path(out)
-    manifest = _open_manifest(out, identity, dim, dtype, shard_size, data)
-    items = {m: _items(m, dataset) for m in modalities}
-    for m in modalities:
-        if m == PAIRS:
-            pairs_record(manifest, items[m], fused, has_itm, out)
-        else:
-            _modality_record(manifest, m, items[m], out, data)
-    done, errors = _resume_state(out, manifest, World())
-    manifest["skipped_rows"] = len(dataset.skipped)
-    save_skipped(out, dataset.skipped)
-    # The plain runner's writer, without a model: it builds and writes the shards, the error
-    # log and the manifest, exactly as a plain run does.
-    no_model: Any = None
-    writer = _Run(
-        out, manifest, processor, no_model, errors, batch_size, workers, progress, on_shard
+    settings = ExtractSettings(batch_size, workers, dtype, shard_size, fused)
+    world = World()
+    # The actors hold the model; here the strategies only plan, and write what they return.
+    job = open_extraction(
+        model,
+        data,
+        out,
+        modalities,
+        settings,
+        lambda net, processor: None,
+        data_format,
+        skip_bad,
+        world,
+        on_shard,
     )
-    writer.fused = fused
-    pending = {
-        m: [k for k in range(manifest["modalities"][m]["num_shards"]) if k not in done[m]]
-        for m in modalities
-    }
-    settings = ShardSettings(batch_size, workers, shard_size, dtype, fused)
-    if any(pending.values()):
+    run = ShardRun(job.out, job.tools, job.shards, progress, world)
+    pending = [run.pending(s, set(job.done[s.name])) for s in job.strategies]
+    if any(pending):
         own = pool is None
         if pool is None:
             pool = MapperPool(model, options, address=address, actors=actors)
         try:
-            for m in modalities:
-                _embed(pool, settings, writer, m, items[m], pending[m], progress)
+            for strategy, chosen, shards in zip(job.strategies, job.items, pending, strict=True):
+                _embed(pool, settings, run, strategy, chosen, shards)
         finally:
             if own:
                 pool.close()
-    save_manifest(out, manifest)
-    return manifest
+    return job.shards.close()
 
 
 def _join(ray: Any, address: str | None) -> bool:
@@ -332,12 +262,11 @@ def _join(ray: Any, address: str | None) -> bool:
 
 def _embed(
     pool: MapperPool,
-    settings: ShardSettings,
-    writer: _Run,
-    modality: str,
+    settings: ExtractSettings,
+    run: ShardRun,
+    strategy: ModalityStrategy,
     items: Sequence[Any],
     pending: list[int],
-    progress: bool,
 ) -> None:
     """Send the pending shards to the actors, at most ``IN_FLIGHT_PER_ACTOR`` each, and write
     each finished shard once, in shard order, keeping at most ``IN_FLIGHT_PER_ACTOR * actors``
@@ -345,7 +274,6 @@ def _embed(
     ray = pool.ray
     from ray.exceptions import RayActorError, WorkerCrashedError
 
-    size = settings.shard_size
     actors = pool.actors
     limit = IN_FLIGHT_PER_ACTOR * len(actors)
     todo = deque(pending)
@@ -353,26 +281,27 @@ def _embed(
     flight: dict[Any, tuple[int, int]] = {}  # ref -> (shard, actor)
     load = [0] * len(actors)
     attempts = dict.fromkeys(pending, 0)
-    finished: dict[int, Buffer] = {}
-    total = sum(min(len(items), (k + 1) * size) - k * size for k in pending)
-    unit = {"images": "img", "texts": "txt", PAIRS: "pair"}[modality]
+    finished: dict[int, ShardBuffer] = {}
+    bounds = run.tools.bounds(pending, len(items))
+    total = sum(end - start for _, start, end in bounds)
+    quiet = not run.progress
 
     def submit(k: int) -> None:
         a = min(range(len(actors)), key=load.__getitem__)
-        start, end = k * size, min(len(items), (k + 1) * size)
+        start, end = run.tools.shard_range(k, len(items))
         attempts[k] += 1
-        ref = actors[a].shard.remote(settings, modality, list(items[start:end]), start)
+        ref = actors[a].shard.remote(settings, strategy.name, list(items[start:end]), start)
         flight[ref] = (k, a)
         load[a] += 1
 
-    with tqdm(total=total, desc=modality, unit=unit, disable=not progress) as bar:
+    with tqdm(total=total, desc=strategy.name, unit=strategy.unit, disable=quiet) as bar:
         while order:
             while todo and len(flight) + len(finished) < limit:
                 submit(todo.popleft())
             while order and order[0] in finished:
                 k = order.popleft()
                 buffer = finished.pop(k)
-                _write(writer, modality, k, items, buffer)
+                _write(run, strategy, k, items, buffer)
                 bar.update(buffer.end - buffer.start)
             if not order or not flight:
                 continue
@@ -380,7 +309,7 @@ def _embed(
             if not ready:
                 log.warning(
                     "%s: no shard finished in %d s; are the actors placed? (`ray status`)",
-                    modality,
+                    strategy.name,
                     WAIT_WARNING_S,
                 )
                 continue
@@ -388,24 +317,36 @@ def _embed(
             k, a = flight.pop(ref)
             load[a] -= 1
             try:
-                finished[k] = ray.get(ref)
+                finished[k] = _result(ray, ref)
             except (RayActorError, WorkerCrashedError) as exc:
                 if attempts[k] >= SHARD_ATTEMPTS:
                     raise ExtractError(
-                        f"{modality} shard {k}: its Ray task failed {attempts[k]} times: {exc}"
+                        f"{strategy.name} shard {k}: its Ray task failed {attempts[k]} times: {exc}"
                     ) from exc
                 log.warning(
                     "%s shard %d: Ray task lost (%s); sending it again",
-                    modality,
+                    strategy.name,
                     k,
                     type(exc).__name__,
                 )
                 todo.appendleft(k)
 
 
-def _write(writer: _Run, modality: str, k: int, items: Sequence[Any], buffer: Buffer) -> None:
-    """Write shard k, its error records and the manifest with the plain runner's writer."""
-    if modality == PAIRS:
-        writer._finish_pairs(k, items, buffer)  # type: ignore[arg-type]
-    else:
-        writer._finish(modality, k, items, buffer)()  # type: ignore[arg-type]
+def _result(ray: Any, ref: Any) -> Any:
+    """``ray.get(ref)``; an error of the user's (an :class:`XmodalError`) that the task raised
+    is raised here as itself, not wrapped in Ray's error with the actor's traceback."""
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as exc:
+        if isinstance(exc.cause, XmodalError):
+            raise exc.cause from None
+        raise
+
+
+def _write(
+    run: ShardRun, strategy: ModalityStrategy, k: int, items: Sequence[Any], buffer: ShardBuffer
+) -> None:
+    """Write shard k, then record it (error log, manifest) as the plain run does."""
+    run.shard_job(strategy, k, items, buffer)()
