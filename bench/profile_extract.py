@@ -25,7 +25,7 @@ STAGES = {
     "  of which projection + norm": ("model.py:embed_image_pooled", "model.py:embed_text_pooled"),
     "tokenising": ("reader.py:text_batches",),
     "decoding (waited for)": ("images.py:_start", "images.py:_finish"),
-    "shard writing": ("pipeline.py:_shard_job",),
+    "shard writing": ("pipeline.py:shard_job",),
 }
 
 

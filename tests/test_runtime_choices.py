@@ -12,6 +12,7 @@ import torch
 from xmodal.config import (
     Backend,
     ConfigError,
+    ExtractEngine,
     ExtractModality,
     IndexKind,
     Modality,
@@ -80,6 +81,7 @@ def test_cli_choices_are_the_types_values() -> None:
         "dtype": args(ShardDtype),
         "precision": args(Precision),
         "backend": args(Backend),
+        "engine": args(ExtractEngine),
     }
     assert _choices("index") == {"kind": args(IndexKind), "modality": args(Modality)}
     assert _choices("eval") == {"format": args(DatasetFormat), "split": args(KarpathySplit)}

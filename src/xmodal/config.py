@@ -34,6 +34,9 @@ Modality = Literal["images", "texts"]
 ExtractModality = Literal[Modality, "both", "pairs"]
 """What ``xmodal extract`` embeds; ``pairs`` scores every row as an (image, caption) pair."""
 ShardDtype = Literal["float16", "float32"]
+ExtractEngine = Literal["plain", "ray"]
+"""How ``xmodal extract`` runs: ``plain`` in this process (or torchrun's ranks), ``ray`` on a Ray
+cluster (:mod:`xmodal.extract.ray_engine`)."""
 PairScore = Literal["similarity", "itm"]
 """The scores ``xmodal extract --what pairs`` writes per pair and ``xmodal filter`` selects by."""
 ProbeFeatures = Literal["fused", "image", "text", "image+text", "fused+image+text"]

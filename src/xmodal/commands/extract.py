@@ -6,7 +6,7 @@ import argparse
 import typing
 
 from xmodal.commands import MODEL_HELP
-from xmodal.config import Backend, ExtractModality, Precision, ShardDtype
+from xmodal.config import Backend, ExtractEngine, ExtractModality, Precision, ShardDtype
 
 
 def add(commands) -> None:
@@ -50,14 +50,41 @@ def add(commands) -> None:
         help="auto: ONNX Runtime on a CPU when installed (towers exported at start), else torch",
     )
     p.add_argument("--onnx-dir", default=None, help="towers from `xmodal export-onnx`")
+    p.add_argument(
+        "--engine",
+        choices=typing.get_args(ExtractEngine),
+        default="plain",
+        help="plain: this process (or torchrun ranks); ray: the model in a pool of Ray actors, "
+        "the same output (pip install 'xmodal[ray]')",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="--engine ray: an existing cluster's address (default: start one for this run)",
+    )
+    p.add_argument(
+        "--ray-actors",
+        type=int,
+        default=None,
+        help="--engine ray: mapper actors (default: one per GPU, else one per node)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from xmodal.config import from_dict
+    from xmodal.errors import ExtractError
     from xmodal.extract import extract
     from xmodal.extract.mapper import MapperOptions
 
-    manifest = extract(
+    run_extract, engine = extract, {}
+    if args.engine == "ray":
+        from xmodal.extract.ray_engine import extract_ray
+
+        run_extract = extract_ray
+        engine = {"address": args.ray_address, "actors": args.ray_actors}
+    elif args.ray_address or args.ray_actors is not None:
+        raise ExtractError("--ray-address and --ray-actors need --engine ray")
+    manifest = run_extract(
         args.model,
         args.data,
         args.out,
@@ -79,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
                 "onnx_dir": args.onnx_dir,
             },
         ),
+        **engine,
     )
     for modality, record in manifest["modalities"].items():
         print(

@@ -51,24 +51,63 @@ Bounds = list[tuple[int, int, int]]  # (k, start, end) of each pending shard
 
 
 @dataclass(frozen=True)
-class Tools:
-    """The model, its processor and the settings every modality's strategy works with."""
+class ExtractSettings:
+    """A run's settings besides the model and the data (what the Ray engine's actors are sent)."""
 
-    processor: MultimodalProcessor
-    mapper: EmbeddingMapper
     batch_size: int
     workers: int | None  # decode worker processes; None: planned from measured costs
     dtype: str
     shard_size: int
     fused: bool  # pairs: write the fused vectors too
 
+    def tools(
+        self, processor: MultimodalProcessor, mapper: EmbeddingMapper | None, has_itm: bool
+    ) -> Tools:
+        """The tools of these settings with the model's ``processor`` and ``mapper``."""
+        return Tools(
+            processor,
+            mapper,
+            self.batch_size,
+            self.workers,
+            self.dtype,
+            self.shard_size,
+            self.fused,
+            has_itm,
+        )
+
+
+@dataclass(frozen=True)
+class Tools:
+    """The model, its processor and the settings every modality's strategy works with. Without
+    a ``mapper`` a strategy only lists, records and writes (the Ray engine's driver)."""
+
+    processor: MultimodalProcessor
+    mapper: EmbeddingMapper | None  # None: nothing is embedded here
+    batch_size: int
+    workers: int | None  # decode worker processes; None: planned from measured costs
+    dtype: str
+    shard_size: int
+    fused: bool  # pairs: write the fused vectors too
+    has_itm: bool  # pairs: the model scores them with its ITM head
+
+    @property
+    def embedder(self) -> EmbeddingMapper:
+        """The mapper, for the strategies' embedding parts (a bug to ask for where none is)."""
+        if self.mapper is None:
+            raise RuntimeError("these tools only write: they have no mapper to embed with")
+        return self.mapper
+
     def shard_range(self, k: int, count: int) -> tuple[int, int]:
         """Items [start, end) of shard ``k`` of ``count`` items."""
         return k * self.shard_size, min(count, (k + 1) * self.shard_size)
 
+    def bounds(self, shards: Sequence[int], count: int) -> Bounds:
+        """(k, start, end) of each of ``shards`` of ``count`` items."""
+        return [(k, *self.shard_range(k, count)) for k in shards]
+
     @property
     def accelerated(self) -> bool:
-        return self.mapper.device.type == "cuda"
+        return self.embedder.device.type == "cuda"
 
 
 def batches_per_shard(bounds: Bounds, batch_size: int) -> tuple[list[list[int]], dict[int, int]]:
@@ -136,7 +175,7 @@ class ModalityStrategy:
         modality_record(manifest, self.name, len(items), items_fingerprint(items), out, str(data))
 
     def buffer(self, start: int, end: int) -> ShardBuffer:
-        return EmbeddingBuffer(start, end, self.tools.mapper.dim)
+        return EmbeddingBuffer(start, end, self.tools.embedder.dim)
 
     def batches(self, items: Sequence[Any], bounds: Bounds) -> Batches:
         """The reader: the batches of the pending shards ``bounds``."""
@@ -165,6 +204,64 @@ class ModalityStrategy:
     def error_fields(self, item: Any) -> dict[str, Any]:
         """What an error record says of ``item`` besides its id and source."""
         return {}
+
+    def embedded(
+        self, items: Sequence[Any], shards: Sequence[int], bar: tqdm | None = None
+    ) -> Iterator[tuple[int, ShardBuffer]]:
+        """Embed the ``shards`` of ``items``: yields (k, buffer) for each shard once complete,
+        first those with nothing to embed, then the rest as their last batch is collected
+        (the writer takes them from there; the Ray actors return them). ``bar``: progress."""
+        bar = bar if bar is not None else tqdm(disable=True)
+        tools = self.tools
+        buffers: dict[int, ShardBuffer] = {}
+
+        def buffer_of(k: int) -> ShardBuffer:  # made on a shard's first batch, to bound memory
+            if k not in buffers:
+                buffers[k] = self.buffer(*tools.shard_range(k, len(items)))
+            return buffers[k]
+
+        batches = self.batches(items, tools.bounds(shards, len(items)))
+        left = dict(batches.count)
+        for k, refused in batches.refused.items():
+            if refused:
+                buffer_of(k).failures.extend(refused)
+                bar.update(len(refused))
+        for k in shards:
+            if not left.get(k):  # nothing left to embed in this shard
+                yield k, buffer_of(k)
+        if not any(left.values()):
+            return
+        stream, threads = batches.open()
+        with model_threads(tools.embedder, threads):
+            for k in self._gather(stream, batches.start, buffer_of, bar):
+                left[k] -= 1
+                if not left[k]:
+                    yield k, buffers.pop(k)
+
+    def _gather(
+        self,
+        stream: Iterator[Any],
+        start: Callable[[Any], Pending | Computed | None],
+        buffer_of: Callable[[int], ShardBuffer],
+        bar: tqdm,
+    ) -> Iterator[int]:
+        """Embed the batches of ``stream`` one ahead, put each batch's results and failures in
+        its shard's buffer and yield that shard."""
+        waited = 0.0  # seconds the model spent waiting for batches
+        started = time.perf_counter()
+        for batch, result, wait in embed_one_ahead(stream, start):
+            failures = self.failures(batch)
+            k = (batch.positions or [p for p, _ in failures])[0] // self.tools.shard_size
+            buffer = buffer_of(k)
+            if result is not None:
+                buffer.put(batch.positions, result)
+            buffer.failures.extend(failures)
+            waited += wait
+            bar.update(len(batch.positions) + len(failures))
+            bar.set_postfix(
+                data_wait=f"{waited / (time.perf_counter() - started):.0%}", refresh=False
+            )
+            yield k
 
 
 # -- the pipeline ---------------------------------------------------------------------------------
@@ -220,69 +317,23 @@ class ShardRun:
     progress: bool
     world: World
 
+    def pending(self, strategy: ModalityStrategy, done: set[int]) -> list[int]:
+        """The shards of ``strategy``'s modality not in ``done``, in order."""
+        num_shards = self.shards.manifest["modalities"][strategy.name]["num_shards"]
+        return [k for k in range(num_shards) if k not in done]
+
     def embed(self, strategy: ModalityStrategy, items: Sequence[Any], done: set[int]) -> None:
         """Embed the shards of ``strategy``'s modality not in ``done`` (under torchrun, this
         rank's)."""
-        num_shards = self.shards.manifest["modalities"][strategy.name]["num_shards"]
-        pending = [k for k in range(num_shards) if k not in done]
-        pending = rank_shards(pending, self.world.rank, self.world.size)
-        bounds = [(k, *self.tools.shard_range(k, len(items))) for k in pending]
-        total = sum(end - start for _, start, end in bounds)
+        pending = rank_shards(self.pending(strategy, done), self.world.rank, self.world.size)
+        total = sum(end - start for _, start, end in self.tools.bounds(pending, len(items)))
         quiet = not self.progress or not self.world.is_main
-        buffers: dict[int, ShardBuffer] = {}
-
-        def buffer_of(k: int) -> ShardBuffer:  # made on a shard's first batch, to bound memory
-            if k not in buffers:
-                buffers[k] = strategy.buffer(*self.tools.shard_range(k, len(items)))
-            return buffers[k]
-
         with tqdm(total=total, desc=strategy.name, unit=strategy.unit, disable=quiet) as bar:
-            batches = strategy.batches(items, bounds)
-            left = dict(batches.count)
             with OrderedWriter() as writer:
-                for k, refused in batches.refused.items():
-                    if refused:
-                        buffer_of(k).failures.extend(refused)
-                        bar.update(len(refused))
-                for k in pending:
-                    if not left.get(k):  # nothing left to embed in this shard
-                        writer.submit(self._shard_job(strategy, k, items, buffer_of(k)))
-                if not any(left.values()):
-                    return
-                stream, threads = batches.open()
-                with model_threads(self.tools.mapper, threads):
-                    for k in self._gather(strategy, stream, batches.start, buffer_of, bar):
-                        left[k] -= 1
-                        if not left[k]:
-                            writer.submit(self._shard_job(strategy, k, items, buffers.pop(k)))
+                for k, buffer in strategy.embedded(items, pending, bar):
+                    writer.submit(self.shard_job(strategy, k, items, buffer))
 
-    def _gather(
-        self,
-        strategy: ModalityStrategy,
-        stream: Iterator[Any],
-        start: Callable[[Any], Pending | Computed | None],
-        buffer_of: Callable[[int], ShardBuffer],
-        bar: tqdm,
-    ) -> Iterator[int]:
-        """Embed the batches of ``stream`` one ahead, put each batch's results and failures in
-        its shard's buffer and yield that shard."""
-        waited = 0.0  # seconds the model spent waiting for batches
-        started = time.perf_counter()
-        for batch, result, wait in embed_one_ahead(stream, start):
-            failures = strategy.failures(batch)
-            k = (batch.positions or [p for p, _ in failures])[0] // self.tools.shard_size
-            buffer = buffer_of(k)
-            if result is not None:
-                buffer.put(batch.positions, result)
-            buffer.failures.extend(failures)
-            waited += wait
-            bar.update(len(batch.positions) + len(failures))
-            bar.set_postfix(
-                data_wait=f"{waited / (time.perf_counter() - started):.0%}", refresh=False
-            )
-            yield k
-
-    def _shard_job(
+    def shard_job(
         self, strategy: ModalityStrategy, k: int, items: Sequence[Any], buffer: ShardBuffer
     ) -> Callable[[], None]:
         """Shard k's table and records, built here, in the model's thread between two batches;

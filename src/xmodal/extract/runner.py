@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from xmodal.data.datasets import load_dataset
 from xmodal.data.images import ImageBatch, ThreadedImageBatches, image_loader
 from xmodal.data.refs import location
 from xmodal.data.skipped import save_skipped
+from xmodal.distributed import World
 from xmodal.errors import ExtractError
 from xmodal.extract.background import run_ahead
 from xmodal.extract.mapper import EmbeddingMapper, MapperOptions, Pending, mapper_pairs
@@ -41,6 +43,7 @@ from xmodal.extract.pipeline import (
     Batches,
     Bounds,
     Computed,
+    ExtractSettings,
     ModalityStrategy,
     ShardRun,
     Tools,
@@ -51,7 +54,9 @@ from xmodal.extract.plan import DecodePlan, explicit_plan, local_cores, plan_dec
 from xmodal.extract.reader import Item, TextBatch, image_items, text_batches, text_items
 from xmodal.extract.writer import ShardHook, ShardLog, open_manifest, resume_state
 from xmodal.models.identity import identify
+from xmodal.models.model import CrossModalModel
 from xmodal.presets import load_model
+from xmodal.processing import MultimodalProcessor
 from xmodal.shards import DTYPES, MODALITIES
 
 log = logging.getLogger(__name__)
@@ -88,37 +93,37 @@ def extract(
     ``on_shard(modality, k)`` is called there once shard k and the manifest are on disk; an
     exception it raises stops the writing and is raised here.
     """
-    modalities = _check_options(modality, shard_size, dtype, batch_size, workers)
-    if fused and PAIRS not in modalities:
-        raise ExtractError("fused vectors are written for pairs only (--what pairs --fused)")
+    modalities = check_options(modality, shard_size, dtype, batch_size, workers, fused)
+    settings = ExtractSettings(batch_size, workers, dtype, shard_size, fused)
     with distributed.process_group("gloo") as world:  # only CPU objects cross ranks
-        net, processor = load_model(model)
-        check_fused(net.has_itm, fused and PAIRS in modalities)
-        identity = identify(net, processor, model)
-        dataset = load_dataset(data, data_format, skip_bad)
-        out = Path(out)
-        mapper = EmbeddingMapper(net, options, processor)
-        manifest = open_manifest(out, identity, mapper.dim, dtype, shard_size, data)
-        tools = Tools(processor, mapper, batch_size, workers, dtype, shard_size, fused)
-        strategies = [STRATEGIES[name](tools) for name in modalities]
-        items = [strategy.items(dataset) for strategy in strategies]
-        for strategy, chosen in zip(strategies, items, strict=True):
-            strategy.add_record(manifest, chosen, out, data)
-        done, errors = resume_state(out, manifest, world)
-        manifest["skipped_rows"] = len(dataset.skipped)
-        if world.is_main:
-            save_skipped(out, dataset.skipped)
-        shards = ShardLog(out, manifest, errors, world, on_shard)
-        run = ShardRun(out, tools, shards, progress, world)
-        with model_threads(mapper, local_cores()):
-            for strategy, chosen in zip(strategies, items, strict=True):
-                run.embed(strategy, chosen, set(done[strategy.name]))
-        return shards.close()
+        job = open_extraction(
+            model,
+            data,
+            out,
+            modalities,
+            settings,
+            lambda net, processor: EmbeddingMapper(net, options, processor),
+            data_format,
+            skip_bad,
+            world,
+            on_shard,
+        )
+        run = ShardRun(job.out, job.tools, job.shards, progress, world)
+        with model_threads(job.tools.embedder, local_cores()):
+            for strategy, chosen in zip(job.strategies, job.items, strict=True):
+                run.embed(strategy, chosen, set(job.done[strategy.name]))
+        return job.shards.close()
 
 
-def _check_options(
-    modality: str, shard_size: int, dtype: str, batch_size: int, workers: int | None
+def check_options(
+    modality: str,
+    shard_size: int,
+    dtype: str,
+    batch_size: int,
+    workers: int | None,
+    fused: bool,
 ) -> tuple[str, ...]:
+    """The modalities ``modality`` names, once the settings are checked."""
     if modality not in (*MODALITIES, "both", PAIRS):
         raise ExtractError(f"modality must be images, texts, both or pairs, got {modality!r}")
     if dtype not in DTYPES:
@@ -128,14 +133,64 @@ def _check_options(
             raise ExtractError(f"{name} must be >= 1, got {value}")
     if workers is not None and workers < 0:
         raise ExtractError(f"workers must be >= 0, got {workers}")
+    if fused and modality != PAIRS:
+        raise ExtractError("fused vectors are written for pairs only (--what pairs --fused)")
     return MODALITIES if modality == "both" else (modality,)
+
+
+@dataclass
+class Extraction:
+    """A run opened: its tools, each modality's strategy and items, the shards finished already
+    (by modality) and the log that records the others."""
+
+    out: Path
+    tools: Tools
+    strategies: list[ModalityStrategy]
+    items: list[Sequence[Any]]
+    done: dict[str, dict[int, dict[str, Any]]]
+    shards: ShardLog
+
+
+def open_extraction(
+    model: str | Path,
+    data: str | Path,
+    out: str | Path,
+    modalities: Sequence[str],
+    settings: ExtractSettings,
+    mapper: Callable[[CrossModalModel, MultimodalProcessor], EmbeddingMapper | None],
+    data_format: str | None,
+    skip_bad: bool,
+    world: World,
+    on_shard: ShardHook | None,
+) -> Extraction:
+    """Load the model and the dataset, make the run's mapper (None: embed elsewhere), open (or
+    resume) the manifest in ``out`` and plan every modality's shards: what :func:`extract` does
+    before embedding, shared by the Ray engine's driver."""
+    net, processor = load_model(model)
+    check_fused(net.has_itm, settings.fused)
+    identity = identify(net, processor, model)
+    dataset = load_dataset(data, data_format, skip_bad)
+    out = Path(out)
+    tools = settings.tools(processor, mapper(net, processor), net.has_itm)
+    dim = net.config.embed_dim
+    manifest = open_manifest(out, identity, dim, settings.dtype, settings.shard_size, data)
+    strategies = [STRATEGIES[name](tools) for name in modalities]
+    items = [strategy.items(dataset) for strategy in strategies]
+    for strategy, chosen in zip(strategies, items, strict=True):
+        strategy.add_record(manifest, chosen, out, data)
+    done, errors = resume_state(out, manifest, world)
+    manifest["skipped_rows"] = len(dataset.skipped)
+    if world.is_main:
+        save_skipped(out, dataset.skipped)
+    shards = ShardLog(out, manifest, errors, world, on_shard)
+    return Extraction(out, tools, strategies, items, done, shards)
 
 
 def _image_decoder(
     tools: Tools, refs: list, batches: list[list[int]], plan: DecodePlan
 ) -> Iterator[ImageBatch]:
     """The decoded image batches: in worker processes, or in threads as ``plan`` says."""
-    channels_last = tools.mapper.channels_last
+    channels_last = tools.embedder.channels_last
     if plan.workers:
         loader = image_loader(
             refs, tools.processor, batches, plan.workers, channels_last, tools.accelerated
@@ -155,6 +210,7 @@ class _Images(ModalityStrategy):
 
     name, unit = "images", "img"
     items = staticmethod(image_items)
+    plan: DecodePlan | None = None  # decoding, once planned
 
     def batches(self, items: Sequence[Item], bounds: Bounds) -> Batches:
         batches, count = batches_per_shard(bounds, self.tools.batch_size)
@@ -164,7 +220,7 @@ class _Images(ModalityStrategy):
     def _start(self, batch: ImageBatch) -> Pending | None:
         if batch.pixel_values is None:
             return None
-        return self.tools.mapper.start_images(batch.pixel_values)
+        return self.tools.embedder.start_images(batch.pixel_values)
 
     def failures(self, batch: ImageBatch) -> list[tuple[int, str]]:
         return batch.failures
@@ -177,17 +233,19 @@ class _Images(ModalityStrategy):
     ) -> tuple[Iterator[ImageBatch | AlreadyEmbedded], int]:
         """Decoded batches, and the model's threads. With ``workers`` left to ``extract()``,
         the first batch is decoded on one core and embedded, timed, and the plan for the rest
-        follows from those costs (:func:`xmodal.extract.plan.plan_decoding`)."""
+        follows from those costs (:func:`xmodal.extract.plan.plan_decoding`); this strategy
+        keeps it for the next shards it embeds (a Ray actor's)."""
         tools = self.tools
         cores = local_cores()
         if tools.workers is not None:
-            plan = explicit_plan(tools.workers, cores, tools.accelerated)
-            return _image_decoder(tools, refs, batches, plan), plan.model_threads
+            self.plan = explicit_plan(tools.workers, cores, tools.accelerated)
+        if self.plan is not None:
+            return _image_decoder(tools, refs, batches, self.plan), self.plan.model_threads
         before = time.perf_counter()
         first = next(
             iter(
                 ThreadedImageBatches(
-                    refs, tools.processor, batches[:1], 0, tools.mapper.channels_last
+                    refs, tools.processor, batches[:1], 0, tools.embedder.channels_last
                 )
             )
         )
@@ -195,9 +253,9 @@ class _Images(ModalityStrategy):
         model_s = embeddings = None
         if first.pixel_values is not None:
             before = time.perf_counter()
-            embeddings = tools.mapper.start_images(first.pixel_values).result()
+            embeddings = tools.embedder.start_images(first.pixel_values).result()
             model_s = (time.perf_counter() - before) / len(first.positions)
-        plan = plan_decoding(cores, tools.accelerated, decode_s, model_s)
+        plan = self.plan = plan_decoding(cores, tools.accelerated, decode_s, model_s)
         log.info("extract: %s -> %s", plan.reason, plan)
 
         def stream() -> Iterator[ImageBatch | AlreadyEmbedded]:
@@ -218,7 +276,7 @@ class _Texts(ModalityStrategy):
         return Batches(count, lambda: self._stream(items, bounds), self._start)
 
     def _start(self, batch: TextBatch) -> Pending:
-        return self.tools.mapper.start_texts(batch.input_ids, batch.attention_mask)
+        return self.tools.embedder.start_texts(batch.input_ids, batch.attention_mask)
 
     def extra_columns(self, chosen: list[Item]) -> dict[str, list[Any]]:
         return {"image_id": [item.image_id for item in chosen]}
@@ -253,10 +311,10 @@ class _Pairs(ModalityStrategy):
     def add_record(
         self, manifest: dict[str, Any], items: Sequence[PairItem], out: Path, data
     ) -> None:
-        pairs_record(manifest, items, self.tools.fused, self.tools.mapper.model.has_itm, out)
+        pairs_record(manifest, items, self.tools.fused, self.tools.has_itm, out)
 
     def buffer(self, start: int, end: int) -> PairBuffer:
-        return PairBuffer(start, end, self.tools.mapper.dim, self.tools.fused)
+        return PairBuffer(start, end, self.tools.embedder.dim, self.tools.fused)
 
     def batches(self, items: Sequence[PairItem], bounds: Bounds) -> Batches:
         tools = self.tools
@@ -277,7 +335,7 @@ class _Pairs(ModalityStrategy):
             input_ids, attention_mask = plan.tokens.batch(rows)
             return Computed(
                 mapper_pairs(
-                    tools.mapper, batch.pixel_values, input_ids, attention_mask, tools.fused
+                    tools.embedder, batch.pixel_values, input_ids, attention_mask, tools.fused
                 )
             )
 
