@@ -27,7 +27,13 @@ from xmodal.data.skipped import save_skipped
 from xmodal.distributed import World
 from xmodal.errors import ExtractError
 from xmodal.extract.background import OrderedWriter, run_ahead
-from xmodal.extract.mapper import EmbeddingMapper, MapperOptions, Pending, mapper_pairs
+from xmodal.extract.mapper import (
+    EmbeddingMapper,
+    MapperOptions,
+    Pending,
+    filter_weight,
+    mapper_pairs,
+)
 from xmodal.extract.pairs import (
     PAIRS,
     PairBuffer,
@@ -156,7 +162,8 @@ def extract(
         items = {modality: _items(modality, dataset) for modality in modalities}
         for modality in modalities:
             if modality == PAIRS:
-                pairs_record(manifest, items[modality], fused, net.has_itm, out)
+                weight = filter_weight(net) if net.has_itm else None
+                pairs_record(manifest, items[modality], fused, net.has_itm, out, weight)
             else:
                 _modality_record(manifest, modality, items[modality], out, data)
         done, errors = _resume_state(out, manifest, world)

@@ -10,7 +10,9 @@ once (the first ``views`` cached views of a cached image tower), each caption's
 by ITC over the whole training set, and each step trains on one batch of pairs with
 
 - ``itm``: the binary ITM cross-entropy of each pair, a negative image drawn from its
-  caption's nearest and a negative caption drawn from its image's nearest;
+  caption's nearest and a negative caption drawn from its image's nearest (or, for a
+  ``random_negatives`` share of them, from the whole training set: a head that only meets near
+  misses scores unrelated pairs at random, and filtering noisy pairs meets mostly those);
 - ``reordered``: the order term of :func:`xmodal.train.objective.itm_reordered_loss`: the
   image against its caption and a reordering of it (:mod:`xmodal.data.reorder`);
 - ``reordered_images``: the same for the other direction: the caption against its own image
@@ -243,8 +245,7 @@ class ITMStage:
         view = torch.randint(0, views, (2, n), generator=generator)
         terms: dict[str, torch.Tensor] = {}
         if section.itm:
-            negative_image = self.near_images[rows, pick[0]]
-            negative_caption = self.near_captions[image, pick[1]]
+            negative_image, negative_caption = self.negatives(rows, pick, generator)
             logits = self._logits(
                 torch.cat([image, image, negative_image]),
                 torch.cat([view[0], view[0], view[1]]),
@@ -265,6 +266,46 @@ class ITMStage:
                     listed, listed_image, listed_view, generator
                 )
         return terms
+
+    def negatives(
+        self, rows: torch.Tensor, pick: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ITM term's negatives of a batch of caption rows: an image for each caption and a
+        caption for each caption's image, drawn from their ITC nearest (``pick``: (2, n) places
+        in those lists) or, for a ``random_negatives`` share of them, from the whole training
+        set (another image; a caption of another image)."""
+        image = self.pairs.image_of_row[rows]
+        negative_image = self.near_images[rows, pick[0]]
+        negative_caption = self.near_captions[image, pick[1]]
+        share = self.section.random_negatives
+        if not share:
+            return negative_image, negative_caption
+        n = len(rows)
+        images = len(self.pairs.images[0].embeds)
+        swap = torch.rand((2, n), generator=generator) < share
+        other = torch.randint(0, images - 1, (n,), generator=generator)
+        other = other + (other >= image).long()  # any image but the caption's own
+        negative_image = torch.where(swap[0], other, negative_image)
+        caption = self._caption_of_other_image(image, generator)
+        negative_caption = torch.where(swap[1], caption, negative_caption)
+        return negative_image, negative_caption
+
+    def _caption_of_other_image(
+        self, image: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """One caption row per entry of ``image``, uniform over the captions of other images."""
+        image_of_row = self.pairs.image_of_row
+        count = len(image_of_row)
+        caption = torch.randint(0, count, (len(image),), generator=generator)
+        for _ in range(64):  # redraw those that hit their own image (rarely more than once)
+            same = image_of_row[caption] == image
+            if not bool(same.any()):
+                return caption
+            caption[same] = torch.randint(0, count, (int(same.sum()),), generator=generator)
+        # left with an image that owns nearly every caption: its ITC nearest of other images
+        same = image_of_row[caption] == image
+        caption[same] = self.near_captions[image[same], 0]
+        return caption
 
     def _listed_rows(self, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The rows the order terms read: ``reordered_batch`` drawn from the captions with a
