@@ -18,7 +18,13 @@ from xmodal.models import CrossModalModel
 from xmodal.models.model import Features
 from xmodal.train import Trainer
 from xmodal.train.config import ITMStageSection, LossSection
-from xmodal.train.itm_stage import FrozenPairs, ITMStage, frozen_pairs, nearest_by_itc
+from xmodal.train.itm_stage import (
+    FrozenPairs,
+    ITMStage,
+    frozen_pairs,
+    head_from_similarity,
+    nearest_by_itc,
+)
 from xmodal.train.objective import itm_reordered_loss
 
 
@@ -199,6 +205,21 @@ def test_random_negatives_mix_unrelated_pairs_into_the_itm_term(
     assert len(torch.cat(drawn).unique()) == len(pairs.images[0].embeds)  # every image drawn
     with pytest.raises(ConfigError, match="random_negatives must be within"):
         ITMStageSection(random_negatives=1.5).validate()
+
+
+def test_head_from_similarity_starts_the_itm_score_at_the_itc_logit(
+    make_tiny_config, processor, tmp_path
+) -> None:
+    model, pairs, _ = _stage_pairs(make_tiny_config, processor, tmp_path)
+    head_from_similarity(model, zero_fused=True)
+    image, caption = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0, 3, 2, 8, 1])
+    view = torch.zeros_like(image)
+    stage = ITMStage(model, pairs, ITMStageSection(steps=1, hard_negatives=2), 0)
+    with torch.no_grad():
+        logits = stage._logits(image, view, pairs.text, caption)
+    cosine = (pairs.images[0].embeds[image] * pairs.text.embeds[caption]).sum(-1)
+    want = model.clip_scale().detach() * cosine
+    torch.testing.assert_close(logits[:, 1] - logits[:, 0], want, atol=1e-5, rtol=1e-5)
 
 
 def test_stage_logits_and_terms_match_a_direct_computation(

@@ -299,6 +299,10 @@ class ITMStageSection:
     random_negatives: the share of those negatives drawn instead from the whole training set
         (any other image, any caption of another image): a head that meets only near misses
         never learns that an unrelated caption is a mismatch, and filtering pairs asks it that.
+    head_from_similarity: the stage starts the ITM head as the contrastive similarity itself
+        (its match-minus-mismatch logit = logit_scale x cosine, read from the embeddings'
+        agreement; the fused vector's weights at 0), so the head learns what to add to ITC
+        rather than to rebuild it from 150 steps of negatives.
     itm / reordered / reordered_images: weights of the binary ITM term, the order term (an
         image against its caption and a reordering of it) and its image side (a caption
         against its image and the image of a training caption that reorders it).
@@ -316,6 +320,7 @@ class ITMStageSection:
     weight_decay: float = 0.1
     hard_negatives: int = 16
     random_negatives: float = 0.0
+    head_from_similarity: bool = False
     itm: float = 1.0
     reordered: float = 0.0
     reordered_images: float = 0.0

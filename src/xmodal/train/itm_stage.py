@@ -190,6 +190,8 @@ class ITMStage:
     def run(self, log: Callable[[int, dict], None] | None = None, log_every: int = 10) -> dict:
         """All the stage's steps; returns the last step's loss terms."""
         section, model = self.section, self.model
+        if section.head_from_similarity:
+            head_from_similarity(model)
         model.requires_grad_(False)
         for p in self.params:
             p.requires_grad_(True)
@@ -246,11 +248,11 @@ class ITMStage:
         terms: dict[str, torch.Tensor] = {}
         if section.itm:
             negative_image, negative_caption = self.negatives(rows, pick, generator)
+            images = [image, image, negative_image]
+            image_views = [view[0], view[0], view[1]]
+            captions = [rows, negative_caption, rows]
             logits = self._logits(
-                torch.cat([image, image, negative_image]),
-                torch.cat([view[0], view[0], view[1]]),
-                self.pairs.text,
-                torch.cat([rows, negative_caption, rows]),
+                torch.cat(images), torch.cat(image_views), self.pairs.text, torch.cat(captions)
             )
             terms["itm"] = losses.itm_loss(logits[:n], logits[n:])
         if section.reordered or section.reordered_images:
@@ -281,14 +283,22 @@ class ITMStage:
         if not share:
             return negative_image, negative_caption
         n = len(rows)
-        images = len(self.pairs.images[0].embeds)
         swap = torch.rand((2, n), generator=generator) < share
-        other = torch.randint(0, images - 1, (n,), generator=generator)
-        other = other + (other >= image).long()  # any image but the caption's own
+        other, caption = self.random_negatives(rows, generator)
         negative_image = torch.where(swap[0], other, negative_image)
-        caption = self._caption_of_other_image(image, generator)
         negative_caption = torch.where(swap[1], caption, negative_caption)
         return negative_image, negative_caption
+
+    def random_negatives(
+        self, rows: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each caption row, a random image other than its own, and a random caption of
+        another image for its image."""
+        image = self.pairs.image_of_row[rows]
+        images = len(self.pairs.images[0].embeds)
+        other = torch.randint(0, images - 1, (len(rows),), generator=generator)
+        other = other + (other >= image).long()  # any image but the caption's own
+        return other, self._caption_of_other_image(image, generator)
 
     def _caption_of_other_image(
         self, image: torch.Tensor, generator: torch.Generator
@@ -393,6 +403,24 @@ class ITMStage:
 
     def _zero(self) -> torch.Tensor:
         return torch.zeros((), device=self.device)
+
+
+@torch.no_grad()
+def head_from_similarity(model: CrossModalModel, zero_fused: bool = False) -> None:
+    """Set the ITM head's reading of the embeddings' agreement (the product of the two unit
+    embeddings, which sums to the cosine) to +-scale/2 and its bias to 0, so that its score
+    (match minus mismatch logit) is the ITC logit ``logit_scale * cosine`` plus what it reads
+    from the fused vector (those weights as they were, or 0 with ``zero_fused``)."""
+    head = model.itm_head
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 2:
+        raise ValueError("head_from_similarity needs the linear two-logit ITM head")
+    dim = head.in_features // 2
+    half = float(model.clip_scale().detach()) / 2
+    if zero_fused:
+        head.weight[:, :dim] = 0.0
+    head.bias.zero_()
+    head.weight[1, dim:] = half
+    head.weight[0, dim:] = -half
 
 
 def _draw(options: list[int], generator: torch.Generator) -> int:
