@@ -1,10 +1,12 @@
 """Pairs: noisy-pair detection, linear probes and the cost of scoring pairs, on the emoji data.
 
-noise: the test split (held-out names) with ``--noise`` of its captions swapped to another
-    image's (seeded; every swapped caption differs from the row's own). ``xmodal extract --what
-    pairs`` scores the rows; ROC AUC of similarity and of ITM at telling clean from swapped rows;
-    then ``filter --keep-fraction 0.8`` by each score: the precision (clean share) of the kept
-    rows, read back from the written file.
+noise: the test split (held-out names) with ``--noise`` of its captions swapped (seeded; every
+    swapped caption differs from the row's own): ``random`` swaps take another test row's,
+    ``hard`` swaps one of the same emoji subcategory (another animal face, another keycap);
+    ``--swap-sets`` sets of each. ``xmodal extract --what pairs`` scores the rows; ROC AUC of
+    each score (similarity, ITM, combined) at telling clean from swapped rows; then ``filter
+    --keep-fraction 0.8`` by each score: the precision (clean share) of the kept rows, read back
+    from the written file.
 probe: emoji ``category`` from fused / image / text / concatenated features, probe trained on the
     train split's features and tested on the test split (held-out names); and trained on the
     validation split (names the model never saw either).
@@ -15,6 +17,8 @@ speed: ``extract`` of the same rows as images, texts, pairs, pairs with fused ve
     does. Reported: the median items/s, and pairs time against images + texts time per round.
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_pairs.py --model M --emoji DIR --out WORK
+
+The figures go to ``--json`` (default: WORK/bench_pairs.json).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from common import add_machine_args, load_average, setup_machine, write_json
 
-from xmodal.extract import extract
+from xmodal.extract import extract, load_manifest
 from xmodal.extract.mapper import MapperOptions
 from xmodal.pairs import filter_pairs, probe, read_pair_scores
 
@@ -41,7 +46,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="work folder (shards, filtered files)")
     parser.add_argument("--parts", nargs="+", default=["noise", "probe", "speed"])
     parser.add_argument("--noise", type=float, default=0.2, help="share of swapped captions")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--swaps",
+        nargs="+",
+        choices=sorted(SWAPS),
+        default=["random", "hard"],
+        help="random: another test row's caption; hard: one of the same subcategory",
+    )
+    parser.add_argument("--swap-sets", type=int, default=2, help="seeded sets of each kind")
+    parser.add_argument("--seed", type=int, default=0, help="the first set's seed")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--speed-split", default="train", help="split timed by the speed part")
     parser.add_argument("--shard-size", type=int, default=256, help="speed part's shard size")
@@ -73,6 +86,37 @@ def swap_captions(rows: list[dict], share: float, seed: int) -> list[dict]:
     return out
 
 
+def swap_within(
+    rows: list[dict], share: float, seed: int, field: str = "subcategory"
+) -> list[dict]:
+    """Hard swaps: a copy of ``rows`` where a seeded ``share`` of them carry the caption of
+    another row of the same ``field`` (emoji: the same subcategory, e.g. one animal face for
+    another), drawn among those with another image and another caption; ``swapped`` marks them.
+    Rows alone in their group are never chosen."""
+    rng = np.random.default_rng(seed)
+    groups: dict[object, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.get(field), []).append(i)
+
+    def partners(a: int) -> list[int]:
+        return [
+            b
+            for b in groups[rows[a].get(field)]
+            if rows[b]["caption"] != rows[a]["caption"] and rows[b]["image"] != rows[a]["image"]
+        ]
+
+    eligible = [a for a in range(len(rows)) if partners(a)]
+    count = min(round(share * len(rows)), len(eligible))
+    chosen = rng.choice(len(eligible), count, replace=False)
+    out = [{**row, "swapped": False} for row in rows]
+    for k in sorted(int(c) for c in chosen):
+        a = eligible[k]
+        options = partners(a)
+        out[a]["caption"] = rows[options[int(rng.integers(len(options)))]]["caption"]
+        out[a]["swapped"] = True
+    return out
+
+
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     """P(score of a random positive > score of a random negative), ties counting half
     (the Mann-Whitney statistic)."""
@@ -91,40 +135,72 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
+SWAPS = {"random": swap_captions, "hard": swap_within}
+
+
 def noise_part(args, options: MapperOptions) -> dict:
+    """Every kind of swap in ``args.swaps``, ``args.swap_sets`` seeded sets each; per set the
+    ROC AUC of each score and the keep-80% precision of filtering by it."""
     emoji = Path(args.emoji)
     rows = [json.loads(line) for line in (emoji / "test.jsonl").open()]
     for row in rows:
         row["image"] = str((emoji / row["image"]).resolve())
-    noisy = swap_captions(rows, args.noise, args.seed)
-    work = Path(args.out) / "noise"
+    result: dict = {}
+    for kind in args.swaps:
+        result[kind] = {}
+        for seed in range(args.seed, args.seed + args.swap_sets):
+            noisy = SWAPS[kind](rows, args.noise, seed)
+            work = Path(args.out) / "noise" / f"{kind}-{seed}"
+            result[kind][str(seed)] = noise_set(args, options, noisy, work)
+            print(f"{kind} swaps, seed {seed}: " + _noise_line(result[kind][str(seed)]), flush=True)
+    result["mean"] = {
+        kind: {
+            key: float(np.mean([one[key] for one in result[kind].values()]))
+            for key in next(iter(result[kind].values()))
+            if key.startswith(("auc_", "keep80_"))
+        }
+        for kind in args.swaps
+    }
+    for kind, means in result["mean"].items():
+        aucs = ", ".join(f"{k[4:]} {v:.4f}" for k, v in means.items() if k.startswith("auc_"))
+        print(f"mean over the {args.swap_sets} {kind} sets: ROC AUC {aucs}")
+    return result
+
+
+def noise_set(args, options: MapperOptions, noisy: list[dict], work: Path) -> dict:
+    """Score one noisy copy of the test split; AUC and keep-80% figures of every score."""
     work.mkdir(parents=True, exist_ok=True)
     data = work / "noisy-test.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in noisy), encoding="utf-8")
     scores = work / "scores"
+    if scores.exists():  # a rerun scores afresh (the model may have changed)
+        shutil.rmtree(scores)
     extract(args.model, data, scores, modality="pairs", options=options, progress=False)
     table = read_pair_scores(scores)
     clean = ~np.array([noisy[int(i)]["swapped"] for i in table.columns["id"]])
     result: dict = {"rows": len(clean), "swapped": int((~clean).sum())}
+    weight = load_manifest(scores)["modalities"]["pairs"].get("combined_weight")
+    if weight is not None:
+        result["combined_weight"] = weight
     for name, values in table.scores.items():
         result[f"auc_{name}"] = roc_auc(values, clean)
         kept = work / f"kept-by-{name}.jsonl"
-        filter_pairs(scores, kept, keep_fraction=0.8, by=name)
+        filter_pairs(scores, kept, keep_fraction=0.8, by=name, histogram=False)
         kept_rows = [json.loads(line) for line in kept.open()]
         result[f"keep80_{name}_precision"] = float(np.mean([not r["swapped"] for r in kept_rows]))
         result[f"keep80_{name}_swapped_removed"] = float(
             1 - sum(r["swapped"] for r in kept_rows) / (~clean).sum()
         )
-    print(
-        f"noisy test split: {result['rows']} pairs, {result['swapped']} swapped (seed {args.seed})"
-    )
-    for name in table.scores:
-        print(
-            f"  {name:<10} ROC AUC {result[f'auc_{name}']:.4f}   keep-fraction 0.8: precision "
-            f"{result[f'keep80_{name}_precision']:.4f}, swapped removed "
-            f"{result[f'keep80_{name}_swapped_removed']:.4f}"
-        )
     return result
+
+
+def _noise_line(result: dict) -> str:
+    names = [k[4:] for k in result if k.startswith("auc_")]
+    return f"{result['rows']} pairs, {result['swapped']} swapped; " + "; ".join(
+        f"{n} AUC {result[f'auc_{n}']:.4f} (keep 80%: precision "
+        f"{result[f'keep80_{n}_precision']:.4f})"
+        for n in names
+    )
 
 
 def probe_part(args, options: MapperOptions) -> dict:
@@ -239,8 +315,9 @@ def main() -> None:
         results[part] = {"noise": noise_part, "probe": probe_part, "speed": speed_part}[part](
             args, options
         )
-    if args.json:
-        write_json(args.json, results)
+    path = args.json or str(Path(args.out) / "bench_pairs.json")
+    write_json(path, results)
+    print(f"figures: {path}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ def test_pair_scores_match_the_model_pair_by_pair(setup) -> None:
         True,
         True,
     )
-    assert record["scores"] == ["similarity", "itm"]
+    assert record["scores"] == ["similarity", "itm", "combined"]
+    assert record["combined_weight"] == 0.0  # never calibrated: the similarity's order
 
     table = read_pair_shards(out, manifest)
     good = [i for i, row in enumerate(rows) if row["image_id"] != BROKEN]
@@ -85,6 +86,8 @@ def test_pair_scores_match_the_model_pair_by_pair(setup) -> None:
     np.testing.assert_allclose(table.scores["itm"], want["itm"], atol=1e-5)
     np.testing.assert_allclose(table.fused, want["fused"], atol=1e-4)
     assert table.fused.shape == (20, 32)
+    scale = float(CrossModalModel.from_pretrained(setup["model"]).clip_scale().detach())
+    np.testing.assert_allclose(table.scores["combined"], scale * want["similarity"], atol=1e-4)
 
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert len(errors) == 1
@@ -175,6 +178,37 @@ def test_onnx_towers_score_pairs_like_torch(make_processor) -> None:
     np.testing.assert_allclose(got.similarity, want.similarity, atol=1e-4)
     np.testing.assert_allclose(got.itm, want.itm, atol=1e-4)
     np.testing.assert_allclose(got.fused, want.fused, atol=1e-3)
+
+
+def test_combined_score_mixes_the_itm_logit_at_the_calibrated_weight(
+    setup, tmp_path: Path, capsys
+) -> None:
+    """``combined`` = logit_scale x similarity + fusion.filter_weight x ITM logit; ``filter --by
+    combined`` keeps the best by it; a folder scored at another weight is not resumed."""
+    model = tmp_path / "calibrated"
+    shutil.copytree(setup["model"], model)
+    config = json.loads((model / "config.json").read_text())
+    config["model"]["fusion"]["filter_weight"] = 0.5
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "scored"
+    score_pairs(model, setup["data"], out, shard_size=SHARD, workers=0, progress=False)
+    assert load_manifest(out)["modalities"]["pairs"]["combined_weight"] == 0.5
+    table = read_pair_scores(out)
+    itm = table.scores["itm"].astype(np.float64)
+    scale = float(CrossModalModel.from_pretrained(model).clip_scale().detach())
+    want = scale * table.scores["similarity"] + 0.5 * np.log(itm / (1 - itm))
+    np.testing.assert_allclose(table.scores["combined"], want, atol=1e-3)
+    kept = tmp_path / "kept.jsonl"
+    argv = ["filter", "--scores", str(out), "--out", str(kept), "--keep-fraction", "0.25"]
+    assert main([*argv, "--by", "combined"]) == 0
+    top = np.argsort(-table.scores["combined"], kind="stable")[:5]
+    assert sorted(json.loads(line)["caption"] for line in kept.read_text().splitlines()) == sorted(
+        table.columns["caption"][i] for i in top
+    )
+    config["model"]["fusion"]["filter_weight"] = 2.0  # re-calibrated: its scores differ
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExtractError, match="filter weight 0.5"):
+        score_pairs(model, setup["data"], out, shard_size=SHARD, workers=0, progress=False)
 
 
 def test_dual_encoder_pairs_have_similarity_only(setup, tmp_path: Path, capsys) -> None:

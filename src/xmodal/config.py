@@ -37,7 +37,7 @@ ShardDtype = Literal["float16", "float32"]
 ExtractEngine = Literal["plain", "ray"]
 """How ``xmodal extract`` runs: ``plain`` in this process (or torchrun's ranks), ``ray`` on a Ray
 cluster (:mod:`xmodal.extract.ray_engine`)."""
-PairScore = Literal["similarity", "itm"]
+PairScore = Literal["similarity", "itm", "combined"]
 """The scores ``xmodal extract --what pairs`` writes per pair and ``xmodal filter`` selects by."""
 ProbeFeatures = Literal["fused", "image", "text", "image+text", "fused+image+text"]
 """The feature kinds ``xmodal probe`` compares (``+``: concatenated)."""
@@ -144,6 +144,11 @@ class FusionConfig:
         + rerank_weight * itm_score`` (:mod:`xmodal.evaluate.rerank`); calibrated on the
         validation split by training (0 when re-ranking does not beat ITC there). None: never
         calibrated, re-ranking is then a no-op unless a weight is given.
+    filter_weight: the weight of the ITM score in a pair's ``combined`` score, ``logit_scale *
+        cosine + filter_weight * itm_score`` (``xmodal filter --by combined``); calibrated on
+        the validation split by training, for telling its pairs from mismatched ones
+        (:mod:`xmodal.evaluate.pair_filter`). None: never calibrated, ``combined`` then orders
+        pairs as the similarity does.
     """
 
     kind: Literal["cross", "pooled", "none"] = "cross"
@@ -153,6 +158,7 @@ class FusionConfig:
     dropout: float = 0.0
     grid_positions: bool = False
     rerank_weight: float | None = None
+    filter_weight: float | None = None
 
     def validate(self) -> None:
         check_choice("fusion.kind", self.kind, ("cross", "pooled", "none"))
@@ -170,11 +176,12 @@ class FusionConfig:
                 f"fusion.grid_positions applies to the cross fusion (image tokens); kind is "
                 f"{self.kind!r}"
             )
-        if self.rerank_weight is not None and not 0.0 <= self.rerank_weight < math.inf:
-            raise ConfigError(
-                f"fusion.rerank_weight must be a finite number >= 0 or null, got "
-                f"{self.rerank_weight!r}"
-            )
+        for name in ("rerank_weight", "filter_weight"):
+            weight = getattr(self, name)
+            if weight is not None and not 0.0 <= weight < math.inf:
+                raise ConfigError(
+                    f"fusion.{name} must be a finite number >= 0 or null, got {weight!r}"
+                )
 
 
 @dataclass

@@ -192,6 +192,7 @@ def evaluate_model(
     skip_bad: bool = False,
     rerank_weight: float | None = None,
     calibrate_rerank: bool = False,
+    calibrate_filter: bool = False,
 ) -> dict[str, Any]:
     """Retrieval (ITC, and ITM re-ranked over the top ``rerank_k``) and, when the dataset has
     labels (or ``label_field`` names an extra column), zero-shot classification.
@@ -200,7 +201,9 @@ def evaluate_model(
     with ``w`` = ``rerank_weight`` when given, else the model's saved ``fusion.rerank_weight``
     (never calibrated: 0, with a note in ``report["rerank"]``). ``calibrate_rerank`` picks
     ``w`` on this dataset instead (``report["rerank_calibration"]``). ``report["rerank_curve"]``
-    lists R@1 at every weight of the calibration grid.
+    lists R@1 at every weight of the calibration grid. ``calibrate_filter`` also picks the
+    filter weight of the ``combined`` pair score on this dataset
+    (``report["filter_calibration"]``, :mod:`xmodal.evaluate.pair_filter`).
 
     An image that cannot be decoded raises :class:`ImageLoadError` naming the file and its
     dataset row; with ``skip_bad`` it is left out of the whole evaluation together with its
@@ -253,6 +256,17 @@ def evaluate_model(
             itc_scale=float(model.clip_scale().detach()),
         )
         report.update(rerank_report(model, candidates, rerank_weight, calibrate_rerank))
+        if calibrate_filter:
+            from xmodal.evaluate.pair_filter import calibrate_filter_weight
+
+            calibration = calibrate_filter_weight(
+                image_embeds,
+                text_embeds,
+                text_to_image,
+                scorer,
+                itc_scale=float(model.clip_scale().detach()),
+            )
+            report["filter_calibration"] = calibration.summary()
     labels = _labels(dataset, label_field)
     if labels is not None:
         report["zeroshot"] = zeroshot_report(model, processor, image_embeds, unique, labels)

@@ -44,6 +44,7 @@ __all__ = [
     "MapperOptions",
     "PairScores",
     "Pending",
+    "filter_weight",
     "has_conv",
     "mapper_pairs",
     "score_pairs",
@@ -282,11 +283,15 @@ class PairScores:
     itm: (B,) ITM match probability, softmax of the ITM head's [mismatch, match] logits; None
         for a model without fusion.
     fused: (B, D) the fused vector of each pair (``CrossModalModel.fuse``), when asked for.
+    combined: (B,) ``logit_scale * similarity + w * itm_score`` (the ITM head's match-minus-
+        mismatch logit) at the model's calibrated ``fusion.filter_weight`` w (0 when never
+        calibrated); None for a model without fusion.
     """
 
     similarity: np.ndarray
     itm: np.ndarray | None
     fused: np.ndarray | None
+    combined: np.ndarray | None = None
 
 
 def score_pairs(
@@ -309,11 +314,20 @@ def score_pairs(
         vectors = model.fuse(image, text)
         logits = model.itm_from_fused(vectors, image, text).float()
     itm = torch.softmax(logits, dim=-1)[:, 1]
+    itc = float(model.clip_scale().detach()) * similarity.float()
+    combined = itc + filter_weight(model) * (logits[:, 1] - logits[:, 0]).to(itc.device)
     return PairScores(
         similarity.cpu().numpy(),
         itm.cpu().numpy(),
         vectors.float().cpu().numpy() if fused else None,
+        combined.cpu().numpy(),
     )
+
+
+def filter_weight(model: CrossModalModel) -> float:
+    """The weight of the ITM score in the ``combined`` pair score: the model's calibrated
+    ``fusion.filter_weight``, 0 when it was never calibrated (the similarity's order)."""
+    return float(model.config.fusion.filter_weight or 0.0)
 
 
 def _features(projection: nn.Module, out: TowerOutput) -> Features:

@@ -1,10 +1,12 @@
 """``xmodal extract --what pairs``: every dataset row scored as an aligned (image, caption) pair.
 
-Per pair: the cosine ``similarity`` of the two embeddings, the ITM match probability ``itm``
-and, with ``fused``, the fused vector. Shards are ``pairs-NNNNN.parquet`` beside the images and
-texts shards, recorded in the same manifest (``modalities.pairs``), resumed and split between
-torchrun ranks the same way. Batches are the length-bucketed captions of a shard, their images
-decoded in the DataLoader workers that ``--what images`` uses.
+Per pair: the cosine ``similarity`` of the two embeddings, the ITM match probability ``itm``,
+the ``combined`` score (``logit_scale * similarity + w * itm_score`` at the model's calibrated
+filter weight, :mod:`xmodal.evaluate.pair_filter`) and, with ``fused``, the fused vector.
+Shards are ``pairs-NNNNN.parquet`` beside the images and texts shards, recorded in the same
+manifest (``modalities.pairs``), resumed and split between torchrun ranks the same way.
+Batches are the length-bucketed captions of a shard, their images decoded in the DataLoader
+workers that ``--what images`` uses.
 """
 
 from __future__ import annotations
@@ -69,15 +71,28 @@ def pairs_fingerprint(items: Sequence[PairItem]) -> str:
 
 
 def pairs_record(
-    manifest: dict[str, Any], items: Sequence[PairItem], fused: bool, itm: bool, out: Path
+    manifest: dict[str, Any],
+    items: Sequence[PairItem],
+    fused: bool,
+    itm: bool,
+    out: Path,
+    combined_weight: float | None = None,
 ) -> None:
-    """Add (or check) the manifest's ``pairs`` record: same data, same ``fused`` setting."""
+    """Add (or check) the manifest's ``pairs`` record: same data, same ``fused`` setting, the
+    same filter weight in ``combined`` (``combined_weight``; a model with an ITM head)."""
     fresh = PAIRS not in manifest["modalities"]
     record = modality_record(manifest, PAIRS, len(items), pairs_fingerprint(items), out, "this run")
     if fresh:
         record["scores"] = list(SCORE_COLUMNS) if itm else ["similarity"]
         record["fused"] = fused
+        if itm:
+            record["combined_weight"] = combined_weight
         return
+    if "combined" in record["scores"] and record.get("combined_weight") != combined_weight:
+        raise ExtractError(
+            f"{out} holds combined scores at filter weight {record.get('combined_weight')}; "
+            f"this model's is {combined_weight} (re-calibrated since?): use a new --out directory"
+        )
     if record.get("fused", False) != fused:
         raise ExtractError(
             f"{out} holds pairs extracted {'with' if record.get('fused') else 'without'} "
@@ -157,6 +172,7 @@ class PairBuffer:
     fused: bool
     similarity: np.ndarray = field(init=False)
     itm: np.ndarray = field(init=False)
+    combined: np.ndarray = field(init=False)
     vectors: np.ndarray | None = field(init=False)
     ok: np.ndarray = field(init=False)
     failures: list[tuple[int, str]] = field(default_factory=list)
@@ -165,6 +181,7 @@ class PairBuffer:
         count = self.end - self.start
         self.similarity = np.zeros(count, dtype=np.float32)
         self.itm = np.full(count, np.nan, dtype=np.float32)
+        self.combined = np.full(count, np.nan, dtype=np.float32)
         self.vectors = np.zeros((count, self.dim), dtype=np.float32) if self.fused else None
         self.ok = np.zeros(count, dtype=bool)
 
@@ -173,6 +190,8 @@ class PairBuffer:
         self.similarity[index] = scores.similarity
         if scores.itm is not None:
             self.itm[index] = scores.itm
+        if scores.combined is not None:
+            self.combined[index] = scores.combined
         if self.vectors is not None and scores.fused is not None:
             self.vectors[index] = scores.fused
         self.ok[index] = True
@@ -196,6 +215,8 @@ def pair_table(
     }
     if "itm" in scores:
         columns["itm"] = pa.array(buffer.itm[keep], pa.float32())
+    if "combined" in scores:
+        columns["combined"] = pa.array(buffer.combined[keep], pa.float32())
     if buffer.vectors is not None:
         values = pa.array(np.ascontiguousarray(buffer.vectors[keep], dtype=dtype).reshape(-1))
         columns[FUSED_COLUMN] = pa.FixedSizeListArray.from_arrays(values, buffer.dim)

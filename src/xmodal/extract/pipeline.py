@@ -61,7 +61,11 @@ class ExtractSettings:
     fused: bool  # pairs: write the fused vectors too
 
     def tools(
-        self, processor: MultimodalProcessor, mapper: EmbeddingMapper | None, has_itm: bool
+        self,
+        processor: MultimodalProcessor,
+        mapper: EmbeddingMapper | None,
+        has_itm: bool,
+        filter_weight: float | None = None,
     ) -> Tools:
         """The tools of these settings with the model's ``processor`` and ``mapper``."""
         return Tools(
@@ -73,6 +77,7 @@ class ExtractSettings:
             self.shard_size,
             self.fused,
             has_itm,
+            filter_weight,
         )
 
 
@@ -89,6 +94,7 @@ class Tools:
     shard_size: int
     fused: bool  # pairs: write the fused vectors too
     has_itm: bool  # pairs: the model scores them with its ITM head
+    filter_weight: float | None = None  # pairs: the ITM weight of the combined score
 
     @property
     def embedder(self) -> EmbeddingMapper:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from xmodal.distributed import World
 from xmodal.errors import ExtractError, MissingDependencyError, XmodalError
-from xmodal.extract.mapper import EmbeddingMapper, MapperOptions
+from xmodal.extract.mapper import EmbeddingMapper, MapperOptions, filter_weight
 from xmodal.extract.pipeline import (
     ExtractSettings,
     ModalityStrategy,
@@ -123,7 +123,9 @@ class MapperActor:
             raise self.failed
         strategy = self.strategies.get((settings, modality))
         if strategy is None:
-            tools = settings.tools(self.processor, self.mapper, self.mapper.model.has_itm)
+            model = self.mapper.model
+            weight = filter_weight(model) if model.has_itm else None
+            tools = settings.tools(self.processor, self.mapper, model.has_itm, weight)
             strategy = self.strategies[settings, modality] = STRATEGIES[modality](tools)
         with model_threads(self.mapper, local_cores()):
             ((_, buffer),) = strategy.embedded(items, [0])

@@ -27,7 +27,13 @@ from xmodal.data.skipped import save_skipped
 from xmodal.distributed import World
 from xmodal.errors import ExtractError
 from xmodal.extract.background import run_ahead
-from xmodal.extract.mapper import EmbeddingMapper, MapperOptions, Pending, mapper_pairs
+from xmodal.extract.mapper import (
+    EmbeddingMapper,
+    MapperOptions,
+    Pending,
+    filter_weight,
+    mapper_pairs,
+)
 from xmodal.extract.pairs import (
     PAIRS,
     PairBuffer,
@@ -171,7 +177,8 @@ def open_extraction(
     identity = identify(net, processor, model)
     dataset = load_dataset(data, data_format, skip_bad)
     out = Path(out)
-    tools = settings.tools(processor, mapper(net, processor), net.has_itm)
+    weight = filter_weight(net) if net.has_itm else None
+    tools = settings.tools(processor, mapper(net, processor), net.has_itm, weight)
     dim = net.config.embed_dim
     manifest = open_manifest(out, identity, dim, settings.dtype, settings.shard_size, data)
     strategies = [STRATEGIES[name](tools) for name in modalities]
@@ -311,7 +318,8 @@ class _Pairs(ModalityStrategy):
     def add_record(
         self, manifest: dict[str, Any], items: Sequence[PairItem], out: Path, data
     ) -> None:
-        pairs_record(manifest, items, self.tools.fused, self.tools.has_itm, out)
+        tools = self.tools
+        pairs_record(manifest, items, tools.fused, tools.has_itm, out, tools.filter_weight)
 
     def buffer(self, start: int, end: int) -> PairBuffer:
         return PairBuffer(start, end, self.tools.embedder.dim, self.tools.fused)

@@ -172,6 +172,7 @@ class Trainer:
             )
         # Training changes the ITM head: a weight calibrated for the old one no longer holds.
         self.model.config.fusion.rerank_weight = None
+        self.model.config.fusion.filter_weight = None
         configure_trainable(self.model, config)
         # With image_trainable_blocks: the first trained block; its input is what is cached.
         self.image_start: int | None = None
@@ -749,6 +750,7 @@ class Trainer:
             image_outputs=self.val_cache,
             skip_bad=self.config.data.skip_bad,
             calibrate_rerank=calibrate,
+            calibrate_filter=calibrate,
         )
         torch.set_rng_state(rng)
         self._record_bad_images("val", report.get("bad_images", []))
@@ -761,6 +763,13 @@ class Trainer:
             for direction in ("t2i", "i2t"):
                 key = f"{direction}_R@1"
                 record[f"val_rerank_{key}"] = calibration[f"rerank_{key}"]
+        if "filter_calibration" in report:
+            calibration = report["filter_calibration"]
+            self.model.config.fusion.filter_weight = calibration["filter_weight"]
+            record["val_filter_weight"] = calibration["filter_weight"]
+            for kind, aucs in calibration["auc"].items():
+                for score, value in aucs.items():
+                    record[f"val_filter_auc_{kind}_{score}"] = value
         return record
 
     def _uncalibrated(self) -> bool:
