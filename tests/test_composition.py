@@ -149,7 +149,8 @@ def run_cli(capfd, argv: list[str]) -> tuple[int, str, str]:
     return code, out, err
 
 
-PROGRESS = re.compile(r"^\w[\w ]*: +\d+%\|")  # tqdm's bars (images: 100%|####| 6/6 ...)
+# tqdm's bars: "images: 100%|####| 6/6 ..." and, with nothing to do, "images: 0img [00:00, ?img/s]"
+PROGRESS = re.compile(r"^\w[\w ]*: +(\d+%\||\d+\w* \[)")
 
 
 def messages(err: str) -> list[str]:
@@ -229,7 +230,7 @@ def check_exports_and_extracts(
         onnx_pairs = read_pair_scores(outs["pairs", "default"])
         torch_pairs = read_pair_scores(outs["pairs", "torch"])
         assert onnx_pairs.columns["id"] == torch_pairs.columns["id"] and len(onnx_pairs) == ROWS
-        assert set(onnx_pairs.scores) == {"similarity", "itm"}
+        assert set(onnx_pairs.scores) == {"similarity", "itm", "combined"}
         for score in ("similarity", "itm"):  # as tests/test_pairs.py
             np.testing.assert_allclose(
                 onnx_pairs.scores[score], torch_pairs.scores[score], atol=1e-4

@@ -172,7 +172,8 @@ def features(family: Family, data: Path, capfd, caplog, mappers: list) -> Path:
     assert shard.embeddings.shape == (N_IMAGES, family.embed_dim)
     np.testing.assert_allclose(np.linalg.norm(shard.embeddings, axis=1), 1.0, atol=1e-4)
     pairs = read_pair_scores(out)
-    assert set(pairs.scores) == ({"similarity", "itm"} if family.has_itm else {"similarity"})
+    scores = {"similarity", "itm", "combined"} if family.has_itm else {"similarity"}
+    assert set(pairs.scores) == scores
     assert (pairs.fused is not None) == family.has_itm
     family.done["features"] = out
     return out
