@@ -484,14 +484,15 @@ def transport_outcome(err: httpx.HTTPError) -> str:
     return "closed" if isinstance(err, closed) else type(err).__name__
 
 
-def rerank_attacker(base: str, stop: threading.Event, tally: Tally, timeout: float) -> None:
-    """Re-rank searches (k=16), one after another, until ``stop``."""
+def attacker_loop(post, stop: threading.Event, tally: Tally, timeout: float) -> None:
+    """``post(client)`` one after another until ``stop``, each outcome tallied; a connection
+    the server dropped is replaced."""
     client = httpx.Client(timeout=timeout)
     try:
         while not stop.is_set():
             started = time.perf_counter()
             try:
-                outcome = str(client.post(f"{base}/search", json=RERANK_QUERY).status_code)
+                outcome = str(post(client).status_code)
             except httpx.HTTPError as err:
                 outcome = transport_outcome(err)
                 client.close()
@@ -499,6 +500,11 @@ def rerank_attacker(base: str, stop: threading.Event, tally: Tally, timeout: flo
             tally.add(outcome, time.perf_counter() - started)
     finally:
         client.close()
+
+
+def rerank_attacker(base: str, stop: threading.Event, tally: Tally, timeout: float) -> None:
+    """Re-rank searches (k=16), one after another, until ``stop``."""
+    attacker_loop(lambda c: c.post(f"{base}/search", json=RERANK_QUERY), stop, tally, timeout)
 
 
 def bomb_attacker(
@@ -506,19 +512,7 @@ def bomb_attacker(
 ) -> None:
     """``/embed`` uploads of BOMB_IMAGES bomb PNGs each, one after another, until ``stop``."""
     files = [("image", (f"bomb{i}.png", bomb, "image/png")) for i in range(BOMB_IMAGES)]
-    client = httpx.Client(timeout=timeout)
-    try:
-        while not stop.is_set():
-            started = time.perf_counter()
-            try:
-                outcome = str(client.post(f"{base}/embed", files=files).status_code)
-            except httpx.HTTPError as err:
-                outcome = transport_outcome(err)
-                client.close()
-                client = httpx.Client(timeout=timeout)
-            tally.add(outcome, time.perf_counter() - started)
-    finally:
-        client.close()
+    attacker_loop(lambda c: c.post(f"{base}/embed", files=files), stop, tally, timeout)
 
 
 def slow_attacker(port: int, stop: threading.Event, tally: Tally) -> None:

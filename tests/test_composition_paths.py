@@ -40,6 +40,7 @@ from test_composition import (
     messages,
     offline_small,
     quickstart_tiny,
+    recorded,
     run_cli,
     seed_tiny,
 )
@@ -50,10 +51,8 @@ pytest.importorskip("efficientnet_lite_pytorch")
 pytest.importorskip("fastapi")
 
 import xmodal  # noqa: E402
-import xmodal.extract.runner as runner  # noqa: E402
 from xmodal.evaluate.rerank import NOT_BETTER  # noqa: E402
 from xmodal.extract import load_manifest, read_shard  # noqa: E402
-from xmodal.extract.mapper import EmbeddingMapper  # noqa: E402
 from xmodal.models.model import CrossModalModel  # noqa: E402
 from xmodal.pairs import read_pair_scores  # noqa: E402
 
@@ -113,18 +112,7 @@ def family(request, tmp_path_factory, minilm_path, minilm_tokenizer) -> Family:
     return Family(request.param, model_dir, root, model.has_itm, model.config.embed_dim)
 
 
-@pytest.fixture()
-def mappers(monkeypatch) -> list[EmbeddingMapper]:
-    """The mappers ``extract`` builds (to read the backend each run chose)."""
-    made: list[EmbeddingMapper] = []
-
-    class Recording(EmbeddingMapper):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(runner, "EmbeddingMapper", Recording)
-    return made
+mappers = recorded  # the mappers extract builds (test_composition's fixture)
 
 
 def cli(capfd, argv: list[str]) -> tuple[str, str]:

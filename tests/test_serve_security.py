@@ -519,7 +519,6 @@ def test_the_model_lock_serves_short_calls_before_queued_long_ones() -> None:
 
     lock = ModelLock()
     order: list[str] = []
-    holding = threading.Event()
 
     def take(name: str, priority: int) -> None:
         with lock.held(priority):
@@ -533,7 +532,6 @@ def test_the_model_lock_serves_short_calls_before_queued_long_ones() -> None:
         short = threading.Thread(target=take, args=("short", 0))
         short.start()
         time.sleep(0.05)
-        holding.set()
     for thread in [*threads, short]:
         thread.join(5)
     assert order == ["short", "long0", "long1", "long2"]  # then in arrival order
