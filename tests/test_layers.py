@@ -3,7 +3,7 @@
 The order, bottom to top (``|`` separates independent siblings of one layer, which must not
 import each other):
 
-    errors -> config | atomic -> runtime | distributed -> processing -> models
+    errors -> config | atomic | choices -> runtime | distributed -> processing -> models
     -> presets | losses -> data | shards -> evaluate -> train -> export -> extract -> pairs -> index
     -> search -> serve -> apps -> commands -> cli
 
@@ -24,7 +24,7 @@ PACKAGE = SRC / "xmodal"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("xmodal.errors",),
-    ("xmodal.config", "xmodal.atomic"),
+    ("xmodal.config", "xmodal.atomic", "xmodal.choices"),
     ("xmodal.runtime", "xmodal.distributed"),
     ("xmodal.processing",),
     ("xmodal.models",),
@@ -150,6 +150,7 @@ def test_the_check_sees_lazy_relative_and_from_package_imports(tmp_path, monkeyp
 @pytest.mark.parametrize(
     ("module", "layer"),
     [
+        ("xmodal.choices", 1),
         ("xmodal.models.identity", 4),
         ("xmodal.data.refs", 6),
         ("xmodal.shards", 6),
@@ -158,3 +159,16 @@ def test_the_check_sees_lazy_relative_and_from_package_imports(tmp_path, monkeyp
 )
 def test_shared_pieces_sit_below_their_users(module, layer):
     assert unit_of(module)[0] == layer
+
+
+def test_config_defines_no_choice_types():
+    """``config.py``, the bottom layer, holds the configs' own types only: a module-level
+    ``Literal`` alias there would be an upper layer's vocabulary, which lives with the module
+    that acts on it (or in :mod:`xmodal.choices` when that module needs an extra to import)."""
+    tree = ast.parse((PACKAGE / "config.py").read_text(encoding="utf-8"))
+    aliases = []
+    for node in tree.body:
+        value = node.value if isinstance(node, ast.Assign | ast.AnnAssign) else None
+        if isinstance(value, ast.Subscript) and ast.unparse(value.value).endswith("Literal"):
+            aliases += [ast.unparse(t) for t in getattr(node, "targets", [node.target])]
+    assert aliases == []

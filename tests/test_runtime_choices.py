@@ -9,24 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from xmodal.config import (
-    Backend,
-    ConfigError,
+from xmodal.choices import (
     ExtractEngine,
     ExtractModality,
     IndexKind,
     Modality,
     PairScore,
-    Precision,
     ProbeFeatures,
-    ProcessorConfig,
     ShardDtype,
-    from_dict,
 )
+from xmodal.config import ConfigError, ProcessorConfig, from_dict
 from xmodal.data.datasets import DatasetFormat, KarpathySplit
-from xmodal.extract.mapper import MapperOptions
+from xmodal.extract.mapper import Backend, MapperOptions
 from xmodal.extract.reader import TokenizedCaptions
-from xmodal.runtime import pick_autocast, pick_device
+from xmodal.runtime import Precision, pick_autocast, pick_device
 from xmodal.train.config import DataSection
 
 

@@ -23,26 +23,6 @@ from xmodal.errors import ConfigError, MissingFileError
 
 T = TypeVar("T")
 
-# -- choices shared by configs, options and the command line (``typing.get_args`` lists them)
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-"""Autocast: ``auto`` (bf16 on CUDA with bf16, fp16 on older GPUs, bf16 on CPUs with AMX /
-AVX-512 BF16, else fp32), or fp32, bf16, fp16 (see :func:`xmodal.runtime.pick_autocast`)."""
-Backend = Literal["auto", "torch", "onnx"]
-"""Extraction backend (see :class:`xmodal.extract.mapper.MapperOptions`)."""
-Modality = Literal["images", "texts"]
-"""What a shard or an index holds."""
-ExtractModality = Literal[Modality, "both", "pairs"]
-"""What ``xmodal extract`` embeds; ``pairs`` scores every row as an (image, caption) pair."""
-ShardDtype = Literal["float16", "float32"]
-ExtractEngine = Literal["plain", "ray"]
-"""How ``xmodal extract`` runs: ``plain`` in this process (or torchrun's ranks), ``ray`` on a Ray
-cluster (:mod:`xmodal.extract.ray_engine`)."""
-PairScore = Literal["similarity", "itm", "combined"]
-"""The scores ``xmodal extract --what pairs`` writes per pair and ``xmodal filter`` selects by."""
-ProbeFeatures = Literal["fused", "image", "text", "image+text", "fused+image+text"]
-"""The feature kinds ``xmodal probe`` compares (``+``: concatenated)."""
-IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")

@@ -9,11 +9,16 @@ import platform
 import re
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from xmodal.config import ConfigError, Precision, check_choice
+from xmodal.config import ConfigError, check_choice
 from xmodal.errors import CancelledWorkError, DeadlineError
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+"""Autocast: ``auto`` (bf16 on CUDA with bf16, fp16 on older GPUs, bf16 on CPUs with AMX /
+AVX-512 BF16, else fp32), or fp32, bf16, fp16 (see :func:`pick_autocast`)."""
 
 
 def check_device_name(name: str, key: str = "device") -> None:

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from xmodal.atomic import atomic_path, atomic_write_text
-from xmodal.config import Modality, ShardDtype, load_json_config
+from xmodal.choices import Modality, ShardDtype
+from xmodal.config import load_json_config
 from xmodal.errors import ExtractError, IndexBuildError, MissingDependencyError
 
 try:

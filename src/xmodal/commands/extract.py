@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import typing
 
+from xmodal.choices import ExtractEngine, ExtractModality, ShardDtype
 from xmodal.commands import MODEL_HELP
-from xmodal.config import Backend, ExtractEngine, ExtractModality, Precision, ShardDtype
+from xmodal.extract.mapper import Backend
+from xmodal.runtime import Precision
 
 
 def add(commands) -> None:

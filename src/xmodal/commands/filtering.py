@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import typing
 
-from xmodal.config import PairScore
+from xmodal.choices import PairScore
 
 
 def add(commands) -> None:

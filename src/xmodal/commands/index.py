@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import typing
 
-from xmodal.config import IndexKind, Modality
+from xmodal.choices import IndexKind, Modality
 
 
 def add(commands) -> None:

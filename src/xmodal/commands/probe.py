@@ -7,7 +7,7 @@ import argparse
 import json
 import typing
 
-from xmodal.config import ProbeFeatures
+from xmodal.choices import ProbeFeatures
 
 
 def add(commands) -> None:

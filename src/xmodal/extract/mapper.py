@@ -17,18 +17,28 @@ import logging
 import time
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmodal.config import Backend, ConfigError, Precision, check_choice
+from xmodal.config import ConfigError, check_choice
 from xmodal.errors import ExportError
 from xmodal.models.inference import has_conv, inference_copy
 from xmodal.models.model import CrossModalModel, Features
 from xmodal.models.towers import TowerOutput
-from xmodal.runtime import check_device_name, pick_autocast, pick_device, reuse_freed_memory
+from xmodal.runtime import (
+    Precision,
+    check_device_name,
+    pick_autocast,
+    pick_device,
+    reuse_freed_memory,
+)
+
+Backend = Literal["auto", "torch", "onnx"]
+"""Where the towers run (see :class:`MapperOptions`)."""
 
 PRECISIONS = typing.get_args(Precision)
 BACKENDS = typing.get_args(Backend)
@@ -39,6 +49,7 @@ FALLBACK_LINE = "backend auto: the towers run in torch, not ONNX Runtime: %s"
 __all__ = [
     "BACKENDS",
     "PRECISIONS",
+    "Backend",
     "DeviceTimer",
     "EmbeddingMapper",
     "MapperOptions",
@@ -58,7 +69,7 @@ class MapperOptions:
 
     device: ``auto`` (this rank's GPU when there is one, else the CPU), ``cpu``, ``cuda`` or
         ``cuda:N`` (:func:`xmodal.runtime.pick_device`).
-    precision: autocast (:data:`xmodal.config.Precision`, :func:`xmodal.runtime.pick_autocast`).
+    precision: autocast (:data:`xmodal.runtime.Precision`, :func:`xmodal.runtime.pick_autocast`).
     compile: ``torch.compile`` the towers (slow to start; pays off on long runs).
     backend: ``torch``; ``onnx`` (ONNX Runtime towers from ``onnx_dir``, see
         ``xmodal export-onnx``); ``auto``: ONNX Runtime (fp32) on a CPU when onnxruntime is

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from xmodal.config import PairScore
+from xmodal.choices import PairScore
 from xmodal.data.datasets import ImageTextDataset, TarMember
 from xmodal.data.refs import location
 from xmodal.errors import ExtractError, IncompatibleError, IndexBuildError

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from xmodal.atomic import atomic_path, atomic_write_text, make_dir
-from xmodal.config import IndexKind
+from xmodal.choices import IndexKind
 from xmodal.errors import IndexBuildError, MissingDependencyError, MissingFileError
 from xmodal.index.description import INDEX_FORMAT, INDEX_JSON, read_info
 from xmodal.index.tuning import (

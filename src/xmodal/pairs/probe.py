@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from xmodal.config import ConfigError, ProbeFeatures
+from xmodal.choices import ProbeFeatures
+from xmodal.config import ConfigError
 from xmodal.errors import InputError, MissingDependencyError
 from xmodal.extract.pairs import PAIRS
 from xmodal.models.identity import ModelIdentity, check_compatible
