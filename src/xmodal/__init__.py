@@ -18,7 +18,8 @@ from xmodal.models import (
     Features,
     PooledFusion,
 )
-from xmodal.presets import PRESETS, load_model, preset_configs
+from xmodal.models.loading import load_model
+from xmodal.models.presets import PRESETS, preset_configs
 from xmodal.processing import (
     CaptionError,
     ImageLoadError,

@@ -323,7 +323,7 @@ def open_searcher(
     """Load an index (a folder, a sharded index or several folders searched as one) and a
     model (directory or preset) and check that they belong together; ``rerank_weight``
     overrides the model's calibrated re-rank weight."""
-    from xmodal.presets import load_model
+    from xmodal.models.loading import load_model
 
     index = open_index(index_dir)
     net, processor = load_model(model)

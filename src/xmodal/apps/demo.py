@@ -29,7 +29,7 @@ def run_demo(preset: str = "offline-default") -> dict:
             f"the demo photos come from scikit-image ({err}): pip install 'xmodal[demo]'"
         ) from err
 
-    from xmodal.presets import load_model
+    from xmodal.models.loading import load_model
 
     model, processor = load_model(preset)
     model.eval()

@@ -107,7 +107,7 @@ def run_quickstart(
     config = load_train_config(quickstart_config_path(), overrides)
     result = train(config, resume=True)
 
-    from xmodal.presets import load_model
+    from xmodal.models.loading import load_model
 
     model, processor = load_model(result.model_dir)
     test = load_dataset(data_dir / "test.jsonl")

@@ -115,13 +115,13 @@ def run(args: argparse.Namespace) -> int:
         image_tower_outputs,
         write_report,
     )
+    from xmodal.models.loading import load_model
     from xmodal.models.model import (
         CONFIG_NAME,
         not_saved_by_xmodal,
         save_rerank_weight,
         saved_by_xmodal,
     )
-    from xmodal.presets import load_model
     from xmodal.runtime import reuse_freed_memory
 
     if args.calibrate_rerank:

@@ -22,7 +22,7 @@ def add(commands) -> None:
 def run(args: argparse.Namespace) -> int:
     from xmodal.export.onnx import export_onnx
     from xmodal.export.ort import OnnxTowers, parity
-    from xmodal.presets import load_model
+    from xmodal.models.loading import load_model
 
     model, processor = load_model(args.model)
     try:
