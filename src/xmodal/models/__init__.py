@@ -1,4 +1,5 @@
-"""Towers, fusion and the full cross-modal model."""
+"""Towers, fusion and the full cross-modal model; the presets (:mod:`.presets`), a model by name
+(:mod:`.loading`) and a new model from two towers (:mod:`.assembly`) in their own modules."""
 
 from xmodal.models.fusion import CrossAttentionFusion, PooledFusion
 from xmodal.models.image import EfficientNetLiteTower, HFImageTower, build_image_tower
