@@ -37,13 +37,7 @@ from xmodal.presets import assemble, load_model
 from xmodal.processing import MultimodalProcessor
 from xmodal.runtime import pick_autocast, pick_device, reuse_freed_memory
 from xmodal.train.accumulate import accumulated_backward
-from xmodal.train.batches import (
-    Neighbours,
-    PairBatches,
-    nearest_images,
-    rank_micro_batches,
-    sample_views,
-)
+from xmodal.train.batches import PairBatches, rank_micro_batches, sample_views
 from xmodal.train.batches import epoch_batches as epoch_batches  # re-exported
 from xmodal.train.checkpoint import (
     TrainProgress,
@@ -55,12 +49,7 @@ from xmodal.train.checkpoint import (
 )
 from xmodal.train.config import ModelSection, TrainConfig
 from xmodal.train.itm_stage import FrozenPairs, ITMStage, frozen_pairs
-from xmodal.train.objective import (
-    global_batch_losses,
-    itm_reordered_loss,
-    needed_fields,
-    negatives_seed,
-)
+from xmodal.train.objective import global_batch_losses, needed_fields, negatives_seed
 from xmodal.train.optim import build_optimizer, cosine_schedule, resume_schedule
 from xmodal.train.plot import plot_metrics, read_metrics
 from xmodal.train.run_config import check_resumed_config, save_run_config
@@ -135,9 +124,6 @@ def set_train_mode(model: CrossModalModel, image_eval: bool = False) -> None:
         model.image_tower.eval()
 
 
-NEIGHBOURS_PER_IMAGE = 8  # look-alikes an anchor's batch-mate is drawn from (neighbour_share)
-
-
 class Trainer:
     """Runs one training configuration to the end (or resumes it), alone or as one rank."""
 
@@ -191,7 +177,6 @@ class Trainer:
         self.cache: ImageOutputs | None = None
         self.extra_views: ImageOutputs | None = None  # augmented views 1.. (model.cached_views)
         self.val_cache: ImageOutputs | None = None
-        self.neighbours: Neighbours | None = None  # optim.neighbour_share
         self.bad_images: dict[tuple[str, str], dict] = {}  # (dataset, image id) -> record
         self.step_bad_images: list[dict] = []  # this rank's, met since the last step
         self.itm_stage_started = False  # itm_stage: validations calibrate only after it
@@ -222,10 +207,10 @@ class Trainer:
                 "itm_stage trains the fusion and ITM head, and this model has none (fusion: "
                 "none); set model.fusion (cross or pooled) or itm_stage.steps: 0"
             )
-        if not model.has_itm and (loss.itm or loss.itm_rerank or loss.itm_reordered):
+        if not model.has_itm and loss.itm:
             if self.world.is_main:
-                print("the model has no fusion (fusion: none): the ITM loss terms are off")
-            loss.itm = loss.itm_rerank = loss.itm_reordered = 0.0
+                print("the model has no fusion (fusion: none): the ITM loss term is off")
+            loss.itm = 0.0
             if not (loss.infonce or loss.siglip or loss.cosine):
                 raise ConfigError(
                     "loss: itm is the only loss and the model has no fusion (fusion: none); "
@@ -249,7 +234,6 @@ class Trainer:
             self.world.rank,
             cfg.seed,
             epoch,
-            self.neighbours,
         )
 
     def _loader(self, epoch: int, start: int) -> DataLoader:
@@ -260,8 +244,6 @@ class Trainer:
             self.processor,
             self.image_index,
             decode_images=not self._use_cache(),
-            reorder_key=cfg.seed * 10_007 + epoch if cfg.loss.itm_reordered else None,
-            first=start,
         )
         return data_loader(dataset, cfg.data.num_workers, cfg.seed + epoch, batch_size=None)
 
@@ -336,22 +318,6 @@ class Trainer:
                 )
         self.cache = cache
         self.extra_views = self._augmented_views(keep_tokens)
-        self.neighbours = self._neighbours()
-
-    def _neighbours(self) -> Neighbours | None:
-        """For ``optim.neighbour_share``: each training image's nearest images by the cached
-        tower outputs of view 0 (the same on every rank, in every run and on resume)."""
-        share = self.config.optim.neighbour_share
-        if not share or self.cache is None:
-            return None
-        rows_of_image: list[list[int]] = [[] for _ in range(len(self.cache.pooled))]
-        image_of_row = [
-            self.image_index[self.train_set[j].image_id] for j in range(len(self.train_set))
-        ]
-        for row, image in enumerate(image_of_row):
-            rows_of_image[image].append(row)
-        near = nearest_images(self.cache.pooled, NEIGHBOURS_PER_IMAGE)
-        return Neighbours(image_of_row, near, rows_of_image, share)
 
     def _augmented_views(self, keep_tokens: bool) -> ImageOutputs | None:
         """Views 1 .. ``model.cached_views - 1`` of the training images (view 0 is
@@ -377,7 +343,6 @@ class Trainer:
                     self.config.seed,
                     view,
                     flip=section.view_flip,
-                    redraw=section.view_redraw,
                     zoom_out=section.view_zoom_out,
                 ),
                 keys=keys,
@@ -520,20 +485,12 @@ class Trainer:
         distributed.broadcast_module(self.model)
 
     def _frozen_pairs(self) -> FrozenPairs:
-        """The ITM stage's features: the first ``itm_stage.views`` cached views of a locked
-        image tower, else one pass of the (now frozen) tower over the training images."""
+        """The ITM stage's features: view 0 of a locked image tower's cache (the images as
+        evaluation sees them), else one pass of the (now frozen) tower over them."""
         self.model.eval()
         dataset = self.train_set
         if self.cache is not None and self.image_start is None and self.cache.tokens is not None:
             outputs = [self.cache]
-            if self.extra_views is not None:
-                outputs += [
-                    ImageOutputs(pooled, tokens)
-                    for pooled, tokens in zip(
-                        self.extra_views.pooled, self.extra_views.tokens, strict=True
-                    )
-                ]
-            outputs = outputs[: self.config.itm_stage.views]
         else:  # the tower trained (or is not cached): its final outputs, once
             out = self._cache_images(dataset, "ITM stage: train images", True, prefix=False)
             dataset, _ = drop_failed_images(dataset, out.failures, self.config.data.skip_bad)
@@ -596,10 +553,6 @@ class Trainer:
             lambda image, text, ids: self._scaled(self._objective(image, text, ids, seed)),
         )
         terms["loss"] = terms.pop("unscaled_loss")
-        if self.config.loss.itm_reordered:
-            reordered = self._reordered_backward(micro)
-            terms["itm_reordered"] = reordered
-            terms["loss"] = terms["loss"] + self.config.loss.itm_reordered * reordered
         distributed.average_gradients(self.model.parameters())
         names = list(terms)
         rows = sum(len(b["image_index"]) for b in micro)
@@ -625,33 +578,6 @@ class Trainer:
             self.scheduler.step()
         distributed.broadcast_module(self.model, parameters=False)  # buffers, as DDP does
         return totals, round(means[-1] * self.world.size)
-
-    def _reordered_backward(self, micro: list[dict]) -> torch.Tensor:
-        """Back-propagate the ITM order term (``loss.itm_reordered``) of the step's reordered
-        captions, one micro-batch at a time (each row's term reads only its own pair); returns
-        this rank's term scaled so that the mean over ranks is the mean over all such rows."""
-        weight, size = self.config.loss.itm_reordered, self.world.size
-        counts = [len(b["reordered_rows"]) if "reordered_rows" in b else 0 for b in micro]
-        count = torch.tensor(float(sum(counts)), device=self.device)
-        total = float(distributed.all_reduce_mean(count[None])[0]) * size
-        value = torch.zeros((), device=self.device)
-        if total == 0:  # no caption of the global batch has a reordering
-            return value
-        for batch, n in zip(micro, counts, strict=True):
-            if n == 0:
-                continue
-            rows = batch["reordered_rows"]
-            own = {k: batch[k][rows] for k in ("image_index", "view", "pixel_values") if k in batch}
-            with self._autocast():
-                image = self._image_features(own)
-                text = self.model.text_features(
-                    batch["reordered_input_ids"].to(self.device),
-                    batch["reordered_attention_mask"].to(self.device),
-                )
-                term = itm_reordered_loss(self.model, image, text) * (size / total)
-            self.scaler.scale(weight * term).backward()
-            value = value + term.detach()
-        return value
 
     def _scaled(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The loss terms with ``loss`` multiplied by the fp16 loss scale (to back-propagate)
