@@ -25,6 +25,7 @@ from xmodal.train.itm_stage import (
     head_from_similarity,
     nearest_by_itc,
 )
+from xmodal.train.itm_task import ITMStageTask
 from xmodal.train.objective import itm_reordered_loss
 
 
@@ -350,8 +351,9 @@ def test_the_stage_reads_view_0_of_the_cache(tmp_path, tiny_model_dir) -> None:
     cfg = _config(tmp_path, tiny_model_dir, "views")
     cfg.model.cached_views = 2
     trainer = Trainer(cfg)
-    trainer._cache_train_images()
-    pairs = trainer._frozen_pairs()
+    images, train_set = trainer.image_source()
+    task = ITMStageTask(trainer.model, trainer.processor, train_set, images, cfg, trainer.precision)
+    pairs = task.frozen_pairs()
     assert len(pairs.images) == 1
-    assert torch.equal(pairs.images[0].tokens, trainer.cache.tokens)  # view 0: as evaluated
-    assert pairs.image_of_row.tolist() == list(range(len(trainer.train_set)))
+    assert torch.equal(pairs.images[0].tokens, images.base.tokens)  # view 0: as evaluated
+    assert pairs.image_of_row.tolist() == list(range(len(train_set)))

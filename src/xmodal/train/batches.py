@@ -9,11 +9,14 @@ equal size, and in rank order they are exactly the batch one process would train
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch.utils.data import Dataset
 
 from xmodal.data import ImageTextDataset
-from xmodal.data.images import PixelNormaliser, decode_crop
+from xmodal.data.images import PixelNormaliser, data_loader, decode_crop
+from xmodal.distributed import World
 from xmodal.processing import MultimodalProcessor
 
 
@@ -100,3 +103,61 @@ class PairBatches(Dataset):
         batch.update(self.processor.process_text([ex.caption for ex in examples]))
         batch["image_index"] = torch.tensor([self.image_index[ex.image_id] for ex in examples])
         return batch
+
+
+class RankBatches:
+    """This rank's micro-batches of a training set, epoch by epoch: which pairs
+    (:func:`rank_micro_batches`), decoded and tokenised in ``num_workers`` loader processes,
+    each pair with the cached view it reads when there are ``views`` > 1
+    (:func:`sample_views`). A function of (seed, rank, epoch, position) only, so a resumed
+    run reads what an uninterrupted one would."""
+
+    def __init__(
+        self,
+        dataset: ImageTextDataset,
+        processor: MultimodalProcessor,
+        batch_size: int,
+        accum_steps: int,
+        seed: int,
+        num_workers: int = 0,
+        decode_images: bool = True,
+        views: int = 1,
+        world: World | None = None,
+    ):
+        world = world or World()
+        self.dataset, self.processor = dataset, processor
+        self.batch_size, self.accum_steps = batch_size, accum_steps
+        self.world_size, self.rank, self.seed = world.size, world.rank, seed
+        self.num_workers, self.decode_images, self.views = num_workers, decode_images, views
+        self.image_index = {iid: i for i, iid in enumerate(dataset.image_ids())}
+        self.per_epoch = len(self.micro_batches(0))
+
+    def micro_batches(self, epoch: int) -> list[list[int]]:
+        """Dataset rows of this rank's micro-batches of ``epoch``, ``accum_steps`` a step."""
+        return rank_micro_batches(
+            len(self.dataset),
+            self.batch_size,
+            self.accum_steps,
+            self.world_size,
+            self.rank,
+            self.seed,
+            epoch,
+        )
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[dict]:
+        """The micro-batches of ``epoch`` from position ``start`` on."""
+        made = PairBatches(
+            self.dataset,
+            self.micro_batches(epoch)[start:],
+            self.processor,
+            self.image_index,
+            decode_images=self.decode_images,
+        )
+        loader = data_loader(made, self.num_workers, self.seed + epoch, batch_size=None)
+        for position, batch in enumerate(loader, start):
+            if self.views > 1 and "image_index" in batch:
+                rows = len(batch["image_index"])
+                batch["view"] = sample_views(
+                    rows, self.views, self.seed, self.rank, epoch, position
+                )
+            yield batch
