@@ -39,14 +39,14 @@ from xmodal.presets import load_model  # noqa: E402
 from xmodal.search import Searcher  # noqa: E402
 from xmodal.serve import ServeSettings, create_app  # noqa: E402
 from xmodal.train.config import ModelSection  # noqa: E402
-from xmodal.train.trainer import _with_new_heads  # noqa: E402
+from xmodal.train.surgery import with_new_heads  # noqa: E402
 
 
 def quickstart_model():
     """The quickstart's architecture over the pretrained offline default (heads random)."""
     model, processor = load_model("offline-default")
     section = from_dict(ModelSection, load_yaml_or_json(quickstart_config_path())["model"])
-    return _with_new_heads(model, section).eval(), processor
+    return with_new_heads(model, section).eval(), processor
 
 
 def collection(folder: Path, count: int, side: int) -> Path:

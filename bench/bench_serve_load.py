@@ -351,12 +351,12 @@ def save_quickstart_model(directory: Path, rerank_weight: float | None = 1.0) ->
     from xmodal.config import from_dict, load_yaml_or_json
     from xmodal.presets import load_model
     from xmodal.train.config import ModelSection
-    from xmodal.train.trainer import _with_new_heads
+    from xmodal.train.surgery import with_new_heads
 
     torch.manual_seed(0)
     net, processor = load_model("offline-default", pretrained=False)
     section = from_dict(ModelSection, load_yaml_or_json(quickstart_config_path())["model"])
-    net = _with_new_heads(net, section)
+    net = with_new_heads(net, section)
     net.config.fusion.rerank_weight = rerank_weight
     net.save_pretrained(directory, processor)
     return directory

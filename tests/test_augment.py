@@ -140,26 +140,6 @@ def test_eval_cli_style_shift(tmp_path, tiny_model_dir, capsys) -> None:
         assert group["t2i_R@1"] == pytest.approx(mean)
 
 
-def test_redrawn_views_are_seeded_keep_colours_and_default_off() -> None:
-    image = _picture()
-    quiet = {"crop_scale": (1.0, 1.0), "jitter": 0, "greyscale": 0, "blur": 0}
-    plain = _pixels(AugmentView(0, 1, **quiet)("a", image))
-    assert np.array_equal(plain, _pixels(image))  # nothing asked, nothing changed
-    # redraw 0 (the default) draws nothing more: the views of earlier runs are unchanged
-    assert np.array_equal(
-        _pixels(AugmentView(0, 1)("a", image)), _pixels(AugmentView(0, 1, redraw=0.0)("a", image))
-    )
-    redrawn = [_pixels(AugmentView(0, 1, redraw=1.0, **quiet)(k, image)) for k in "abcdef"]
-    for key, pixels in zip("abcdef", redrawn, strict=True):
-        again = _pixels(AugmentView(0, 1, redraw=1.0, **quiet)(key, image.copy()))
-        assert np.array_equal(pixels, again)  # a function of (seed, view, key)
-        assert np.abs(pixels - _pixels(image)).mean() > 1  # redrawn
-        # colours kept: the mean colour moves little (posterising truncates up to 31 levels)
-        assert np.abs(pixels.mean((0, 1)) - _pixels(image).mean((0, 1))).max() < 40
-        assert pixels[..., 0].mean() > pixels[..., 2].mean() + 10  # still yellow-red, not grey
-    assert len({p.tobytes() for p in redrawn}) == len(redrawn)
-
-
 def test_zoomed_out_views_shrink_the_subject_and_keep_the_other_draws() -> None:
     image = _picture()
     background = np.array([250, 250, 250])
@@ -191,15 +171,13 @@ def test_zoomed_out_views_shrink_the_subject_and_keep_the_other_draws() -> None:
     )
 
 
-def test_view_redraw_and_zoom_out_are_validated() -> None:
+def test_view_zoom_out_is_validated() -> None:
     from xmodal.config import from_dict
     from xmodal.train.config import ModelSection
 
     for bad in (-0.1, 1.5):
-        for name in ("view_redraw", "view_zoom_out"):
-            with pytest.raises(ConfigError, match=rf"model.{name} must be in \[0, 1\]"):
-                from_dict(ModelSection, {name: bad})
-    assert from_dict(ModelSection, {"view_redraw": 0.5}).view_redraw == 0.5
+        with pytest.raises(ConfigError, match=r"model.view_zoom_out must be in \[0, 1\]"):
+            from_dict(ModelSection, {"view_zoom_out": bad})
     assert from_dict(ModelSection, {"view_zoom_out": 0.5}).view_zoom_out == 0.5
 
 

@@ -13,6 +13,7 @@ from xmodal.config import ConfigError
 from xmodal.train import Trainer, load_train_config
 from xmodal.train.batches import sample_views
 from xmodal.train.config import ModelSection
+from xmodal.train.images import CachedImages
 
 
 def views_config(tmp_path: Path, model_dir: str, out: str, views: int = 4, **optim):
@@ -26,9 +27,8 @@ def views_config(tmp_path: Path, model_dir: str, out: str, views: int = 4, **opt
 def test_views_differ_and_are_the_same_for_a_seed(tmp_path, tiny_model_dir) -> None:
     caches = []
     for run in ("a", "b"):
-        trainer = Trainer(views_config(tmp_path, tiny_model_dir, run, views=4))
-        trainer._cache_train_images()
-        caches.append((trainer.cache, trainer.extra_views))
+        images, _ = Trainer(views_config(tmp_path, tiny_model_dir, run, views=4)).image_source()
+        caches.append((images.base, images.extra))
     (base, extra), (base_b, extra_b) = caches
     assert base.pooled.shape[0] == 24 and extra.pooled.shape[:2] == (3, 24)
     assert extra.tokens is not None and extra.tokens.shape[:2] == (3, 24)  # ITM reads them
@@ -40,9 +40,8 @@ def test_views_differ_and_are_the_same_for_a_seed(tmp_path, tiny_model_dir) -> N
             assert (gap > 1e-4).all(), (i, j)  # every image's views differ
     other_seed = views_config(tmp_path, tiny_model_dir, "c", views=2)
     other_seed.seed = 1
-    trainer = Trainer(other_seed)
-    trainer._cache_train_images()
-    assert not torch.equal(trainer.extra_views.pooled[0], extra.pooled[0])
+    images, _ = Trainer(other_seed).image_source()
+    assert not torch.equal(images.extra.pooled[0], extra.pooled[0])
 
 
 def test_zoomed_out_views_reach_the_cache(tmp_path, tiny_model_dir) -> None:
@@ -50,9 +49,8 @@ def test_zoomed_out_views_reach_the_cache(tmp_path, tiny_model_dir) -> None:
     for zoom in (0.0, 1.0):
         config = views_config(tmp_path, tiny_model_dir, f"zoom{zoom}", views=2)
         config.model.view_zoom_out = zoom
-        trainer = Trainer(config)
-        trainer._cache_train_images()
-        caches.append((trainer.cache.pooled, trainer.extra_views.pooled))
+        images, _ = Trainer(config).image_source()
+        caches.append((images.base.pooled, images.extra.pooled))
     (base, plain), (base_zoomed, zoomed) = caches
     assert torch.equal(base, base_zoomed)  # view 0 is the image as evaluation sees it
     assert ((plain - zoomed).abs().mean(dim=-1) > 1e-4).all()  # every augmented view zoomed
@@ -60,11 +58,12 @@ def test_zoomed_out_views_reach_the_cache(tmp_path, tiny_model_dir) -> None:
 
 def test_each_pair_reads_its_sampled_view(tmp_path, tiny_model_dir) -> None:
     trainer = Trainer(views_config(tmp_path, tiny_model_dir, "pick", views=3))
-    trainer._cache_train_images()
+    images, _ = trainer.image_source()
+    assert isinstance(images, CachedImages) and images.views == 3
     idx = torch.tensor([0, 5, 5, 7])
     view = torch.tensor([0, 1, 2, 2])
-    image = trainer._image_features({"image_index": idx, "view": view})
-    stacked = torch.cat([trainer.cache.pooled[None], trainer.extra_views.pooled])
+    image = images.features({"image_index": idx, "view": view})
+    stacked = torch.cat([images.base.pooled[None], images.extra.pooled])
     expected = trainer.model.embed_image_pooled(stacked[view, idx])
     torch.testing.assert_close(image.embeds.detach(), expected.detach())
     draws = [sample_views(8, 3, 0, 0, 0, b) for b in range(40)]
@@ -75,7 +74,7 @@ def test_each_pair_reads_its_sampled_view(tmp_path, tiny_model_dir) -> None:
 
 def test_resume_with_augmented_views_is_exact(tmp_path, tiny_model_dir, monkeypatch) -> None:
     seen: dict[str, list] = {"straight": [], "interrupted": []}
-    original = Trainer._image_features
+    original = CachedImages.features
 
     def recording(name):
         def wrapped(self, batch):
@@ -85,11 +84,11 @@ def test_resume_with_augmented_views_is_exact(tmp_path, tiny_model_dir, monkeypa
         return wrapped
 
     straight = views_config(tmp_path, tiny_model_dir, "straight", views=3, steps=12)
-    monkeypatch.setattr(Trainer, "_image_features", recording("straight"))
+    monkeypatch.setattr(CachedImages, "features", recording("straight"))
     Trainer(straight).train()
     interrupted = views_config(tmp_path, tiny_model_dir, "interrupted", views=3, steps=12)
     interrupted.save_every = 5
-    monkeypatch.setattr(Trainer, "_image_features", recording("interrupted"))
+    monkeypatch.setattr(CachedImages, "features", recording("interrupted"))
     Trainer(interrupted).train(stop_after=5)
     torch.manual_seed(4321)  # a different global state: resume restores its own
     Trainer(interrupted).train(resume=True)

@@ -56,7 +56,7 @@ from xmodal.pairs import read_pair_scores  # noqa: E402
 from xmodal.presets import seed  # noqa: E402
 from xmodal.processing import MultimodalProcessor  # noqa: E402
 from xmodal.train.config import ModelSection  # noqa: E402
-from xmodal.train.trainer import _with_new_heads  # noqa: E402
+from xmodal.train.surgery import with_new_heads  # noqa: E402
 
 MIN_COSINE = 0.9999  # as tests/test_onnx.py and xmodal.export.ort.MIN_COSINE
 MAX_STDERR = 4096
@@ -92,7 +92,7 @@ def seed_tiny() -> ModelConfig:
 
 def quickstart_tiny() -> CrossModalModel:
     """The model the quickstart trains: its YAML's model section over a small offline default
-    (as the trainer builds it: :func:`xmodal.train.trainer._with_new_heads`)."""
+    (as the trainer builds it: :func:`xmodal.train.surgery.with_new_heads`)."""
     raw = load_yaml_or_json(quickstart_config_path())["model"]
     section = from_dict(ModelSection, raw)
     assert section.image_token_levels and section.image_token_levels > 1
@@ -100,7 +100,7 @@ def quickstart_tiny() -> CrossModalModel:
     assert section.fusion_grid_positions
     base = offline_small("cross")
     base.fusion.heads = 4
-    model = _with_new_heads(CrossModalModel(base), section)
+    model = with_new_heads(CrossModalModel(base), section)
     assert model.config.image.token_levels == section.image_token_levels
     return model
 

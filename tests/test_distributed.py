@@ -338,35 +338,6 @@ def test_torchrun_two_ranks_train_like_one_process_and_resume(run_config: Path) 
     assert all(torch.equal(a[key], c[key]) for key in a)
 
 
-def test_torchrun_two_ranks_learn_the_order_term_like_one_process(run_config: Path) -> None:
-    """``loss.itm_reordered`` is back-propagated per rank and micro-batch: 2 ranks x 2
-    micro-batches give the one-process term and weights (captions with one reordering each,
-    so both runs draw the same)."""
-    from test_reordered import _list_dataset
-
-    tmp = run_config.parent
-    data = _list_dataset(tmp / "lists")
-    config = yaml.safe_load(run_config.read_text())
-    config["data"] |= {"train": data, "val": data}
-    config["loss"] = {**ALL, "itm_reordered": 1.0}
-    path = tmp / "reordered.yaml"
-    path.write_text(yaml.safe_dump(config))
-    torchrun(["--config", str(path), "--out-dir", str(tmp / "ranks")], tmp)
-    single = load_train_config(
-        path, {"out_dir": str(tmp / "single"), "optim": {"batch_size": 8, "accum_steps": 1}}
-    )
-    Trainer(single).train()
-    log, reference = read_log(tmp / "ranks"), read_log(tmp / "single")
-    assert all(r["itm_reordered"] > 0 for r in reference)
-    for got, want in zip(log, reference, strict=True):
-        for key in ("loss", "itm", "itm_reordered"):
-            assert got[key] == pytest.approx(want[key], rel=1e-4), (got["step"], key)
-    a = load_file(str(tmp / "ranks" / "model" / "model.safetensors"))
-    b = load_file(str(tmp / "single" / "model" / "model.safetensors"))
-    for key in b:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
-
-
 def test_torchrun_runs_the_itm_stage_like_one_process(run_config: Path) -> None:
     """``itm_stage`` runs on rank 0 after the contrastive steps (the other ranks wait for its
     weights): the log and the saved model are the one-process run's."""

@@ -90,8 +90,8 @@ def test_only_the_last_blocks_train_and_resume_is_exact(tmp_path, make_processor
     # batch-norm statistics of the trained part keep their values (eval mode)
     assert not any("running" in k for k in changed)
     # the cache holds the map entering block 15 for both views
-    assert trainer.cache.tokens.shape[1:] == (192, 2, 2)
-    assert trainer.extra_views.tokens.shape[:2] == (1, 24)
+    assert trainer.images.base.tokens.shape[1:] == (192, 2, 2)
+    assert trainer.images.extra.tokens.shape[:2] == (1, 24)
 
     interrupted = partial_config(tmp_path, model_dir, "interrupted", blocks=1, steps=6)
     interrupted.save_every = 3

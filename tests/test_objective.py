@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from xmodal.losses import sample_hard_negatives
 from xmodal.models.model import Features
-from xmodal.train.objective import itm_hard_negative_loss, itm_rerank_loss
+from xmodal.train.objective import itm_hard_negative_loss
 
 ROWS, DIM, SEED = 7, 6, 3
 
@@ -80,35 +80,3 @@ def test_itm_loss_and_its_row_shares_match_a_loop(ids) -> None:
         )
         want = sum(sum(terms[i]) for i in range(start, stop)) / pairs
         assert share.item() == pytest.approx(want, abs=1e-12)
-
-
-@pytest.mark.parametrize("ids", [list(range(ROWS)), [0, 0, 1, 2, 2, 2, 3]])
-@pytest.mark.parametrize("k", [2, 3, 50])
-def test_itm_rerank_loss_and_its_row_shares_match_a_loop(ids, k) -> None:
-    """Each query's own match and its hardest other-image candidates by ITC, ranked by
-    ITC logit + ITM score: cross-entropy on the match, both directions, mean over 2N."""
-    model, image, text = PairHeadModel(), features(12), features(13)
-    sim = (model.clip_scale() * image.embeds @ text.embeds.t()).tolist()
-    width = min(k, 1 + min(sum(b != a for b in ids) for a in ids))
-
-    def itm(i: int, t: int) -> float:
-        a, b = (float(image.embeds[i] @ model.head[c] @ text.embeds[t]) for c in range(2))
-        return b - a
-
-    total = 0.0
-    for q in range(ROWS):
-        wrong = [c for c in range(ROWS) if ids[c] != ids[q]]
-        texts = [q, *sorted(wrong, key=lambda t: -sim[q][t])[: width - 1]]
-        total += cross_entropy([sim[q][t] + itm(q, t) for t in texts], 0)
-        images = [q, *sorted(wrong, key=lambda i: -sim[i][q])[: width - 1]]
-        total += cross_entropy([sim[i][q] + itm(i, q) for i in images], 0)
-    image_ids = torch.tensor(ids)
-    whole = itm_rerank_loss(model, image, text, image_ids, k)
-    assert float(whole) == pytest.approx(total / (2 * ROWS), rel=1e-6)  # float32 softmax
-    shares = [
-        itm_rerank_loss(model, image, text, image_ids, k, rows=r)
-        for r in (slice(0, 3), slice(3, ROWS))
-    ]
-    assert float(sum(shares)) == pytest.approx(float(whole), rel=1e-6)
-    same = itm_rerank_loss(model, image, text, torch.zeros(ROWS, dtype=torch.long), k)
-    assert float(same) == 0.0  # one image: nothing to rank it against

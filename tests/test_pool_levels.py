@@ -116,15 +116,16 @@ def test_cached_features_equal_uncached_and_projection_is_new(tmp_path, tiny_mod
     kept = {k: v for k, v in original.state_dict().items() if k.startswith("image_tower.")}
     for key, value in kept.items():  # the towers are kept
         torch.testing.assert_close(model.state_dict()[key], value)
-    trainer._cache_train_images()
+    images, train_set = trainer.image_source()
     model.eval()
-    rows = trainer.train_set.unique_images()[:5]
+    rows = train_set.unique_images()[:5]
     pixels = trainer.processor.process_images([ex.image for ex in rows])
-    idx = torch.tensor([trainer.image_index[ex.image_id] for ex in rows])
+    position = {image_id: i for i, image_id in enumerate(train_set.image_ids())}
+    idx = torch.tensor([position[ex.image_id] for ex in rows])
     with torch.no_grad():
         uncached = model.image_features(pixels)
-        cached = trainer._image_features({"image_index": idx})
-    assert trainer.cache.pooled.shape == (24, 168)
+        cached = images.features({"image_index": idx})
+    assert images.base.pooled.shape == (24, 168)
     torch.testing.assert_close(cached.embeds, uncached.embeds, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cached.tokens, uncached.tokens, rtol=1e-2, atol=1e-2)  # fp16 cache
     result = trainer.train()

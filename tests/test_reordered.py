@@ -1,4 +1,4 @@
-"""Reordered captions and the ITM order term (``loss.itm_reordered``)."""
+"""Reordered captions and the ITM order term the ITM stage trains (``itm_stage.reordered``)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file
-from test_train import make_config, read_log
-from test_train_defaults import assert_same_weights
 
-from xmodal.data import load_dataset
-from xmodal.data.reorder import pick_reordering, reorderings
-from xmodal.errors import ConfigError
+from xmodal.data.reorder import reorderings
 from xmodal.models import CrossModalModel
-from xmodal.train import Trainer
-from xmodal.train.batches import PairBatches
-from xmodal.train.config import LossSection
 from xmodal.train.objective import itm_reordered_loss
 
 
@@ -37,14 +29,6 @@ def test_reorderings_swap_two_neighbouring_items_of_one_list() -> None:
     assert reorderings("kiss: man, man") == []  # a swap of equal items changes nothing
     assert reorderings("family: man, man, boy") == ["family: man, boy, man"]
     assert reorderings("odd: a, , b") == []  # empty items are not items
-
-
-def test_pick_reordering_is_a_function_of_its_key() -> None:
-    caption = "family: man, woman, girl, boy"
-    picks = {pick_reordering(caption, key) for key in range(50)}
-    assert picks == set(reorderings(caption))  # every option is drawn
-    assert pick_reordering(caption, 7) == pick_reordering(caption, 7)
-    assert pick_reordering("a red car", 3) is None
 
 
 def _pairs(make_tiny_config, grid_positions: bool = True):
@@ -141,55 +125,3 @@ def _list_dataset(directory: Path) -> str:
     path = directory / "data.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return str(path)
-
-
-def test_batches_carry_each_listed_caption_and_a_reordering(tmp_path, processor) -> None:
-    dataset = load_dataset(_list_dataset(tmp_path))
-    image_index = {ex.image_id: i for i, ex in enumerate(dataset.examples)}
-    batches = [[0, 6, 1], [2, 7, 3], [4, 8, 5]]
-    made = PairBatches(dataset, batches, processor, image_index, False, reorder_key=5)
-    batch = made[0]
-    assert batch["reordered_rows"].tolist() == [0, 2]  # row 1 ("all red") has no list
-    ids, mask = batch["reordered_input_ids"], batch["reordered_attention_mask"]
-    decode = processor.tokenizer.batch_decode
-    texts = decode(ids * mask, skip_special_tokens=True)
-    captions = [dataset[0].caption, dataset[1].caption]
-    own = processor.process_text(captions)["input_ids"]
-    assert texts[:2] == decode(own, skip_special_tokens=True)
-    assert texts[2:] == decode(
-        processor.process_text([pick_reordering(c, 0) or "" for c in captions])["input_ids"],
-        skip_special_tokens=True,
-    )  # two items: one reordering, whatever the key
-    resumed = PairBatches(dataset, batches[1:], processor, image_index, False, 5, first=1)
-    assert torch.equal(resumed[1]["reordered_input_ids"], made[2]["reordered_input_ids"])
-    plain = PairBatches(dataset, batches, processor, image_index, False)
-    assert not any(key.startswith("reordered") for key in plain[0])  # off: no extra work
-
-
-def test_training_with_the_term_logs_it_and_resumes_exactly(tmp_path, tiny_model_dir) -> None:
-    data = _list_dataset(tmp_path / "lists")
-
-    def config(name: str):
-        cfg = make_config(tmp_path, tiny_model_dir, name, steps=8, batch_size=4)
-        cfg.data.train = cfg.data.val = data
-        cfg.loss = LossSection(infonce=1.0, itm=1.0, itm_reordered=1.0)
-        cfg.model.fusion_grid_positions = True
-        cfg.save_every = 4
-        return cfg
-
-    straight = config("straight")
-    Trainer(straight).train()
-    terms = [r["itm_reordered"] for r in read_log(straight.out_dir) if "itm_reordered" in r]
-    assert len(terms) == 8 and all(t > 0 for t in terms)
-    interrupted = config("interrupted")
-    Trainer(interrupted).train(stop_after=4)
-    torch.manual_seed(99)
-    Trainer(interrupted).train(resume=True)
-    runs = (straight, interrupted)
-    saved = [load_file(str(Path(c.out_dir) / "model" / "model.safetensors")) for c in runs]
-    assert_same_weights(*saved)
-
-
-def test_config_refuses_a_negative_weight() -> None:
-    with pytest.raises(ConfigError, match="itm_reordered must be >= 0"):
-        LossSection(itm_reordered=-1.0).validate()

@@ -15,8 +15,10 @@ from xmodal.config import ConfigError
 from xmodal.models.checkpointing import is_checkpointed
 from xmodal.models.model import CrossModalModel, save_rerank_weight
 from xmodal.train import TrainConfig, Trainer, load_train_config
+from xmodal.train.batches import epoch_batches
 from xmodal.train.config import DataSection, LossSection, ModelSection, OptimSection
-from xmodal.train.trainer import build_optimizer, cosine_schedule, epoch_batches
+from xmodal.train.images import CachedImages
+from xmodal.train.optim import build_optimizer, cosine_schedule
 
 
 def make_config(tmp_path: Path, model_dir: str, out: str, **optim) -> TrainConfig:
@@ -101,8 +103,6 @@ def test_resume_with_more_steps_follows_the_longer_schedule(tmp_path, tiny_model
     steps run at the longer schedule's rates, not at the 0 the finished schedule ended on."""
     import math
 
-    from xmodal.train.checkpoint import TrainProgress
-
     short = make_config(tmp_path, tiny_model_dir, "run", steps=2, warmup_steps=1)
     short.data.val, short.eval_every, short.save_every = None, 0, 0
     Trainer(short).train()
@@ -112,7 +112,7 @@ def test_resume_with_more_steps_follows_the_longer_schedule(tmp_path, tiny_model
     longer = make_config(tmp_path, tiny_model_dir, "run", steps=4, warmup_steps=1)
     longer.data.val, longer.eval_every, longer.save_every = None, 0, 0
     trainer = Trainer(longer)
-    assert trainer._resume(TrainProgress()).step == 2
+    assert trainer.checkpoints.resume().step == 2
     factor = 0.5 * (1 + math.cos(math.pi * (2 - 1) / (4 - 1)))  # step 2 of 4, warm-up 1
     assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx(
         [base * factor for base in trainer.scheduler.base_lrs]
@@ -135,7 +135,7 @@ def test_accumulation_and_locked_image_with_cache(tmp_path, tiny_model_dir) -> N
     assert result.progress.samples_seen == 4 * 2 * 8
     after = trainer.model.image_tower.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # locked: BN stats too
-    assert trainer.cache is not None and trainer.cache.pooled.shape[0] == 24
+    assert isinstance(trainer.images, CachedImages) and trainer.images.base.pooled.shape[0] == 24
 
 
 def test_gradient_checkpointing_setting_trains_to_the_same_weights(tmp_path, tiny_model_dir):
@@ -252,13 +252,13 @@ def test_new_embed_dim_on_an_aligned_clip_gets_new_projections_at_lr(tmp_path) -
 
 def test_fusion_settings_equal_to_the_models_keep_its_trained_heads(tiny_model_dir) -> None:
     from xmodal.presets import load_model
-    from xmodal.train.trainer import _with_new_heads
+    from xmodal.train.surgery import with_new_heads
 
     model, _ = load_model(tiny_model_dir)
     same = ModelSection(name=tiny_model_dir, fusion="cross", fusion_layers=2, embed_dim=32)
-    assert _with_new_heads(model, same) is model
+    assert with_new_heads(model, same) is model
     saved = {k: v.clone() for k, v in model.state_dict().items()}
-    rebuilt = _with_new_heads(model, ModelSection(name=tiny_model_dir, fusion_layers=1))
+    rebuilt = with_new_heads(model, ModelSection(name=tiny_model_dir, fusion_layers=1))
     assert rebuilt.config.fusion.layers == 1 and len(rebuilt.fusion.layers) == 1
     state = rebuilt.state_dict()
     tower = "image_tower.model.embedder.embedder.convolution.weight"
@@ -280,8 +280,8 @@ def test_pure_dual_encoder_trains_from_cached_pooled_features_only(tmp_path, tin
     assert trainer.model.fusion is None and config.loss.itm == 0.0
     result = trainer.train()
     assert result.progress.step == 2
-    assert trainer.cache.tokens is None and trainer.cache.pooled.shape[0] == 24
-    assert trainer.val_cache.tokens is None
+    assert trainer.images.base.tokens is None and trainer.images.base.pooled.shape[0] == 24
+    assert trainer.validator.cache.tokens is None
     report = evaluate_model(
         trainer.model, trainer.processor, load_dataset(config.data.val), num_workers=0
     )

@@ -15,6 +15,7 @@ from xmodal.runtime import cpu_has_bf16_hardware
 from xmodal.train import TrainConfig, Trainer
 from xmodal.train.checkpoint import STATE_JSON
 from xmodal.train.config import DataSection, LossSection, ModelSection, OptimSection
+from xmodal.train.contrastive import ContrastiveStage
 
 
 def default_config(tmp_path: Path, model_dir: str, out: str, **fields) -> TrainConfig:
@@ -71,7 +72,7 @@ def train_interrupted(config: TrainConfig, stop: int, prepare=None) -> None:
 def test_default_precision_is_bf16_on_this_cpu_and_resumes_exactly(tmp_path, tiny_model_dir):
     straight = default_config(tmp_path, tiny_model_dir, "straight")
     trainer = Trainer(straight)
-    assert trainer.autocast == torch.bfloat16 and not trainer.scaler.is_enabled()
+    assert trainer.precision.dtype == torch.bfloat16 and not trainer.precision.scaler.is_enabled()
     dtypes = []
     trainer.model.text_proj.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
     trainer.train()
@@ -109,32 +110,34 @@ def force_overflow(trainer: Trainer) -> None:
     """A loss scale so large that the first fp16 backwards overflow (this tiny random model's
     gradients overflow from 2**16, the default start); it halves after each, and grows after 2
     good steps, so a short run exercises both."""
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=FORCED_SCALE, growth_interval=2)
+    trainer.precision.scaler = torch.amp.GradScaler(
+        "cpu", init_scale=FORCED_SCALE, growth_interval=2
+    )
 
 
 def test_fp16_training_scales_the_loss_skips_overflows_and_resumes_exactly(
-    tmp_path, tiny_model_dir
+    tmp_path, tiny_model_dir, monkeypatch
 ) -> None:
     straight = default_config(tmp_path, tiny_model_dir, "fp16", precision="fp16")
     straight.data.num_workers = 0
     trainer = Trainer(straight)
-    assert trainer.autocast == torch.float16 and trainer.scaler.is_enabled()
+    assert trainer.precision.dtype == torch.float16 and trainer.precision.scaler.is_enabled()
     force_overflow(trainer)
     start = {k: v.clone() for k, v in trainer.model.named_parameters()}
     after_first: list[dict] = []
-    step = trainer._optimizer_step
+    step = ContrastiveStage.step
 
-    def recording_step(micro, index):
-        out = step(micro, index)
+    def recording_step(stage, micro, index):
+        out = step(stage, micro, index)
         if index == 0:
             after_first.append({k: v.clone() for k, v in trainer.model.named_parameters()})
-            after_first.append(
-                {"scale": trainer.scaler.get_scale(), "moments": len(trainer.optimizer.state)}
-            )
+            scale = trainer.precision.scaler.get_scale()
+            after_first.append({"scale": scale, "moments": len(trainer.optimizer.state)})
         return out
 
-    trainer._optimizer_step = recording_step
+    monkeypatch.setattr(ContrastiveStage, "step", recording_step)
     trainer.train()
+    monkeypatch.undo()
     # The first step overflowed: no parameter update, and the scale backed off.
     weights, first = after_first
     assert first == {"scale": FORCED_SCALE / 2, "moments": 0}
@@ -150,7 +153,7 @@ def test_fp16_training_scales_the_loss_skips_overflows_and_resumes_exactly(
     saved = json.loads(
         (Path(straight.out_dir) / "checkpoints" / "step-0000006" / STATE_JSON).read_text()
     )
-    assert saved["grad_scaler"]["scale"] == trainer.scaler.get_scale()
+    assert saved["grad_scaler"]["scale"] == trainer.precision.scaler.get_scale()
     assert saved["grad_scaler"]["growth_interval"] == 2
 
     interrupted = default_config(tmp_path, tiny_model_dir, "fp16-resumed", precision="fp16")
@@ -165,7 +168,7 @@ def test_fp32_and_bf16_runs_have_no_scaler_state(tmp_path, tiny_model_dir) -> No
     config.optim.steps = 1
     config.data.num_workers = 0
     trainer = Trainer(config)
-    assert not trainer.scaler.is_enabled()
+    assert not trainer.precision.scaler.is_enabled()
     trainer.train()
     state = json.loads(
         (Path(config.out_dir) / "checkpoints" / "step-0000001" / STATE_JSON).read_text()

@@ -4,9 +4,9 @@ Both are pure functions of (seed, image key, view or style): the same inputs giv
 pixels in any process, so a cache of augmented views can be rebuilt on ``--resume`` and a
 style-shift evaluation is repeatable.
 
-- :class:`AugmentView`: a training view (optionally redrawn: :func:`redraw_view`; then random
-  resized crop, optional flip, colour jitter, greyscale, blur; optionally zoomed out:
-  :func:`zoom_out`), for the cached views of a locked image tower.
+- :class:`AugmentView`: a training view (random resized crop, optional flip, colour jitter,
+  greyscale, blur; optionally zoomed out: :func:`zoom_out`), for the cached views of a locked
+  image tower.
 - :class:`StyleShift`: one strong, named change (greyscale, colour change, blur, low
   resolution, crop, posterised ink drawing, and redrawn: warped shape, flat shading, thick
   outlines) for evaluating robustness to a change of style.
@@ -94,7 +94,6 @@ class AugmentView:
     hue: float = 0.0
     greyscale: float = 0.1
     blur: float = 0.2
-    redraw: float = 0.0
     zoom_out: float = 0.0
 
     def __call__(self, key: str, image: Image.Image) -> Image.Image:
@@ -102,8 +101,6 @@ class AugmentView:
             return image
         rng = keyed_rng("view", self.seed, self.view, key)
         image = _rgb(image)
-        if self.redraw and rng.random() < self.redraw:
-            image = redraw_view(image, rng)
         image = random_resized_crop(image, rng, self.crop_scale)
         if rng.random() < self.flip:
             image = ImageOps.mirror(image)
@@ -228,20 +225,6 @@ def flatten_shading(image: Image.Image, divisor: float, bits: int) -> Image.Imag
     """A median filter ``1/divisor`` of the image wide, then ``bits`` bits per channel."""
     size = _odd(max(image.size) / divisor)
     return ImageOps.posterize(image.filter(ImageFilter.MedianFilter(size)), bits)
-
-
-def redraw_view(image: Image.Image, rng: random.Random) -> Image.Image:
-    """A training view drawn by another hand, colours kept: a milder, continuous range of the
-    ``warp`` and ``flat`` style shifts (either or both). The ``outline`` style is not drawn
-    from, so the style-shift check keeps one redrawn style no training view resembles."""
-    change = rng.choice(("shape", "shading", "both"))
-    if change != "shading":
-        angle, shear = rng.uniform(-15, 15), rng.uniform(-0.2, 0.2)
-        sx, sy = rng.uniform(0.75, 1.05), rng.uniform(0.75, 1.05)
-        image = affine_about_centre(image, angle, shear, sx, sy)
-    if change != "shape":  # 5-6 bits: flatter shading, fine colour differences (skin tones) kept
-        image = flatten_shading(image, rng.uniform(12, 32), rng.choice((5, 6)))
-    return image
 
 
 def _outline(image: Image.Image, rng: random.Random) -> Image.Image:

@@ -14,12 +14,11 @@ are ordered: in "apples, pears" the swap means the same thing and would teach th
 
 from __future__ import annotations
 
-import random
 import re
 
 _CLAUSE = re.compile(r"([:;])")
 
-__all__ = ["pick_reordering", "reorderings"]
+__all__ = ["reorderings"]
 
 
 def reorderings(caption: str) -> list[str]:
@@ -43,15 +42,6 @@ def reorderings(caption: str) -> list[str]:
             if text != caption and text not in found:
                 found.append(text)
     return found
-
-
-def pick_reordering(caption: str, key: int) -> str | None:
-    """One of :func:`reorderings` of ``caption``, drawn by ``key`` (the same key draws the same
-    one); None when the caption has none."""
-    options = reorderings(caption)
-    if not options:
-        return None
-    return options[random.Random(key).randrange(len(options))]
 
 
 def _in_slot(item: str, slot: str) -> str:

@@ -22,14 +22,17 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from xmodal import distributed
 from xmodal.atomic import atomic_dir, atomic_write_text
-from xmodal.errors import IncompatibleError
+from xmodal.distributed import World
+from xmodal.errors import ConfigError, IncompatibleError
 from xmodal.models.model import (
     WEIGHTS_NAME,
     CrossModalModel,
     load_safetensors,
     refuse_pickle_payloads,
 )
+from xmodal.train.optim import resume_schedule
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
@@ -43,6 +46,66 @@ class TrainProgress:
     epoch: int = 0
     batch_in_epoch: int = 0
     samples_seen: int = 0
+
+
+class RunCheckpoints:
+    """The checkpoints of one run in ``directory``: what they hold (``model`` with its
+    ``processor``, ``optimizer``, ``scheduler``, ``precision.scaler``) and this process's place
+    among the ranks (``world``): rank 0 writes them, every rank restores its own RNG states."""
+
+    def __init__(
+        self,
+        directory: Path,
+        model: CrossModalModel,
+        processor,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        precision,
+        world: World,
+    ):
+        self.directory, self.model, self.processor = Path(directory), model, processor
+        self.optimizer, self.scheduler, self.precision = optimizer, scheduler, precision
+        self.world = world
+
+    def save(self, progress: TrainProgress) -> None:
+        """Rank 0 writes the checkpoint (atomically) with every rank's RNG states; all wait."""
+        states = distributed.gather_objects(rng_state())
+        if self.world.is_main:
+            save_checkpoint(
+                self.directory,
+                self.model,
+                self.processor,
+                self.optimizer,
+                self.scheduler,
+                progress,
+                extra={"world_size": self.world.size},
+                rng_states=states,
+                scaler=self.precision.scaler,
+            )
+        distributed.barrier()
+
+    def resume(self) -> TrainProgress:
+        """Restore the latest checkpoint (:func:`load_checkpoint`; none: a fresh start) with
+        this rank's RNG states, on this run's schedule (:func:`~xmodal.train.optim.
+        resume_schedule`); ConfigError when another number of ranks wrote it (the global
+        batch would change)."""
+        checkpoint = latest_checkpoint(self.directory)
+        if checkpoint is None:
+            return TrainProgress()
+        rank, size = self.world.rank, self.world.size
+        progress, extra = load_checkpoint(
+            checkpoint, self.model, self.optimizer, self.scheduler, rank, self.precision.scaler
+        )
+        resume_schedule(self.scheduler)  # this run's schedule (optim.steps may have grown)
+        ranks = extra.get("world_size", 1)
+        if ranks != size:
+            raise ConfigError(
+                f"{checkpoint} was written by a run of {ranks} rank(s); resume it with "
+                f"{ranks} rank(s), not {size} (the global batch would change)"
+            )
+        if self.world.is_main:
+            print(f"resumed from {checkpoint} at step {progress.step}")
+        return progress
 
 
 def checkpoint_name(step: int) -> str:
@@ -166,6 +229,13 @@ def _optimizer_from_flat(tensors: dict, meta: dict) -> dict:
             for key, value in pmeta.items()
         }
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG a run draws from (Python, NumPy, torch)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict:

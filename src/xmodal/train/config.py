@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from xmodal.config import (
     ConfigError,
@@ -80,9 +80,6 @@ class ModelSection:
         pass per image and view, and that much cache memory.
     view_flip: probability of a horizontal mirror in an augmented view (0 keeps left and right,
         which matter for arrows and directional symbols).
-    view_redraw: probability that an augmented view is first redrawn as another artist might
-        draw it, colours kept (shape warped and/or shading flattened:
-        :func:`xmodal.data.augment.redraw_view`); 0 (the default) never.
     view_zoom_out: probability that an augmented view is then zoomed out: drawn at 55-90% of
         its size at a random place on a canvas of its background colour
         (:func:`xmodal.data.augment.zoom_out`), as other artists and photos frame a subject
@@ -126,7 +123,6 @@ class ModelSection:
     cache_image_features: bool = True
     cached_views: int = 1
     view_flip: float = 0.0
-    view_redraw: float = 0.0
     view_zoom_out: float = 0.0
     image_pool_levels: int | None = None
     image_token_levels: int | None = None
@@ -181,7 +177,7 @@ class ModelSection:
                 "model.cached_views > 1 needs cached image tower outputs (model.lock_image: "
                 "true or model.image_trainable_blocks, and model.cache_image_features: true)"
             )
-        for name in ("view_flip", "view_redraw", "view_zoom_out"):
+        for name in ("view_flip", "view_zoom_out"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ConfigError(f"model.{name} must be in [0, 1], got {value}")
@@ -206,37 +202,20 @@ class ModelSection:
 
 @dataclass
 class LossSection:
-    """Weights of the summed loss; a weight of 0 switches a term off.
-
-    itm_rerank: the listwise re-rank term (:func:`xmodal.train.objective.itm_rerank_loss`):
-        the ITM head learns to correct the ITC order of each query's ``itm_rerank_k`` hardest
-        in-batch candidates, as re-ranking uses it.
-    itm_reordered: the ITM order term (:func:`xmodal.train.objective.itm_reordered_loss`):
-        each caption whose comma-separated list can be reordered (:mod:`xmodal.data.reorder`)
-        is scored against its image beside one reordered copy, and the head learns to prefer
-        the caption as written. For captions whose list order means something (left to right);
-        off by default. The image tokens must hold what the order refers to (e.g.
-        ``image_token_levels``), else the cheapest answer is a head that ignores the caption.
-    """
+    """Weights of the summed loss; a weight of 0 switches a term off. (The ITM order terms
+    train in their own stage: :class:`ITMStageSection`.)"""
 
     infonce: float = 1.0
     siglip: float = 0.0
     itm: float = 1.0
     cosine: float = 0.0
-    itm_rerank: float = 0.0
-    itm_rerank_k: int = 8
-    itm_reordered: float = 0.0
 
     def validate(self) -> None:
-        weights = (self.infonce, self.siglip, self.itm, self.cosine, self.itm_rerank)
-        if self.itm_reordered < 0:
-            raise ConfigError(f"loss.itm_reordered must be >= 0, got {self.itm_reordered}")
+        weights = (self.infonce, self.siglip, self.itm, self.cosine)
         if any(w < 0 for w in weights):
             raise ConfigError("loss weights must be >= 0")
         if not any(w > 0 for w in weights):
             raise ConfigError("at least one loss weight must be > 0")
-        if self.itm_rerank_k < 2:
-            raise ConfigError(f"loss.itm_rerank_k must be >= 2, got {self.itm_rerank_k}")
 
 
 @dataclass
@@ -267,7 +246,6 @@ class OptimSection:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     local_loss: bool = False
-    neighbour_share: float = 0.0
     text_length_groups: int = 4
 
     def validate(self) -> None:
@@ -280,10 +258,6 @@ class OptimSection:
             raise ConfigError("optim.warmup_steps, weight_decay and grad_clip must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("optim.min_lr_ratio must be in [0, 1]")
-        if not 0 <= self.neighbour_share < 1:
-            raise ConfigError(
-                f"optim.neighbour_share must be in [0, 1), got {self.neighbour_share}"
-            )
 
 
 @dataclass
@@ -306,8 +280,6 @@ class ITMStageSection:
     itm / reordered / reordered_images: weights of the binary ITM term, the order term (an
         image against its caption and a reordering of it) and its image side (a caption
         against its image and the image of a training caption that reorders it).
-    views: how many of the run's cached image views the stage reads (1: view 0 only, the
-        images as evaluation sees them; better for the order terms, docs/experiments.md).
     reordered_batch: rows the order terms read each step, drawn from the captions that have a
         reordering (0: the listed captions of the step's batch). Such captions are often a
         small share of a dataset (6% of the emoji names); drawn apart, they train every step.
@@ -325,13 +297,12 @@ class ITMStageSection:
     reordered: float = 0.0
     reordered_images: float = 0.0
     reordered_batch: int = 64
-    views: int = 1
 
     def validate(self) -> None:
         for name in ("steps", "warmup_steps", "reordered_batch"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"itm_stage.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "hard_negatives", "views"):
+        for name in ("batch_size", "hard_negatives"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"itm_stage.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -388,11 +359,36 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "log_every", "rerank_k"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
-        if self.optim.neighbour_share and not self.model.image_cached:
-            raise ConfigError(
-                "optim.neighbour_share > 0 needs cached image tower outputs (model.lock_image: "
-                "true or model.image_trainable_blocks, and model.cache_image_features: true)"
-            )
+
+
+@dataclass(frozen=True)
+class Retired:
+    """A key a training config no longer takes: ``note`` says what to write instead or why it
+    went; ``default`` is the value that left it off (a run saved with it resumes)."""
+
+    default: Any
+    note: str
+
+
+# Options tried and not adopted (docs/experiments.md, "Options removed"), and moved keys.
+RETIRED: dict[str, Retired] = {
+    "model.view_redraw": Retired(0.0, "removed (redrawn views cost in-style recall)"),
+    "loss.itm_rerank": Retired(0.0, "removed (not adopted); itm_stage trains the ITM head"),
+    "loss.itm_rerank_k": Retired(8, "removed with loss.itm_rerank (not adopted)"),
+    "loss.itm_reordered": Retired(0.0, "removed (superseded): use itm_stage.reordered"),
+    "optim.neighbour_share": Retired(0.0, "removed (hard-negative batches measured worse)"),
+    "itm_stage.views": Retired(1, "removed (more views measured worse): the stage reads view 0"),
+}
+
+
+def check_retired(data: dict[str, Any]) -> None:
+    """ConfigError naming the first key of ``data`` (a config as read) that :data:`RETIRED`
+    lists, with what to write instead."""
+    for key, retired in RETIRED.items():
+        section, name = key.split(".", 1)
+        values = data.get(section)
+        if isinstance(values, dict) and name in values:
+            raise ConfigError(f"{key}: {retired.note}")
 
 
 def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
@@ -403,6 +399,7 @@ def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainC
             data.setdefault(section, {}).update(values)
         else:
             data[section] = values
+    check_retired(data)
     config = from_dict(TrainConfig, data)
     _resolve_paths(config, Path(path).parent)
     return config

@@ -52,8 +52,6 @@ def compute_losses(
         )
     if weights.itm:
         terms["itm"] = itm_hard_negative_loss(model, image, text, image_ids, generator)
-    if weights.itm_rerank:
-        terms["itm_rerank"] = itm_rerank_loss(model, image, text, image_ids, weights.itm_rerank_k)
     if weights.cosine:
         terms["cosine"] = losses.cosine_pair_loss(image.projected, text.projected, image_ids)
     total = sum(getattr(weights, name) * value for name, value in terms.items())
@@ -88,56 +86,6 @@ def itm_hard_negative_loss(
     logits = model.itm_pair_logits(image, text, image_rows, text_rows)
     pairs = len(image_ids) + 2 * int(valid.sum())
     return losses.itm_loss(logits[: len(own)], logits[len(own) :], reduction="sum") / pairs
-
-
-def itm_rerank_loss(
-    model: CrossModalModel,
-    image: Features,
-    text: Features,
-    image_ids: torch.Tensor,
-    k: int = 8,
-    rows: slice | None = None,
-) -> torch.Tensor:
-    """Listwise re-rank loss: the ITM head learns to correct the ITC order, as re-ranking uses it.
-
-    For each image row, its caption and the ``k - 1`` captions of other images with the
-    highest ITC logit in the batch are scored ``itc_logit + itm_score`` (the re-rank score at
-    weight 1; the ITC logit is detached, so only the fusion and ITM head learn from this term)
-    and the cross-entropy of the softmax over them picks the image's own caption; likewise for
-    each caption among images. Each pair is scored once: ``N (2k - 1)`` ITM pairs, as many as
-    :func:`itm_hard_negative_loss` scores for ``k = 2``. Rows with fewer other images than
-    ``k - 1`` limit every row's list to what all rows have. ``rows`` (default: all): the share
-    of those rows, summed and
-    divided by twice the batch size, so disjoint shares add up to the mean over the batch.
-    """
-    batch = len(image_ids)
-    rows = losses.row_range(rows, batch)
-    similarity = model.clip_scale().detach() * image.embeds.detach() @ text.embeds.detach().t()
-    same = losses.same_image_mask(image_ids, batch, similarity.device)
-    own = torch.arange(rows.start, rows.stop, device=similarity.device)
-    n = len(own)
-    wrong_count = int((~same[own]).sum(1).min()) if n else 0
-    negatives = min(k, batch) - 1
-    negatives = min(negatives, wrong_count)
-    if n == 0 or negatives < 1:  # no image with another image to rank against: no term
-        return similarity.new_zeros(())
-    # candidates: (n, negatives) hardest other-image captions per image, images per caption
-    neg_text = similarity[own].masked_fill(same[own], float("-inf")).topk(negatives, 1).indices
-    sim_t = similarity.t()
-    neg_image = sim_t[own].masked_fill(same.t()[own], float("-inf")).topk(negatives, 1).indices
-    queries = own[:, None].expand(n, negatives).reshape(-1)
-    # each pair once: the n aligned pairs, then the image->text and text->image negatives
-    image_rows = torch.cat([own, queries, neg_image.reshape(-1)])
-    text_rows = torch.cat([own, neg_text.reshape(-1), queries])
-    logits = model.itm_pair_logits(image, text, image_rows, text_rows)
-    itm = (logits[:, 1] - logits[:, 0]).float()
-    positive = itm[:n, None] + similarity[own, own][:, None]
-    i2t = itm[n : n + n * negatives].view(n, negatives) + similarity[own[:, None], neg_text]
-    t2i = itm[n + n * negatives :].view(n, negatives) + sim_t[own[:, None], neg_image]
-    target = torch.zeros(n, dtype=torch.long, device=itm.device)
-    total = F.cross_entropy(torch.cat([positive, i2t], 1), target, reduction="sum")
-    total = total + F.cross_entropy(torch.cat([positive, t2i], 1), target, reduction="sum")
-    return total / (2 * batch)
 
 
 def itm_reordered_loss(model: CrossModalModel, image: Features, text: Features) -> torch.Tensor:
@@ -217,9 +165,6 @@ def global_batch_losses(
             generator = torch.Generator(device=image_all.embeds.device).manual_seed(seed)
         itm = itm_hard_negative_loss(model, image_all, text_all, ids, generator, rows=own)
         terms["itm"] = itm * w.size
-    if weights.itm_rerank:
-        rerank = itm_rerank_loss(model, image_all, text_all, ids, weights.itm_rerank_k, rows=own)
-        terms["itm_rerank"] = rerank * w.size
     if weights.cosine:
         cosine = losses.cosine_pair_loss(image_all.projected, text_all.projected, ids, rows=scored)
         terms["cosine"] = cosine * share
@@ -230,7 +175,7 @@ def global_batch_losses(
 def needed_fields(model: CrossModalModel, weights: LossSection) -> set[str]:
     """The Features fields the enabled terms read (only those are gathered across ranks)."""
     need = set()
-    itm = weights.itm or weights.itm_rerank or weights.itm_reordered
+    itm = weights.itm
     if weights.infonce or weights.siglip or itm:
         need.add("embeds")
     if weights.cosine or (itm and isinstance(model.fusion, PooledFusion)):

@@ -1,11 +1,12 @@
-"""A PNG of the training curves: loss terms and validation recall over steps."""
+"""The metrics log of a run (``metrics.jsonl``, one JSON record a line) and a PNG of its
+curves: loss terms and validation recall over steps."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from xmodal.atomic import atomic_path
+from xmodal.atomic import atomic_path, atomic_write_text
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -22,6 +23,19 @@ def read_metrics(path: str | Path) -> list[dict]:
         if isinstance(record, dict) and "step" in record:
             records.append(record)
     return records
+
+
+def append_metrics(path: str | Path, record: dict) -> None:
+    """Add one record to a metrics log."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: str | Path, step: int) -> None:
+    """Drop the records past ``step`` (a resumed run's log then has no duplicates)."""
+    if Path(path).exists():
+        kept = [record for record in read_metrics(path) if record["step"] <= step]
+        atomic_write_text(Path(path), "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> Path | None:

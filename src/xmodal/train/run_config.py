@@ -14,7 +14,7 @@ from typing import Any
 
 from xmodal.atomic import atomic_write_text
 from xmodal.config import ConfigError, to_dict
-from xmodal.train.config import TrainConfig
+from xmodal.train.config import RETIRED, TrainConfig
 
 RUN_CONFIG = "config.json"
 # keys a resumed run may change: where its logs go and how often, how fast data is read, and
@@ -40,7 +40,8 @@ def save_run_config(out_dir: Path, config: TrainConfig) -> None:
 
 def check_resumed_config(out_dir: Path, config: TrainConfig) -> None:
     """ConfigError naming every key whose value differs from the run being resumed (a run
-    saved before configs were recorded is not checked)."""
+    saved before configs were recorded is not checked; a retired key it left at its default
+    does not count)."""
     path = out_dir / RUN_CONFIG
     if not path.is_file():
         return
@@ -48,6 +49,9 @@ def check_resumed_config(out_dir: Path, config: TrainConfig) -> None:
         saved = flatten(json.loads(path.read_text("utf-8")))
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: cannot read the run's saved config ({err})") from None
+    for key, retired in RETIRED.items():  # a run saved before a key went, with it left off
+        if key in saved and saved[key] == retired.default:
+            del saved[key]
     now = flatten(json.loads(json.dumps(to_dict(config), default=str)))
     changed = sorted(
         key
