@@ -32,6 +32,7 @@ from xmodal.shards import (  # MissingDependencyError without pyarrow
     pa,
     pq,
 )
+from xmodal.storage import Location
 
 PAIRS = "pairs"
 SCORE_COLUMNS = typing.get_args(PairScore)
@@ -75,7 +76,7 @@ def pairs_record(
     items: Sequence[PairItem],
     fused: bool,
     itm: bool,
-    out: Path,
+    out: Location,
     combined_weight: float | None = None,
 ) -> None:
     """Add (or check) the manifest's ``pairs`` record: same data, same ``fused`` setting, the
