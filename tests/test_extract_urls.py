@@ -23,7 +23,7 @@ from xmodal.atomic import atomic_path, atomic_write_text
 from xmodal.cli import main
 from xmodal.data.datasets import SkippedRowsWarning, load_dataset
 from xmodal.errors import BadRowError, MissingFileError
-from xmodal.extract import extract, load_manifest
+from xmodal.extract import extract, load_manifest, read_pair_shards
 
 SHARD = 4
 KEYS_PER_TAR = 5
@@ -276,6 +276,10 @@ def test_pairs_with_urls(setup, memory, tmp_path) -> None:
     out = f"{memory}/pairs"
     run(setup, f"{data}/captions.jsonl", out, modality="pairs", fused=True)
     same_rows(out, local, {str(setup["folder"]): "DATA", data: "DATA"})
+    remote, plain = (read_pair_shards(o, load_manifest(o)) for o in (out, local))
+    np.testing.assert_array_equal(remote.fused, plain.fused)
+    assert remote.columns["caption"] == plain.columns["caption"]
+    assert len(remote) == 20  # 21 rows, one of the broken image
 
 
 class Killed(Exception):
@@ -402,3 +406,40 @@ def test_webdataset_shards_on_a_local_s3_server(setup, s3, tmp_path) -> None:
         run(setup, pattern, out, skip_bad=True, workers=1)
     same_rows(out, local, {str(setup["wds"]): "WDS", shards: "WDS"})
     assert sorted(output_files(out)) == sorted(output_files(local))  # no temporary object
+
+
+@pytest.mark.parametrize("captions", ["captions.jsonl", "captions.csv", "captions.txt"])
+def test_each_line_format_reads_the_same_rows_from_a_url(captions, tmp_path, memory) -> None:
+    """JSONL, CSV and the folder's tab-separated list at a URL: the local rows, images as URLs;
+    a row whose image is not there is refused as locally, naming the URL it looked for."""
+    folder = make_image_folder(tmp_path / "data", broken=False)
+    lines = [json.loads(line) for line in (folder / "captions.jsonl").read_text().splitlines()]
+    if captions == "captions.csv":
+        rows = [
+            "image,caption,image_id",
+            *(f"{r['image']},{r['caption']},{r['image_id']}" for r in lines),
+        ]
+    else:
+        rows = [f"{r['image']}\t{r['caption']}" for r in lines]
+    if captions != "captions.jsonl":
+        (folder / "captions.jsonl").unlink()
+        (folder / captions).write_text("\n".join(rows) + "\n")
+    data = upload(folder, f"{memory}/data")
+    local, remote = load_dataset(folder), load_dataset(data)
+    assert remote.captions() == local.captions() and len(remote) == 2 * 10
+    assert [ex.image for ex in remote] == [ex.image.replace(str(folder), data) for ex in local]
+    fs, root = fsspec.core.url_to_fs(data)
+    fs.rm(f"{root}/img3.png")
+    with pytest.raises(
+        BadRowError, match=rf"image 'img3.png' not found \(resolved {data}/img3\.png\)"
+    ):
+        load_dataset(data)
+
+
+def test_a_local_brace_pattern_names_local_shards(setup) -> None:
+    pattern = str(setup["wds"] / "shard-{000..001}.tar")
+    with pytest.warns(SkippedRowsWarning):
+        shards = load_dataset(pattern, skip_bad=True)
+    with pytest.warns(SkippedRowsWarning):
+        folder = load_dataset(setup["wds"], skip_bad=True)
+    assert shards.captions() == folder.captions() and shards.source == pattern

@@ -110,13 +110,17 @@ class Shard:
     columns: dict[str, list[Any]] = field(default_factory=dict)
 
 
-def read_shard(path: str | Path) -> Shard:
+def read_table(path: Location) -> pa.Table:
+    """The Parquet file ``path`` (a local path or a URL) as a table."""
+    if not storage.is_url(path):
+        return pq.read_table(str(path))
+    with storage.open_input(path) as handle:
+        return pq.read_table(handle)
+
+
+def read_shard(path: Location) -> Shard:
     """The shard file ``path``; IndexBuildError when it lacks an embedding shard's columns."""
-    if storage.is_url(path):
-        with storage.open_input(path) as handle:
-            table = pq.read_table(handle)
-    else:
-        table = pq.read_table(str(path))
+    table = read_table(path)
     missing = {"id", "source", "embedding"} - set(table.column_names)
     if missing:
         raise IndexBuildError(f"{path}: not an embedding shard (no column(s) {sorted(missing)})")

@@ -15,11 +15,11 @@ import hashlib
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from xmodal import storage
 from xmodal.config import PairScore
 from xmodal.data.datasets import ImageTextDataset, TarMember
 from xmodal.data.refs import location
@@ -30,7 +30,7 @@ from xmodal.processing import MultimodalProcessor, caption_problem
 from xmodal.shards import (  # MissingDependencyError without pyarrow
     modality_record,
     pa,
-    pq,
+    read_table,
 )
 from xmodal.storage import Location
 
@@ -236,14 +236,14 @@ class PairTable:
         return len(self.columns["id"])
 
 
-def read_pair_shards(directory: str | Path, manifest: dict[str, Any]) -> PairTable:
+def read_pair_shards(directory: Location, manifest: dict[str, Any]) -> PairTable:
     """Every finished pairs shard of an extraction folder, in shard order."""
     record = manifest.get("modalities", {}).get(PAIRS)
     if record is None:
         raise IndexBuildError(
             f"{directory} holds no pair scores (extract them with `xmodal extract --what pairs`)"
         )
-    tables = [pq.read_table(str(Path(directory) / e["file"])) for e in record["shards"]]
+    tables = [read_table(storage.join(directory, e["file"])) for e in record["shards"]]
     if not tables:
         raise IndexBuildError(f"{directory}: no finished pairs shard yet")
     table = pa.concat_tables(tables)
