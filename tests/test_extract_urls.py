@@ -443,3 +443,23 @@ def test_a_local_brace_pattern_names_local_shards(setup) -> None:
     with pytest.warns(SkippedRowsWarning):
         folder = load_dataset(setup["wds"], skip_bad=True)
     assert shards.captions() == folder.captions() and shards.source == pattern
+
+
+def test_urls_in_a_local_files_image_column(tmp_path, memory) -> None:
+    """A local JSONL may name its images by URL: found ones are kept, a missing one is a bad
+    row; http(s) URLs (no listing to check them against) are checked when decoded."""
+    fs, root = fsspec.core.url_to_fs(memory)
+    fs.pipe_file(f"{root}/a.png", png_bytes(1))
+    rows = [
+        {"image": f"{memory}/a.png", "caption": "found"},
+        {"image": f"{memory}/gone.png", "caption": "missing"},
+        {"image": "https://example.com/c.png", "caption": "unchecked"},
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(SkippedRowsWarning):
+        dataset = load_dataset(path, skip_bad=True)
+    assert [ex.image for ex in dataset] == [f"{memory}/a.png", "https://example.com/c.png"]
+    assert [str(row) for row in dataset.skipped] == [
+        f"data.jsonl:2: image '{memory}/gone.png' not found (resolved {memory}/gone.png)"
+    ]

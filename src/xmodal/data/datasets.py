@@ -182,35 +182,30 @@ def _caption(value: Any) -> str:
     return caption
 
 
-class RemoteFolder:
-    """A dataset's folder given as a URL: where its rows' relative image paths resolve, with
-    one listing per image folder to check that they exist (:class:`xmodal.storage.FileIndex`)."""
+class Folder:
+    """Where a dataset file's relative image paths resolve: a local folder or a URL. Images at
+    URLs are checked against one listing per image folder (:class:`xmodal.storage.FileIndex`),
+    not one request per image; those at ``http(s)://`` URLs, which have no listing, when they
+    are decoded."""
 
-    def __init__(self, url: str, index: FileIndex | None = None):
-        self.url = url
-        self.index = index or FileIndex()
-
-    def __truediv__(self, relative: str) -> RemoteFolder:
-        return RemoteFolder(str(storage.resolve_in(self.url, relative)), self.index)
-
-
-Base = Path | RemoteFolder  # where a dataset file's relative image paths resolve
+    def __init__(self, location: Location):
+        self.location = location if storage.is_url(location) else Path(location)
+        self.index = FileIndex()
 
 
-def _base(folder: Location) -> Base:
-    return RemoteFolder(str(folder)) if storage.is_url(folder) else Path(folder)
+UNLISTED = ("http://", "https://")
 
 
-def _image_path(value: Any, base: Base) -> Path | str:
+def _image_path(value: Any, base: Folder) -> Path | str:
     """Resolve an image reference (a path, or a URL) against ``base`` and check that the file
     exists."""
     if value is None or (isinstance(value, str) and not value.strip()):
         raise _Bad("missing image")
     if not isinstance(value, str):
         raise _Bad(f"image is not a string ({type(value).__name__})")
-    if isinstance(base, RemoteFolder) or storage.is_url(value.strip()):
+    if storage.is_url(base.location) or storage.is_url(value.strip()):
         return _image_url(value.strip(), base)
-    path = Path(os.path.abspath(base / value.strip()))
+    path = Path(os.path.abspath(base.location / value.strip()))
     try:
         found = path.is_file()
     except OSError as err:  # e.g. a name too long for the file system
@@ -220,14 +215,15 @@ def _image_path(value: Any, base: Base) -> Path | str:
     return path
 
 
-def _image_url(value: str, base: Base) -> str:
-    """The URL of an image of a dataset row (``value`` relative to a URL folder, or a URL)."""
-    if isinstance(base, RemoteFolder):
-        url, index = str(storage.resolve_in(base.url, value)), base.index
-    else:  # a URL in a local dataset file: looked up alone
-        url, index = value, None
+def _image_url(value: str, base: Folder) -> str:
+    """The URL of a row's image (``value`` relative to a URL folder, or a URL), once found."""
+    url = str(storage.resolve_in(base.location, value))
+    if url.startswith(UNLISTED):
+        return url
     try:
-        found = index.has(url) if index is not None else storage.is_file(url)
+        found = base.index.has(url)
+    except MissingDependencyError:  # no package for the protocol: not a row's fault
+        raise
     except Exception as err:  # noqa: BLE001 - each file system raises its own kinds
         raise _Bad(f"image {value[:200]!r} cannot be looked up ({type(err).__name__})") from None
     if not found:
@@ -247,7 +243,7 @@ def _missing_file(path: Path) -> str:
     return f"not found (resolved {path})"
 
 
-def _record_example(record: dict, base: Base, origin: str) -> Example:
+def _record_example(record: dict, base: Folder, origin: str) -> Example:
     """Turn a JSONL/CSV record with image/caption/image_id/label columns into an Example."""
     if "image" not in record:
         raise _Bad("missing 'image' column")
@@ -306,7 +302,7 @@ def _decoded_lines(path: Location) -> Iterator[tuple[int, str, str | None]]:
 # ---------------------------------------------------------------- line-based readers
 
 
-def _jsonl_rows(path: Location, base: Base) -> Iterator[Row]:
+def _jsonl_rows(path: Location, base: Folder) -> Iterator[Row]:
     for number, line, error in _decoded_lines(path):
         origin = f"{name_of(path)}:{number}"
         if error:
@@ -328,14 +324,14 @@ def _jsonl_rows(path: Location, base: Base) -> Iterator[Row]:
         yield _example_or_reason(record, base, origin)
 
 
-def _example_or_reason(record: dict, base: Base, origin: str) -> Row:
+def _example_or_reason(record: dict, base: Folder, origin: str) -> Row:
     try:
         return origin, _record_example(record, base, origin)
     except _Bad as bad:
         return origin, str(bad)
 
 
-def _csv_rows(path: Location, base: Base) -> Iterator[Row]:
+def _csv_rows(path: Location, base: Folder) -> Iterator[Row]:
     errors: dict[int, str] = {}
 
     def lines() -> Iterator[str]:
@@ -385,7 +381,7 @@ def _csv_header(reader: Any, path: Location) -> list[str]:
     return header
 
 
-def _parquet_rows(path: Location, base: Base) -> Iterator[Row]:
+def _parquet_rows(path: Location, base: Folder) -> Iterator[Row]:
     """The rows of a Parquet file (columns as in JSONL: ``image``, ``caption`` ...), read one
     row group after another (a URL is streamed); ``origin``: ``file:row`` from 1."""
     try:
@@ -410,7 +406,7 @@ def _parquet_rows(path: Location, base: Base) -> Iterator[Row]:
                 yield _example_or_reason(record, base, f"{name_of(path)}:{number}")
 
 
-def _txt_rows(path: Location, base: Base) -> Iterator[Row]:
+def _txt_rows(path: Location, base: Folder) -> Iterator[Row]:
     """``filename<TAB>caption`` per line."""
     for number, line, error in _decoded_lines(path):
         origin = f"{name_of(path)}:{number}"
@@ -450,7 +446,7 @@ def _json_kind(data: Any, path: Location) -> str:
     )
 
 
-def _coco_rows(data: dict, path: Location, root: Base) -> Iterator[Row]:
+def _coco_rows(data: dict, path: Location, root: Folder) -> Iterator[Row]:
     files: dict[str, str] = {}
     for image in data.get("images") or []:
         if isinstance(image, dict) and "id" in image and "file_name" in image:
@@ -467,7 +463,7 @@ def _coco_rows(data: dict, path: Location, root: Base) -> Iterator[Row]:
         yield _coco_example(ann, image_id, files[image_id], root, origin)
 
 
-def _coco_example(ann: dict, image_id: str, file_name: str, root: Base, origin: str) -> Row:
+def _coco_example(ann: dict, image_id: str, file_name: str, root: Folder, origin: str) -> Row:
     try:
         path = _image_path(file_name, root)
         caption = _caption(ann.get("caption"))
@@ -477,7 +473,7 @@ def _coco_example(ann: dict, image_id: str, file_name: str, root: Base, origin: 
     return origin, Example(str(path), caption, image_id, None, origin, extra)
 
 
-def _karpathy_rows(data: dict, path: Location, root: Base, split: str | None) -> Iterator[Row]:
+def _karpathy_rows(data: dict, path: Location, root: Folder, split: str | None) -> Iterator[Row]:
     for i, image in enumerate(data.get("images") or []):
         origin = f"{name_of(path)}:images[{i}]"
         if not isinstance(image, dict):
@@ -492,7 +488,7 @@ def _karpathy_rows(data: dict, path: Location, root: Base, split: str | None) ->
         yield from _karpathy_image_rows(image, root, origin)
 
 
-def _karpathy_image_rows(image: dict, root: Base, origin: str) -> Iterator[Row]:
+def _karpathy_image_rows(image: dict, root: Folder, origin: str) -> Iterator[Row]:
     filename = image.get("filename")
     if not isinstance(filename, str) or not filename:
         yield origin, "missing filename"
@@ -649,7 +645,7 @@ def _rows(
     if split is not None:
         raise ConfigError("split= is only supported for Karpathy JSON files")
     folder = storage.is_dir(path)
-    base = _base(path if folder else storage.parent_of(path))
+    base = Folder(path if folder else storage.parent_of(path))
     if fmt == "jsonl":
         return _jsonl_rows(path, base)
     if fmt == "csv":
@@ -670,7 +666,7 @@ def _json_rows(
     if fmt != "json" and fmt != kind:
         raise BadRowError(f"{name_of(path)}: looks like a {kind} file, not {fmt}")
     parent = storage.parent_of(path)
-    root = _base(storage.join(parent, str(image_root)) if image_root is not None else parent)
+    root = Folder(storage.join(parent, str(image_root)) if image_root is not None else parent)
     if kind == "coco":
         if split is not None:
             raise ConfigError("split= is only supported for Karpathy JSON files")
@@ -683,7 +679,7 @@ def _folder_rows(folder: Location) -> Iterator[Row]:
         captions = storage.join(folder, name)
         if storage.is_file(captions):
             reader = {"jsonl": _jsonl_rows, "csv": _csv_rows, "txt": _txt_rows}
-            return reader[name.rsplit(".", 1)[1]](captions, _base(folder))
+            return reader[name.rsplit(".", 1)[1]](captions, Folder(folder))
     raise MissingFileError(f"{folder}: no {'/'.join(CAPTION_FILES)} file")
 
 
