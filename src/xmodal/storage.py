@@ -17,6 +17,7 @@ import contextlib
 import os
 import posixpath
 import re
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,10 +178,8 @@ class FileIndex:
                 entries = fs.ls(folder, detail=True)
             except (FileNotFoundError, NotADirectoryError):
                 entries = []
-            self.listed[key] = {
-                fs._strip_protocol(e["name"]) for e in entries if e.get("type") == "file"
-            }
-        return fs._strip_protocol(path) in self.listed[key]
+            self.listed[key] = {e["name"].rstrip("/") for e in entries if e.get("type") == "file"}
+        return path.rstrip("/") in self.listed[key]
 
 
 # -- brace patterns -----------------------------------------------------------------------------
@@ -248,8 +247,6 @@ def remove(location: Location, recursive: bool = False) -> None:
     if not is_url(location):
         path = Path(location)
         if recursive:
-            import shutil
-
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
