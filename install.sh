@@ -6,7 +6,7 @@
 #                                   build of several GB, in an environment of its own)
 set -euo pipefail
 cd "$(dirname "$0")"
-extras="offline,demo,data,train,index,serve,dev,onnx,probe,ray"
+extras="offline,demo,data,train,index,serve,dev,onnx,probe,ray,s3"
 case "${1:-}" in
   "")
     # The CPU build of torch (a local wheel on the project's machines; from PyPI elsewhere).

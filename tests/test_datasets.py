@@ -235,4 +235,4 @@ def test_all_bad_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="absent.jsonl"):
         load_dataset(tmp_path / "absent.jsonl")
     with pytest.raises(ValueError, match="format"):
-        load_dataset(path, format="parquet")
+        load_dataset(path, format="avro")

@@ -245,3 +245,13 @@ def test_actor_spec_one_per_gpu_else_one_per_node() -> None:
         actor_spec([{"CPU": 8}], MapperOptions(device="cuda"), None)
     with pytest.raises(ExtractError, match=">= 1"):
         actor_spec([{"CPU": 8}], cpu, 0)
+
+
+def test_ray_engine_reads_and_writes_urls(pool, setup, tmp_path: Path) -> None:
+    """file:// URLs in and out (the actors read the images through fsspec, the driver writes
+    through it): the plain run's rows and logs."""
+    from test_extract_urls import same_rows
+
+    data, out = f"file://{setup['data']}", tmp_path / "urls"
+    plain_run(extract_ray, setup["model"], data, f"file://{out}", pool=pool)
+    same_rows(out, setup["plain"], {data: "DATA", str(setup["data"]): "DATA"})

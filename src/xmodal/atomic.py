@@ -1,9 +1,12 @@
 """Atomic file writes: write to a temporary file beside the target, fsync, then rename.
 
 A crash (even ``kill -9``) leaves either the old file or the new one under the final name,
-never a half-written file. A folder that cannot be created or written (no permission, a full
-disk, a file in the way) raises :class:`~xmodal.errors.OutputError` naming the path; errors
-raised by the caller's own code inside the ``with`` block pass through unchanged.
+never a half-written file. A target given as a URL (:mod:`xmodal.storage`) is written to a
+local temporary file first, then uploaded as one object or moved into place
+(:func:`xmodal.storage.upload_atomic`); a ``file://`` URL is its local path. A folder that
+cannot be created or written (no permission, a full disk, a file in the way) raises
+:class:`~xmodal.errors.OutputError` naming the path; errors raised by the caller's own code
+inside the ``with`` block pass through unchanged.
 """
 
 from __future__ import annotations
@@ -16,12 +19,18 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from xmodal import storage
 from xmodal.errors import OutputError
+from xmodal.storage import Location
 
 
-def make_dir(path: str | Path) -> Path:
+def make_dir(path: Location) -> Location:
     """Create ``path`` and its parents (if missing); OutputError naming it when that fails."""
-    path = Path(path)
+    local = storage.local_path(path)
+    if local is None:
+        storage.make_dirs(str(path))
+        return path
+    path = local
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -56,9 +65,15 @@ def space_reason(err: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
-    path = Path(path)
+def atomic_path(path: Location) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
+    For a URL the temporary file is local, and uploaded atomically on success."""
+    local = storage.local_path(path)
+    if local is None:
+        with _remote_target(str(path)) as tmp:
+            yield tmp
+        return
+    path = local
     make_dir(path.parent)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -84,7 +99,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+@contextlib.contextmanager
+def _remote_target(url: str) -> Iterator[Path]:
+    """A local temporary file whose contents, once the block succeeds, become ``url``."""
+    fd, tmp_name = tempfile.mkstemp(prefix=".xmodal-upload.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        storage.upload_atomic(tmp, url)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Location, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         try:
@@ -93,7 +121,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             raise OutputError(f"cannot write {path}: {_reason(err)}") from err
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_text(path: Location, text: str) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
 

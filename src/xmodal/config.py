@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from xmodal import storage
 from xmodal.errors import ConfigError, MissingFileError
 
 T = TypeVar("T")
@@ -416,9 +417,9 @@ def load_json_config(
     it is not valid UTF-8 JSON, not an object, or (with ``file_format``) lacks
     ``"format": file_format``, the marker xmodal writes into its manifests and descriptions.
     """
-    path = Path(path)
+    path = path if storage.is_url(path) else Path(path)
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(storage.read_bytes(path).decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, huge numbers, deep nesting
         raise error(f"{path}: {what} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):

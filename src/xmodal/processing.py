@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from xmodal import storage
 from xmodal.atomic import atomic_write_text, make_dir
 from xmodal.config import (
     ConfigError,
@@ -31,7 +32,13 @@ from xmodal.config import (
     stable_hash,
     to_dict,
 )
-from xmodal.errors import CaptionError, ImageLoadError, InputError, MissingFileError
+from xmodal.errors import (
+    CaptionError,
+    ImageLoadError,
+    InputError,
+    MissingFileError,
+    XmodalError,
+)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # The only formats xmodal decodes, anywhere (Pillow's names; MPO is the multi-picture JPEG that
@@ -122,8 +129,22 @@ def load_image(
         raise ImageLoadError(source, f"{type(exc).__name__}: {exc}") from exc
 
 
+def _read_url(url: str, source: str) -> bytes:
+    """The bytes of an image named by a URL (:mod:`xmodal.storage`)."""
+    try:
+        return storage.read_bytes(url)
+    except FileNotFoundError as exc:
+        raise ImageLoadError(source, "file not found") from exc
+    except XmodalError as exc:  # no package for the protocol, an unknown protocol
+        raise ImageLoadError(source, str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - each file system raises its own kinds
+        raise ImageLoadError(source, f"cannot be read ({type(exc).__name__}: {exc})") from exc
+
+
 def _open(image: Any, source: str) -> Image.Image:
-    if isinstance(image, str | os.PathLike):
+    if isinstance(image, str) and storage.is_url(image):
+        data = _read_url(image, source)
+    elif isinstance(image, str | os.PathLike):
         path = Path(image)
         if not path.exists():
             raise ImageLoadError(source, "file not found")

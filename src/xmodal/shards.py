@@ -19,10 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from xmodal import storage
 from xmodal.atomic import atomic_path, atomic_write_text
 from xmodal.choices import Modality, ShardDtype
 from xmodal.config import load_json_config
-from xmodal.errors import ExtractError, IndexBuildError, MissingDependencyError
+from xmodal.errors import ExtractError, IndexBuildError, MissingDependencyError, XmodalError
+from xmodal.storage import Location
 
 try:
     import pyarrow as pa
@@ -109,9 +111,17 @@ class Shard:
     columns: dict[str, list[Any]] = field(default_factory=dict)
 
 
-def read_shard(path: str | Path) -> Shard:
+def read_table(path: Location) -> pa.Table:
+    """The Parquet file ``path`` (a local path or a URL) as a table."""
+    if not storage.is_url(path):
+        return pq.read_table(str(path))
+    with storage.open_input(path) as handle:
+        return pq.read_table(handle)
+
+
+def read_shard(path: Location) -> Shard:
     """The shard file ``path``; IndexBuildError when it lacks an embedding shard's columns."""
-    table = pq.read_table(str(path))
+    table = read_table(path)
     missing = {"id", "source", "embedding"} - set(table.column_names)
     if missing:
         raise IndexBuildError(f"{path}: not an embedding shard (no column(s) {sorted(missing)})")
@@ -131,23 +141,27 @@ def read_shard(path: str | Path) -> Shard:
     )
 
 
-def shard_rows(path: str | Path) -> int | None:
-    """Row count from the Parquet footer; None when the file is missing or unreadable."""
+def shard_rows(path: Location) -> int | None:
+    """Row count from the Parquet footer; None when the file is missing or unreadable (on a
+    URL the footer alone is read)."""
     try:
-        return pq.ParquetFile(str(path)).metadata.num_rows
-    except (OSError, pa.ArrowException):
+        if not storage.is_url(path):
+            return pq.ParquetFile(str(path)).metadata.num_rows
+        with storage.open_input(path) as handle:
+            return pq.ParquetFile(handle).metadata.num_rows
+    except (OSError, pa.ArrowException, XmodalError):
         return None
 
 
 # -- the manifest -------------------------------------------------------------------------------
-def load_manifest(directory: str | Path) -> dict[str, Any] | None:
+def load_manifest(directory: Location) -> dict[str, Any] | None:
     """The ``manifest.json`` of an extraction directory (None when there is none yet).
 
     Its ``modalities`` maps ``images`` / ``texts`` to their shard records; manifests written
     before that key was renamed (``kinds``) are read the same way.
     """
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
+    path = storage.join(directory, MANIFEST_NAME)
+    if not storage.is_file(path):
         return None
     manifest = load_json_config(path, "embeddings manifest", IndexBuildError, MANIFEST_FORMAT)
     if "modalities" not in manifest and "kinds" in manifest:  # written before the rename
@@ -156,7 +170,12 @@ def load_manifest(directory: str | Path) -> dict[str, Any] | None:
 
 
 def modality_record(
-    manifest: dict[str, Any], modality: str, count: int, fingerprint: str, out: Path, data: str
+    manifest: dict[str, Any],
+    modality: str,
+    count: int,
+    fingerprint: str,
+    out: Location,
+    data: str,
 ) -> dict[str, Any]:
     """The manifest's record of ``modality`` (``count`` items hashed to ``fingerprint``): a new
     one, or the existing one after checking that it holds the same items."""
@@ -177,7 +196,7 @@ def modality_record(
     return record
 
 
-def save_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
+def save_manifest(directory: Location, manifest: dict[str, Any]) -> None:
     """Recount the totals and write ``manifest.json`` atomically."""
     for record in manifest["modalities"].values():
         record["rows"] = sum(s["rows"] for s in record["shards"])
@@ -186,17 +205,17 @@ def save_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
         record["complete"] = done == set(range(record["num_shards"]))
     manifest["total_rows"] = sum(r["rows"] for r in manifest["modalities"].values())
     manifest["updated"] = now()
-    atomic_write_text(Path(directory) / MANIFEST_NAME, json.dumps(manifest, indent=2))
+    atomic_write_text(storage.join(directory, MANIFEST_NAME), json.dumps(manifest, indent=2))
 
 
 # -- the error log ------------------------------------------------------------------------------
-def load_errors(directory: str | Path, keep: set[str]) -> list[dict[str, Any]]:
+def load_errors(directory: Location, keep: set[str]) -> list[dict[str, Any]]:
     """Error records of the shard files in ``keep`` (those of unfinished shards are dropped)."""
-    path = Path(directory) / ERRORS_NAME
-    if not path.is_file():
+    path = storage.join(directory, ERRORS_NAME)
+    if not storage.is_file(path):
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in storage.read_bytes(path).decode("utf-8").splitlines():
         if line.strip():
             record = upgrade_error_record(json.loads(line))
             if record.get("shard") in keep:
@@ -211,7 +230,7 @@ def upgrade_error_record(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def save_errors(directory: str | Path, records: list[dict[str, Any]]) -> None:
+def save_errors(directory: Location, records: list[dict[str, Any]]) -> None:
     """Write ``errors.jsonl`` atomically (one JSON object per unreadable item)."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write_text(Path(directory) / ERRORS_NAME, text)
+    atomic_write_text(storage.join(directory, ERRORS_NAME), text)

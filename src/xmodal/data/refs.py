@@ -7,17 +7,18 @@ back into something :func:`xmodal.processing.load_image` reads.
 from __future__ import annotations
 
 import json
-import os
 
+from xmodal import storage
 from xmodal.data.datasets import TarMember
 
 
 def location(ref: str | TarMember) -> str:
-    """Where an image lives: an absolute path, or a JSON object for a member of a tar shard."""
+    """Where an image lives: an absolute path or a URL, or a JSON object for a member of a tar
+    shard (whose ``tar`` is one of those)."""
     if isinstance(ref, TarMember):
         member = {"tar": ref.tar_path, "name": ref.name, "offset": ref.offset, "size": ref.size}
         return json.dumps(member, sort_keys=True)
-    return os.path.abspath(ref)
+    return storage.display(ref)
 
 
 def image_ref(loc: str) -> str | TarMember:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
+from xmodal import storage
 from xmodal.atomic import atomic_write_text
+from xmodal.storage import Location
 
 SKIPPED_NAME = "skipped.jsonl"
 
@@ -37,17 +38,16 @@ def skipped_records(rows: Iterable[SkippedRow]) -> list[dict[str, str]]:
     return [row.record() for row in rows]
 
 
-def write_skipped(path: str | Path, records: Sequence[dict[str, str]]) -> None:
+def write_skipped(path: Location, records: Sequence[dict[str, str]]) -> None:
     """Write ``records`` (:meth:`SkippedRow.record`) to ``path`` atomically, one JSON object a
     line; with none, remove ``path`` (a list left there by an earlier run of the same output)."""
-    path = Path(path)
     if not records:
-        path.unlink(missing_ok=True)
+        storage.remove(path)
         return
     text = "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in records)
     atomic_write_text(path, text)
 
 
-def save_skipped(directory: str | Path, rows: Iterable[SkippedRow]) -> None:
+def save_skipped(directory: Location, rows: Iterable[SkippedRow]) -> None:
     """Write ``skipped.jsonl`` in ``directory`` (see :func:`write_skipped`)."""
-    write_skipped(Path(directory) / SKIPPED_NAME, skipped_records(rows))
+    write_skipped(storage.join(directory, SKIPPED_NAME), skipped_records(rows))

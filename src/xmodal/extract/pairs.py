@@ -15,11 +15,11 @@ import hashlib
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from xmodal import storage
 from xmodal.choices import PairScore
 from xmodal.data.datasets import ImageTextDataset, TarMember
 from xmodal.data.refs import location
@@ -30,8 +30,9 @@ from xmodal.processing import MultimodalProcessor, caption_problem
 from xmodal.shards import (  # MissingDependencyError without pyarrow
     modality_record,
     pa,
-    pq,
+    read_table,
 )
+from xmodal.storage import Location
 
 PAIRS = "pairs"
 SCORE_COLUMNS = typing.get_args(PairScore)
@@ -75,7 +76,7 @@ def pairs_record(
     items: Sequence[PairItem],
     fused: bool,
     itm: bool,
-    out: Path,
+    out: Location,
     combined_weight: float | None = None,
 ) -> None:
     """Add (or check) the manifest's ``pairs`` record: same data, same ``fused`` setting, the
@@ -235,14 +236,14 @@ class PairTable:
         return len(self.columns["id"])
 
 
-def read_pair_shards(directory: str | Path, manifest: dict[str, Any]) -> PairTable:
+def read_pair_shards(directory: Location, manifest: dict[str, Any]) -> PairTable:
     """Every finished pairs shard of an extraction folder, in shard order."""
     record = manifest.get("modalities", {}).get(PAIRS)
     if record is None:
         raise IndexBuildError(
             f"{directory} holds no pair scores (extract them with `xmodal extract --what pairs`)"
         )
-    tables = [pq.read_table(str(Path(directory) / e["file"])) for e in record["shards"]]
+    tables = [read_table(storage.join(directory, e["file"])) for e in record["shards"]]
     if not tables:
         raise IndexBuildError(f"{directory}: no finished pairs shard yet")
     table = pa.concat_tables(tables)

@@ -13,13 +13,13 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from xmodal import storage
 from xmodal.data.datasets import ImageTextDataset
 from xmodal.data.images import ImageBatch
 from xmodal.distributed import World
@@ -31,6 +31,7 @@ from xmodal.extract.reader import Item, items_fingerprint
 from xmodal.extract.writer import ShardLog, shard_entry
 from xmodal.processing import MultimodalProcessor
 from xmodal.shards import modality_record, shard_name, shard_table, write_table_atomic
+from xmodal.storage import Location
 
 
 @contextlib.contextmanager
@@ -176,7 +177,9 @@ class ModalityStrategy:
         """Everything this modality embeds, in shard order."""
         raise NotImplementedError
 
-    def add_record(self, manifest: dict[str, Any], items: Sequence[Any], out: Path, data) -> None:
+    def add_record(
+        self, manifest: dict[str, Any], items: Sequence[Any], out: Location, data
+    ) -> None:
         """Add this modality's record to the manifest, or check the one there holds ``items``."""
         modality_record(manifest, self.name, len(items), items_fingerprint(items), out, str(data))
 
@@ -191,7 +194,9 @@ class ModalityStrategy:
         """The items of ``batch`` that could not be read: (position, reason)."""
         return []
 
-    def table(self, path: Path, items: Sequence[Any], buffer: Any, record: dict[str, Any]) -> Any:
+    def table(
+        self, path: Location, items: Sequence[Any], buffer: Any, record: dict[str, Any]
+    ) -> Any:
         """The shard's Parquet table (rows: the items embedded); ``record``: the manifest's
         record of this modality."""
         chosen = [items[buffer.start + i] for i in np.flatnonzero(buffer.ok)]
@@ -317,7 +322,7 @@ class ShardRun:
     """Runs each modality's strategy through one pipeline: the pending shards' batches embedded
     one ahead, gathered per shard, each complete shard written by a background thread."""
 
-    out: Path
+    out: Location
     tools: Tools
     shards: ShardLog  # records each written shard (errors, manifest or this rank's part)
     progress: bool
@@ -348,7 +353,7 @@ class ShardRun:
         Building them there would hold the GIL the model's thread needs between its calls."""
         file = shard_name(strategy.name, k)
         record = self.shards.manifest["modalities"][strategy.name]
-        table = strategy.table(self.out / file, items, buffer, record)
+        table = strategy.table(storage.join(self.out, file), items, buffer, record)
         failures = [
             {
                 "modality": strategy.name,
@@ -364,7 +369,7 @@ class ShardRun:
         entry = shard_entry(k, file, buffer.start, buffer.end, table.num_rows, failed)
 
         def write() -> None:
-            write_table_atomic(self.out / file, table)
+            write_table_atomic(storage.join(self.out, file), table)
             self.shards.record(strategy.name, k, entry, failures)
 
         return write

@@ -11,12 +11,12 @@ manifest and removing the part files is harmless.
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 from typing import Any
 
+from xmodal import storage
 from xmodal.atomic import atomic_write_text
 from xmodal.shards import SHARD_KINDS, upgrade_error_record
+from xmodal.storage import Location
 
 PARTS_DIR = ".parts"
 
@@ -31,21 +31,21 @@ def new_part() -> dict[str, Any]:
     return {"shards": {kind: [] for kind in SHARD_KINDS}, "errors": []}
 
 
-def save_part(out: Path, rank: int, part: dict[str, Any]) -> None:
+def save_part(out: Location, rank: int, part: dict[str, Any]) -> None:
     """Write this rank's records atomically (after each shard it finishes)."""
-    atomic_write_text(Path(out) / PARTS_DIR / f"rank-{rank}.json", json.dumps(part))
+    atomic_write_text(storage.join(out, PARTS_DIR, f"rank-{rank}.json"), json.dumps(part))
 
 
-def load_parts(out: Path) -> list[dict[str, Any]]:
+def load_parts(out: Location) -> list[dict[str, Any]]:
     """The part files a previous (possibly killed) distributed run left in ``out``."""
-    folder = Path(out) / PARTS_DIR
-    if not folder.is_dir():
+    folder = storage.join(out, PARTS_DIR)
+    if not storage.is_dir(folder):
         return []
-    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("rank-*.json"))]
+    return [json.loads(storage.read_bytes(p)) for p in storage.glob(folder, "rank-*.json")]
 
 
-def remove_parts(out: Path) -> None:
-    shutil.rmtree(Path(out) / PARTS_DIR, ignore_errors=True)
+def remove_parts(out: Location) -> None:
+    storage.remove(storage.join(out, PARTS_DIR), recursive=True)
 
 
 def fold_shards(manifest: dict[str, Any], parts: list[dict[str, Any]]) -> None:

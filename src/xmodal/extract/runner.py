@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from xmodal import distributed
+from xmodal import distributed, storage
 from xmodal.data.datasets import load_dataset
 from xmodal.data.images import ImageBatch, ThreadedImageBatches, image_loader
 from xmodal.data.refs import location
@@ -64,6 +64,7 @@ from xmodal.models.model import CrossModalModel
 from xmodal.presets import load_model
 from xmodal.processing import MultimodalProcessor
 from xmodal.shards import DTYPES, MODALITIES
+from xmodal.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class Extraction:
     """A run opened: its tools, each modality's strategy and items, the shards finished already
     (by modality) and the log that records the others."""
 
-    out: Path
+    out: Location
     tools: Tools
     strategies: list[ModalityStrategy]
     items: list[Sequence[Any]]
@@ -176,7 +177,7 @@ def open_extraction(
     check_fused(net.has_itm, settings.fused)
     identity = identify(net, processor, model)
     dataset = load_dataset(data, data_format, skip_bad)
-    out = Path(out)
+    out = out if storage.is_url(out) else Path(out)
     weight = filter_weight(net) if net.has_itm else None
     tools = settings.tools(processor, mapper(net, processor), net.has_itm, weight)
     dim = net.config.embed_dim
@@ -316,7 +317,7 @@ class _Pairs(ModalityStrategy):
     items = staticmethod(pair_items)
 
     def add_record(
-        self, manifest: dict[str, Any], items: Sequence[PairItem], out: Path, data
+        self, manifest: dict[str, Any], items: Sequence[PairItem], out: Location, data
     ) -> None:
         tools = self.tools
         pairs_record(manifest, items, tools.fused, tools.has_itm, out, tools.filter_weight)
@@ -353,7 +354,7 @@ class _Pairs(ModalityStrategy):
         return [(p, f"image: {reason}") for p, reason in batch.failures]
 
     def table(
-        self, path: Path, items: Sequence[PairItem], buffer: PairBuffer, record: dict[str, Any]
+        self, path: Location, items: Sequence[PairItem], buffer: PairBuffer, record: dict[str, Any]
     ) -> Any:
         return pair_table(items, buffer, record["scores"], self.tools.dtype)
 

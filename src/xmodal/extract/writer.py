@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from xmodal import distributed
+from xmodal import distributed, storage
 from xmodal.atomic import make_dir
 from xmodal.data.skipped import SKIPPED_NAME
 from xmodal.distributed import World
@@ -45,6 +45,7 @@ from xmodal.shards import (  # MissingDependencyError without pyarrow
     write_shard,
     write_table_atomic,
 )
+from xmodal.storage import Location
 
 __all__ = [
     "ShardHook",
@@ -81,29 +82,29 @@ __all__ += [  # the format's names, importable from here as before they moved to
 ShardHook = Callable[[str, int], None]
 
 
-def complete_shards(directory: str | Path, record: dict[str, Any]) -> dict[int, dict[str, Any]]:
+def complete_shards(directory: Location, record: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Shard entries of one modality whose file exists and holds the recorded number of rows."""
     done = {}
     for entry in record["shards"]:
-        if shard_rows(Path(directory) / entry["file"]) == entry["rows"]:
+        if shard_rows(storage.join(directory, entry["file"])) == entry["rows"]:
             done[entry["index"]] = entry
     return done
 
 
-def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+def remove_stale_temporaries(directory: Location) -> list[Location]:
     """Delete temporary files an interrupted (killed) run left behind; returns them."""
     stale = []
     patterns = (".manifest.json.*.tmp", ".errors.jsonl.*.tmp", f".{SKIPPED_NAME}.*.tmp")
     for pattern in (*patterns, *(f".{kind}-*.tmp" for kind in SHARD_KINDS)):
-        for path in Path(directory).glob(pattern):
-            path.unlink(missing_ok=True)
+        for path in storage.glob(directory, pattern):
+            storage.remove(path)
             stale.append(path)
     return stale
 
 
 # -- the run's state on disk: opening, resuming, recording each shard, merging ranks -------------
 def open_manifest(
-    out: Path, identity: ModelIdentity, dim: int, dtype: str, shard_size: int, data: str | Path
+    out: Location, identity: ModelIdentity, dim: int, dtype: str, shard_size: int, data: Location
 ) -> dict[str, Any]:
     """The existing manifest (checked against this run) or a fresh one."""
     manifest = load_manifest(out)
@@ -116,7 +117,7 @@ def open_manifest(
             "dtype": dtype,
             "normalised": True,
             "shard_size": shard_size,
-            "data": str(Path(data).resolve()),
+            "data": data if storage.is_url(data) else str(Path(data).resolve()),
             "created": now(),
             "modalities": {},
             "total_rows": 0,
@@ -133,7 +134,7 @@ def open_manifest(
 
 
 def resume_state(
-    out: Path, manifest: dict[str, Any], world: World
+    out: Location, manifest: dict[str, Any], world: World
 ) -> tuple[dict[str, dict[int, dict[str, Any]]], list[dict[str, Any]]]:
     """The finished shards per modality (including those a killed distributed run recorded in part
     files) and their error records. Once every rank has read them, rank 0 removes stale
@@ -174,7 +175,7 @@ class ShardLog:
 
     def __init__(
         self,
-        out: Path,
+        out: Location,
         manifest: dict[str, Any],
         errors: list[dict[str, Any]],
         world: World,
