@@ -279,6 +279,11 @@ def test_ray_options_need_the_ray_engine(capsys) -> None:
     assert "--ray-address, --ray-actors and --ray-decode-tasks need" in capsys.readouterr().err
 
 
+def test_decode_tasks_and_workers_are_one_choice(tmp_path: Path) -> None:
+    with pytest.raises(ExtractError, match="--workers and --ray-decode-tasks"):
+        extract_ray(tmp_path / "m", tmp_path / "d", tmp_path / "o", workers=2, decode_tasks=2)
+
+
 def test_actor_spec_one_per_gpu_else_one_per_node() -> None:
     cpu, auto = MapperOptions(device="cpu"), MapperOptions(device="auto")
     gpu_nodes = [{"CPU": 16, "GPU": 4}, {"CPU": 48, "GPU": 8}]
