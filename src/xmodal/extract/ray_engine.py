@@ -128,8 +128,8 @@ def decode_batch(
 class TaskDecoder:
     """An :data:`xmodal.extract.pipeline.ImageDecoder` whose batches are decoded by Ray tasks
     (:func:`decode_batch`, one a batch, :data:`DECODE_TASK_CPUS` each, run again when their
-    worker dies), ``ahead`` in flight, collected in order: the object store holds at most
-    ``ahead`` decoded batches for this consumer."""
+    worker dies), ``ahead`` in flight, collected in order: this consumer holds the batch it
+    works on and at most ``ahead`` more, decoded or being decoded."""
 
     def __init__(
         self, ray: Any, processor: MultimodalProcessor, mapper: EmbeddingMapper, ahead: int
