@@ -66,8 +66,10 @@ def collection(folder: Path, count: int, side: int) -> Path:
 def encoded(side: int, fmt: str) -> bytes:
     """A smooth gradient (small when encoded: the decoder's work is in the pixels)."""
     ramp = np.linspace(0, 255, side, dtype=np.float32)
-    pixels = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (side, 1)),
-                       np.tile(ramp[:, None], (1, side))], axis=-1).astype(np.uint8)
+    pixels = np.stack(
+        [np.add.outer(ramp, ramp) / 2, np.tile(ramp, (side, 1)), np.tile(ramp[:, None], (1, side))],
+        axis=-1,
+    ).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt)
     return buffer.getvalue()
@@ -131,8 +133,9 @@ def main() -> None:
             ),
             f"embed 8 PNG {per_side}x{per_side} (= max_request_pixels)": lambda: client.post(
                 "/embed",
-                files=[("image", (f"{i}.png", encoded(per_side, "PNG"), "image/png"))
-                       for i in range(8)],
+                files=[
+                    ("image", (f"{i}.png", encoded(per_side, "PNG"), "image/png")) for i in range(8)
+                ],
             ),
             f"embed 1 JPEG {big}x{big} (= max_request_pixels)": lambda: client.post(
                 "/embed", files=[("image", ("a.jpg", encoded(big, "JPEG"), "image/jpeg"))]
@@ -146,8 +149,11 @@ def main() -> None:
         rows = {}
         for name, call in cases.items():
             rows[name] = {**timed(call, args.repeats), "load": round(load_average(), 2)}
-            print(f"{name:<58} wall {rows[name]['wall_s']:6.3f} s  cpu {rows[name]['cpu_s']:6.3f} s"
-                  f"  (load {rows[name]['load']})", flush=True)
+            print(
+                f"{name:<58} wall {rows[name]['wall_s']:6.3f} s  cpu {rows[name]['cpu_s']:6.3f} s"
+                f"  (load {rows[name]['load']})",
+                flush=True,
+            )
     result = {
         "machine": describe_machine(args.threads),
         "model": "quickstart architecture over offline-default (224 px), random heads",

@@ -190,6 +190,51 @@ def test_resume_after_the_driver_is_killed(cluster, pool, setup, tmp_path: Path)
     assert_same_output(out, setup["plain"])
 
 
+# The CLI with decoding in Ray tasks, as a driver whose job's first decode task kills its worker
+# (a setup hook each worker process of the job runs); Ray runs the task again.
+DECODE_DIES_ONCE = """
+import os, sys
+import ray
+from xmodal.cli import main
+
+MARK, ADDRESS, ARGS = sys.argv[1], sys.argv[2], sys.argv[3:]
+
+def die_in_the_first_decode_task():
+    from xmodal.extract import ray_engine
+    decode = ray_engine.decode_batch
+
+    def decode_or_die(*args):
+        try:
+            os.close(os.open(MARK, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return decode(*args)
+        os._exit(1)
+
+    ray_engine.decode_batch = decode_or_die
+
+hook = {"worker_process_setup_hook": die_in_the_first_decode_task}
+ray.init(address=ADDRESS, log_to_driver=False, runtime_env=hook)
+sys.exit(main(ARGS) or main([*ARGS, "--modality", "pairs", "--fused"]))
+"""
+
+
+def test_decode_tasks_retried_after_a_worker_dies(cluster, pool, setup, tmp_path: Path) -> None:
+    """--ray-decode-tasks: images (and the pairs' images) decoded by Ray tasks write what the
+    plain run writes, although the first task's worker died."""
+    out, mark = tmp_path / "ray", tmp_path / "died"
+    args = ["extract", "--engine", "ray", "--ray-actors", "1", "--ray-decode-tasks", "2"]
+    args += ["--model", str(setup["model"]), "--data", str(setup["data"]), "--out", str(out)]
+    args += ["--shard-size", str(SHARD), "--device", "cpu", "--backend", "torch"]
+    args += ["--precision", "fp32"]
+    script = [sys.executable, "-c", textwrap.dedent(DECODE_DIES_ONCE), str(mark), cluster.address]
+    driver = subprocess.run([*script, *args], timeout=300, check=False, capture_output=True)
+    assert driver.returncode == 0, driver.stderr.decode()[-2000:]
+    assert mark.exists()  # a decode task's worker died
+    assert b"sending it again" not in driver.stderr  # Ray ran the task again, not its shard
+    assert_same_output(out, setup["plain"])
+    assert only_the_pool_is_left(pool)
+
+
 def test_a_users_error_in_an_actor_is_one_line(cluster, pool, setup, tmp_path, capsys) -> None:
     """An --onnx-dir with no towers fails where the model loads: in the actor under Ray. The CLI
     prints the plain engine's one line, not Ray's error with the actor's traceback."""
@@ -231,7 +276,12 @@ def test_ray_options_need_the_ray_engine(capsys) -> None:
 
     argv = ["extract", "--model", "m", "--data", "d", "--out", "o", "--ray-address", "auto"]
     assert main(argv) == 2
-    assert "--ray-address and --ray-actors need --engine ray" in capsys.readouterr().err
+    assert "--ray-address, --ray-actors and --ray-decode-tasks need" in capsys.readouterr().err
+
+
+def test_decode_tasks_and_workers_are_one_choice(tmp_path: Path) -> None:
+    with pytest.raises(ExtractError, match="--workers and --ray-decode-tasks"):
+        extract_ray(tmp_path / "m", tmp_path / "d", tmp_path / "o", workers=2, decode_tasks=2)
 
 
 def test_actor_spec_one_per_gpu_else_one_per_node() -> None:
@@ -239,12 +289,16 @@ def test_actor_spec_one_per_gpu_else_one_per_node() -> None:
     gpu_nodes = [{"CPU": 16, "GPU": 4}, {"CPU": 48, "GPU": 8}]
     assert actor_spec(gpu_nodes, auto, None) == ActorSpec(12, 4, 1, 4)  # 16 / 4 cores a GPU
     assert actor_spec(gpu_nodes, cpu, None) == ActorSpec(2, 1, 0)
+    assert actor_spec(gpu_nodes, auto, None, 4) == ActorSpec(12, 1, 1, 1)  # tasks decode
+    assert actor_spec(gpu_nodes, cpu, None, 4) == ActorSpec(2, 1, 0)
     assert actor_spec([{"CPU": 8}] * 3, auto, None) == ActorSpec(3, 1, 0)
     assert actor_spec([{"CPU": 8}] * 3, cpu, 5).count == 5
     with pytest.raises(ExtractError, match="no GPU"):
         actor_spec([{"CPU": 8}], MapperOptions(device="cuda"), None)
     with pytest.raises(ExtractError, match=">= 1"):
         actor_spec([{"CPU": 8}], cpu, 0)
+    with pytest.raises(ExtractError, match="decode tasks must be >= 0"):
+        actor_spec([{"CPU": 8}], cpu, None, -1)
 
 
 def test_ray_engine_reads_and_writes_urls(pool, setup, tmp_path: Path) -> None:

@@ -426,8 +426,14 @@ except IndexDamagedError as err:
 def test_a_mapped_file_truncated_in_place_never_kills_the_process(tmp_path: Path, kind) -> None:
     vectors = clustered_vectors(3000, 20, dim=32, seed=3)
     shards = write_fake_shards(tmp_path / "emb", vectors, FAKE_IDENTITY)
-    build_index(shards, tmp_path / "idx", modality="texts", max_index_memory="128k", refine=50,
-                max_build_memory="16G")
+    build_index(
+        shards,
+        tmp_path / "idx",
+        modality="texts",
+        max_index_memory="128k",
+        refine=50,
+        max_build_memory="16G",
+    )
     info = json.loads((tmp_path / "idx" / "index.json").read_text())
     assert kind in info, info.keys()
     np.save(tmp_path / "q.npy", vectors[:2])
@@ -489,7 +495,7 @@ def test_slow_and_idle_clients_are_closed(live) -> None:
     slow_body = socket.create_connection(("127.0.0.1", port))
     slow_body.sendall(
         b"POST /search HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 100\r\n\r\n{\"text\":"
+        b'Content-Length: 100\r\n\r\n{"text":'
     )
     for sock in (idle, slow_headers, slow_body):
         assert _closed_within(sock, 3.0)
@@ -505,7 +511,7 @@ def test_a_client_leaving_mid_body_is_one_log_line(live, caplog) -> None:
     with socket.create_connection(("127.0.0.1", live.port)) as sock:
         sock.sendall(
             b"POST /search HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 100\r\n\r\n{\"text\":"
+            b'Content-Length: 100\r\n\r\n{"text":'
         )
         time.sleep(0.1)
     time.sleep(1.0)

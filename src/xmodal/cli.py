@@ -67,8 +67,11 @@ def _guarded(command: str, run, args: argparse.Namespace) -> int:
         if not is_out_of_space(err):
             raise
         output = getattr(err, "filename", None) or _output_of(args) or "the output"
-        print(f"xmodal {command}: error: cannot write {output}: {space_reason(err)}; free "
-              "space and run the same command again (finished parts are kept)", file=sys.stderr)
+        print(
+            f"xmodal {command}: error: cannot write {output}: {space_reason(err)}; free "
+            "space and run the same command again (finished parts are kept)",
+            file=sys.stderr,
+        )
         return 2
 
 

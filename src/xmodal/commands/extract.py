@@ -70,6 +70,13 @@ def add(commands) -> None:
         default=None,
         help="--engine ray: mapper actors (default: one per GPU, else one per node)",
     )
+    p.add_argument(
+        "--ray-decode-tasks",
+        type=int,
+        default=0,
+        help="--engine ray: decode images in Ray CPU tasks, this many batches ahead per actor "
+        "(default 0: each actor decodes its own, the faster on one machine)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,9 +90,13 @@ def run(args: argparse.Namespace) -> int:
         from xmodal.extract.ray_engine import extract_ray
 
         run_extract = extract_ray
-        engine = {"address": args.ray_address, "actors": args.ray_actors}
-    elif args.ray_address or args.ray_actors is not None:
-        raise ExtractError("--ray-address and --ray-actors need --engine ray")
+        engine = {
+            "address": args.ray_address,
+            "actors": args.ray_actors,
+            "decode_tasks": args.ray_decode_tasks,
+        }
+    elif args.ray_address or args.ray_actors is not None or args.ray_decode_tasks:
+        raise ExtractError("--ray-address, --ray-actors and --ray-decode-tasks need --engine ray")
     manifest = run_extract(
         args.model,
         args.data,

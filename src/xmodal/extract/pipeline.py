@@ -82,6 +82,10 @@ class ExtractSettings:
         )
 
 
+ImageDecoder = Callable[[Sequence[Any], list[list[int]]], Iterator[ImageBatch]]
+"""``decoder(refs, batches)``: the decoded batches (lists of positions in ``refs``), in order."""
+
+
 @dataclass(frozen=True)
 class Tools:
     """The model, its processor and the settings every modality's strategy works with. Without
@@ -96,6 +100,7 @@ class Tools:
     fused: bool  # pairs: write the fused vectors too
     has_itm: bool  # pairs: the model scores them with its ITM head
     filter_weight: float | None = None  # pairs: the ITM weight of the combined score
+    decoder: ImageDecoder | None = None  # images decoded elsewhere (Ray tasks); None: here
 
     @property
     def embedder(self) -> EmbeddingMapper:

@@ -9,10 +9,17 @@ The driver alone writes: each shard atomically with the plain runner's writer, i
 then the error log and the manifest after each shard, so a killed driver resumes as a killed
 plain run does, and a shard is written once however often its task ran.
 
+Decoding (images and pairs) runs where the plain run's does, inside each actor, or with
+``decode_tasks`` as Ray CPU tasks, one a batch (:class:`TaskDecoder`): the plain run's decoding
+and normalising, fed to the actor's model through the object store, ``decode_tasks`` batches in
+flight per actor, so decoding scales over the cluster's CPUs apart from the towers' GPUs.
+
 Fault tolerance: an actor that dies (killed, out of memory, its node removed) is restarted by
 Ray (``max_restarts``) and the calls it had queued are retried (``max_task_retries``); a shard
 whose task still fails that way is sent again, to any actor, up to :data:`SHARD_ATTEMPTS` times.
-Memory stays bounded: at most ``2 * actors`` shards are in flight or waiting to be written.
+A decode task whose worker dies is run again by Ray (:data:`DECODE_RETRIES`). Memory stays
+bounded: at most ``2 * actors`` shards are in flight or waiting to be written, and at most
+``decode_tasks`` decoded batches per actor.
 
 ``ray`` is an optional extra (``pip install 'xmodal[ray]'``), imported only when this engine
 runs. The data and the model must be readable at the same paths on every node.
@@ -20,16 +27,19 @@ runs. The data and the model must be readable at the same paths on every node.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from xmodal.data.images import ImageBatch, ThreadedImageBatches
 from xmodal.distributed import World
 from xmodal.errors import ExtractError, MissingDependencyError, XmodalError
 from xmodal.extract.mapper import EmbeddingMapper, MapperOptions, filter_weight
@@ -44,6 +54,7 @@ from xmodal.extract.plan import local_cores
 from xmodal.extract.runner import STRATEGIES, check_options, open_extraction
 from xmodal.extract.writer import ShardHook
 from xmodal.presets import load_model
+from xmodal.processing import MultimodalProcessor
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +64,8 @@ ACTOR_RESTARTS = 4  # times Ray restarts a dead actor
 TASK_RETRIES = 2  # times Ray retries a call whose actor died
 WAIT_WARNING_S = 120  # a warning when no shard finishes for this long
 IN_FLIGHT_PER_ACTOR = 2  # shards queued per actor: the next one waits while one runs
+DECODE_RETRIES = 3  # times Ray runs a decode task again when its worker dies
+DECODE_TASK_CPUS = 1  # what a decode task reserves
 
 
 def import_ray() -> Any:
@@ -76,17 +89,24 @@ class ActorSpec:
 
 
 def actor_spec(
-    nodes: list[dict[str, float]], options: MapperOptions, actors: int | None
+    nodes: list[dict[str, float]],
+    options: MapperOptions,
+    actors: int | None,
+    decode_tasks: int = 0,
 ) -> ActorSpec:
     """The pool for a cluster whose alive nodes have the resources ``nodes``: one actor per GPU
     when the model may run on one and there are GPUs, each with its share of its node's cores
-    (the fewest CPUs per GPU of any node; it decodes for its GPU); else one actor per node,
-    which uses all of the node's cores (a CPU model's fastest split). ``actors`` overrides the
-    count."""
+    (the fewest CPUs per GPU of any node; it decodes for its GPU), or one core when Ray tasks
+    decode (``decode_tasks``: the other cores are theirs); else one actor per node, which uses
+    all of the node's cores (a CPU model's fastest split). ``actors`` overrides the count."""
     if actors is not None and actors < 1:
         raise ExtractError(f"ray actors must be >= 1, got {actors}")
+    if decode_tasks < 0:
+        raise ExtractError(f"ray decode tasks must be >= 0, got {decode_tasks}")
     gpus = sum(int(n.get("GPU", 0)) for n in nodes)
     wants_gpu = options.device == "auto" or options.device.startswith("cuda")
+    if wants_gpu and gpus and decode_tasks:
+        return ActorSpec(actors or gpus, 1, 1, 1)
     if wants_gpu and gpus:
         shares = [int(n.get("CPU", 0)) // int(n["GPU"]) for n in nodes if n.get("GPU", 0) >= 1]
         cores = max(1, min(shares))
@@ -96,14 +116,75 @@ def actor_spec(
     return ActorSpec(actors or max(1, len(nodes)), 1, 0)
 
 
+def decode_batch(
+    processor: MultimodalProcessor, images: Sequence[Any], channels_last: bool
+) -> ImageBatch:
+    """``images`` decoded, cropped and normalised into one batch (positions: their indices):
+    the plain run's decoding (:class:`ThreadedImageBatches`), in a Ray task's thread."""
+    (batch,) = ThreadedImageBatches(images, processor, [range(len(images))], 0, channels_last)
+    return batch
+
+
+class TaskDecoder:
+    """An :data:`xmodal.extract.pipeline.ImageDecoder` whose batches are decoded by Ray tasks
+    (:func:`decode_batch`, one a batch, :data:`DECODE_TASK_CPUS` each, run again when their
+    worker dies), ``ahead`` in flight, collected in order: this consumer holds the batch it
+    works on and at most ``ahead`` more, decoded or being decoded."""
+
+    def __init__(
+        self, ray: Any, processor: MultimodalProcessor, mapper: EmbeddingMapper, ahead: int
+    ):
+        self.ray = ray
+        self.processor = ray.put(MultimodalProcessor(processor.config))  # no tokenizer to ship
+        self.task = ray.remote(decode_batch).options(
+            num_cpus=DECODE_TASK_CPUS, max_retries=DECODE_RETRIES
+        )
+        self.channels_last = mapper.channels_last
+        self.pin = mapper.device.type == "cuda"  # as the plain run's loader for a GPU
+        self.ahead = max(1, ahead)
+
+    def __call__(self, refs: Sequence[Any], batches: list[list[int]]) -> Iterator[ImageBatch]:
+        waiting = iter(batches)
+        flight: deque[tuple[list[int], Any]] = deque()
+
+        def submit(positions: list[int]) -> None:
+            images = [refs[p] for p in positions]
+            flight.append((positions, self.task.remote(self.processor, images, self.channels_last)))
+
+        for positions in islice(waiting, self.ahead):
+            submit(positions)
+        while flight:
+            positions, ref = flight.popleft()
+            following = next(waiting, None)
+            if following is not None:  # keep ``ahead`` in flight while this one is collected
+                submit(following)
+            local = self.ray.get(ref)
+            del ref  # its object is freed once collected
+            batch = ImageBatch(
+                [positions[i] for i in local.positions],
+                local.pixel_values,
+                [(positions[i], reason) for i, reason in local.failures],
+            )
+            yield batch.pin_memory() if self.pin and batch.pixel_values is not None else batch
+
+
 class MapperActor:
     """A Ray actor holding one copy of the model; :meth:`shard` embeds one shard with the plain
     run's strategy for its modality (one per run's settings, kept: an image strategy keeps the
-    decoding it planned on its first shard). A user's error in loading the model here (say,
-    ``onnx_dir`` missing on this node) is raised by each call, where the driver gets it as
-    itself; raised here, Ray would only report the actor dead, with the traceback as text."""
+    decoding it planned on its first shard). With ``decode_tasks``, images are decoded by Ray
+    tasks (:class:`TaskDecoder`) and the model keeps the actor's cores. A user's error in
+    loading the model here (say, ``onnx_dir`` missing on this node) is raised by each call,
+    where the driver gets it as itself; raised here, Ray would only report the actor dead, with
+    the traceback as text."""
 
-    def __init__(self, model: str, options: MapperOptions | None, cores: int | None = None):
+    def __init__(
+        self,
+        model: str,
+        options: MapperOptions | None,
+        cores: int | None = None,
+        decode_tasks: int = 0,
+    ):
+        self.decode_tasks = decode_tasks
         if cores:  # this actor's share of the node: local_cores() divides by LOCAL_WORLD_SIZE
             os.environ["LOCAL_WORLD_SIZE"] = str(max(1, (os.cpu_count() or 1) // cores))
         self.strategies: dict[tuple[ExtractSettings, str], ModalityStrategy] = {}
@@ -126,6 +207,11 @@ class MapperActor:
             model = self.mapper.model
             weight = filter_weight(model) if model.has_itm else None
             tools = settings.tools(self.processor, self.mapper, model.has_itm, weight)
+            if self.decode_tasks:
+                import ray
+
+                decoder = TaskDecoder(ray, self.processor, self.mapper, self.decode_tasks)
+                tools = dataclasses.replace(tools, workers=0, decoder=decoder)
             strategy = self.strategies[settings, modality] = STRATEGIES[modality](tools)
         with model_threads(self.mapper, local_cores()):
             ((_, buffer),) = strategy.embedded(items, [0])
@@ -142,7 +228,8 @@ class MapperActor:
 class MapperPool:
     """Mapper actors for ``model`` on a Ray cluster, started once for one or more runs (a
     context manager). ``address``: an existing cluster; default: the one this process joined,
-    else one started here (and stopped by :meth:`close`). ``actors``: see :func:`actor_spec`."""
+    else one started here (and stopped by :meth:`close`). ``actors``: see :func:`actor_spec`;
+    ``decode_tasks``: batches each actor has decoded ahead by Ray tasks (0: it decodes them)."""
 
     def __init__(
         self,
@@ -151,16 +238,18 @@ class MapperPool:
         *,
         address: str | None = None,
         actors: int | None = None,
+        decode_tasks: int = 0,
     ):
         self.ray = import_ray()
         self.model = str(model)
+        self.decode_tasks = decode_tasks
         self.options = options or MapperOptions()
         self.options.validate()
         self.started = _join(self.ray, address)
         self.actors: list[Any] = []
         try:
             nodes = [n["Resources"] for n in self.ray.nodes() if n.get("Alive")]
-            spec = actor_spec(nodes, self.options, actors)
+            spec = actor_spec(nodes, self.options, actors, decode_tasks)
             remote = self.ray.remote(MapperActor).options(
                 num_cpus=spec.num_cpus,
                 num_gpus=spec.num_gpus,
@@ -169,12 +258,13 @@ class MapperPool:
                 scheduling_strategy="SPREAD",
             )
             self.actors = [
-                remote.remote(self.model, self.options, spec.cores) for _ in range(spec.count)
+                remote.remote(self.model, self.options, spec.cores, decode_tasks)
+                for _ in range(spec.count)
             ]
         except BaseException:
             self.close()
             raise
-        log.info("extract --engine ray: %s", spec)
+        log.info("extract --engine ray: %s, %d decode tasks an actor", spec, decode_tasks)
 
     def close(self) -> None:
         """Stop the actors (and Ray, when this pool started it)."""
@@ -210,14 +300,17 @@ def extract_ray(
     fused: bool = False,
     address: str | None = None,
     actors: int | None = None,
+    decode_tasks: int = 0,
     pool: MapperPool | None = None,
 ) -> dict[str, Any]:
     """:func:`xmodal.extract.runner.extract` on a Ray cluster: the same arguments and output,
-    plus ``address`` and ``actors`` for the :class:`MapperPool` started for this run, or a
-    ``pool`` of ``model``'s actors started already (left open)."""
+    plus ``address``, ``actors`` and ``decode_tasks`` for the :class:`MapperPool` started for
+    this run, or a ``pool`` of ``model``'s actors started already (left open)."""
     import_ray()
     if pool is not None and pool.model != str(model):
         raise ExtractError(f"the Ray pool holds the model {pool.model}, not {model}")
+    if workers is not None and (decode_tasks or (pool is not None and pool.decode_tasks)):
+        raise ExtractError("--workers and --ray-decode-tasks: images are decoded in one place")
     modalities = check_options(modality, shard_size, dtype, batch_size, workers, fused)
     options = options or MapperOptions()
     options.validate()
@@ -241,7 +334,9 @@ def extract_ray(
     if any(pending):
         own = pool is None
         if pool is None:
-            pool = MapperPool(model, options, address=address, actors=actors)
+            pool = MapperPool(
+                model, options, address=address, actors=actors, decode_tasks=decode_tasks
+            )
         try:
             for strategy, chosen, shards in zip(job.strategies, job.items, pending, strict=True):
                 _embed(pool, settings, run, strategy, chosen, shards)

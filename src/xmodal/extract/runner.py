@@ -197,7 +197,11 @@ def open_extraction(
 def _image_decoder(
     tools: Tools, refs: list, batches: list[list[int]], plan: DecodePlan
 ) -> Iterator[ImageBatch]:
-    """The decoded image batches: in worker processes, or in threads as ``plan`` says."""
+    """The decoded image batches: by the tools' decoder when they have one (the Ray engine's
+    tasks; its tools say ``workers=0``, so the model keeps the cores), else in worker
+    processes, or in threads as ``plan`` says."""
+    if tools.decoder is not None:
+        return tools.decoder(refs, batches)
     channels_last = tools.embedder.channels_last
     if plan.workers:
         loader = image_loader(

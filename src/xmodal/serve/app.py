@@ -35,8 +35,13 @@ __all__ = ["ERROR_STATUS", "create_app", "error_response"]
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and small fields beside the image
 # Indexed images are served in their own format when a browser shows it as an image; any other
 # accepted format (TIFF, MPO) as a PNG of the decoded image, at most THUMBNAIL_SIDE a side.
-SERVED_AS_IS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif",
-                "WEBP": "image/webp", "BMP": "image/bmp"}
+SERVED_AS_IS = {
+    "PNG": "image/png",
+    "JPEG": "image/jpeg",
+    "GIF": "image/gif",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+}
 THUMBNAIL_SIDE = 1024
 STATIC_TYPES = {"app.js": "text/javascript", "app.css": "text/css"}
 log = logging.getLogger("xmodal.serve")
@@ -130,8 +135,9 @@ def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> Fas
     async def uploads(request: Request, work: Deadline, files: list[Any]) -> tuple[list, int]:
         """The uploads' bytes and their pixels (header checks in a worker thread)."""
         images = await read_uploads(files, settings.max_upload_bytes)
-        pixels = await workers.check(request, work, uploads_pixels, images,
-                                     settings.max_image_pixels)
+        pixels = await workers.check(
+            request, work, uploads_pixels, images, settings.max_image_pixels
+        )
         return images, pixels
 
     def thumbnail(public_id: str) -> str | None:
@@ -147,8 +153,12 @@ def create_app(searcher: Searcher, settings: ServeSettings | None = None) -> Fas
             raise HTTPException(status_code=404, detail="not found")
         return Response(_static(name), media_type=STATIC_TYPES[name])
 
-    @app.get("/health", response_model=Health, summary="Index and model status",
-             responses={503: {"model": Health}})
+    @app.get(
+        "/health",
+        response_model=Health,
+        summary="Index and model status",
+        responses={503: {"model": Health}},
+    )
     def health() -> Any:
         model = dict(index.info["model"])
         model["id"] = names.model_id(str(model.get("id")))

@@ -76,8 +76,9 @@ class TimedH11Protocol(H11Protocol):
         if self.transport.is_closing():
             return
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
-        log.info("closed the connection of %s: request %s not received in %g s", client, what,
-                 seconds)
+        log.info(
+            "closed the connection of %s: request %s not received in %g s", client, what, seconds
+        )
         self.transport.close()
 
 
