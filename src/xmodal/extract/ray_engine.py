@@ -22,7 +22,8 @@ bounded: at most ``2 * actors`` shards are in flight or waiting to be written, a
 ``decode_tasks`` decoded batches per actor.
 
 ``ray`` is an optional extra (``pip install 'xmodal[ray]'``), imported only when this engine
-runs. The data and the model must be readable at the same paths on every node.
+runs. The model must be readable at the same path on every node, the data at the same paths
+or at URLs every node can reach (fsspec: ``xmodal.storage``).
 """
 
 from __future__ import annotations
