@@ -18,13 +18,7 @@ from xmodal.models import CrossModalModel
 from xmodal.models.model import Features
 from xmodal.train import Trainer
 from xmodal.train.config import ITMStageSection, LossSection
-from xmodal.train.itm_stage import (
-    FrozenPairs,
-    ITMStage,
-    frozen_pairs,
-    head_from_similarity,
-    nearest_by_itc,
-)
+from xmodal.train.itm_stage import FrozenPairs, ITMStage, frozen_pairs, nearest_by_itc
 from xmodal.train.itm_task import ITMStageTask
 from xmodal.train.objective import itm_reordered_loss
 
@@ -165,62 +159,6 @@ def test_frozen_pairs_find_reorderings_and_the_images_that_show_them(
         assert len(set(rows.tolist())) == expected and set(rows.tolist()) <= listed
     section = ITMStageSection(steps=1, hard_negatives=2, reordered=1.0, reordered_batch=0)
     assert ITMStage(model, pairs, section, 0)._listed_rows(batch, torch.Generator()) is batch
-
-
-def test_random_negatives_mix_unrelated_pairs_into_the_itm_term(
-    make_tiny_config, processor, tmp_path
-) -> None:
-    """``random_negatives``: that share of the ITM term's negatives comes from the whole
-    training set (never the row's own image), not from the ITC nearest; 0 keeps only those."""
-    model, pairs, _ = _stage_pairs(make_tiny_config, processor, tmp_path)
-    rows = torch.arange(len(pairs.image_of_row))
-    image = pairs.image_of_row[rows]
-    pick = torch.zeros((2, len(rows)), dtype=torch.long)
-    hard = ITMStage(model, pairs, ITMStageSection(steps=1, hard_negatives=2), 0)
-    near_images, near_captions = hard.near_images[rows, 0], hard.near_captions[image, 0]
-    got = hard.negatives(rows, pick, torch.Generator().manual_seed(0))
-    assert torch.equal(got[0], near_images) and torch.equal(got[1], near_captions)
-    outside = [0, 0]  # negatives that are none of the row's (caption's, image's) 2 nearest
-    drawn = []
-    for share in (1.0, 0.5):
-        section = ITMStageSection(steps=1, hard_negatives=2, random_negatives=share)
-        stage = ITMStage(model, pairs, section, 0)
-        generator = torch.Generator().manual_seed(0)
-        hard_picks = 0
-        for _ in range(40):
-            negative_image, negative_caption = stage.negatives(rows, pick, generator)
-            assert not bool((negative_image == image).any())  # never the pair itself
-            assert not bool((pairs.image_of_row[negative_caption] == image).any())
-            for r in range(len(rows)):
-                nearest = stage.near_images[r].tolist()
-                outside[0] += int(negative_image[r]) not in nearest
-                outside[1] += int(negative_caption[r]) not in stage.near_captions[image[r]]
-            hard_picks += int((negative_image == near_images).sum())
-            drawn.append(negative_image)
-        share_hard = hard_picks / (40 * len(rows))
-        if share == 1.0:  # only by chance the nearest: 1 in 8 other images
-            assert share_hard < 0.3
-        else:  # half hard (always pick 0), half random
-            assert 0.4 < share_hard < 0.8
-    assert outside[0] > 0 and outside[1] > 0
-    assert len(torch.cat(drawn).unique()) == len(pairs.images[0].embeds)  # every image drawn
-    with pytest.raises(ConfigError, match="random_negatives must be within"):
-        ITMStageSection(random_negatives=1.5).validate()
-
-
-def test_head_from_similarity_starts_the_itm_score_at_the_itc_logit(
-    make_tiny_config, processor, tmp_path
-) -> None:
-    model, pairs, _ = _stage_pairs(make_tiny_config, processor, tmp_path)
-    head_from_similarity(model, zero_fused=True)
-    image, caption = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0, 3, 2, 8, 1])
-    view = torch.zeros_like(image)
-    stage = ITMStage(model, pairs, ITMStageSection(steps=1, hard_negatives=2), 0)
-    with torch.no_grad():
-        logits = stage._logits(image, view, pairs.text, caption)
-    cosine = (pairs.images[0].embeds[image] * pairs.text.embeds[caption]).sum(-1)
-    want = model.clip_scale().detach() * cosine
-    torch.testing.assert_close(logits[:, 1] - logits[:, 0], want, atol=1e-5, rtol=1e-5)
 
 
 def test_stage_logits_and_terms_match_a_direct_computation(

@@ -270,13 +270,6 @@ class ITMStageSection:
     lr / warmup_steps / weight_decay: AdamW with linear warm-up and cosine decay to 0.
     hard_negatives: each caption's negative image is drawn from its ``hard_negatives`` most
         similar training images by ITC, each image's negative caption likewise.
-    random_negatives: the share of those negatives drawn instead from the whole training set
-        (any other image, any caption of another image): a head that meets only near misses
-        never learns that an unrelated caption is a mismatch, and filtering pairs asks it that.
-    head_from_similarity: the stage starts the ITM head as the contrastive similarity itself
-        (its match-minus-mismatch logit = logit_scale x cosine, read from the embeddings'
-        agreement; the fused vector's weights at 0), so the head learns what to add to ITC
-        rather than to rebuild it from 150 steps of negatives.
     itm / reordered / reordered_images: weights of the binary ITM term, the order term (an
         image against its caption and a reordering of it) and its image side (a caption
         against its image and the image of a training caption that reorders it).
@@ -291,8 +284,6 @@ class ITMStageSection:
     warmup_steps: int = 30
     weight_decay: float = 0.1
     hard_negatives: int = 16
-    random_negatives: float = 0.0
-    head_from_similarity: bool = False
     itm: float = 1.0
     reordered: float = 0.0
     reordered_images: float = 0.0
@@ -307,10 +298,6 @@ class ITMStageSection:
                 raise ConfigError(f"itm_stage.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError("itm_stage.lr must be > 0 and itm_stage.weight_decay >= 0")
-        if not 0.0 <= self.random_negatives <= 1.0:
-            raise ConfigError(
-                f"itm_stage.random_negatives must be within [0, 1], got {self.random_negatives}"
-            )
         weights = {n: getattr(self, n) for n in ("itm", "reordered", "reordered_images")}
         if any(w < 0 for w in weights.values()):
             raise ConfigError(f"itm_stage weights must be >= 0, got {weights}")

@@ -10,9 +10,7 @@ once (the first ``views`` cached views of a cached image tower), each caption's
 by ITC over the whole training set, and each step trains on one batch of pairs with
 
 - ``itm``: the binary ITM cross-entropy of each pair, a negative image drawn from its
-  caption's nearest and a negative caption drawn from its image's nearest (or, for a
-  ``random_negatives`` share of them, from the whole training set: a head that only meets near
-  misses scores unrelated pairs at random, and filtering noisy pairs meets mostly those);
+  caption's nearest and a negative caption drawn from its image's nearest;
 - ``reordered``: the order term of :func:`xmodal.train.objective.itm_reordered_loss`: the
   image against its caption and a reordering of it (:mod:`xmodal.data.reorder`);
 - ``reordered_images``: the same for the other direction: the caption against its own image
@@ -190,8 +188,6 @@ class ITMStage:
     def run(self, log: Callable[[int, dict], None] | None = None, log_every: int = 10) -> dict:
         """All the stage's steps; returns the last step's loss terms."""
         section, model = self.section, self.model
-        if section.head_from_similarity:
-            head_from_similarity(model)
         model.requires_grad_(False)
         for p in self.params:
             p.requires_grad_(True)
@@ -247,12 +243,13 @@ class ITMStage:
         view = torch.randint(0, views, (2, n), generator=generator)
         terms: dict[str, torch.Tensor] = {}
         if section.itm:
-            negative_image, negative_caption = self.negatives(rows, pick, generator)
-            images = [image, image, negative_image]
-            image_views = [view[0], view[0], view[1]]
-            captions = [rows, negative_caption, rows]
+            negative_image = self.near_images[rows, pick[0]]
+            negative_caption = self.near_captions[image, pick[1]]
             logits = self._logits(
-                torch.cat(images), torch.cat(image_views), self.pairs.text, torch.cat(captions)
+                torch.cat([image, image, negative_image]),
+                torch.cat([view[0], view[0], view[1]]),
+                self.pairs.text,
+                torch.cat([rows, negative_caption, rows]),
             )
             terms["itm"] = losses.itm_loss(logits[:n], logits[n:])
         if section.reordered or section.reordered_images:
@@ -268,54 +265,6 @@ class ITMStage:
                     listed, listed_image, listed_view, generator
                 )
         return terms
-
-    def negatives(
-        self, rows: torch.Tensor, pick: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ITM term's negatives of a batch of caption rows: an image for each caption and a
-        caption for each caption's image, drawn from their ITC nearest (``pick``: (2, n) places
-        in those lists) or, for a ``random_negatives`` share of them, from the whole training
-        set (another image; a caption of another image)."""
-        image = self.pairs.image_of_row[rows]
-        negative_image = self.near_images[rows, pick[0]]
-        negative_caption = self.near_captions[image, pick[1]]
-        share = self.section.random_negatives
-        if not share:
-            return negative_image, negative_caption
-        n = len(rows)
-        swap = torch.rand((2, n), generator=generator) < share
-        other, caption = self.random_negatives(rows, generator)
-        negative_image = torch.where(swap[0], other, negative_image)
-        negative_caption = torch.where(swap[1], caption, negative_caption)
-        return negative_image, negative_caption
-
-    def random_negatives(
-        self, rows: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each caption row, a random image other than its own, and a random caption of
-        another image for its image."""
-        image = self.pairs.image_of_row[rows]
-        images = len(self.pairs.images[0].embeds)
-        other = torch.randint(0, images - 1, (len(rows),), generator=generator)
-        other = other + (other >= image).long()  # any image but the caption's own
-        return other, self._caption_of_other_image(image, generator)
-
-    def _caption_of_other_image(
-        self, image: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor:
-        """One caption row per entry of ``image``, uniform over the captions of other images."""
-        image_of_row = self.pairs.image_of_row
-        count = len(image_of_row)
-        caption = torch.randint(0, count, (len(image),), generator=generator)
-        for _ in range(64):  # redraw those that hit their own image (rarely more than once)
-            same = image_of_row[caption] == image
-            if not bool(same.any()):
-                return caption
-            caption[same] = torch.randint(0, count, (int(same.sum()),), generator=generator)
-        # left with an image that owns nearly every caption: its ITC nearest of other images
-        same = image_of_row[caption] == image
-        caption[same] = self.near_captions[image[same], 0]
-        return caption
 
     def _listed_rows(self, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The rows the order terms read: ``reordered_batch`` drawn from the captions with a
@@ -403,24 +352,6 @@ class ITMStage:
 
     def _zero(self) -> torch.Tensor:
         return torch.zeros((), device=self.device)
-
-
-@torch.no_grad()
-def head_from_similarity(model: CrossModalModel, zero_fused: bool = False) -> None:
-    """Set the ITM head's reading of the embeddings' agreement (the product of the two unit
-    embeddings, which sums to the cosine) to +-scale/2 and its bias to 0, so that its score
-    (match minus mismatch logit) is the ITC logit ``logit_scale * cosine`` plus what it reads
-    from the fused vector (those weights as they were, or 0 with ``zero_fused``)."""
-    head = model.itm_head
-    if not isinstance(head, torch.nn.Linear) or head.out_features != 2:
-        raise ValueError("head_from_similarity needs the linear two-logit ITM head")
-    dim = head.in_features // 2
-    half = float(model.clip_scale().detach()) / 2
-    if zero_fused:
-        head.weight[:, :dim] = 0.0
-    head.bias.zero_()
-    head.weight[1, dim:] = half
-    head.weight[0, dim:] = -half
 
 
 def _draw(options: list[int], generator: torch.Generator) -> int:
