@@ -13,17 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_index import clustered_vectors, write_fake_shards
+from test_index_recall import LIKE
 
 from xmodal.errors import InputError
 from xmodal.index import SearchIndex, build_index
 from xmodal.shards import load_manifest
-
-LIKE = {
-    "format": "xmodal.embeddings/1",
-    "model": {"id": "m", "weights_hash": "0" * 64},
-    "processor_hash": "p",
-    "created": "x",
-}
 
 
 def old_folder(out: Path, shards: Path, vectors: np.ndarray, kind: str) -> dict:

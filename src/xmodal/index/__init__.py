@@ -90,6 +90,9 @@ def build_index(
     refine: int = 0,
     target_recall: float = TARGET_RECALL,
     accept_recall: float | None = None,
+    engine: str = "plain",
+    ray_address: str | None = None,
+    ray_tasks: int | None = None,
 ) -> dict[str, Any]:
     """Index the ``modality`` shards of ``shards`` into ``out``; ``add`` appends the shards
     not yet indexed (to any index).
@@ -101,8 +104,45 @@ def build_index(
     Every index records its recall@10 measured on held-out rows (``params["measured_recall"]``,
     see :mod:`.tuning`). One under ``target_recall`` is refused (RecallTargetError, naming
     the best recall and, for a budget, the budget that would reach the target) unless it
-    reaches ``accept_recall``."""
+    reaches ``accept_recall``.
+
+    ``engine="ray"`` adds the rows of on-disk lists in parallel Ray tasks (``ray_tasks``,
+    default: the cluster's CPUs; ``ray_address``: an existing cluster), the same index
+    (:mod:`.ray_engine`)."""
     out = Path(out)
+    if engine not in ("plain", "ray"):
+        raise IndexBuildError(f"--engine must be plain or ray, got {engine!r}")
+    if engine == "plain" and (ray_address or ray_tasks is not None):
+        raise IndexBuildError("--ray-address and --ray-tasks need --engine ray")
+    if engine == "ray":
+        if max_index_memory is None and not add:
+            raise IndexBuildError(
+                "--engine ray adds to on-disk lists: give --max-index-memory (a --kind index "
+                "is built in memory, in one process)"
+            )
+        from xmodal.index.ray_engine import RayFill
+
+        with RayFill(ray_address, ray_tasks) as fill:
+            return _build(shards, out, kind, modality, add, seed, max_index_memory,
+                          max_build_memory, refine, target_recall, accept_recall, fill)  # fmt: skip
+    return _build(shards, out, kind, modality, add, seed, max_index_memory, max_build_memory,
+                  refine, target_recall, accept_recall, None)  # fmt: skip
+
+
+def _build(
+    shards: str | Path,
+    out: Path,
+    kind: str,
+    modality: str,
+    add: bool,
+    seed: int,
+    max_index_memory: int | str | None,
+    max_build_memory: int | str | None,
+    refine: int,
+    target_recall: float,
+    accept_recall: float | None,
+    fill: build.Fill | None,
+) -> dict[str, Any]:
     if refine < 0:
         raise IndexBuildError(f"--refine must be >= 0, got {refine}")
     if not 0 < target_recall <= 1:
@@ -110,7 +150,7 @@ def build_index(
     if accept_recall is not None and not 0 <= accept_recall <= 1:
         raise IndexBuildError(f"--accept-recall must be in [0, 1], got {accept_recall}")
     if add:
-        return add_shards(Path(shards), out, modality, accept_recall, seed)
+        return add_shards(Path(shards), out, modality, accept_recall, seed, fill)
     if max_index_memory is None and (max_build_memory is not None or refine):
         raise IndexBuildError("--max-build-memory and --refine need --max-index-memory")
     if max_index_memory is not None and kind != "auto":
@@ -126,6 +166,7 @@ def build_index(
         if limits.build is not None:
             limits = Limits(limits.index, limits.build, budgets.process_memory())
     source = ShardSource(shards, modality)
+    previous = read_info(out)
     return build.build(
-        source, out, limits, kind, refine, target_recall, seed, read_info(out), accept_recall
+        source, out, limits, kind, refine, target_recall, seed, previous, accept_recall, fill
     )

@@ -22,6 +22,7 @@ from xmodal.errors import IndexBuildError, MissingFileError
 from xmodal.index import budget as budgets
 from xmodal.index.build import (
     VECTORS_FILE,
+    Fill,
     _commit,
     _save,
     _tune,
@@ -41,7 +42,12 @@ PLAN_KEYS = ("kind", "count", "dim", "nlist", "pq_m", "opq")
 
 
 def add_shards(
-    shards: Path, out: Path, modality: str, accept: float | None = None, seed: int = 0
+    shards: Path,
+    out: Path,
+    modality: str,
+    accept: float | None = None,
+    seed: int = 0,
+    fill: Fill | None = None,
 ) -> dict[str, Any]:
     """Append the ``modality`` rows of ``shards`` that the index in ``out`` does not hold yet
     (RecallTargetError, the index left as it was, when its recall falls under the target and
@@ -51,7 +57,7 @@ def add_shards(
     source = ShardSource(shards, modality, skip=included)
     if source.count == 0:
         return info
-    return add_rows(source, out, info, accept, seed)
+    return add_rows(source, out, info, accept, seed, fill)
 
 
 def read_info_or_fail(out: Path) -> dict[str, Any]:
@@ -80,9 +86,15 @@ def addable_shards(
 
 
 def add_rows(
-    source: ShardSource, out: Path, info: dict[str, Any], accept: float | None, seed: int = 0
+    source: ShardSource,
+    out: Path,
+    info: dict[str, Any],
+    accept: float | None,
+    seed: int = 0,
+    fill: Fill | None = None,
 ) -> dict[str, Any]:
-    """Append ``source``'s rows to the index in ``out`` (see :func:`add_shards`)."""
+    """Append ``source``'s rows to the index in ``out`` (see :func:`add_shards`; ``fill``:
+    as :func:`xmodal.index.build.build`'s)."""
     old_count = info["count"]
     generation = info["generation"] + 1
     files = names(generation)
@@ -110,7 +122,7 @@ def add_rows(
             held = HeldOut.load(out / info["heldout_file"]) if "heldout_file" in info else None
             trained = read_index(out / info["trained_file"])
             fresh, added = add_batches(
-                plan, trained, source, old_count, rows, work, ids, vectors, held
+                plan, trained, source, old_count, rows, work, ids, vectors, held, fill
             )
             (work / "lists.ivfdata").rename(work / "new.ivfdata")
             new_block = work / "new-block.faiss"

@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +61,8 @@ FINER_NLIST = 4  # the finer coarse quantizer tried under the target: this many 
 LADDER = 4  # larger codes a refusal measures to name the budget that would reach the target
 RECALL_ROWS = 16_384  # rows encoded at once while measuring codes
 HNSW_DEPTHS = (16, 4096)  # the efSearch range tuned
+# (plan, trained, source, first, rows, work, ids, vectors, held) -> (blocks, rows added)
+Fill = Callable[..., tuple[list[Path], int]]
 OPQ_SAMPLE = 8_000  # rows the OPQ rotation is trained on
 OPQ_IMBALANCE = 1.5
 
@@ -86,6 +88,7 @@ def build(
     seed: int = 0,
     previous: dict[str, Any] | None = None,
     accept: float | None = None,
+    fill: Fill | None = None,
 ) -> dict[str, Any]:
     """Build the index planned for ``source`` (``kind`` with an unlimited budget, else the one
     ``limits`` pick) into ``out`` as a new generation.
@@ -93,7 +96,9 @@ def build(
     Its recall@10 is measured on held-out rows (:mod:`.tuning`). Under ``target`` (with every
     list probed) a budgeted build tries what raises recall within the budget
     (:func:`escalate`); when nothing reaches it, RecallTargetError names the best recall (and,
-    under a budget, the budget that would reach the target), unless ``accept`` allows it."""
+    under a budget, the budget that would reach the target), unless ``accept`` allows it.
+    ``fill`` adds the rows of on-disk lists to blocks (default :func:`fill_blocks`, in this
+    process; :mod:`.ray_engine` in parallel)."""
     started = time.perf_counter()
     plan = budgets.plan_index(
         source.count, source.dim, limits.index, limits.build, limits.reserved, kind
@@ -122,7 +127,7 @@ def build(
         rows = budgets.batch_rows(plan, limits.build, limits.reserved)
         vectors = VectorsWriter(work / VECTORS_FILE, source.dtype) if refine else None
         ids = IdsWriter(work / files["ids_file"])
-        index, added = add_batches(plan, trained, source, 0, rows, work, ids, vectors, held)
+        index, added = add_batches(plan, trained, source, 0, rows, work, ids, vectors, held, fill)
         ids.close()
         if vectors is not None:
             vectors.close()
@@ -143,7 +148,7 @@ def build(
                 (work / "lists.ivfdata").unlink(missing_ok=True)
                 plan, trained = choice.plan, choice.trained
                 rows = budgets.batch_rows(plan, limits.build, limits.reserved)
-                index, _ = add_batches(plan, trained, source, 0, rows, work, None, None, None)
+                index, _ = add_batches(plan, trained, source, 0, rows, work, None, None, None, fill)
                 info = _describe(source, plan, added, generation, rows, limits, opq_check, 0)
             if retune:
                 _tune(info, plan, index, held, choice.refine, target, work, work)
@@ -154,7 +159,7 @@ def build(
             del index
             plan = budgets.IndexPlan("flat", source.count, source.dim)
             trained = train_index(plan, np.zeros((0, plan.dim), np.float32), seed)
-            index, _ = add_batches(plan, trained, source, 0, rows, work, None, None, None)
+            index, _ = add_batches(plan, trained, source, 0, rows, work, None, None, None, fill)
             info = _describe(source, plan, added, generation, rows, limits, opq_check, 0)
             _tune(info, plan, index, held, refine, target, work, work)
         if rejected:
@@ -472,13 +477,15 @@ def add_batches(
     ids: IdsWriter | None,
     vectors: VectorsWriter | None,
     held: HeldOut | None,
+    fill: Fill | None = None,
 ) -> tuple[faiss.Index, int]:
     """Add every row of ``source`` (positions from ``first``): into ``trained`` itself for a
-    plan held in memory; for on-disk lists, into block files in ``work`` merged into them.
-    Returns the index and the rows added. Ids, vectors and the held-out rows' exact neighbours
-    are recorded where given."""
+    plan held in memory; for on-disk lists, into block files in ``work`` (by ``fill``, default
+    :func:`fill_blocks`) merged into them. Returns the index and the rows added. Ids, vectors
+    and the held-out rows' exact neighbours are recorded where given."""
     if not plan.in_memory:
-        blocks, added = fill_blocks(plan, trained, source, first, rows, work, ids, vectors, held)
+        fill = fill or fill_blocks
+        blocks, added = fill(plan, trained, source, first, rows, work, ids, vectors, held)
         return blocks_index(trained, blocks, work), added
     added = 0
     with closing(_batches(plan, source, first, rows, ids, vectors, held)) as batches:

@@ -95,9 +95,11 @@ class HeldOut:
             scores[:, inside - first] = -np.inf
             take = min(self.k, scores.shape[1])
             part = np.argpartition(-scores, take - 1, axis=1)[:, :take]
-            self._merge(np.take_along_axis(scores, part, axis=1), part + first)
+            self.merge(np.take_along_axis(scores, part, axis=1), part + first)
 
-    def _merge(self, scores: np.ndarray, found: np.ndarray) -> None:
+    def merge(self, scores: np.ndarray, found: np.ndarray) -> None:
+        """Fold candidates (their scores and positions) into the exact top-k: another
+        :class:`HeldOut`'s result over other rows, say."""
         all_scores = np.concatenate([self.scores, scores], axis=1)
         all_found = np.concatenate([self.found, found], axis=1)
         order = np.argsort(-all_scores, axis=1, kind="stable")[:, : self.k]
