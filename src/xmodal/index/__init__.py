@@ -13,7 +13,8 @@ search depth (nprobe, efSearch) on held-out rows and records the recall@10 it me
   recall it tries OPQ, finer lists and longer re-ranking within the budget, and refuses
   (naming the budget that would do) when none reaches it.
 
-``add=True`` appends new shards to either (:mod:`.adding`). :func:`open_index` loads one index,
+``add=True`` appends new shards to either (:mod:`.adding`); ``engine="ray"`` adds the rows of
+on-disk lists in parallel Ray tasks (:mod:`.ray_engine`). :func:`open_index` loads one index,
 a sharded index (:mod:`.shards`) or several folders.
 """
 

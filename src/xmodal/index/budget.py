@@ -98,17 +98,12 @@ class IndexPlan:
         """Whether the whole index lives in memory (no on-disk inverted lists)."""
         return self.kind in ("flat", "ivf", "hnsw")
 
-    @property
-    def probed(self) -> str | None:
-        """The search depth tuned to the target recall: nprobe (IVF), efSearch (HNSW)."""
-        return None if self.kind == "flat" else "efSearch" if self.kind == "hnsw" else "nprobe"
-
     def index_bytes(self, count: int | None = None) -> int:
         """Memory of the loaded index holding ``count`` vectors (default: the plan's)."""
         count = self.count if count is None else count
         if self.kind == "flat":
             return count * self.code_size
-        if self.kind == "hnsw":  # vectors, 2M level-0 links, about M/(M-1)... upper levels
+        if self.kind == "hnsw":  # vectors, 2M level-0 links and about M/2 on upper levels
             return count * (self.code_size + 4 * 2 * HNSW_M + 4 * HNSW_M // 2)
         tables = self.nlist * (4 * self.dim + LIST_OVERHEAD)  # centroids + list headers
         if self.kind in ("ivf-sq8", "ivf-sq4"):
