@@ -14,6 +14,7 @@ from xmodal.config import (
     ConfigError,
     ExtractEngine,
     ExtractModality,
+    IndexEngine,
     IndexKind,
     Modality,
     PairScore,
@@ -83,7 +84,11 @@ def test_cli_choices_are_the_types_values() -> None:
         "backend": args(Backend),
         "engine": args(ExtractEngine),
     }
-    assert _choices("index") == {"kind": args(IndexKind), "modality": args(Modality)}
+    assert _choices("index") == {
+        "kind": args(IndexKind),
+        "modality": args(Modality),
+        "engine": args(IndexEngine),
+    }
     assert _choices("eval") == {"format": args(DatasetFormat), "split": args(KarpathySplit)}
     assert args(ExtractModality) == ("images", "texts", "both", "pairs")
     assert _choices("filter") == {"by": args(PairScore)}

@@ -42,6 +42,9 @@ PairScore = Literal["similarity", "itm", "combined"]
 ProbeFeatures = Literal["fused", "image", "text", "image+text", "fused+image+text"]
 """The feature kinds ``xmodal probe`` compares (``+``: concatenated)."""
 IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
+IndexEngine = Literal["plain", "ray"]
+"""How ``xmodal index`` adds rows: ``plain`` in this process, ``ray`` in Ray tasks
+(:mod:`xmodal.index.ray_engine`)."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import typing
 
-from xmodal.config import IndexKind, Modality
+from xmodal.config import IndexEngine, IndexKind, Modality
 
 
 def add(commands) -> None:
@@ -52,7 +52,7 @@ def add(commands) -> None:
     )
     p.add_argument(
         "--engine",
-        choices=("plain", "ray"),
+        choices=typing.get_args(IndexEngine),
         default="plain",
         help="plain: this process; ray: the rows of an index with on-disk lists "
         "(--max-index-memory) added in parallel Ray tasks, the same index "
