@@ -12,11 +12,10 @@ import pytest
 import torch
 from test_extract import make_image_folder, save_tiny_model, tiny_processor
 
-from xmodal import index as index_module
 from xmodal.cli import main
 from xmodal.errors import IncompatibleError
 from xmodal.extract import extract, load_manifest, read_shard
-from xmodal.index import SearchIndex, build_faiss, build_index, neighbour_recall
+from xmodal.index import SearchIndex, build_index, neighbour_recall
 from xmodal.models.model import CrossModalModel, save_rerank_weight
 from xmodal.processing import MultimodalProcessor
 from xmodal.search import search
@@ -133,24 +132,38 @@ def test_ivf_on_random_vectors_finds_each_vector(setup, tmp_path: Path) -> None:
 
 
 def test_auto_keeps_exact_search_for_structureless_data(setup, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(index_module.legacy, "FLAT_MAX", 1000)
-    _, params = build_faiss(random_vectors(4000), "auto")
-    assert params["kind"] == "flat" and "little cluster structure" in params["ivf_rejected"]
+    monkeypatch.setattr("xmodal.index.budget.FLAT_MAX", 1000)
+    like = load_manifest(setup["shards"])
+    shards = write_fake_shards(tmp_path / "random", random_vectors(4000), like)
+    info = build_index(shards, tmp_path / "r", modality="texts")
+    params = info["params"]
+    assert info["kind"] == "flat" and "little cluster structure" in params["ivf_rejected"]
     assert params["measured_recall"] == {"at": 10, "value": 1.0, "queries": 400}
-    index, params = build_faiss(clustered_vectors(4000, 40), "auto")
-    assert params["kind"] == "ivf" and params["recall_at_10"] >= 0.95
-    assert params["nprobe"] <= 0.05 * params["nlist"]
-    assert isinstance(index, faiss.IndexIVFFlat) and index.ntotal == 4000
+    assert isinstance(SearchIndex(tmp_path / "r").index, faiss.IndexFlatIP)
+    shards = write_fake_shards(tmp_path / "clustered", clustered_vectors(4000, 40), like)
+    info = build_index(shards, tmp_path / "c", modality="texts")
+    params = info["params"]
+    assert info["kind"] == "ivf" and params["recall_at_10"] >= 0.95
+    assert params["nprobe"] <= 0.05 * params["nlist"] and "ivf_rejected" not in params
+    index = SearchIndex(tmp_path / "c").index
+    assert isinstance(faiss.downcast_index(index), faiss.IndexIVFFlat) and index.ntotal == 4000
+    assert index.nprobe == params["nprobe"]  # the tuned depth is the index's own
 
 
-def test_hnsw_index(setup) -> None:
+def test_hnsw_index(setup, tmp_path) -> None:
     vectors = clustered_vectors(2000, 20, seed=1)
-    index, params = build_faiss(vectors, "hnsw")
-    assert params["kind"] == "hnsw" and params["recall_at_10"] >= 0.95
-    assert index.hnsw.efSearch == params["efSearch"] >= 16
+    shards = write_fake_shards(tmp_path / "emb", vectors, load_manifest(setup["shards"]))
+    info = build_index(shards, tmp_path / "h", kind="hnsw", modality="texts")
+    params = info["params"]
+    assert info["kind"] == "hnsw" and params["recall_at_10"] >= 0.95
+    assert (params["M"], params["efConstruction"]) == (32, 80)
+    loaded = SearchIndex(tmp_path / "h")
+    assert faiss.downcast_index(loaded.index).hnsw.efSearch == params["efSearch"] >= 16
     measured = params["measured_recall"]
     assert measured["at"] == 10 and measured["queries"] == 200  # a tenth of the rows
     assert measured["value"] == pytest.approx(params["recall_at_10"], abs=1e-4)
+    hits = loaded.search(vectors[:50], 1, ef_search=256)
+    assert [h[0][0] for h in hits] == list(range(50))
 
 
 def test_neighbour_recall() -> None:
@@ -170,6 +183,7 @@ def test_add_new_shards_and_refuse_other_models(setup, tmp_path: Path) -> None:
     assert info["count"] == 1500 and info["generation"] == 2
     assert [Path(s["dir"]).name for s in info["shards"]] == ["a", "a", "b"]
     assert sorted(p.name for p in out.iterdir()) == [
+        "heldout-00002.npz",
         "ids-00002.parquet",
         "index-00002.faiss",
         "index.json",

@@ -18,17 +18,17 @@ from xmodal.index import (
     IndexPlan,
     SearchIndex,
     ShardedIndex,
+    build,
     build_index,
     combine_indexes,
     format_size,
     open_index,
     parse_size,
     plan_index,
-    planned,
     store,
 )
 from xmodal.index.budget import batch_rows, candidates, pick_nlist, process_memory
-from xmodal.index.planned import choose_opq, column_variance
+from xmodal.index.build import choose_opq, column_variance
 
 LIKE = {
     "format": "xmodal.embeddings/1",
@@ -156,7 +156,7 @@ def test_each_kind_the_budget_picks(
 ) -> None:
     data = request.getfixturevalue("pq_data" if kind == "ivf-pq" else "data")
     count = len(data["vectors"])
-    monkeypatch.setattr("xmodal.index.legacy.FLAT_MAX", 5000 if kind == "flat" else 1000)
+    monkeypatch.setattr("xmodal.index.budget.FLAT_MAX", 5000 if kind == "flat" else 1000)
     budget = budget_for(kind, count, pq_m=pq_m)
     info = build_index(
         data["shards"], tmp_path / "i", modality="texts", max_index_memory=budget, refine=40
@@ -183,7 +183,7 @@ def test_heldout_queries_are_not_searched(data, tmp_path: Path) -> None:
     info = build_index(
         data["shards"], tmp_path / "i", modality="texts", max_index_memory=budget_for("ivf-sq8")
     )
-    held = planned.HeldOut.load(tmp_path / "i" / info["heldout_file"])
+    held = build.HeldOut.load(tmp_path / "i" / info["heldout_file"])
     assert len(held.positions) == 300
     assert not np.isin(held.found, held.positions).any()
     vectors = data["vectors"]
@@ -316,7 +316,7 @@ def test_damaged_files_are_named_and_a_failed_build_keeps_the_old_index(
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(planned, "merge_blocks", broken)
+    monkeypatch.setattr(build, "merge_blocks", broken)
     with pytest.raises(OSError, match="disk full"):
         build_index(data["shards"], out, modality="texts", max_index_memory=budget)
     monkeypatch.undo()

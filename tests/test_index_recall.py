@@ -18,11 +18,11 @@ from xmodal.index import (
     RecallTargetError,
     SearchIndex,
     ShardedIndex,
-    Tuner,
+    build,
     build_index,
-    planned,
 )
 from xmodal.index.budget import format_size
+from xmodal.index.tuning import tune_depth
 
 LIKE = {
     "format": "xmodal.embeddings/1",
@@ -137,14 +137,14 @@ def test_measured_recall_matches_a_numpy_reference(data, tmp_path: Path):
     info = build_index(
         data["shards"], out, modality="texts", max_index_memory=SQ4_BUDGET, accept_recall=0.5
     )
-    rows = planned.HeldOut.load(out / info["heldout_file"]).positions
+    rows = build.HeldOut.load(out / info["heldout_file"]).positions
     assert len(rows) == info["params"]["measured_recall"]["queries"] == 500
     expected = reference_recall(data["vectors"], SearchIndex(out), rows)
     assert 0.5 < expected < 0.95
     assert info["params"]["measured_recall"]["value"] == pytest.approx(expected, abs=1e-4)
     # the index built by kind (IVF-Flat in memory) records the same measure
     ivf = build_index(data["shards"], tmp_path / "ivf", kind="ivf", modality="texts")
-    rows = Tuner(data["vectors"]).rows  # the same seeded rows the build held out
+    rows = build.HeldOut.load(tmp_path / "ivf" / ivf["heldout_file"]).positions
     expected = reference_recall(data["vectors"], SearchIndex(tmp_path / "ivf"), rows)
     measured = ivf["params"]["measured_recall"]
     assert measured["queries"] == 500 and measured["value"] == pytest.approx(expected, abs=1e-4)
@@ -181,16 +181,16 @@ def test_duplicates_do_not_lower_the_recall_of_exact_search(tmp_path: Path):
 def test_an_index_by_kind_under_its_target_is_refused_unless_accepted(data, tmp_path: Path):
     """The same rule for indexes built by kind: HNSW held to an efSearch too small for the
     target is refused in one line, and kept with --accept-recall."""
-    from xmodal.index import legacy
+    from xmodal.index import budget
 
-    def shallow(self, index, make, low, high, target):  # efSearch tuning stops at 16
-        return low, self.recall(index, make(low))
+    def shallow(index, held, low, high, target, refine=0, vectors=None):  # efSearch stops at 16
+        return tune_depth(index, held, low, low, target, refine, vectors)
 
     small = write_fake_shards(tmp_path / "emb", data["vectors"][:3000], LIKE, 1000)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(legacy.Tuner, "smallest", shallow)
-        patch.setattr(legacy, "HNSW_EF_CONSTRUCTION", 16)
-        patch.setattr(legacy, "HNSW_M", 4)
+        patch.setattr(build, "tune_depth", shallow)
+        patch.setattr(budget, "HNSW_EF_CONSTRUCTION", 16)
+        patch.setattr(budget, "HNSW_M", 4)
         message = (
             r"hnsw index of 3,000 texts: recall@10 0\.\d+ on 300 held-out queries is under "
             r"the target 0\.999; pass --accept-recall"

@@ -15,7 +15,7 @@ from test_index import random_vectors, write_fake_shards
 from xmodal.cli import main
 from xmodal.extract.ranks import fold_errors
 from xmodal.extract.writer import MANIFEST_FORMAT, MANIFEST_NAME, load_errors, load_manifest
-from xmodal.index import INDEX_JSON, SearchIndex, build_index, load_vectors
+from xmodal.index import INDEX_JSON, SearchIndex, ShardSource, build_index
 
 LIKE = {
     "format": MANIFEST_FORMAT,
@@ -37,9 +37,11 @@ def test_a_manifest_written_with_kinds_reads_as_modalities(shards: Path, tmp_pat
     manifest["kinds"] = manifest.pop("modalities")  # as written before the rename
     path.write_text(json.dumps(manifest))
     assert load_manifest(shards)["modalities"]["texts"]["items"] == 40
-    _, vectors = load_vectors(shards, "texts")
-    assert vectors.ids[:2] == ["v0", "v1"] and vectors.image_ids[:2] == ["v0", "v1"]
-    assert vectors.locations == [None] * 40
+    source = ShardSource(shards, "texts")
+    columns = next(source.batches(40)).columns
+    assert source.count == 40 and "location" not in columns
+    assert columns["id"].to_pylist()[:2] == ["v0", "v1"]
+    assert columns["image_id"].to_pylist()[:2] == ["v0", "v1"]
     assert main(["index", "--shards", str(shards), "--out", str(tmp_path / "i"), "--modality"]
                 + ["texts"]) == 0  # fmt: skip
     assert SearchIndex(tmp_path / "i").count == 40

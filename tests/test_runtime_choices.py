@@ -12,6 +12,7 @@ import torch
 from xmodal.choices import (
     ExtractEngine,
     ExtractModality,
+    IndexEngine,
     IndexKind,
     Modality,
     PairScore,
@@ -79,7 +80,11 @@ def test_cli_choices_are_the_types_values() -> None:
         "backend": args(Backend),
         "engine": args(ExtractEngine),
     }
-    assert _choices("index") == {"kind": args(IndexKind), "modality": args(Modality)}
+    assert _choices("index") == {
+        "kind": args(IndexKind),
+        "modality": args(Modality),
+        "engine": args(IndexEngine),
+    }
     assert _choices("eval") == {"format": args(DatasetFormat), "split": args(KarpathySplit)}
     assert args(ExtractModality) == ("images", "texts", "both", "pairs")
     assert _choices("filter") == {"by": args(PairScore)}

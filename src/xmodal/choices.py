@@ -29,3 +29,7 @@ ProbeFeatures = Literal["fused", "image", "text", "image+text", "fused+image+tex
 """The feature kinds ``xmodal probe`` compares (``+``: concatenated; :mod:`xmodal.pairs.probe`)."""
 IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
 """The index ``xmodal index --kind`` builds (:mod:`xmodal.index`)."""
+
+IndexEngine = Literal["plain", "ray"]
+"""How ``xmodal index`` adds rows: ``plain`` in this process, ``ray`` in Ray tasks
+(:mod:`xmodal.index.ray_engine`)."""

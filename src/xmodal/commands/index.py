@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import typing
 
-from xmodal.choices import IndexKind, Modality
+from xmodal.choices import IndexEngine, IndexKind, Modality
 
 
 def add(commands) -> None:
@@ -51,6 +51,24 @@ def add(commands) -> None:
         "least X (recorded in index.json as accept_recall)",
     )
     p.add_argument(
+        "--engine",
+        choices=typing.get_args(IndexEngine),
+        default="plain",
+        help="plain: this process; ray: the rows of an index with on-disk lists "
+        "(--max-index-memory) added in parallel Ray tasks, the same index "
+        "(pip install 'xmodal[ray]')",
+    )
+    p.add_argument(
+        "--ray-address",
+        help="--engine ray: an existing cluster's address (default: start one for this run)",
+    )
+    p.add_argument(
+        "--ray-tasks",
+        type=int,
+        default=None,
+        help="--engine ray: parts the shards are split into (default: the cluster's CPUs)",
+    )
+    p.add_argument(
         "--combine",
         nargs="+",
         metavar="INDEX",
@@ -84,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
         refine=args.refine,
         target_recall=args.target_recall,
         accept_recall=args.accept_recall,
+        engine=args.engine,
+        ray_address=args.ray_address,
+        ray_tasks=args.ray_tasks,
     )
     print(f"{describe(info)} in {args.out}")
     params = info["params"]

@@ -1,5 +1,10 @@
-"""Which index fits a memory budget: flat, IVF-Flat, IVF-SQ8/SQ4 or IVF-PQ (with OPQ), its
-nlist and code size, and the memory it and its build need.
+"""The plan of an index: which one to build, its nlist and code size, and the memory it and its
+build need.
+
+Under a memory budget the plan is the most accurate index that fits: flat, IVF-Flat, IVF-SQ8/SQ4
+or IVF-PQ (with OPQ), its inverted lists on disk. Without one (an unlimited budget) it is the
+``--kind`` asked for, held in memory: exact search below ``FLAT_MAX`` vectors, IVF-Flat with
+~4 sqrt(N) lists above it (``auto``), or HNSW.
 
 Sizes count what the index holds once loaded (codes, 8-byte ids, the coarse quantizer and
 the trained tables); with on-disk inverted lists only the lists a query visits are paged in.
@@ -9,11 +14,19 @@ from __future__ import annotations
 
 import math
 import re
+import typing
 from dataclasses import asdict, dataclass
 
+from xmodal.choices import IndexKind
 from xmodal.errors import IndexBuildError
 
-FLAT_MAX = 50_000
+INDEX_KINDS = typing.get_args(IndexKind)  # what --kind asks for (no budget)
+FLAT_MAX = 50_000  # "auto" and a budget keep exact search below this many vectors
+# Scanning inverted lists costs far more per vector than exact BLAS search: an IVF-Flat index
+# that needs more than this fraction of its lists is no faster than exact search.
+IVF_MAX_PROBE_FRACTION = 0.05
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
 ID_BYTES = 8  # each inverted-list entry stores its 64-bit position
 LIST_OVERHEAD = 64  # bytes of bookkeeping per inverted list
 MIN_TRAIN_PER_LIST = 39  # FAISS warns below this many training points per centroid
@@ -52,7 +65,8 @@ def format_size(size: float) -> str:
 
 @dataclass(frozen=True)
 class IndexPlan:
-    """One candidate index: ``kind`` flat, ivf-flat, ivf-sq8, ivf-sq4 or ivf-pq."""
+    """One index: ``kind`` flat, ivf-flat, ivf-sq8, ivf-sq4 or ivf-pq (picked by a budget;
+    IVF lists on disk), or ivf or hnsw (asked for by ``--kind``; held in memory)."""
 
     kind: str
     count: int
@@ -66,6 +80,8 @@ class IndexPlan:
         """Bytes per stored vector (without its id)."""
         return {
             "flat": 4 * self.dim,
+            "ivf": 4 * self.dim,
+            "hnsw": 4 * self.dim,
             "ivf-flat": 4 * self.dim,
             "ivf-sq8": self.dim,
             "ivf-sq4": (self.dim + 1) // 2,
@@ -77,11 +93,18 @@ class IndexPlan:
         """Whether scores are approximate (then ``--refine`` re-ranks exactly)."""
         return self.kind in ("ivf-sq8", "ivf-sq4", "ivf-pq")
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether the whole index lives in memory (no on-disk inverted lists)."""
+        return self.kind in ("flat", "ivf", "hnsw")
+
     def index_bytes(self, count: int | None = None) -> int:
         """Memory of the loaded index holding ``count`` vectors (default: the plan's)."""
         count = self.count if count is None else count
         if self.kind == "flat":
             return count * self.code_size
+        if self.kind == "hnsw":  # vectors, 2M level-0 links and about M/2 on upper levels
+            return count * (self.code_size + 4 * 2 * HNSW_M + 4 * HNSW_M // 2)
         tables = self.nlist * (4 * self.dim + LIST_OVERHEAD)  # centroids + list headers
         if self.kind in ("ivf-sq8", "ivf-sq4"):
             tables += 2 * 4 * self.dim  # per-dimension ranges
@@ -92,7 +115,7 @@ class IndexPlan:
 
     def train_rows(self) -> int:
         """Training sample size (coarse centroids, then SQ ranges / PQ codebooks)."""
-        if self.kind == "flat":
+        if self.kind in ("flat", "hnsw"):
             return 0
         need = MAX_TRAIN_PER_LIST * self.nlist
         if self.kind == "ivf-pq":
@@ -103,8 +126,9 @@ class IndexPlan:
         """Least memory the build needs: the training sample (float32, held twice while
         training), the trained tables, and one batch of rows read from Parquet (float16 +
         float32 + encoded)."""
-        if self.kind == "flat":
-            return self.index_bytes() + batch_rows * 10 * self.dim
+        if self.in_memory:
+            rows = self.train_rows() * 4 * self.dim * 2
+            return self.index_bytes() + rows + batch_rows * 10 * self.dim
         train = self.train_rows() * 4 * self.dim * 2
         tables = self.index_bytes(0) + BLOCK_BYTES
         batch = batch_rows * (10 * self.dim + self.code_size + ID_BYTES + 8 * self.nlist)
@@ -114,7 +138,9 @@ class IndexPlan:
         """The FAISS index-factory string of this plan."""
         if self.kind == "flat":
             return "Flat"
-        codes = {"ivf-flat": "Flat", "ivf-sq8": "SQ8", "ivf-sq4": "SQ4"}.get(
+        if self.kind == "hnsw":
+            return f"HNSW{HNSW_M}"
+        codes = {"ivf": "Flat", "ivf-flat": "Flat", "ivf-sq8": "SQ8", "ivf-sq4": "SQ4"}.get(
             self.kind, f"PQ{self.pq_m}"
         )
         rotation = f"OPQ{self.pq_m}," if self.opq else ""
@@ -124,6 +150,12 @@ class IndexPlan:
         out = {k: v for k, v in asdict(self).items() if v or k in ("kind", "count", "dim")}
         out.update(factory=self.factory(), code_bytes=self.code_size)
         return out
+
+
+def ivf_nlist(count: int) -> int:
+    """nlist of an IVF index held in memory: ~4 sqrt(N) lists, at least 39 training points
+    per list."""
+    return max(1, min(round(4 * math.sqrt(count)), count // MIN_TRAIN_PER_LIST))
 
 
 def pick_nlist(count: int, max_build_memory: int | None, dim: int) -> int:
@@ -151,24 +183,28 @@ def candidates(count: int, dim: int, nlist: int) -> list[IndexPlan]:
 def plan_index(
     count: int,
     dim: int,
-    max_index_memory: int,
+    max_index_memory: int | None,
     max_build_memory: int | None = None,
-    flat_max: int = FLAT_MAX,
     reserved: int = 0,
+    kind: str = "auto",
 ) -> IndexPlan:
-    """The most accurate index of ``count`` x ``dim`` vectors within the budgets.
+    """The index of ``count`` x ``dim`` vectors to build.
 
-    Exact search below ``flat_max`` vectors while it fits; then IVF-Flat, IVF-SQ8, IVF-SQ4 and
-    IVF-PQ with ever fewer bytes per vector. ``reserved``: build memory already in use (the
-    process itself, see :func:`process_memory`). A budget too small for any of them raises
-    IndexBuildError naming the smallest budget that works.
+    With an unlimited budget (``max_index_memory`` None): the ``kind`` asked for, in memory
+    (:func:`kind_plan`). Under a budget: the most accurate index within it; exact search below
+    ``FLAT_MAX`` vectors while it fits, then IVF-Flat, IVF-SQ8, IVF-SQ4 and IVF-PQ with ever
+    fewer bytes per vector. ``reserved``: build memory already in use (the process itself, see
+    :func:`process_memory`). A budget too small for any of them raises IndexBuildError naming
+    the smallest budget that works.
     """
+    if max_index_memory is None:
+        return kind_plan(kind, count, dim)
     if count < 1:
         raise IndexBuildError("no vectors to index")
     nlist = pick_nlist(count, max_build_memory, dim)
     plans = candidates(count, dim, nlist)
     fitting = [p for p in plans if p.index_bytes() <= max_index_memory]
-    if count >= flat_max or plans[0] not in fitting:
+    if count >= FLAT_MAX or plans[0] not in fitting:
         fitting = [p for p in fitting if p.kind != "flat"] or fitting
     if max_build_memory is not None:
         buildable = [p for p in fitting if p.build_bytes() + reserved <= max_build_memory]
@@ -189,6 +225,18 @@ def plan_index(
             f"per vector + {ID_BYTES} for its id) needs {format_size(least.index_bytes())}"
         )
     return fitting[0]
+
+
+def kind_plan(kind: str, count: int, dim: int) -> IndexPlan:
+    """The in-memory index ``--kind`` asks for: flat, ivf (IVF-Flat, :func:`ivf_nlist` lists),
+    hnsw, or auto (flat below ``FLAT_MAX`` vectors, else ivf)."""
+    if kind not in INDEX_KINDS:
+        raise IndexBuildError(f"kind must be one of {INDEX_KINDS}, got {kind!r}")
+    if count < 1:
+        raise IndexBuildError("no vectors to index")
+    if kind == "auto":
+        kind = "flat" if count < FLAT_MAX else "ivf"
+    return IndexPlan(kind, count, dim, ivf_nlist(count) if kind == "ivf" else 0)
 
 
 def batch_rows(plan: IndexPlan, max_build_memory: int | None, reserved: int = 0) -> int:

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from xmodal.errors import IndexBuildError, InputError, MissingFileError
@@ -18,7 +17,6 @@ from xmodal.index.store import IdsFile, open_vectors
 from xmodal.index.tuning import search_index
 from xmodal.models.identity import ModelIdentity
 
-RECALL_K = 10
 Hits = list[list[tuple[int, float]]]
 
 
@@ -82,8 +80,8 @@ class SearchIndex:
 
     @property
     def kind(self) -> str:
-        """The index type: flat, ivf or hnsw (built by kind), or flat, ivf-flat, ivf-sq8,
-        ivf-sq4 or ivf-pq (picked by a memory budget)."""
+        """The index type: flat, ivf or hnsw (asked for by kind, in memory), or flat, ivf-flat,
+        ivf-sq8, ivf-sq4 or ivf-pq (picked by a memory budget)."""
         return self.info["kind"]
 
     @property
@@ -104,10 +102,6 @@ class SearchIndex:
         return ModelIdentity.from_record(self.info)
 
     @property
-    def budgeted(self) -> bool:
-        return "plan" in self.info
-
-    @property
     def refinable(self) -> bool:
         """Whether it keeps the vectors that exact re-ranking (``refine``) reads."""
         return self.vectors is not None
@@ -122,20 +116,6 @@ class SearchIndex:
         """Recall@10 against exact search measured at build time (:func:`measured_recall`)."""
         return measured_recall(self.info)
 
-    def search_parameters(
-        self, nprobe: int | None = None, ef_search: int | None = None, k: int = RECALL_K
-    ) -> faiss.SearchParameters | None:
-        """Per-call parameters of an index built by kind (the shared index is never
-        modified)."""
-        params = self.info["params"]
-        if self.kind == "ivf":
-            chosen = params["nprobe"] if nprobe is None else nprobe
-            return faiss.SearchParametersIVF(nprobe=max(1, min(chosen, params["nlist"])))
-        if self.kind == "hnsw":  # deeper than the index is large changes nothing
-            chosen = params["efSearch"] if ef_search is None else ef_search
-            return faiss.SearchParametersHNSW(efSearch=max(min(chosen, self.count), k))
-        return None
-
     def search_arrays(
         self,
         queries: np.ndarray,
@@ -146,8 +126,9 @@ class SearchIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores, positions), each (Q, k) best first; position -1 where fewer were found.
 
-        ``refine``: re-rank a shortlist of that many candidates exactly (default: the
-        index's own setting; 0 turns it off)."""
+        ``nprobe`` (IVF) / ``ef_search`` (HNSW): how deep to search (default: the depth tuned
+        at build time). ``refine``: re-rank a shortlist of that many candidates exactly
+        (default: the index's own setting; 0 turns it off)."""
         self.check_files()
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dim:
@@ -157,28 +138,17 @@ class SearchIndex:
         if refine is not None and refine < 0:
             raise InputError(f"refine must be >= 0, got {refine}")
         k = min(k, self.count)
-        if self.budgeted:
-            params = self.info["params"]
-            if refine and self.vectors is None:
-                raise InputError(
-                    f"{self.directory} keeps no vectors for re-ranking: rebuild it with --refine"
-                )
-            chosen = params.get("refine", 0) if refine is None else refine
-            return search_index(
-                self.index,
-                queries,
-                k,
-                params.get("nprobe") if nprobe is None else nprobe,
-                chosen,
-                self.vectors,
-            )
-        if refine:
+        if refine and self.vectors is None:
             raise InputError(
-                f"{self.directory} is a {self.kind} index built by kind: it keeps no vectors to "
-                "re-rank (build it with --max-index-memory ... --refine K)"
+                f"{self.directory} keeps no vectors for re-ranking: rebuild it with --refine K "
+                "(under --max-index-memory)"
             )
-        params = self.search_parameters(nprobe, ef_search, k)
-        return self.index.search(queries, k, params=params)
+        params = self.info["params"]
+        depth = ef_search if self.kind == "hnsw" else nprobe
+        if depth is None:
+            depth = params.get("efSearch" if self.kind == "hnsw" else "nprobe")
+        chosen = params.get("refine", 0) if refine is None else refine
+        return search_index(self.index, queries, k, depth, chosen, self.vectors)
 
     def search(
         self,

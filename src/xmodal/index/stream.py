@@ -3,6 +3,7 @@ them, and their id columns."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,6 +67,13 @@ class ShardSource:
             if (str(directory), e["file"]) not in skip
         ]
         self.count = sum(f.rows for f in self.files)
+
+    def subset(self, files: list[ShardFile]) -> ShardSource:
+        """The same source holding only ``files`` (some of its own, in order)."""
+        part = copy.copy(self)
+        part.files = list(files)
+        part.count = sum(f.rows for f in part.files)
+        return part
 
     def _open(self, shard: ShardFile) -> pq.ParquetFile:
         try:

@@ -9,7 +9,7 @@ inner-product search over every indexed row except the held-out ones, its approx
 by the index as served (its nprobe / efSearch / refine shortlist) with the same rows skipped,
 so no query ever finds itself; recall@10 is the mean fraction of the exact top-10 found (a row
 tied with the 10th exact score, a duplicate, counts as found). nprobe / efSearch are tuned on
-the same rows; a budgeted index never trains its quantizers on them.
+the same rows (:func:`tune_depth`); no index trains its quantizers on them.
 """
 
 from __future__ import annotations
@@ -95,9 +95,11 @@ class HeldOut:
             scores[:, inside - first] = -np.inf
             take = min(self.k, scores.shape[1])
             part = np.argpartition(-scores, take - 1, axis=1)[:, :take]
-            self._merge(np.take_along_axis(scores, part, axis=1), part + first)
+            self.merge(np.take_along_axis(scores, part, axis=1), part + first)
 
-    def _merge(self, scores: np.ndarray, found: np.ndarray) -> None:
+    def merge(self, scores: np.ndarray, found: np.ndarray) -> None:
+        """Fold candidates (their scores and positions) into the exact top-k: another
+        :class:`HeldOut`'s result over other rows, say."""
         all_scores = np.concatenate([self.scores, scores], axis=1)
         all_found = np.concatenate([self.found, found], axis=1)
         order = np.argsort(-all_scores, axis=1, kind="stable")[:, : self.k]
@@ -157,17 +159,22 @@ class HeldOut:
         return held
 
 
-def ivf_parameters(
-    index: faiss.Index, nprobe: int | None, selector: faiss.IDSelector | None = None
+def search_parameters(
+    index: faiss.Index, depth: int | None, k: int, selector: faiss.IDSelector | None = None
 ) -> faiss.SearchParameters | None:
-    """Per-call parameters for a flat, IVF or OPQ-rotated IVF index (the index is never
-    modified)."""
+    """Per-call parameters for a flat, IVF, OPQ-rotated IVF or HNSW index searched ``depth``
+    deep (nprobe lists, clamped to nlist; efSearch, clamped to [k, ntotal]; None: the
+    index's own). The index is never modified."""
     inner = index
     rotated = isinstance(index, faiss.IndexPreTransform)
     if rotated:
         inner = faiss.downcast_index(index.index)
     if isinstance(inner, faiss.IndexIVF):
-        params = faiss.SearchParametersIVF(nprobe=max(1, min(nprobe or 1, inner.nlist)))
+        chosen = inner.nprobe if depth is None else depth
+        params = faiss.SearchParametersIVF(nprobe=max(1, min(chosen, inner.nlist)))
+    elif isinstance(inner, faiss.IndexHNSW):  # deeper than the index is large changes nothing
+        chosen = inner.hnsw.efSearch if depth is None else depth
+        params = faiss.SearchParametersHNSW(efSearch=max(min(chosen, inner.ntotal), k))
     elif selector is not None:
         params = faiss.SearchParameters()
     else:
@@ -186,45 +193,47 @@ def search_index(
     index: faiss.Index,
     queries: np.ndarray,
     k: int,
-    nprobe: int | None,
+    depth: int | None,
     refine: int = 0,
     vectors: np.ndarray | None = None,
     selector: faiss.IDSelector | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, positions) of the top ``k``: the index's shortlist of ``max(k, refine)``
-    re-ranked exactly against ``vectors`` when ``refine`` is set."""
+    """(scores, positions) of the top ``k``, searched ``depth`` deep (nprobe / efSearch): the
+    index's shortlist of ``max(k, refine)`` re-ranked exactly against ``vectors`` when
+    ``refine`` is set."""
     shortlist = max(k, refine) if refine and vectors is not None else k
     shortlist = max(1, min(shortlist, index.ntotal))
-    params = ivf_parameters(index, nprobe, selector)
+    params = search_parameters(index, depth, shortlist, selector)
     scores, found = index.search(queries, shortlist, params=params)
     if refine and vectors is not None:
         return exact_rerank(queries, found, vectors, min(k, shortlist))
     return scores, found
 
 
-def tune_nprobe(
+def tune_depth(
     index: faiss.Index,
     held: HeldOut,
-    nlist: int,
+    low: int,
+    high: int,
     target: float,
     refine: int = 0,
     vectors: np.ndarray | None = None,
 ) -> tuple[int, dict[str, float]]:
-    """The smallest nprobe whose recall@10 on the held-out queries, searched as served (top
-    10, re-ranking a shortlist of ``max(10, refine)``), reaches ``target`` (doubling, then
-    bisection; every list when none does), and its recall at 1/10/100 (recall@100 from a
-    top-100 search)."""
+    """The smallest search depth in [low, high] (nprobe of an IVF index, efSearch of an HNSW
+    one) whose recall@10 on the held-out queries, searched as served (top 10, re-ranking a
+    shortlist of ``max(10, refine)``), reaches ``target`` (doubling, then bisection; ``high``
+    when none does), and its recall at 1/10/100 (recall@100 from a top-100 search)."""
     selector = held.selector()
+    k = min(RECALL_K, index.ntotal)
 
-    def at10(nprobe: int) -> float:
-        k = min(RECALL_K, index.ntotal)
-        found = search_index(index, held.queries, k, nprobe, refine, vectors, selector)[1]
+    def at10(depth: int) -> float:
+        found = search_index(index, held.queries, k, depth, refine, vectors, selector)[1]
         return held.recall_at(found, k)
 
-    value, best = 1, at10(1)
-    failing = 0
-    while best < target and value < nlist:
-        failing, value = value, min(nlist, value * 2)
+    value, best = low, at10(low)
+    failing = low - 1
+    while best < target and value < high:
+        failing, value = value, min(high, value * 2)
         best = at10(value)
     if best >= target:
         while value - failing > max(1, value // 16):
@@ -234,7 +243,6 @@ def tune_nprobe(
                 value, best = middle, got
             else:
                 failing = middle
-    k = min(RECALL_K, index.ntotal)
     served = search_index(index, held.queries, k, value, refine, vectors, selector)[1]
     deep = min(max(RECALL_AT), index.ntotal)
     found = search_index(index, held.queries, deep, value, refine, vectors, selector)[1]

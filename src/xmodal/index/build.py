@@ -1,14 +1,19 @@
-"""Indexes built under a memory budget, out of RAM: train on a sample, add the shards batch by
-batch into blocks, merge the blocks into on-disk inverted lists, tune nprobe on held-out rows
-and record the recall reached (:mod:`.tuning`). Under the target recall the build tries what
-raises it within the budget (:func:`escalate`) and refuses, naming the budget that would
-reach it (:func:`refusal`), when nothing does.
+"""Building an index from its plan (:mod:`.budget`), one path for every kind: train on a sample,
+add the shards batch by batch, tune the search depth (nprobe, efSearch) on held-out rows and
+record the recall reached (:mod:`.tuning`).
 
-Files of generation ``g`` in the index folder: ``index-g.faiss`` (quantizer and tables; the
-lists are in ``lists-g.ivfdata``, memory-mapped when searching), ``ids-g.parquet`` (ids and
-sources, read by position), ``trained-g.faiss`` (the empty trained index, for ``--add``),
-``heldout-g.npz`` (tuning queries and their exact neighbours) and, with ``--refine``,
-``vectors.bin`` (the normalised vectors in the shards' dtype, appended to by ``--add``).
+A plan held in memory (``--kind``: flat, ivf, hnsw; an unlimited budget) is filled in memory
+and written as one file; ``auto`` falls back to exact search when IVF-Flat needs too many of
+its lists. A plan under a budget adds into blocks merged into on-disk inverted lists; under
+the target recall the build tries what raises it within the budget (:func:`escalate`) and
+refuses, naming the budget that would reach it (:func:`refusal`), when nothing does.
+
+Files of generation ``g`` in the index folder: ``index-g.faiss`` (the index; on disk, the
+quantizer and tables, the lists in ``lists-g.ivfdata``, memory-mapped when searching),
+``ids-g.parquet`` (ids and sources, read by position), ``trained-g.faiss`` (on disk: the empty
+trained index, for ``--add``), ``heldout-g.npz`` (tuning queries and their exact neighbours)
+and, with ``--refine``, ``vectors.bin`` (the normalised vectors in the shards' dtype, appended
+to by ``--add``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +36,8 @@ from tqdm import tqdm
 from xmodal.atomic import atomic_write_text, make_dir
 from xmodal.index import budget as budgets
 from xmodal.index.description import INDEX_FORMAT, INDEX_JSON
-from xmodal.index.ondisk import file_digest, merge_blocks, read_index
-from xmodal.index.store import IdsFile, IdsWriter, VectorsWriter, open_vectors
+from xmodal.index.ondisk import file_digest, merge_blocks
+from xmodal.index.store import IdsWriter, VectorsWriter, open_vectors
 from xmodal.index.stream import Batch, ShardSource
 from xmodal.index.tuning import (
     GROUND_TRUTH_K,
@@ -43,7 +50,7 @@ from xmodal.index.tuning import (
     held_out_count,
     measured_record,
     search_index,
-    tune_nprobe,
+    tune_depth,
 )
 from xmodal.shards import now
 
@@ -53,7 +60,9 @@ REFINE_HINT = 100  # the shortlist a refusal suggests when no vectors are stored
 FINER_NLIST = 4  # the finer coarse quantizer tried under the target: this many times the lists
 LADDER = 4  # larger codes a refusal measures to name the budget that would reach the target
 RECALL_ROWS = 16_384  # rows encoded at once while measuring codes
-IVF_MAX_PROBE_FRACTION = 0.05
+HNSW_DEPTHS = (16, 4096)  # the efSearch range tuned
+# (plan, trained, source, first, rows, work, ids, vectors, held) -> (blocks, rows added)
+Fill = Callable[..., tuple[list[Path], int]]
 OPQ_SAMPLE = 8_000  # rows the OPQ rotation is trained on
 OPQ_IMBALANCE = 1.5
 
@@ -69,28 +78,30 @@ def names(generation: int) -> dict[str, str]:
     }
 
 
-def build_planned(
+def build(
     source: ShardSource,
     out: Path,
-    max_index_memory: int,
-    max_build_memory: int | None = None,
+    limits: Limits,
+    kind: str = "auto",
     refine: int = 0,
     target: float = TARGET_RECALL,
     seed: int = 0,
     previous: dict[str, Any] | None = None,
-    flat_max: int = budgets.FLAT_MAX,
     accept: float | None = None,
+    fill: Fill | None = None,
 ) -> dict[str, Any]:
-    """Build the index the budget picks over ``source`` into ``out`` (a new generation).
+    """Build the index planned for ``source`` (``kind`` with an unlimited budget, else the one
+    ``limits`` pick) into ``out`` as a new generation.
 
     Its recall@10 is measured on held-out rows (:mod:`.tuning`). Under ``target`` (with every
-    list probed) the build tries what raises recall within the budget (:func:`escalate`);
-    when nothing reaches it, RecallTargetError names the best recall and the budget that
-    would reach the target, unless ``accept`` allows the best one."""
+    list probed) a budgeted build tries what raises recall within the budget
+    (:func:`escalate`); when nothing reaches it, RecallTargetError names the best recall (and,
+    under a budget, the budget that would reach the target), unless ``accept`` allows it.
+    ``fill`` adds the rows of on-disk lists to blocks (default :func:`fill_blocks`, in this
+    process; :mod:`.ray_engine` in parallel)."""
     started = time.perf_counter()
-    reserved = budgets.process_memory() if max_build_memory is not None else 0
     plan = budgets.plan_index(
-        source.count, source.dim, max_index_memory, max_build_memory, flat_max, reserved
+        source.count, source.dim, limits.index, limits.build, limits.reserved, kind
     )
     rng = np.random.default_rng(seed)
     held_count = held_out_count(source.count)
@@ -113,16 +124,15 @@ def build_planned(
         if plan.kind == "ivf-pq":
             plan, opq_check = choose_opq(plan, train, seed)
         trained = train_index(plan, train, seed)
-        rows = budgets.batch_rows(plan, max_build_memory, reserved)
+        rows = budgets.batch_rows(plan, limits.build, limits.reserved)
         vectors = VectorsWriter(work / VECTORS_FILE, source.dtype) if refine else None
         ids = IdsWriter(work / files["ids_file"])
-        index, added = add_batches(plan, trained, source, 0, rows, work, ids, vectors, held)
+        index, added = add_batches(plan, trained, source, 0, rows, work, ids, vectors, held, fill)
         ids.close()
         if vectors is not None:
             vectors.close()
-        limits = Limits(max_index_memory, max_build_memory, reserved, flat_max)
-        info = _describe(source, plan, added, generation, rows, limits, opq_check)
-        _tune(info, index, held, refine, target, work, work)
+        info = _describe(source, plan, added, generation, rows, limits, opq_check, len(train))
+        _tune(info, plan, index, held, refine, target, work, work)
         if info["params"]["measured_recall"]["value"] < target and plan.compressed:
             choice = escalate(
                 plan, trained, train, source, rows, held, refine, target, limits, seed
@@ -137,20 +147,29 @@ def build_planned(
                     block.unlink()
                 (work / "lists.ivfdata").unlink(missing_ok=True)
                 plan, trained = choice.plan, choice.trained
-                rows = budgets.batch_rows(plan, max_build_memory, reserved)
-                index, _ = add_batches(plan, trained, source, 0, rows, work, None, None, None)
-                info = _describe(source, plan, added, generation, rows, limits, opq_check)
+                rows = budgets.batch_rows(plan, limits.build, limits.reserved)
+                index, _ = add_batches(plan, trained, source, 0, rows, work, None, None, None, fill)
+                info = _describe(source, plan, added, generation, rows, limits, opq_check, 0)
             if retune:
-                _tune(info, index, held, choice.refine, target, work, work)
+                _tune(info, plan, index, held, choice.refine, target, work, work)
             info["plan"]["recall_check"] = choice.tried
         del train
+        rejected = ivf_rejection(info, limits)
+        if rejected and kind == "auto" and limits.index is None:  # exact search is as fast
+            del index
+            plan = budgets.IndexPlan("flat", source.count, source.dim)
+            trained = train_index(plan, np.zeros((0, plan.dim), np.float32), seed)
+            index, _ = add_batches(plan, trained, source, 0, rows, work, None, None, None, fill)
+            info = _describe(source, plan, added, generation, rows, limits, opq_check, 0)
+            _tune(info, plan, index, held, refine, target, work, work)
+        if rejected:
+            info["params"]["ivf_rejected"] = rejected
         _save(index, trained, plan, work, files)
         measured = info["params"]["measured_recall"]
         if measured["value"] < target:  # what the build reaches on the held-out rows
-            check_recall(measured, target, accept, f"{plan.factory()} index of {added:,} vectors")
+            what = f"{info['kind']} index of {added:,} {source.modality}"
+            check_recall(measured, target, accept, what)
             info["params"]["accept_recall"] = accept
-        if plan.kind == "ivf-flat" and _ivf_rejected(info, max_index_memory, flat_max):
-            info["params"]["ivf_rejected"] = _ivf_rejected(info, max_index_memory, flat_max)
         info["build_seconds"] = round(time.perf_counter() - started, 1)
         _commit(out, work, info, files)
     finally:
@@ -160,16 +179,16 @@ def build_planned(
 
 @dataclass(frozen=True)
 class Limits:
-    """The budgets of one build (bytes; ``reserved``: what the process itself holds)."""
+    """The budgets of one build (bytes; None: unlimited; ``reserved``: what the process itself
+    holds)."""
 
-    index: int
-    build: int | None
-    reserved: int
-    flat_max: int
+    index: int | None = None
+    build: int | None = None
+    reserved: int = 0
 
     def fits(self, plan: budgets.IndexPlan) -> bool:
         """Whether ``plan`` fits the index budget and can be built within the build one."""
-        if plan.index_bytes() > self.index:
+        if self.index is not None and plan.index_bytes() > self.index:
             return False
         return self.build is None or plan.build_bytes() + self.reserved <= self.build
 
@@ -182,6 +201,7 @@ def _describe(
     rows: int,
     limits: Limits,
     opq_check: dict[str, float],
+    trained_on: int,
 ) -> dict[str, Any]:
     """index.json of a fresh build of ``plan`` (params filled in by :func:`_tune`)."""
     info = {
@@ -208,6 +228,8 @@ def _describe(
         "plan": plan.describe(),
         "params": {"factory": plan.factory()},
     }
+    if plan.kind not in ("flat", "hnsw"):
+        info["params"]["train_vectors"] = trained_on
     if opq_check and plan.kind == "ivf-pq":
         info["plan"]["opq_check"] = opq_check
     return info
@@ -305,12 +327,12 @@ def scan_codes(
     decoded by the index (``sa_encode``/``sa_decode``), scored by inner product with the
     queries, as the index scores its codes."""
     found = [HeldOut(held.positions, held.queries, shortlist) for _ in codecs]
-    bar = tqdm(total=source.count * len(codecs), desc="checking recall", unit="vec", leave=False)
-    for batch in source.batches(min(rows, RECALL_ROWS), with_ids=False):
-        for codec, top in zip(codecs, found, strict=True):
-            top.update(batch.start, codec.sa_decode(codec.sa_encode(batch.embeddings)))
-            bar.update(len(batch.embeddings))
-    bar.close()
+    total = source.count * len(codecs)
+    with tqdm(total=total, desc="checking recall", unit="vec", leave=False) as bar:
+        for batch in source.batches(min(rows, RECALL_ROWS), with_ids=False):
+            for codec, top in zip(codecs, found, strict=True):
+                top.update(batch.start, codec.sa_decode(codec.sa_encode(batch.embeddings)))
+                bar.update(len(batch.embeddings))
     return found
 
 
@@ -332,7 +354,7 @@ def refusal(
     larger = [
         p
         for p in budgets.candidates(plan.count, plan.dim, plan.nlist)
-        if p.code_size > plan.code_size and (p.kind != "flat" or plan.count < limits.flat_max)
+        if p.code_size > plan.code_size and (p.kind != "flat" or plan.count < budgets.FLAT_MAX)
     ]
     larger = [with_plan(p, opq=plan.opq) if p.kind == "ivf-pq" else p for p in larger]
     larger.sort(key=lambda p: p.index_bytes())
@@ -366,14 +388,19 @@ def refusal(
     )
 
 
-def _ivf_rejected(info: dict[str, Any], budget: int, flat_max: int) -> str | None:
+def ivf_rejection(info: dict[str, Any], limits: Limits) -> str | None:
+    """Why a tuned IVF-Flat index is not worth it over exact search that fits the budget
+    (None when it is)."""
     params = info["params"]
-    flat_bytes = info["count"] * info["dim"] * 4
-    if flat_bytes > budget or params["nprobe"] <= IVF_MAX_PROBE_FRACTION * params["nlist"]:
+    flat = budgets.IndexPlan("flat", info["count"], info["dim"])
+    if info["kind"] not in ("ivf", "ivf-flat") or not limits.fits(flat):
+        return None
+    if params["nprobe"] <= budgets.IVF_MAX_PROBE_FRACTION * params["nlist"]:
         return None
     return (
-        f"IVF needs nprobe {params['nprobe']} of {params['nlist']} lists: the data has little "
-        "cluster structure (exact search would be as fast and fits the budget)"
+        f"IVF needs nprobe {params['nprobe']} of {params['nlist']} lists for recall@10 "
+        f"{params['recall_at_10']:.3f}: the data has little cluster structure, exact search "
+        "is as fast"
     )
 
 
@@ -428,9 +455,12 @@ def _quiet(index: faiss.Index, seed: int) -> None:
 
 
 def train_index(plan: budgets.IndexPlan, train: np.ndarray, seed: int) -> faiss.Index:
+    """The empty index of ``plan``, trained on ``train`` (nothing to train for flat, HNSW)."""
     index = faiss.index_factory(plan.dim, plan.factory(), faiss.METRIC_INNER_PRODUCT)
     _quiet(index, seed)
-    if plan.kind != "flat":
+    if plan.kind == "hnsw":
+        faiss.downcast_index(index).hnsw.efConstruction = budgets.HNSW_EF_CONSTRUCTION
+    elif plan.kind != "flat":
         with tqdm(total=1, desc=f"training {plan.factory()}", unit="index", leave=False) as bar:
             index.train(train)
             bar.update()
@@ -447,36 +477,78 @@ def add_batches(
     ids: IdsWriter | None,
     vectors: VectorsWriter | None,
     held: HeldOut | None,
+    fill: Fill | None = None,
 ) -> tuple[faiss.Index, int]:
-    """Add every row of ``source`` (positions from ``first``); IVF rows go to block files in
-    ``work`` that are merged into on-disk lists. Returns the index and the rows added. Ids,
-    vectors and the held-out rows' exact neighbours are recorded where given."""
-    flat = plan.kind == "flat"
-    index = trained if flat else faiss.clone_index(trained)
-    blocks: list[Path] = []
-    block_limit = max(rows, budgets.BLOCK_BYTES // (plan.code_size + budgets.ID_BYTES))
+    """Add every row of ``source`` (positions from ``first``): into ``trained`` itself for a
+    plan held in memory; for on-disk lists, into block files in ``work`` (by ``fill``, default
+    :func:`fill_blocks`) merged into them. Returns the index and the rows added. Ids, vectors
+    and the held-out rows' exact neighbours are recorded where given."""
+    if not plan.in_memory:
+        fill = fill or fill_blocks
+        blocks, added = fill(plan, trained, source, first, rows, work, ids, vectors, held)
+        return blocks_index(trained, blocks, work), added
     added = 0
-    bar = tqdm(total=source.count, desc=f"adding to {plan.factory()}", unit="vec", leave=False)
-    for batch in source.batches(rows, with_ids=ids is not None):
-        positions = np.arange(first + added, first + added + len(batch.embeddings), dtype=np.int64)
-        if flat:
-            index.add(batch.embeddings)
-        else:
-            index.add_with_ids(batch.embeddings, positions)
-        _record(batch, ids, vectors)
-        if held is not None:
-            held.update(int(positions[0]) if len(positions) else first, batch.embeddings)
-        added += len(batch.embeddings)
-        bar.update(len(batch.embeddings))
-        if not flat and index.ntotal >= block_limit:
-            blocks.append(_flush(index, work, len(blocks)))
-            index = faiss.clone_index(trained)
-    bar.close()
-    if flat:
-        return index, added
+    with closing(_batches(plan, source, first, rows, ids, vectors, held)) as batches:
+        for embeddings, positions in batches:
+            if plan.kind == "ivf":
+                trained.add_with_ids(embeddings, positions)
+            else:  # flat, hnsw: the ids are the positions already
+                trained.add(embeddings)
+            added += len(positions)
+    return trained, added
+
+
+def fill_blocks(
+    plan: budgets.IndexPlan,
+    trained: faiss.Index,
+    source: ShardSource,
+    first: int,
+    rows: int,
+    work: Path,
+    ids: IdsWriter | None,
+    vectors: VectorsWriter | None,
+    held: HeldOut | None,
+) -> tuple[list[Path], int]:
+    """Every row of ``source`` (positions from ``first``) added to block files in ``work``:
+    copies of ``trained`` with in-memory lists of up to ``BLOCK_BYTES`` of codes each, to be
+    merged (:func:`blocks_index`). Returns the blocks, in order, and the rows added."""
+    limit = max(rows, budgets.BLOCK_BYTES // (plan.code_size + budgets.ID_BYTES))
+    blocks: list[Path] = []
+    index = faiss.clone_index(trained)
+    added = 0
+    with closing(_batches(plan, source, first, rows, ids, vectors, held)) as batches:
+        for embeddings, positions in batches:
+            index.add_with_ids(embeddings, positions)
+            added += len(positions)
+            if index.ntotal >= limit:
+                blocks.append(_flush(index, work, len(blocks)))
+                index = faiss.clone_index(trained)
     if index.ntotal or not blocks:
         blocks.append(_flush(index, work, len(blocks)))
-    return blocks_index(trained, blocks, work), added
+    return blocks, added
+
+
+def _batches(
+    plan: budgets.IndexPlan,
+    source: ShardSource,
+    first: int,
+    rows: int,
+    ids: IdsWriter | None,
+    vectors: VectorsWriter | None,
+    held: HeldOut | None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(embeddings, positions) of ``source``'s rows, ``rows`` at a time, positions from
+    ``first``; ids, vectors and the held-out rows' exact neighbours recorded where given."""
+    what = f"adding to {plan.factory()}"
+    with tqdm(total=source.count, desc=what, unit="vec", leave=False) as bar:
+        for batch in source.batches(rows, with_ids=ids is not None):
+            count = len(batch.embeddings)
+            _record(batch, ids, vectors)
+            if held is not None:
+                held.update(first, batch.embeddings)
+            yield batch.embeddings, np.arange(first, first + count, dtype=np.int64)
+            first += count
+            bar.update(count)
 
 
 def blocks_index(
@@ -505,8 +577,9 @@ def _save(
     work: Path,
     files: dict[str, str],
 ) -> None:
-    """The index (its lists renamed to this generation's name), the trained empty index."""
-    if plan.kind != "flat":
+    """The index (on disk: its lists renamed to this generation's name, and the trained empty
+    index)."""
+    if not plan.in_memory:
         faiss.write_index(trained, str(work / files["trained_file"]))
         ivf = faiss.extract_index_ivf(index)
         ondisk = faiss.downcast_InvertedLists(ivf.invlists)
@@ -517,6 +590,7 @@ def _save(
 
 def _tune(
     info: dict[str, Any],
+    plan: budgets.IndexPlan,
     index: faiss.Index,
     held: HeldOut,
     refine: int,
@@ -524,27 +598,34 @@ def _tune(
     vectors_dir: Path,
     work: Path,
 ) -> None:
-    """nprobe from the held-out rows (the smallest reaching ``target``, else every list),
-    recall at 1/10/100 and ``measured_recall`` (:mod:`.tuning`) of the index as served."""
+    """The search depth (nprobe, efSearch) from the held-out rows, the smallest reaching
+    ``target`` (else the deepest), set as the index's own; recall at 1/10/100 and
+    ``measured_recall`` (:mod:`.tuning`) of the index as served."""
     params = info["params"]
     vectors = (
         open_vectors(vectors_dir / VECTORS_FILE, info["count"], info["dim"], info["dtype"])
         if refine
         else None
     )
-    if info["kind"] == "flat":
-        nprobe = None
+    depth = None
+    if plan.kind == "flat":
         found = search_index(
             index, held.queries, GROUND_TRUTH_K, None, refine, vectors, held.selector()
         )[1]
-        recalls = held.recalls(found)
-        params.update(refine=refine, target_recall=target, **recalls)
+        params.update(refine=refine, target_recall=target, **held.recalls(found))
+    elif plan.kind == "hnsw":
+        depth, recalls = tune_depth(index, held, *HNSW_DEPTHS, target, refine, vectors)
+        faiss.downcast_index(index).hnsw.efSearch = depth
+        params.update(M=budgets.HNSW_M, efConstruction=budgets.HNSW_EF_CONSTRUCTION)
+        params.update(efSearch=depth, refine=refine, target_recall=target, **recalls)
     else:
-        nlist = faiss.extract_index_ivf(index).nlist
-        nprobe, recalls = tune_nprobe(index, held, nlist, target, refine, vectors)
-        params.update(nlist=nlist, nprobe=nprobe, refine=refine, target_recall=target, **recalls)
+        ivf = faiss.extract_index_ivf(index)
+        depth, recalls = tune_depth(index, held, 1, ivf.nlist, target, refine, vectors)
+        ivf.nprobe = depth
+        params.update(nlist=ivf.nlist, nprobe=depth, refine=refine, target_recall=target)
+        params.update(recalls)
     selector = held.selector()
-    found = search_index(index, held.queries, RECALL_K, nprobe, refine, vectors, selector)[1]
+    found = search_index(index, held.queries, RECALL_K, depth, refine, vectors, selector)[1]
     params["measured_recall"] = measured_record(held.recall_at(found), len(held.queries))
     params["tuning_queries"] = len(held.queries)
     held.save(work / names(info["generation"])["heldout_file"])
@@ -575,78 +656,3 @@ def _commit(out: Path, work: Path, info: dict[str, Any], files: dict[str, str]) 
                 old.unlink(missing_ok=True)
     if "vectors_file" not in info:
         (out / VECTORS_FILE).unlink(missing_ok=True)
-
-
-def add_planned(
-    source: ShardSource, out: Path, info: dict[str, Any], accept: float | None = None
-) -> dict[str, Any]:
-    """Append ``source``'s rows to a budgeted index as a new generation: the new rows go to
-    blocks merged with the current lists; nprobe is re-tuned and recall measured on the same
-    held-out rows (RecallTargetError, the index left as it was, when it falls under the
-    target and under ``accept``, default: the floor the index was built with)."""
-    old_count = info["count"]
-    generation = info["generation"] + 1
-    files = names(generation)
-    work = out / f".build-{generation:05d}"
-    shutil.rmtree(work, ignore_errors=True)
-    make_dir(work)
-    refine = info["params"].get("refine", 0)
-    try:
-        vectors = None
-        if refine:
-            path = out / VECTORS_FILE
-            open_vectors(path, old_count, info["dim"], info["dtype"])  # checks its size
-            vectors = VectorsWriter.__new__(VectorsWriter)
-            vectors.path, vectors.dtype, vectors.rows = path, np.dtype(info["dtype"]), 0
-            vectors.handle = open(path, "r+b")  # noqa: SIM115 (closed below)
-            vectors.handle.truncate(old_count * info["dim"] * vectors.dtype.itemsize)
-            vectors.handle.seek(0, os.SEEK_END)
-        ids = IdsWriter(work / files["ids_file"])
-        old_ids = IdsFile(out / info["ids_file"])
-        for group in range(old_ids.file.metadata.num_row_groups):
-            ids.write(old_ids.file.read_row_group(group).to_pydict())
-        plan = budgets.IndexPlan(**{k: v for k, v in info["plan"].items() if k in _PLAN_KEYS})
-        rows = info["budget"]["batch_rows"]
-        held = HeldOut.load(out / info["heldout_file"]) if "heldout_file" in info else None
-        if plan.kind == "flat":
-            index = read_index(out / info["index_file"])
-            index, added = add_batches(
-                plan, index, source, old_count, rows, work, ids, vectors, held
-            )
-        else:
-            trained = read_index(out / info["trained_file"])
-            fresh, added = add_batches(
-                plan, trained, source, old_count, rows, work, ids, vectors, held
-            )
-            (work / "lists.ivfdata").rename(work / "new.ivfdata")
-            new_block = work / "new-block.faiss"
-            ondisk = faiss.downcast_InvertedLists(faiss.extract_index_ivf(fresh).invlists)
-            ondisk.filename = str(work / "new.ivfdata")
-            faiss.write_index(fresh, str(new_block))
-            del fresh
-            current = out / info["index_file"]
-            index = blocks_index(
-                trained, [current, new_block], work, frozenset([current, new_block])
-            )
-        ids.close()
-        if vectors is not None:
-            vectors.close()
-        _save(index, trained if plan.kind != "flat" else index, plan, work, files)
-        info = dict(info, count=old_count + added, generation=generation)
-        info["shards"] = info["shards"] + [f.record() for f in source.files]
-        info["plan"] = dict(info["plan"], count=old_count + added)
-        if held is not None:
-            params = info["params"]
-            target = params.get("target_recall", TARGET_RECALL)
-            _tune(info, index, held, refine, target, out, work)
-            floor = params.pop("accept_recall", None) if accept is None else accept
-            if params["measured_recall"]["value"] < target:
-                check_recall(params["measured_recall"], target, floor, f"{out} after adding")
-                params["accept_recall"] = floor
-        _commit(out, work, info, files)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return info
-
-
-_PLAN_KEYS = ("kind", "count", "dim", "nlist", "pq_m", "opq")
