@@ -16,6 +16,7 @@ from xmodal.config import (
     load_yaml_or_json,
 )
 from xmodal.data.datasets import DatasetFormat
+from xmodal.runtime import Precision
 
 
 @dataclass
@@ -332,7 +333,7 @@ class TrainConfig:
     itm_stage: ITMStageSection = field(default_factory=ITMStageSection)
     out_dir: str = "runs/xmodal"
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpu_reuse_memory: bool = True
     eval_every: int = 100
