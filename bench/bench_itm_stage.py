@@ -12,8 +12,8 @@ hard swaps, ``--swap-sets`` seeded sets each), scored in process from the same f
     python bench/bench_itm_stage.py --run runs/quickstart/train --emoji runs/quickstart/emoji \\
         --variant baseline --variant more:steps=300,lr=0.001 --json itm-variants.json
 
-It drives the trainer's own pieces (``Trainer._cache_train_images``, ``_frozen_pairs``,
-``validate``), so the features and calibration are those of a real run: the ``baseline``
+It drives the trainer's own pieces (``Trainer.image_source``, ``ITMStageTask.frozen_pairs``,
+``Validator``), so the features and calibration are those of a real run: the ``baseline``
 variant reproduces the run's own re-ranked figures exactly (docs/experiments.md).
 """
 
@@ -45,6 +45,7 @@ from xmodal.evaluate.runner import (
 from xmodal.train.checkpoint import latest_checkpoint, load_checkpoint
 from xmodal.train.config import TrainConfig
 from xmodal.train.itm_stage import ITMStage
+from xmodal.train.itm_task import ITMStageTask
 from xmodal.train.run_config import RUN_CONFIG
 from xmodal.train.trainer import Trainer
 
@@ -134,8 +135,11 @@ def main() -> None:
     progress, _ = load_checkpoint(checkpoint, trainer.model, trainer.optimizer, trainer.scheduler)
     print(f"restored {checkpoint} (step {progress.step})", flush=True)
     started = time.time()
-    trainer._cache_train_images()
-    pairs = trainer._frozen_pairs()
+    images, train_set = trainer.image_source()
+    task = ITMStageTask(
+        trainer.model, trainer.processor, train_set, images, config, trainer.precision
+    )
+    pairs = task.frozen_pairs()
     print(f"frozen features in {time.time() - started:.0f} s", flush=True)
     weights = copy.deepcopy(trainer.model.state_dict())
     test = load_dataset(emoji / "test.jsonl")
@@ -154,10 +158,10 @@ def main() -> None:
         section.validate()
         trainer.config.itm_stage = section
         terms = ITMStage(
-            trainer.model, pairs, section, config.seed, trainer._autocast
+            trainer.model, pairs, section, config.seed, trainer.precision.autocast
         ).run()
-        trainer.itm_stage_started = True
-        val = trainer.validate()
+        trainer.validator.stage_done()
+        val = trainer.validator()
         report = evaluate_model(
             trainer.model, trainer.processor, test, rerank_k=16, image_outputs=outputs
         )

@@ -145,3 +145,21 @@ def test_stable_hash() -> None:
     assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1})
     assert stable_hash({"a": 1}) != stable_hash({"a": 2})
     assert len(stable_hash({})) == 16
+
+
+def test_config_files_read_exponent_floats_as_numbers(tmp_path):
+    """``5e-05`` without a dot is a number in YAML (PyYAML alone reads a string) and in a
+    ``.json`` file (a run's saved config.json is read back as JSON)."""
+    from xmodal.config import load_yaml_or_json
+
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("optim:\n  tower_lr: 5e-05\n  lr: 1.0e-3\n  steps: 10\nname: 1e3x\n")
+    data = load_yaml_or_json(yaml_file)
+    assert data["optim"] == {"tower_lr": 5e-05, "lr": 1e-3, "steps": 10}
+    assert data["name"] == "1e3x"
+    json_file = tmp_path / "config.json"
+    json_file.write_text('{"optim": {"tower_lr": 5e-05}}')
+    assert load_yaml_or_json(json_file)["optim"]["tower_lr"] == 5e-05
+    json_file.write_text('{"optim": ')
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        load_yaml_or_json(json_file)

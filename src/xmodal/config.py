@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -382,15 +383,41 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     return value
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """The safe loader, with YAML 1.2's floats: ``1e-4`` and ``5e-05`` (no dot) are numbers."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
 def load_yaml_or_json(path: str | Path) -> dict[str, Any]:
-    """Read a config file as plain data (YAML's safe loader; JSON is YAML)."""
+    """Read a config file as plain data: a ``.json`` file as JSON, anything else as YAML (safe
+    loader; ``1e-4`` is a number, as in YAML 1.2 and JSON, not PyYAML's string)."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML/JSON: {_yaml_problem(exc)}") from exc
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text) if text.strip() else None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON: {exc}") from exc
+    else:
+        try:
+            data = yaml.load(text, Loader=_ConfigLoader)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML/JSON: {_yaml_problem(exc)}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
