@@ -82,9 +82,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def swap_sets(rows: list[dict], share: float, sets: int) -> dict[str, list[list[dict]]]:
-    return {
-        kind: [swap(rows, share, seed) for seed in range(sets)] for kind, swap in SWAPS.items()
-    }
+    return {kind: [swap(rows, share, seed) for seed in range(sets)] for kind, swap in SWAPS.items()}
 
 
 def pair_scores(model, processor, test, outputs, pairs: tuple[torch.Tensor, torch.Tensor]):
@@ -181,9 +179,7 @@ def main() -> None:
             "last_terms": terms,
             "validation": val,
             "test_itc": {k: v for k, v in report["retrieval_itc"].items() if "R@" in k},
-            "test_rerank": {
-                k: v for k, v in report["retrieval_itm_rerank"].items() if "R@" in k
-            },
+            "test_rerank": {k: v for k, v in report["retrieval_itm_rerank"].items() if "R@" in k},
             "swaps": aucs,
             "seconds": round(time.time() - started, 1),
             "load": load_average(),

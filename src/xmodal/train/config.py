@@ -465,9 +465,7 @@ RETIRED: dict[str, Retired] = {
     "loss.itm_reordered": Retired(0.0, "removed (superseded): use itm_stage.reordered"),
     "optim.neighbour_share": Retired(0.0, "removed (hard-negative batches measured worse)"),
     "itm_stage.views": Retired(1, "removed (more views measured worse): the stage reads view 0"),
-    "itm_stage.head_from_similarity": Retired(
-        False, "removed (not adopted, docs/experiments.md)"
-    ),
+    "itm_stage.head_from_similarity": Retired(False, "removed (not adopted, docs/experiments.md)"),
     "itm_stage.random_negatives": Retired(0.0, "removed (not adopted, docs/experiments.md)"),
 }
 
