@@ -2,15 +2,17 @@
 
 A training run with ``itm_stage`` (the quickstart's) saves a checkpoint at its last contrastive
 step, before the stage. This script restores that checkpoint once, computes the stage's frozen
-features once, then for each ``--variant`` (``name`` or ``name:key=value,key=value`` of
-``itm_stage`` keys) restores the weights, runs the stage with those keys changed, calibrates
-on the validation split as training does (re-rank and filter weights), and measures on the test
+features once, then for each ``--variant`` (``name`` or ``name:key=value,key=value`` of dotted
+``itm_stage.*`` and ``experimental.itm_*`` keys) restores the weights, runs the stage with those
+keys changed, calibrates on the validation split as training does (re-rank and filter weights),
+and measures on the test
 split (held-out names): ITC and re-ranked R@1, and the ROC AUC of the similarity, the ITM score
 and the combined score at telling clean rows from swapped ones (``bench_pairs.py``'s random and
 hard swaps, ``--swap-sets`` seeded sets each), scored in process from the same features.
 
     python bench/bench_itm_stage.py --run runs/quickstart/train --emoji runs/quickstart/emoji \\
-        --variant baseline --variant more:steps=300,lr=0.001 --json itm-variants.json
+        --variant baseline --variant more:itm_stage.optim.steps=300,itm_stage.optim.lr=0.001 \
+        --json itm-variants.json
 
 It drives the trainer's own pieces (``Trainer.image_source``, ``ITMStageTask.frozen_pairs``,
 ``Validator``), so the features and calibration are those of a real run: the ``baseline``
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ import yaml
 from bench_pairs import SWAPS
 from common import add_machine_args, load_average, setup_machine, write_json
 
-from xmodal.config import from_dict
+from xmodal.config import coerce_key, from_dict, with_keys
 from xmodal.data import load_dataset
 from xmodal.evaluate.pair_filter import roc_auc
 from xmodal.evaluate.retrieval import _score_pairs
@@ -46,7 +47,7 @@ from xmodal.train.checkpoint import latest_checkpoint, load_checkpoint
 from xmodal.train.config import TrainConfig
 from xmodal.train.itm_stage import ITMStage
 from xmodal.train.itm_task import ITMStageTask
-from xmodal.train.run_config import RUN_CONFIG
+from xmodal.train.run_config import RUN_CONFIG, move_old_keys
 from xmodal.train.trainer import Trainer
 
 
@@ -58,7 +59,7 @@ def parse_args() -> argparse.Namespace:
         "--variant",
         action="append",
         required=True,
-        help="NAME or NAME:key=value,... of itm_stage keys (values read as YAML)",
+        help="NAME or NAME:key=value,... of itm_stage.* / experimental.itm_* keys (YAML values)",
     )
     parser.add_argument("--noise", type=float, default=0.2, help="share of swapped captions")
     parser.add_argument("--swap-sets", type=int, default=2, help="seeded sets of each kind")
@@ -67,19 +68,21 @@ def parse_args() -> argparse.Namespace:
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """``name:key=value,key=value`` -> (name, {key: YAML value})."""
+    """``name:key=value,key=value`` -> (name, {dotted key: YAML value}), each value checked
+    against the key's type."""
     name, _, rest = text.partition(":")
     keys = {}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        keys[key.strip()] = yaml.safe_load(value)
+        key = key.strip()
+        if not key.startswith(("itm_stage.", "experimental.itm_")):
+            raise SystemExit(f"--variant {name}: {key} does not change the ITM stage")
+        keys[key] = coerce_key(TrainConfig, key, yaml.safe_load(value), "--variant")
     return name, keys
 
 
 def swap_sets(rows: list[dict], share: float, sets: int) -> dict[str, list[list[dict]]]:
-    return {
-        kind: [swap(rows, share, seed) for seed in range(sets)] for kind, swap in SWAPS.items()
-    }
+    return {kind: [swap(rows, share, seed) for seed in range(sets)] for kind, swap in SWAPS.items()}
 
 
 def pair_scores(model, processor, test, outputs, pairs: tuple[torch.Tensor, torch.Tensor]):
@@ -124,7 +127,7 @@ def main() -> None:
     run = Path(args.run)
     emoji = Path(args.emoji)
     # read as JSON: YAML 1.1 reads the run config's 5e-05 as a string
-    data = json.loads((run / RUN_CONFIG).read_text(encoding="utf-8"))
+    data = move_old_keys(json.loads((run / RUN_CONFIG).read_text(encoding="utf-8")))
     data["data"].update(train=str(emoji / "train.jsonl"), val=str(emoji / "val.jsonl"))
     data["out_dir"] = str(Path(args.json or "itm-variants").with_suffix("") / "work")
     config = from_dict(TrainConfig, data)
@@ -149,16 +152,21 @@ def main() -> None:
     )
     noisy_sets = swap_sets(rows, args.noise, args.swap_sets)
     results: dict = {"run": str(run), "checkpoint": str(checkpoint), "variants": {}}
-    base = config.itm_stage
     for text in args.variant:
         name, keys = parse_variant(text)
         started = time.time()
         trainer.model.load_state_dict(weights)
-        section = dataclasses.replace(base, **keys)
-        section.validate()
-        trainer.config.itm_stage = section
+        variant = with_keys(config, keys)
+        variant.validate()
+        trainer.config.itm_stage, section = variant.itm_stage, variant.itm_stage
         terms = ITMStage(
-            trainer.model, pairs, section, config.seed, trainer.precision.autocast
+            trainer.model,
+            pairs,
+            section,
+            config.seed,
+            trainer.precision.autocast,
+            hard_negatives=variant.experimental.itm_hard_negatives,
+            reordered_batch=variant.experimental.itm_reordered_batch,
         ).run()
         trainer.validator.stage_done()
         val = trainer.validator()
@@ -171,9 +179,7 @@ def main() -> None:
             "last_terms": terms,
             "validation": val,
             "test_itc": {k: v for k, v in report["retrieval_itc"].items() if "R@" in k},
-            "test_rerank": {
-                k: v for k, v in report["retrieval_itm_rerank"].items() if "R@" in k
-            },
+            "test_rerank": {k: v for k, v in report["retrieval_itm_rerank"].items() if "R@" in k},
             "swaps": aucs,
             "seconds": round(time.time() - started, 1),
             "load": load_average(),

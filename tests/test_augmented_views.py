@@ -12,7 +12,7 @@ from test_train import make_config, read_log
 from xmodal.config import ConfigError
 from xmodal.train import Trainer, load_train_config
 from xmodal.train.batches import sample_views
-from xmodal.train.config import ModelSection
+from xmodal.train.config import DataSection, ExperimentalSection, ModelSection, TrainConfig
 from xmodal.train.images import CachedImages
 
 
@@ -104,10 +104,12 @@ def test_resume_with_augmented_views_is_exact(tmp_path, tiny_model_dir, monkeypa
 def test_cached_views_config_is_checked(tmp_path) -> None:
     with pytest.raises(ConfigError, match="cached_views must be >= 1"):
         ModelSection(lock_image=True, cached_views=0).validate()
+    config = TrainConfig(data=DataSection(train="x"))
+    config.model.cached_views = 4
     with pytest.raises(ConfigError, match="cached_views > 1 needs cached image tower outputs"):
-        ModelSection(cached_views=4).validate()
-    with pytest.raises(ConfigError, match="view_flip must be in"):
-        ModelSection(lock_image=True, view_flip=1.5).validate()
+        config.validate()
+    with pytest.raises(ConfigError, match="experimental.view_flip must be in"):
+        ExperimentalSection(view_flip=1.5).validate()
     path = tmp_path / "views.yaml"
     path.write_text("data: {train: x.jsonl}\nmodel: {lock_image: true, cached_views: 6}\n")
     assert load_train_config(path).model.cached_views == 6

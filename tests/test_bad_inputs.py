@@ -481,7 +481,7 @@ def test_training_yaml_errors_name_the_key_or_file(tmp_path: Path) -> None:
         ({"optim": {"batch_size": -4}}, "optim.batch_size must be positive"),
         ({"data": {"train": "data.jsonl", "num_workers": -1}}, "data.num_workers"),
         ({"precision": "fp8"}, "precision must be one of"),
-        ({"model": {"embed_dim": 0}}, "model.embed_dim must be positive"),
+        ({"model": {"overrides": {"embed_dim": 0}}}, "model.overrides: embed_dim must be a posi"),
         ({"loss": {"itm": -1.0}}, "loss weights must be >= 0"),
     ]
     for change, words in cases:

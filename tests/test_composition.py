@@ -95,13 +95,13 @@ def quickstart_tiny() -> CrossModalModel:
     (as the trainer builds it: :func:`xmodal.train.surgery.with_new_heads`)."""
     raw = load_yaml_or_json(quickstart_config_path())["model"]
     section = from_dict(ModelSection, raw)
-    assert section.image_token_levels and section.image_token_levels > 1
-    assert section.image_pool_levels and section.image_pool_levels > 1
-    assert section.fusion_grid_positions
+    assert section.overrides["image.token_levels"] > 1
+    assert section.overrides["image.pool_levels"] > 1
+    assert section.overrides["fusion.grid_positions"]
     base = offline_small("cross")
     base.fusion.heads = 4
     model = with_new_heads(CrossModalModel(base), section)
-    assert model.config.image.token_levels == section.image_token_levels
+    assert model.config.image.token_levels == section.overrides["image.token_levels"]
     return model
 
 

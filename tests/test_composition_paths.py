@@ -425,8 +425,8 @@ def test_train_the_quickstart_config_two_steps_and_resume(
     captions = str(data / "captions.jsonl")
     config["data"].update(train=captions, val=captions, num_workers=0)
     config["model"].update(name=str(model_dir), text_trainable_layers=1)
-    config["model"]["image_projection_hidden"] = 16
-    config["itm_stage"]["steps"] = 2
+    config["model"]["overrides"]["image_projection_hidden"] = 16
+    config["itm_stage"]["optim"]["steps"] = 2
     config["optim"].update(steps=2, batch_size=6, warmup_steps=1)
     run = tmp_path / "run"
     config.update(out_dir=str(run), eval_every=0, save_every=0, log_every=1)

@@ -343,7 +343,8 @@ def test_torchrun_runs_the_itm_stage_like_one_process(run_config: Path) -> None:
     weights): the log and the saved model are the one-process run's."""
     tmp = run_config.parent
     config = yaml.safe_load(run_config.read_text())
-    config["itm_stage"] = {"steps": 3, "batch_size": 4, "hard_negatives": 2}
+    config["itm_stage"] = {"optim": {"steps": 3, "batch_size": 4}}
+    config["experimental"] = {"itm_hard_negatives": 2}
     path = tmp / "stage.yaml"
     path.write_text(yaml.safe_dump(config))
     torchrun(["--config", str(path), "--out-dir", str(tmp / "ranks")], tmp)

@@ -141,7 +141,7 @@ def test_training_option_makes_a_fresh_fusion_with_positions(tmp_path, tiny_mode
     from xmodal.train.config import ModelSection
 
     config = make_config(tmp_path, tiny_model_dir, "run", steps=4)
-    config.model.fusion_grid_positions = True
+    config.model.overrides = {"fusion.grid_positions": True}
     trainer = Trainer(config)
     original = CrossModalModel.from_pretrained(tiny_model_dir)
     assert not original.config.fusion.grid_positions
@@ -153,6 +153,7 @@ def test_training_option_makes_a_fresh_fusion_with_positions(tmp_path, tiny_mode
     result = trainer.train()
     saved = CrossModalModel.from_pretrained(result.model_dir)
     assert saved.config.fusion.grid_positions
-    assert from_dict(ModelSection, {"fusion_grid_positions": False}).fusion_grid_positions is False
-    with pytest.raises(ConfigError, match="fusion_grid_positions"):
-        from_dict(ModelSection, {"fusion_grid_positions": "yes"})
+    section = from_dict(ModelSection, {"overrides": {"fusion.grid_positions": False}})
+    assert section.overrides["fusion.grid_positions"] is False
+    with pytest.raises(ConfigError, match="model.overrides.fusion.grid_positions must be bool"):
+        from_dict(ModelSection, {"overrides": {"fusion.grid_positions": "yes"}})

@@ -19,7 +19,7 @@ from xmodal.models.image import EfficientNetLiteTower
 from xmodal.models.model import CrossModalModel
 from xmodal.presets import load_model
 from xmodal.train import Trainer
-from xmodal.train.config import ModelSection
+from xmodal.train.config import DataSection, ExperimentalSection, TrainConfig
 
 pytest.importorskip("efficientnet_lite_pytorch")
 
@@ -56,7 +56,7 @@ def efficientnet_model_dir(tmp_path: Path, make_processor) -> str:
 def partial_config(tmp_path: Path, model_dir: str, out: str, blocks: int = 1, **optim):
     config = views_config(tmp_path, model_dir, out, views=2, **optim)
     config.model.lock_image = False
-    config.model.image_trainable_blocks = blocks
+    config.experimental.image_trainable_blocks = blocks
     return config
 
 
@@ -109,11 +109,15 @@ def test_only_the_last_blocks_train_and_resume_is_exact(tmp_path, make_processor
 
 
 def test_trainable_blocks_config_is_checked(tmp_path, tiny_model_dir, make_processor) -> None:
-    with pytest.raises(ConfigError, match="image_trainable_blocks must be >= 0"):
-        ModelSection(image_trainable_blocks=-1).validate()
+    with pytest.raises(ConfigError, match="experimental.image_trainable_blocks must be >= 0"):
+        ExperimentalSection(image_trainable_blocks=-1).validate()
+    config = TrainConfig(data=DataSection(train="x"))
+    config.experimental.image_trainable_blocks = 2
+    config.model.lock_image = True
     with pytest.raises(ConfigError, match="set one of them"):
-        ModelSection(lock_image=True, image_trainable_blocks=2).validate()
-    ModelSection(image_trainable_blocks=2, cached_views=3).validate()  # a cached prefix
+        config.validate()
+    config.model.lock_image, config.model.cached_views = False, 3
+    config.validate()  # a cached prefix
     with pytest.raises(ConfigError, match="needs an EfficientNet-Lite image tower"):
         Trainer(partial_config(tmp_path, tiny_model_dir, "hf"))
     model_dir = efficientnet_model_dir(tmp_path, make_processor)

@@ -17,7 +17,12 @@ from xmodal.data import load_dataset
 from xmodal.models import CrossModalModel
 from xmodal.models.model import Features
 from xmodal.train import Trainer
-from xmodal.train.config import ITMStageSection, LossSection
+from xmodal.train.config import (
+    ExperimentalSection,
+    ITMStageSection,
+    LossSection,
+    StageOptimSection,
+)
 from xmodal.train.itm_stage import FrozenPairs, ITMStage, frozen_pairs, nearest_by_itc
 from xmodal.train.itm_task import ITMStageTask
 from xmodal.train.objective import itm_reordered_loss
@@ -29,11 +34,12 @@ def _config(tmp_path, tiny_model_dir, name: str, steps: int = 4, **stage):
     cfg = make_config(tmp_path, tiny_model_dir, name, steps=steps, batch_size=4)
     cfg.data.train = cfg.data.val = data
     cfg.model.lock_image = True
-    cfg.model.fusion_grid_positions = True
+    cfg.model.overrides = {"fusion.grid_positions": True}
     cfg.loss = LossSection(infonce=1.0, itm=0.0)
     cfg.itm_stage = ITMStageSection(
-        **{"steps": 6, "batch_size": 4, "hard_negatives": 3, "reordered": 1.0} | stage
+        **{"reordered": 1.0} | stage, optim=StageOptimSection(steps=6, batch_size=4)
     )
+    cfg.experimental.itm_hard_negatives = 3
     cfg.eval_every = cfg.save_every = 2
     return cfg
 
@@ -154,21 +160,21 @@ def test_frozen_pairs_find_reorderings_and_the_images_that_show_them(
     listed = {r for r, c in enumerate(captions) if c.startswith("colours:")}
     batch = torch.tensor([6, 7, 8])  # no caption with a list
     for draw, expected in ((4, 4), (64, 6)):
-        section = ITMStageSection(steps=1, hard_negatives=2, reordered=1.0, reordered_batch=draw)
-        rows = ITMStage(model, pairs, section, 0)._listed_rows(batch, torch.Generator())
+        section = ITMStageSection(reordered=1.0, optim=StageOptimSection(steps=1))
+        stage = ITMStage(model, pairs, section, 0, hard_negatives=2, reordered_batch=draw)
+        rows = stage._listed_rows(batch, torch.Generator())
         assert len(set(rows.tolist())) == expected and set(rows.tolist()) <= listed
-    section = ITMStageSection(steps=1, hard_negatives=2, reordered=1.0, reordered_batch=0)
-    assert ITMStage(model, pairs, section, 0)._listed_rows(batch, torch.Generator()) is batch
+    section = ITMStageSection(reordered=1.0, optim=StageOptimSection(steps=1))
+    stage = ITMStage(model, pairs, section, 0, hard_negatives=2, reordered_batch=0)
+    assert stage._listed_rows(batch, torch.Generator()) is batch
 
 
 def test_stage_logits_and_terms_match_a_direct_computation(
     make_tiny_config, processor, tmp_path
 ) -> None:
     model, pairs, _ = _stage_pairs(make_tiny_config, processor, tmp_path, views=2)
-    section = ITMStageSection(
-        steps=1, hard_negatives=2, reordered=1.0, reordered_images=1.0, reordered_batch=0
-    )
-    stage = ITMStage(model, pairs, section, seed=0)
+    section = ITMStageSection(reordered=1.0, reordered_images=1.0, optim=StageOptimSection(steps=1))
+    stage = ITMStage(model, pairs, section, seed=0, hard_negatives=2, reordered_batch=0)
     image, view = torch.tensor([0, 3, 3, 1]), torch.tensor([1, 0, 1, 0])
     caption = torch.tensor([2, 2, 5, 0])
     got = stage._logits(image, view, pairs.text, caption)
@@ -245,16 +251,12 @@ def test_the_stage_teaches_the_head_which_colour_is_on_the_left(
     fusion to tell "colours: red, blue" from "colours: blue, red" both ways."""
     model, pairs, _ = _stage_pairs(make_tiny_config, processor, tmp_path)
     section = ITMStageSection(
-        steps=150,
-        batch_size=9,
-        lr=3e-3,
-        warmup_steps=5,
         itm=0.0,
         reordered=1.0,
         reordered_images=1.0,
-        hard_negatives=2,
+        optim=StageOptimSection(steps=150, batch_size=9, lr=3e-3, warmup_steps=5),
     )
-    stage = ITMStage(model, pairs, section, seed=0)
+    stage = ITMStage(model, pairs, section, seed=0, hard_negatives=2)
     before = _order_accuracy(model, pairs, stage)
     records = []
     stage.run(lambda step, terms: records.append(terms), log_every=1)
@@ -265,22 +267,24 @@ def test_the_stage_teaches_the_head_which_colour_is_on_the_left(
 
 
 def test_config_checks() -> None:
-    with pytest.raises(ConfigError, match="itm_stage.steps must be >= 0"):
-        ITMStageSection(steps=-1).validate()
-    with pytest.raises(ConfigError, match="reordered_batch must be >= 0"):
-        ITMStageSection(reordered_batch=-1).validate()
-    with pytest.raises(ConfigError, match="hard_negatives must be >= 1"):
-        ITMStageSection(hard_negatives=0).validate()
+    with pytest.raises(ConfigError, match="itm_stage.optim.steps must be >= 0"):
+        ITMStageSection(optim=StageOptimSection(steps=-1)).validate()
+    with pytest.raises(ConfigError, match="itm_stage.optim.batch_size must be positive"):
+        ITMStageSection(optim=StageOptimSection(batch_size=0)).validate()
+    with pytest.raises(ConfigError, match="itm_reordered_batch must be >= 0"):
+        ExperimentalSection(itm_reordered_batch=-1).validate()
+    with pytest.raises(ConfigError, match="itm_hard_negatives must be >= 1"):
+        ExperimentalSection(itm_hard_negatives=0).validate()
     with pytest.raises(ConfigError, match="weights must be >= 0"):
         ITMStageSection(reordered=-0.5).validate()
     with pytest.raises(ConfigError, match="give itm, reordered or reordered_images"):
-        ITMStageSection(steps=5, itm=0.0).validate()
+        ITMStageSection(itm=0.0, optim=StageOptimSection(steps=5)).validate()
     ITMStageSection(itm=0.0).validate()  # no stage: nothing to weigh
 
 
 def test_a_model_without_fusion_is_refused(tmp_path, tiny_model_dir) -> None:
     cfg = _config(tmp_path, tiny_model_dir, "none")
-    cfg.model.fusion, cfg.model.fusion_grid_positions = "none", None
+    cfg.model.fusion, cfg.model.overrides = "none", {}
     with pytest.raises(ConfigError, match="itm_stage trains the fusion"):
         Trainer(cfg)
 

@@ -91,8 +91,8 @@ def test_pool_levels_config_is_validated_and_saved(tmp_path, processor) -> None:
     aligned["projection"] = "linear_no_bias"
     with pytest.raises(ConfigError, match="needs a new projection"):
         from_dict(ModelConfig, aligned)
-    with pytest.raises(ConfigError, match="image_pool_levels must be positive"):
-        from_dict(ModelSection, {"image_pool_levels": 0})
+    with pytest.raises(ConfigError, match="model.overrides: image.pool_levels must be >= 1"):
+        from_dict(ModelSection, {"overrides": {"image.pool_levels": 0}})
     with pytest.raises(ConfigError, match="has 3 feature levels"):
         tiny_model(4)
     model = tiny_model(3)
@@ -108,7 +108,7 @@ def test_cached_features_equal_uncached_and_projection_is_new(tmp_path, tiny_mod
     config = make_config(tmp_path, tiny_model_dir, "levels")
     config.model.lock_image = True
     config.model.cache_image_features = True
-    config.model.image_pool_levels = 3
+    config.model.overrides = {"image.pool_levels": 3}
     trainer = Trainer(config)
     model = trainer.model
     assert model.config.image.pool_levels == 3 and model.image_proj.in_features == 3 * 56

@@ -46,8 +46,8 @@ def test_mlp_projection_config_is_checked_and_saved(tmp_path, processor) -> None
         from_dict(
             ModelConfig, {**plain, "image_projection_hidden": 8, "projection": "linear_no_bias"}
         )
-    with pytest.raises(ConfigError, match="image_projection_hidden must be >= 0"):
-        from_dict(ModelSection, {"image_projection_hidden": -2})
+    with pytest.raises(ConfigError, match="overrides: image_projection_hidden must be an integer"):
+        from_dict(ModelSection, {"overrides": {"image_projection_hidden": -2}})
     model = mlp_model(8)
     model.save_pretrained(tmp_path / "m", processor)
     again = CrossModalModel.from_pretrained(tmp_path / "m")
@@ -60,7 +60,7 @@ def test_mlp_projection_config_is_checked_and_saved(tmp_path, processor) -> None
 def test_training_gets_a_fresh_mlp_head_at_lr_and_keeps_the_rest(tmp_path, tiny_model_dir) -> None:
     config = make_config(tmp_path, tiny_model_dir, "mlp", steps=6)
     config.model.lock_image = True
-    config.model.image_projection_hidden = 24
+    config.model.overrides = {"image_projection_hidden": 24}
     trainer = Trainer(config)
     model = trainer.model
     assert isinstance(model.image_proj, torch.nn.Sequential)

@@ -10,7 +10,7 @@ from xmodal.config import ImageTowerConfig
 from xmodal.errors import ConfigError
 from xmodal.models.image import EfficientNetLiteTower, grid_mean, standardised
 from xmodal.models.inference import inference_copy
-from xmodal.train.config import ModelSection
+from xmodal.train.config import DataSection, TrainConfig
 
 
 def _tower(token_levels: int, pool_levels: int = 3) -> EfficientNetLiteTower:
@@ -66,8 +66,11 @@ def test_token_levels_are_checked() -> None:
         _tower(9)
     with pytest.raises(ConfigError, match="cached prefix"):
         _tower(2).prefix(torch.randn(1, 3, 64, 64), 10)
-    with pytest.raises(ConfigError, match="does not combine with model.image_trainable_blocks"):
-        ModelSection(image_trainable_blocks=2, image_token_levels=3).validate()
+    config = TrainConfig(data=DataSection(train="x"))
+    config.model.overrides = {"image.token_levels": 3}
+    config.experimental.image_trainable_blocks = 2
+    with pytest.raises(ConfigError, match="does not combine with experimental.image_trainable"):
+        config.validate()
 
 
 def test_training_option_widens_the_fusion_and_saves(tmp_path, make_processor) -> None:
@@ -90,7 +93,7 @@ def test_training_option_widens_the_fusion_and_saves(tmp_path, make_processor) -
     CrossModalModel(config).save_pretrained(model_dir, make_processor())
     train_config = make_config(tmp_path, str(model_dir), "run", steps=2, batch_size=4)
     train_config.model.lock_image = True
-    train_config.model.image_token_levels = 3
+    train_config.model.overrides = {"image.token_levels": 3}
     trainer = Trainer(train_config)
     assert trainer.model.fusion.image_in.in_features == 1280 + 192 + 320
     result = trainer.train()

@@ -172,7 +172,7 @@ def test_yaml_naming_towers_trains_saves_and_reloads_without_them(tmp_path, towe
     shutil.copytree(towers["bert"], local / "bert")
     path = write_yaml(
         tmp_path,
-        f"{{image: local/vit, text: local/bert, text_pooling: cls, embed_dim: 32, "
+        f"{{image: local/vit, text: local/bert, text_pooling: cls, overrides: {{embed_dim: 32}}, "
         f"fusion: {fusion}}}",
     )
     config = load_train_config(path)
@@ -232,7 +232,10 @@ def test_fusion_key_is_validated_and_reaches_a_named_model(tmp_path, tiny_model_
         ("{image: vit}", r"model.text is required with model.image"),
         ("{name: seed, text_pooling: eos}", r"model.text_pooling applies to a model assembled"),
         ("{image: vit, text: bert, text_pooling: last}", r"model.text_pooling must be one of"),
-        ("{image: vit, text: bert, embed_dim: 20}", r"model: embed_dim \(20\) must be divisible"),
+        (
+            "{image: vit, text: bert, overrides: {embed_dim: 20}}",
+            r"model.overrides: embed_dim \(20\) must be divisible",
+        ),
     ],
 )
 def test_bad_tower_names_are_refused_naming_the_key(tmp_path, towers, model, message, capsys):

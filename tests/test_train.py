@@ -224,7 +224,7 @@ def test_cpu_memory_reuse_follows_the_setting(tmp_path, tiny_model_dir, monkeypa
     calls = []
     monkeypatch.setattr(trainer_module, "reuse_freed_memory", lambda: calls.append(1) or True)
     config = make_config(tmp_path, tiny_model_dir, "no-reuse")
-    config.cpu_reuse_memory = False
+    config.experimental.cpu_reuse_memory = False
     Trainer(config)
     assert calls == []
     config = make_config(tmp_path, tiny_model_dir, "reuse")
@@ -238,7 +238,7 @@ def test_new_embed_dim_on_an_aligned_clip_gets_new_projections_at_lr(tmp_path) -
 
     clip = save_clip(tmp_path / "clip", projection_dim=24)
     config = make_config(tmp_path, str(clip), "dim")
-    config.model.embed_dim = 16
+    config.model.overrides = {"embed_dim": 16}
     trainer = Trainer(config)
     model = trainer.model
     assert model.config.projection == "linear" and model.text_proj.weight.shape[0] == 16
@@ -255,10 +255,14 @@ def test_fusion_settings_equal_to_the_models_keep_its_trained_heads(tiny_model_d
     from xmodal.train.surgery import with_new_heads
 
     model, _ = load_model(tiny_model_dir)
-    same = ModelSection(name=tiny_model_dir, fusion="cross", fusion_layers=2, embed_dim=32)
+    same = ModelSection(
+        name=tiny_model_dir, fusion="cross", overrides={"fusion.layers": 2, "embed_dim": 32}
+    )
     assert with_new_heads(model, same) is model
     saved = {k: v.clone() for k, v in model.state_dict().items()}
-    rebuilt = with_new_heads(model, ModelSection(name=tiny_model_dir, fusion_layers=1))
+    rebuilt = with_new_heads(
+        model, ModelSection(name=tiny_model_dir, overrides={"fusion.layers": 1})
+    )
     assert rebuilt.config.fusion.layers == 1 and len(rebuilt.fusion.layers) == 1
     state = rebuilt.state_dict()
     tower = "image_tower.model.embedder.embedder.convolution.weight"

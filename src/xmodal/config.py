@@ -7,6 +7,7 @@ preprocessing exactly.
 
 from __future__ import annotations
 
+import copy as copy_module
 import dataclasses
 import hashlib
 import json
@@ -381,6 +382,42 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path} must be {hint.__name__}, got {value!r}")
         return value
     return value
+
+
+def config_keys(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every leaf field of a config dataclass by dotted key (nested sections by their path,
+    ``image.pool_levels``), with its type hint."""
+    keys: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for name in (f.name for f in dataclasses.fields(cls)):
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            keys.update(config_keys(hint, f"{prefix}{name}."))  # type: ignore[arg-type]
+        else:
+            keys[f"{prefix}{name}"] = hint
+    return keys
+
+
+def coerce_key(cls: type, key: str, value: Any, where: str) -> Any:
+    """``value`` checked against the type of ``cls``'s dotted ``key`` (:func:`config_keys`);
+    ConfigError naming ``<where>.<key>`` when it is not one of its keys or has the wrong type."""
+    hints = config_keys(cls)
+    if key not in hints:
+        raise ConfigError(f"{where}.{key}: not a key of {cls.__name__}")
+    return _coerce(hints[key], value, f"{where}.{key}")
+
+
+def with_keys(config: T, values: dict[str, Any]) -> T:
+    """A deep copy of the config dataclass ``config`` with the dotted keys of ``values`` set
+    (``{"fusion.layers": 1}``); the values are set as given (see :func:`coerce_key`)."""
+    copy = copy_module.deepcopy(config)
+    for key, value in values.items():
+        *parents, name = key.split(".")
+        owner = copy
+        for parent in parents:
+            owner = getattr(owner, parent)
+        setattr(owner, name, value)
+    return copy
 
 
 class _ConfigLoader(yaml.SafeLoader):

@@ -97,7 +97,7 @@ def run_quickstart(
         base = load_train_config(quickstart_config_path())
         if base.itm_stage.steps:
             stage_steps = max(1, round(base.itm_stage.steps * steps / base.optim.steps))
-            overrides["itm_stage"] = {"steps": stage_steps}
+            overrides["itm_stage"] = {"optim": {"steps": stage_steps}}
     if batch_size:
         optim["batch_size"] = batch_size
     elif limit is not None:

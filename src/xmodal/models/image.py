@@ -151,7 +151,7 @@ class EfficientNetLiteTower(nn.Module):
         if self.token_taps:
             raise ConfigError(
                 "image.token_levels > 1 runs the whole tower at once; it cannot be split into a "
-                "cached prefix (model.image_trainable_blocks)"
+                "cached prefix (experimental.image_trainable_blocks)"
             )
         x, maps = self._stem_and_blocks(pixel_values, start)
         return x, self._pooled_taps(maps, x)

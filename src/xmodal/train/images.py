@@ -4,7 +4,7 @@
   unlocked tower, or a locked one without ``cache_image_features``).
 - :class:`CachedImages`: outputs cached once per image (:func:`cache_images`), and per seeded
   augmented view (:func:`augmented_views`, ``model.cached_views``): of the whole locked tower,
-  or, with ``prefix_start`` (``model.image_trainable_blocks``), of its frozen first blocks,
+  or, with ``prefix_start`` (``experimental.image_trainable_blocks``), of its frozen first blocks,
   whose map the trained blocks then run on every step.
 
 A batch reads a source by ``image_index`` (rows of ``dataset.unique_images()``), ``view`` (the
@@ -167,7 +167,7 @@ def cached_training_images(
     prefix_start: int | None,
     drop_failed: Callable[[ImageTextDataset, dict[int, str]], ImageTextDataset],
 ) -> tuple[CachedImages, ImageTextDataset]:
-    """The cached source of a run's training images (``config.model.image_cached``), and the
+    """The cached source of a run's training images (``config.image_cached``), and the
     training pairs it covers: ``drop_failed(dataset, failures)`` gets the images that failed
     to decode (refused, or dropped with their captions) before the augmented views run.
     Token grids are cached when a loss, the ITM stage or the trained blocks read them."""
@@ -186,7 +186,7 @@ def cached_training_images(
         config.seed,
         keep_tokens,
         workers,
-        flip=section.view_flip,
+        flip=config.experimental.view_flip,
         zoom_out=section.view_zoom_out,
         prefix_start=prefix_start,
     )

@@ -5,9 +5,9 @@ Re-ranking asks the ITM head to pick the right pair among the ITC top candidates
 collection. Trained jointly with the contrastive loss, the head only meets in-batch negatives,
 under features that move beneath it. In this stage (``itm_stage`` in a training config) the
 towers and projections are frozen: every training caption's and image's features are computed
-once (the first ``views`` cached views of a cached image tower), each caption's
-``hard_negatives`` nearest images and each image's nearest captions of other images are found
-by ITC over the whole training set, and each step trains on one batch of pairs with
+once (view 0 of a cached image tower), each caption's ``experimental.itm_hard_negatives``
+nearest images and each image's nearest captions of other images are found by ITC over the
+whole training set, and each step trains on one batch of pairs with
 
 - ``itm``: the binary ITM cross-entropy of each pair, a negative image drawn from its
   caption's nearest and a negative caption drawn from its image's nearest;
@@ -17,8 +17,8 @@ by ITC over the whole training set, and each step trains on one batch of pairs w
   and the image of a training caption that is a reordering of it ("kiss: woman, man: light
   skin tone, dark skin tone" against the image of "... dark skin tone, light skin tone").
 
-The order terms read ``reordered_batch`` captions drawn each step from those that have a
-reordering, which are often a small share of a dataset.
+The order terms read ``experimental.itm_reordered_batch`` captions drawn each step from those
+that have a reordering, which are often a small share of a dataset.
 
 Every draw is a function of (seed, step), so the stage gives the same weights however the run
 was interrupted before it. Features stay in memory: text tokens (N, L, D) float32 and the
@@ -39,7 +39,7 @@ from xmodal.data.reorder import reorderings
 from xmodal.models.model import CrossModalModel, Features, pad_tokens, select_rows
 from xmodal.processing import MultimodalProcessor
 from xmodal.train.batches import epoch_batches
-from xmodal.train.config import ITMStageSection
+from xmodal.train.config import ExperimentalSection, ITMStageSection
 from xmodal.train.objective import itm_reordered_loss
 from xmodal.train.optim import cosine_schedule, no_decay
 
@@ -163,8 +163,10 @@ def _rows(features: Features, rows: torch.Tensor, device: torch.device) -> Featu
 
 
 class ITMStage:
-    """Trains ``model.fusion`` and ``model.itm_head`` on :class:`FrozenPairs`; nothing else
-    changes. ``log(step, record)`` receives the loss terms every ``log_every`` steps."""
+    """Trains ``model.fusion`` and ``model.itm_head`` on :class:`FrozenPairs` under
+    ``section.optim``; nothing else changes. ``hard_negatives`` / ``reordered_batch``: the
+    ``experimental.itm_*`` keys. ``log(step, record)`` receives the loss terms every
+    ``log_every`` steps."""
 
     def __init__(
         self,
@@ -173,12 +175,16 @@ class ITMStage:
         section: ITMStageSection,
         seed: int,
         autocast: Callable = contextlib.nullcontext,
+        *,
+        hard_negatives: int = ExperimentalSection.itm_hard_negatives,
+        reordered_batch: int = ExperimentalSection.itm_reordered_batch,
     ):
         self.model, self.pairs, self.section, self.seed = model, pairs, section, seed
+        self.reordered_batch = reordered_batch
         self.device = next(model.parameters()).device  # the features stay on the CPU
         self.autocast = autocast
         self.near_images, self.near_captions = nearest_by_itc(
-            pairs.images[0].embeds, pairs.text.embeds, pairs.image_of_row, section.hard_negatives
+            pairs.images[0].embeds, pairs.text.embeds, pairs.image_of_row, hard_negatives
         )
         self.params = [p for module in (model.fusion, model.itm_head) for p in module.parameters()]
         self.listed = torch.tensor(
@@ -187,7 +193,7 @@ class ITMStage:
 
     def run(self, log: Callable[[int, dict], None] | None = None, log_every: int = 10) -> dict:
         """All the stage's steps; returns the last step's loss terms."""
-        section, model = self.section, self.model
+        section, optim, model = self.section, self.section.optim, self.model
         model.requires_grad_(False)
         for p in self.params:
             p.requires_grad_(True)
@@ -197,16 +203,16 @@ class ITMStage:
                 {"params": [p for n, p in named if not no_decay(n, p)]},
                 {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
             ],
-            lr=section.lr,
-            weight_decay=section.weight_decay,
+            lr=optim.lr,
+            weight_decay=optim.weight_decay,
             betas=(0.9, 0.98),
             eps=1e-6,
         )
-        total = section.steps
-        schedule = cosine_schedule(optimizer, section.warmup_steps, total, min_ratio=0.0)
+        total = optim.steps
+        schedule = cosine_schedule(optimizer, optim.warmup_steps, total, optim.min_lr_ratio)
         terms: dict = {}
         rows_count = len(self.pairs.text.embeds)
-        batch = min(section.batch_size, rows_count)
+        batch = min(optim.batch_size, rows_count)
         per_epoch = rows_count // batch
         torch.manual_seed(self.seed * 1_000_003 + 17)  # the fusion's dropout
         for step in range(total):
@@ -221,7 +227,8 @@ class ITMStage:
                 loss = sum(getattr(section, name) * value for name, value in parts.items())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[union-attr]
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            if optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.params, optim.grad_clip)
             optimizer.step()
             schedule.step()
             terms = {
@@ -269,10 +276,10 @@ class ITMStage:
     def _listed_rows(self, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The rows the order terms read: ``reordered_batch`` drawn from the captions with a
         reordering (all of them when fewer), or (0) those of the step's batch."""
-        if not self.section.reordered_batch:
+        if not self.reordered_batch:
             return rows
         listed = self.listed
-        take = torch.randperm(len(listed), generator=generator)[: self.section.reordered_batch]
+        take = torch.randperm(len(listed), generator=generator)[: self.reordered_batch]
         return listed[take]
 
     def _reordered_term(self, rows, image, view, generator) -> torch.Tensor:

@@ -36,6 +36,7 @@ class ITMStageTask:
     ):
         self.model, self.processor, self.dataset, self.images = model, processor, dataset, images
         self.section, self.seed, self.precision = config.itm_stage, config.seed, precision
+        self.experimental = config.experimental
         self.num_workers, self.skip_bad = config.data.num_workers, config.data.skip_bad
 
     def image_outputs(self) -> tuple[ImageOutputs, ImageTextDataset]:
@@ -87,7 +88,15 @@ class ITMStageTask:
         """All the stage's steps, with a progress bar; ``log(step, terms)`` every ``log_every``
         steps and at the last. Returns the last step's terms."""
         pairs = self.frozen_pairs()
-        stage = ITMStage(self.model, pairs, self.section, self.seed, self.precision.autocast)
+        stage = ITMStage(
+            self.model,
+            pairs,
+            self.section,
+            self.seed,
+            self.precision.autocast,
+            hard_negatives=self.experimental.itm_hard_negatives,
+            reordered_batch=self.experimental.itm_reordered_batch,
+        )
         bar = tqdm(total=self.section.steps, desc="ITM stage", unit="step", disable=None)
 
         def logged(done: int, terms: dict) -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from xmodal.config import ConfigError
+from xmodal.config import ConfigError, with_keys
 from xmodal.models.model import CrossModalModel
 from xmodal.presets import assemble, load_model
 from xmodal.processing import MultimodalProcessor
-from xmodal.train.config import ModelSection, TrainConfig
+from xmodal.train.config import FRESH_ON_CHANGE, ModelSection, TrainConfig
+
+# the parts a rebuild keeps unless a changed key makes them fresh (the towers are always kept)
+KEPT_PARTS = ("image_proj.", "text_proj.", "logit_scale", "siglip_logit_")
 
 
 def build_model(
@@ -24,18 +27,18 @@ def build_model(
             section.image,
             section.text,
             text_pooling=section.text_pooling or "mean",
-            embed_dim=section.embed_dim or 512,
+            embed_dim=section.overrides.get("embed_dim", 512),
             fusion=section.fusion or "cross",
-            fusion_layers=section.fusion_layers,
+            fusion_layers=section.overrides.get("fusion.layers"),
         )
     else:
         model, processor = load_model(section.source, fusion=section.fusion)
     model = with_new_heads(model, section)
     loss = config.loss
-    if not model.has_itm and config.itm_stage.steps:
+    if not model.has_itm and config.itm_stage.optim.steps:
         raise ConfigError(
             "itm_stage trains the fusion and ITM head, and this model has none (fusion: "
-            "none); set model.fusion (cross or pooled) or itm_stage.steps: 0"
+            "none); set model.fusion (cross or pooled) or itm_stage.optim.steps: 0"
         )
     if not model.has_itm and loss.itm:
         if log:
@@ -52,47 +55,23 @@ def build_model(
 
 
 def with_new_heads(model: CrossModalModel, section: ModelSection) -> CrossModalModel:
-    """The model under a fresh fusion and ITM head when ``fusion``, ``fusion_layers``,
-    ``fusion_grid_positions``, ``image_token_levels`` or ``embed_dim`` change it, with a fresh
-    image projection when ``image_pool_levels`` or ``image_projection_hidden`` do (else the
-    model unchanged).
+    """The model rebuilt under ``section.fusion`` and ``section.overrides`` where they change
+    its config (else the model unchanged).
 
-    The towers are kept, and in the same shared space the projections and logit scales too, so
-    an aligned model keeps its alignment under a new fusion; a new ``embed_dim`` gets fresh
-    projections (``linear``, trained at ``lr`` as new layers are), new pool levels a fresh
-    image projection (its input is wider or narrower), a new projection shape one too.
+    The towers keep their weights, and so do the projections and logit scales unless a changed
+    key makes them fresh (:data:`FRESH_ON_CHANGE`: new pool levels or a new projection shape a
+    fresh image projection, a new ``embed_dim`` fresh linear projections and scales, trained
+    at ``lr`` as new layers are); the fusion and ITM head are always fresh. So an aligned model
+    keeps its alignment under a new fusion.
     """
-    model_config = model.config
-    new_fusion = section.fusion is not None and section.fusion != model_config.fusion.kind
-    new_layers = (
-        section.fusion_layers is not None and section.fusion_layers != model_config.fusion.layers
-    )
-    positions = section.fusion_grid_positions
-    new_positions = positions is not None and positions != model_config.fusion.grid_positions
-    new_dim = section.embed_dim is not None and section.embed_dim != model_config.embed_dim
-    token_levels = section.image_token_levels
-    new_tokens = token_levels is not None and token_levels != model_config.image.token_levels
-    levels = section.image_pool_levels
-    new_levels = levels is not None and levels != model_config.image.pool_levels
-    hidden = section.image_projection_hidden
-    new_head = hidden is not None and hidden != model_config.image_projection_hidden
-    changed = (new_fusion, new_layers, new_positions, new_tokens, new_dim, new_levels, new_head)
-    if not any(changed):
+    wanted = dict(section.overrides)
+    if section.fusion is not None:
+        wanted["fusion.kind"] = section.fusion
+    changed = [key for key, value in wanted.items() if _get(model.config, key) != value]
+    if not changed:
         return model
-    if new_tokens:
-        model_config.image.token_levels = token_levels  # type: ignore[assignment]
-    if new_levels:
-        model_config.image.pool_levels = levels  # type: ignore[assignment]
-    if new_head:
-        model_config.image_projection_hidden = hidden  # type: ignore[assignment]
-    if new_fusion:
-        model_config.fusion.kind = section.fusion  # type: ignore[assignment]
-    if new_layers:
-        model_config.fusion.layers = section.fusion_layers  # type: ignore[assignment]
-    if new_positions:
-        model_config.fusion.grid_positions = positions  # type: ignore[assignment]
-    if new_dim:
-        model_config.embed_dim = section.embed_dim  # type: ignore[assignment]
+    model_config = with_keys(model.config, {key: wanted[key] for key in changed})
+    if "embed_dim" in changed:
         model_config.projection = "linear"  # not the aligned model's pretrained projections
     try:
         model_config.validate()
@@ -103,10 +82,8 @@ def with_new_heads(model: CrossModalModel, section: ModelSection) -> CrossModalM
     model_config.image.hf_config = getattr(towers[0], "architecture", lambda: None)()
     model_config.text.hf_config = towers[1].architecture()
     fresh = CrossModalModel(model_config)
-    kept: tuple[str, ...] = ("image_tower.", "text_tower.")
-    if not new_dim:
-        kept += ("text_proj.", "logit_scale", "siglip_logit_")
-        kept += () if new_levels or new_head else ("image_proj.",)
+    made_fresh = {part for key in changed for part in FRESH_ON_CHANGE[key]}
+    kept = ("image_tower.", "text_tower.") + tuple(p for p in KEPT_PARTS if p not in made_fresh)
     state = {k: v for k, v in model.state_dict().items() if k.startswith(kept)}
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     if unexpected or any(k.startswith(kept) for k in missing):
@@ -114,29 +91,38 @@ def with_new_heads(model: CrossModalModel, section: ModelSection) -> CrossModalM
     return fresh
 
 
+def _get(config: object, key: str) -> object:
+    """The value of a dotted key of a config dataclass."""
+    for name in key.split("."):
+        config = getattr(config, name)
+    return config
+
+
 def prepare_for_training(
-    model: CrossModalModel, section: ModelSection, device: torch.device
+    model: CrossModalModel, config: TrainConfig, device: torch.device
 ) -> int | None:
     """Ready ``model`` for training on ``device``: weights calibrated for its old ITM head
     dropped (training changes the head), towers locked or partly trainable
     (:func:`configure_trainable`), gradient checkpointing as asked. Returns the first trained
-    block of the image tower (``image_trainable_blocks``; its input is what is cached) or None."""
+    block of the image tower (``experimental.image_trainable_blocks``; its input is what is
+    cached) or None."""
     model.config.fusion.rerank_weight = model.config.fusion.filter_weight = None
-    configure_trainable(model, section)
-    blocks = section.image_trainable_blocks
+    configure_trainable(model, config)
+    blocks = config.experimental.image_trainable_blocks
     start = None if blocks is None else image_suffix_start(model, blocks)
-    model.set_gradient_checkpointing(section.gradient_checkpointing)
+    model.set_gradient_checkpointing(config.model.gradient_checkpointing)
     model.to(device)
     return start
 
 
-def configure_trainable(model: CrossModalModel, section: ModelSection) -> None:
+def configure_trainable(model: CrossModalModel, config: TrainConfig) -> None:
     """Lock towers or train only the last layers (blocks) of a tower."""
+    section, blocks = config.model, config.experimental.image_trainable_blocks
     if section.lock_image:
         model.image_tower.requires_grad_(False)
-    elif section.image_trainable_blocks is not None:
+    elif blocks is not None:
         model.image_tower.requires_grad_(False)
-        start = image_suffix_start(model, section.image_trainable_blocks)
+        start = image_suffix_start(model, blocks)
         for module in model.image_tower.suffix_modules(start):
             module.requires_grad_(True)
     if section.lock_text:
@@ -150,16 +136,17 @@ def configure_trainable(model: CrossModalModel, section: ModelSection) -> None:
 
 
 def image_suffix_start(model: CrossModalModel, trainable_blocks: int) -> int:
-    """The first block of the image tower's trained part (``model.image_trainable_blocks``)."""
+    """The first block of the image tower's trained part
+    (``experimental.image_trainable_blocks``)."""
     tower = model.image_tower
     if not hasattr(tower, "suffix"):
         raise ConfigError(
-            "model.image_trainable_blocks needs an EfficientNet-Lite image tower "
+            "experimental.image_trainable_blocks needs an EfficientNet-Lite image tower "
             f"(this model's is {type(tower).__name__}); use lock_image or train it whole"
         )
     if trainable_blocks > tower.block_count:
         raise ConfigError(
-            f"model.image_trainable_blocks is {trainable_blocks} but the image tower has "
+            f"experimental.image_trainable_blocks is {trainable_blocks} but the image tower has "
             f"{tower.block_count} blocks"
         )
     return tower.block_count - trainable_blocks

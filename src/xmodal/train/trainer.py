@@ -57,7 +57,7 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.device = pick_device(config.device)  # this rank's GPU under torchrun
         self.world = distributed.init_distributed("nccl" if self.device.type == "cuda" else "gloo")
-        if self.device.type == "cpu" and config.cpu_reuse_memory:
+        if self.device.type == "cpu" and config.experimental.cpu_reuse_memory:
             reuse_freed_memory()  # faster steps, higher peak: docs/performance.md
         self.precision = MixedPrecision(config.precision, self.device)
         seed_everything(config.seed)
@@ -72,7 +72,7 @@ class Trainer:
                 f"{optim.accum_steps} x {self.world.size}) exceeds the {len(self.train_set)} "
                 f"training pairs in {data.train}"
             )
-        self.image_start = prepare_for_training(self.model, config.model, self.device)
+        self.image_start = prepare_for_training(self.model, config, self.device)
         distributed.broadcast_module(self.model)  # every rank starts from rank 0's weights
         if self.world.rank:  # its own dropout stream; rank 0 keeps the single-process one
             seed_everything(config.seed + 7919 * self.world.rank)
@@ -92,7 +92,7 @@ class Trainer:
         self.bad_images = BadImageLog(self.out_dir, data.skip_bad, self.world.is_main)
         self.validator: Validator | None = None
         if self.val_set is not None:
-            cached = config.model.image_cached and self.image_start is None
+            cached = config.image_cached and self.image_start is None
             self.validator = Validator(
                 self.model, self.processor, self.val_set, config, self.bad_images, cached
             )
@@ -105,9 +105,9 @@ class Trainer:
 
     def image_source(self) -> tuple[ImageSource, ImageTextDataset]:
         """Where the steps' image features come from, and the training pairs they cover: the
-        tower's outputs cached once (``model.image_cached``; an undecodable image is refused
+        tower's outputs cached once (``TrainConfig.image_cached``; an undecodable image is refused
         or, with ``data.skip_bad``, dropped with its captions), else decoded pixels."""
-        if not self.config.model.image_cached:
+        if not self.config.image_cached:
             return DecodedImages(self.model, self.device), self.train_set
 
         def drop_failed(dataset: ImageTextDataset, failures: dict[int, str]) -> ImageTextDataset:
@@ -190,7 +190,7 @@ class Trainer:
                 if progress.step >= optim.steps:
                     break
         bar.close()
-        if cfg.itm_stage.steps:
+        if cfg.itm_stage.optim.steps:
             self._itm_stage(progress.step, train_set, images)
         if world.is_main and self.validator and self.validator.uncalibrated():
             self.validator()  # e.g. resumed from the last checkpoint
