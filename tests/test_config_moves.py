@@ -168,6 +168,18 @@ def test_bad_overrides_are_refused_naming_the_key(overrides, message) -> None:
         ModelSection(overrides=overrides).validate()
 
 
+def test_embed_dim_is_checked_against_the_loaded_models_heads(tiny_model_dir) -> None:
+    # 12 is not a multiple of the default 8 heads, but the tiny model has 4: a valid override.
+    ModelSection(overrides={"embed_dim": 12}).validate()
+    model, _ = load_model(tiny_model_dir)
+    rebuilt = with_new_heads(model, ModelSection(name=tiny_model_dir, overrides={"embed_dim": 12}))
+    assert rebuilt.config.embed_dim == 12 and rebuilt.config.fusion.heads == 4
+    with pytest.raises(ConfigError, match=r"model: embed_dim \(10\) must be divisible"):
+        with_new_heads(model, ModelSection(name=tiny_model_dir, overrides={"embed_dim": 10}))
+    with pytest.raises(ConfigError, match="model.overrides: embed_dim"):
+        ModelSection(overrides={"embed_dim": 12, "fusion.heads": 8}).validate()
+
+
 def test_every_overridable_key_is_a_model_config_key() -> None:
     assert set(FRESH_ON_CHANGE) <= set(config_keys(ModelConfig))
     section = ModelSection(overrides={"fusion.mlp_ratio": 2})

@@ -191,8 +191,13 @@ def checked_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
                 f"model.overrides.{key}: not a key a run overrides; known: {list(OVERRIDABLE)}"
             )
         checked[key] = coerce_key(ModelConfig, key, value, "model.overrides")
+    # Each value is checked on the default model config; whether ``embed_dim`` divides the
+    # fusion's heads depends on the model loaded, checked when it is rebuilt (with_new_heads).
+    base = ModelConfig()
+    if "fusion.heads" not in checked:
+        base.fusion.heads = 1
     try:
-        with_keys(ModelConfig(), checked).validate()
+        with_keys(base, checked).validate()
     except ConfigError as err:
         raise ConfigError(f"model.overrides: {err}") from None
     return checked
