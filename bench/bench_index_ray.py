@@ -20,11 +20,13 @@ over the nodes, merging and the rest on the driver.
 
     python bench/bench_index_ray.py                      # ~10 min on 2 quiet cores
     python bench/bench_index_ray.py --count 50000 --rounds 3 --json /tmp/index-ray.json
+    python bench/bench_index_ray.py --plan-from docs/figures/index-ray.json --node-cores 64
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -63,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     plan = p.add_argument_group("the plan (per-vector costs -> nodes, hours)")
     plan.add_argument("--target", type=float, default=1e9, help="vectors")
     plan.add_argument("--node-cores", type=int, default=32, help="cores of a CPU node")
+    plan.add_argument("--plan-from", type=Path, help="only the plan again, for this run's JSON")
     return p.parse_args()
 
 
@@ -214,15 +217,17 @@ def assign_cost(nlist: int, dim: int) -> float:
 def plan(kinds: dict[str, dict], assign: dict[str, float], nlists: dict[str, int], args) -> dict:
     """Hours for ``args.target`` vectors on 1 to 64 nodes of ``args.node_cores`` cores: adding
     at the measured core-seconds a vector, its coarse assignment re-costed at the target's
-    nlist, spread over every core; merging and the rest on the driver at their measured
-    per-vector cost (on-disk merging is sequential). Training is not counted; the recall
-    check (:func:`xmodal.index.build.escalate`: every row encoded again in one process, when
-    the plan misses the target recall) is given apart."""
+    nlist, spread over every core; merging the blocks on the driver (sequential) at its
+    measured cost a vector. Given apart, as one-process hours scaled linearly from this size
+    (upper bounds: they depend on the depth tuning reaches, not only on the rows): the rest of
+    the driver's work (sampling, tuning nprobe on the held-out queries, writing) and the recall
+    check (:func:`xmodal.index.build.escalate`: every row encoded again, when the plan misses
+    the target recall). Training (on a bounded sample) is not counted."""
     out: dict[str, Any] = {
         "estimate": "from per-vector costs measured here: adding spread over the nodes' cores, "
-        "the coarse assignment re-costed at the target's nlist; merge and the rest on the "
-        "driver, sequential; training, reading the shards over the network not counted; "
-        "the recall check (a plan under the target recall) apart",
+        "its coarse assignment re-costed at the target's nlist; merging on the driver; the "
+        "driver's other one-process work and the recall check scaled linearly (upper bounds), "
+        "apart; training and reading the shards over the network not counted",
         "vectors": args.target,
         "node_cores": args.node_cores,
         "nlist_measured": nlists["measured"],
@@ -231,8 +236,7 @@ def plan(kinds: dict[str, dict], assign: dict[str, float], nlists: dict[str, int
     for kind, result in kinds.items():
         add = result["ray_add_core_s_per_vector"] - assign["measured"] + assign["target"]
         per_vector = result["driver_s_per_vector"]
-        driver = per_vector["merge"] + per_vector["rest"]
-        driver_hours = args.target * driver / 3600
+        merge_hours = args.target * per_vector["merge"] / 3600
         clusters = []
         for nodes in (1, 4, 16, 64):
             add_hours = args.target * add / (nodes * args.node_cores) / 3600
@@ -241,22 +245,54 @@ def plan(kinds: dict[str, dict], assign: dict[str, float], nlists: dict[str, int
                     "nodes": nodes,
                     "cores": nodes * args.node_cores,
                     "add_hours": add_hours,
-                    "driver_hours": driver_hours,
-                    "wall_hours": add_hours + driver_hours,
+                    "merge_hours": merge_hours,
+                    "wall_hours": add_hours + merge_hours,
                 }
             )
         out[kind] = {
             "add_core_s_per_vector_at_target": add,
-            "driver_s_per_vector": driver,
             "add_core_hours": args.target * add / 3600,
+            "merge_s_per_vector": per_vector["merge"],
             "clusters": clusters,
-            "recall_check_hours": args.target * per_vector["recall_check"] / 3600,
+            "driver_rest_hours_linear": args.target * per_vector["rest"] / 3600,
+            "recall_check_hours_linear": args.target * per_vector["recall_check"] / 3600,
         }
     return out
 
 
+def replan(path: Path, args: argparse.Namespace) -> None:
+    """The plan of an earlier run's JSON computed again (for another ``--node-cores``, or a
+    ``--target`` of the same nlist), its measurements unchanged."""
+    results = json.loads(path.read_text())
+    kinds = {k: results[k] for k in ("ivf-flat", "ivf-pq") if k in results}
+    earlier = results["plan"]
+    nlists = {"measured": earlier["nlist_measured"], "target": earlier["nlist_target"]}
+    dim = int(results["args"]["dim"])
+    if budgets.pick_nlist(int(args.target), None, dim) != nlists["target"]:
+        raise SystemExit(f"--target {args.target:.0e} picks another nlist than {path} measured")
+    results["plan"] = plan(kinds, results["assign_s_per_vector"], nlists, args)
+    write_json(str(path), results)
+    print_plan(results["plan"], kinds, args.target)
+    print(f"wrote the plan into {path}")
+
+
+def print_plan(planned: dict, kinds: dict, target: float) -> None:
+    for kind in kinds:
+        line = ", ".join(
+            f"{c['nodes']} nodes {c['wall_hours']:.2f} h" for c in planned[kind]["clusters"]
+        )
+        print(
+            f"plan, {target:.0e} vectors, {kind} (add + merge): {line}; one-process rest "
+            f"<= {planned[kind]['driver_rest_hours_linear']:.1f} h, recall check "
+            f"<= {planned[kind]['recall_check_hours_linear']:.1f} h"
+        )
+
+
 def main() -> None:
     args = parse_args()
+    if args.plan_from is not None:
+        replan(args.plan_from, args)
+        return
     if args.count < budgets.FLAT_MAX:
         raise SystemExit(
             f"--count must be >= {budgets.FLAT_MAX:,}: below it a budget keeps exact search"
@@ -306,11 +342,7 @@ def main() -> None:
             f"{', '.join(f'{v * 1e6:.2f}' for v in result['driver_s_per_vector'].values())} "
             "us a vector"
         )
-    for kind in kinds:
-        line = ", ".join(
-            f"{c['nodes']} nodes {c['wall_hours']:.1f} h" for c in results["plan"][kind]["clusters"]
-        )
-        print(f"plan, {args.target:.0e} vectors, {kind}: {line}")
+    print_plan(results["plan"], kinds, args.target)
     write_json(args.json, results)
     print(f"wrote {args.json}")
 
