@@ -13,7 +13,7 @@ quantizer and tables, the lists in ``lists-g.ivfdata``, memory-mapped when searc
 ``ids-g.parquet`` (ids and sources, read by position), ``trained-g.faiss`` (on disk: the empty
 trained index, for ``--add``), ``heldout-g.npz`` (tuning queries and their exact neighbours)
 and, with ``--refine``, ``vectors.bin`` (the normalised vectors in the shards' dtype, appended
-to by ``--add``).
+to by ``--add``). A build works in ``.build-<g>`` (:func:`work_folder`), removed when it is done.
 """
 
 from __future__ import annotations
