@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from ray_cluster import two_node_cluster  # noqa: F401 - the fixture "cluster"
 from test_extract import make_image_folder, save_tiny_model, tiny_processor
 
 from xmodal.errors import ExtractError, MissingDependencyError
@@ -31,24 +32,7 @@ from xmodal.extract.ray_engine import (
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'xmodal[ray]')")
 
 SHARD = 3
-NODE_MEMORY = 80 * 1024**2  # each node's object store
 VOLATILE = ("created", "updated")  # manifest keys that differ between any two runs
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """Two nodes on this machine, this process a driver; two (logical) CPUs a node: one for the
-    shared pool's actor, one for the actor of the driver the test kills."""
-    from ray.cluster_utils import Cluster
-
-    head = {"num_cpus": 2, "object_store_memory": NODE_MEMORY, "include_dashboard": False}
-    local = Cluster(initialize_head=True, head_node_args=head)
-    local.add_node(num_cpus=2, object_store_memory=NODE_MEMORY)
-    local.wait_for_nodes()
-    ray.init(address=local.address, log_to_driver=False)
-    yield local
-    ray.shutdown()
-    local.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,12 @@ and is written in the current layout from then on.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
-from xmodal.atomic import make_dir
 from xmodal.errors import IndexBuildError, MissingFileError
 from xmodal.index import budget as budgets
 from xmodal.index.build import (
@@ -29,6 +27,7 @@ from xmodal.index.build import (
     add_batches,
     blocks_index,
     names,
+    work_folder,
 )
 from xmodal.index.description import read_info
 from xmodal.index.ondisk import read_index
@@ -98,13 +97,10 @@ def add_rows(
     old_count = info["count"]
     generation = info["generation"] + 1
     files = names(generation)
-    work = out / f".build-{generation:05d}"
-    shutil.rmtree(work, ignore_errors=True)
-    make_dir(work)
     params = info["params"]
     refine = params.get("refine", 0)
     plan = saved_plan(info)
-    try:
+    with work_folder(out, generation, fill) as work:
         vectors = _reopen_vectors(out, info) if refine else None
         ids = IdsWriter(work / files["ids_file"])
         old_ids = IdsFile(out / info["ids_file"])
@@ -151,8 +147,6 @@ def add_rows(
                 params["accept_recall"] = floor
         _save(index, trained, plan, work, files)
         _commit(out, work, info, files)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return info
 
 

@@ -13,18 +13,19 @@ quantizer and tables, the lists in ``lists-g.ivfdata``, memory-mapped when searc
 ``ids-g.parquet`` (ids and sources, read by position), ``trained-g.faiss`` (on disk: the empty
 trained index, for ``--add``), ``heldout-g.npz`` (tuning queries and their exact neighbours)
 and, with ``--refine``, ``vectors.bin`` (the normalised vectors in the shards' dtype, appended
-to by ``--add``).
+to by ``--add``). A build works in ``.build-<g>`` (:func:`work_folder`), removed when it is done.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,11 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from xmodal.atomic import atomic_write_text, make_dir
+from xmodal.atomic import atomic_write_bytes, atomic_write_text, make_dir
+from xmodal.errors import IndexBuildError
 from xmodal.index import budget as budgets
 from xmodal.index.description import INDEX_FORMAT, INDEX_JSON
-from xmodal.index.ondisk import file_digest, merge_blocks
+from xmodal.index.ondisk import file_digest, merge_blocks, read_index
 from xmodal.index.store import IdsWriter, VectorsWriter, open_vectors
 from xmodal.index.stream import Batch, ShardSource
 from xmodal.index.tuning import (
@@ -63,6 +65,7 @@ RECALL_ROWS = 16_384  # rows encoded at once while measuring codes
 HNSW_DEPTHS = (16, 4096)  # the efSearch range tuned
 # (plan, trained, source, first, rows, work, ids, vectors, held) -> (blocks, rows added)
 Fill = Callable[..., tuple[list[Path], int]]
+QUANTIZER = "quantizer"  # a resuming fill's trained index in the work folder
 OPQ_SAMPLE = 8_000  # rows the OPQ rotation is trained on
 OPQ_IMBALANCE = 1.5
 
@@ -116,14 +119,11 @@ def build(
     generation = (previous or {}).get("generation", 0) + 1
     files = names(generation)
     make_dir(out)
-    work = out / f".build-{generation:05d}"
-    shutil.rmtree(work, ignore_errors=True)
-    make_dir(work)
-    try:
+    with work_folder(out, generation, fill) as work:
         opq_check: dict[str, float] = {}
         if plan.kind == "ivf-pq":
             plan, opq_check = choose_opq(plan, train, seed)
-        trained = train_index(plan, train, seed)
+        trained = trained_once(plan, train, seed, work, fill)
         rows = budgets.batch_rows(plan, limits.build, limits.reserved)
         vectors = VectorsWriter(work / VECTORS_FILE, source.dtype) if refine else None
         ids = IdsWriter(work / files["ids_file"])
@@ -172,9 +172,74 @@ def build(
             info["params"]["accept_recall"] = accept
         info["build_seconds"] = round(time.perf_counter() - started, 1)
         _commit(out, work, info, files)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return info
+
+
+@contextmanager
+def work_folder(out: Path, generation: int, fill: Fill | None = None) -> Iterator[Path]:
+    """The build's work folder, ``<out>/.build-<generation>``, removed once the build is done.
+    A fill that resumes names what a rerun may take up again (``fill.reused``, entries of the
+    folder: :mod:`.ray_engine`'s finished parts and the trained quantizer): they stay when the
+    build stops short and are found by the rerun; everything else in the folder is cleared."""
+    work = out / f".build-{generation:05d}"
+    reused = frozenset(getattr(fill, "reused", ()))
+    clear_work(work, reused)
+    make_dir(work)
+    done = False
+    try:
+        yield work
+        done = True
+    finally:
+        clear_work(work, frozenset() if done else reused)
+
+
+def clear_work(work: Path, keep: frozenset[str]) -> None:
+    """Everything in ``work`` but the entries named in ``keep`` removed (the folder itself
+    too when nothing is kept)."""
+    if not work.exists():
+        return
+    if not keep or not any((work / name).exists() for name in keep):
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    for entry in work.iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def array_digest(array: np.ndarray) -> str:
+    """sha256 of an array's shape, dtype and bytes."""
+    digest = hashlib.sha256(f"{array.shape}{array.dtype}".encode())
+    digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+def trained_once(
+    plan: budgets.IndexPlan, train: np.ndarray, seed: int, work: Path, fill: Fill | None
+) -> faiss.Index:
+    """:func:`train_index`; for a fill that resumes (``QUANTIZER`` in ``fill.reused``) kept in
+    ``work`` with what it was trained from (the factory, the seed, the sample's digest), and
+    read back by a rerun from the same: the parts it finished were added to that quantizer."""
+    if QUANTIZER not in getattr(fill, "reused", ()):
+        return train_index(plan, train, seed)
+    folder = work / QUANTIZER
+    record, stored = folder / "quantizer.json", folder / "trained.faiss"
+    key = {"factory": plan.factory(), "seed": seed, "sample": array_digest(train)}
+    if record.is_file() and stored.is_file():
+        try:
+            if json.loads(record.read_text())["from"] == key:
+                return read_index(stored)
+        except (ValueError, KeyError, IndexBuildError):
+            pass  # a damaged record or file: trained again
+    shutil.rmtree(folder, ignore_errors=True)
+    make_dir(folder)
+    trained = train_index(plan, train, seed)
+    atomic_write_bytes(stored, faiss.serialize_index(trained).tobytes())
+    atomic_write_text(record, json.dumps({"from": key}, indent=2))
+    return trained
 
 
 @dataclass(frozen=True)
