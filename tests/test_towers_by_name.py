@@ -234,7 +234,7 @@ def test_fusion_key_is_validated_and_reaches_a_named_model(tmp_path, tiny_model_
         ("{image: vit, text: bert, text_pooling: last}", r"model.text_pooling must be one of"),
         (
             "{image: vit, text: bert, overrides: {embed_dim: 20}}",
-            r"model.overrides: embed_dim \(20\) must be divisible",
+            r"model: embed_dim \(20\) must be divisible by fusion.heads \(8\)",
         ),
     ],
 )
