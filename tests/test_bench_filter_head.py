@@ -80,8 +80,9 @@ def test_graded_captions_reach_every_hardness() -> None:
     rows = 400
     generator = torch.Generator().manual_seed(0)
     text_to_image = torch.arange(rows) // 2  # two captions an image
-    image_emb = torch.nn.functional.normalize(torch.randn(rows // 2, 8, generator=generator), dim=-1)
-    text_emb = torch.nn.functional.normalize(torch.randn(rows, 8, generator=generator), dim=-1)
+    normalize = torch.nn.functional.normalize
+    image_emb = normalize(torch.randn(rows // 2, 8, generator=generator), dim=-1)
+    text_emb = normalize(torch.randn(rows, 8, generator=generator), dim=-1)
     captions = [f"caption {i}" for i in range(rows)]
     captions[5] = captions[100]  # a repeated text is never another row's negative
     picked = bench.graded_captions(image_emb, text_emb, text_to_image, captions, seed=3)
