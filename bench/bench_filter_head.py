@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from bench_itm_stage import (
     RestoredStage,
     pair_scores,
+    parse_variant,
     rerun_stage,
     restore_stage,
     swap_sets,
@@ -74,6 +75,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--emoji", required=True, help="folder with train/val/test.jsonl")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="stage seeds")
     parser.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS))
+    parser.add_argument(
+        "--stage", default="", help="itm_stage keys changed for every seed: key=value,... (YAML)"
+    )
     parser.add_argument("--l2", type=float, default=0.01, help="L2 on a head's linear weights")
     parser.add_argument("--noise", type=float, default=0.2, help="share of swapped captions")
     parser.add_argument("--swap-sets", type=int, default=2, help="seeded sets of each kind")
@@ -237,34 +241,45 @@ def graded_captions(
 # -- heads --------------------------------------------------------------------------------------
 @dataclass
 class FilterHead:
-    """A fitted filter head: ``logit = offset * similarity + inputs[:, part] @ weight + bias``."""
+    """A fitted filter head: ``logit = offset * similarity + z @ weight + bias``, with ``z``
+    the head input's ``part`` standardised by the training pairs' mean and spread."""
 
     kind: str
     weight: torch.Tensor
     bias: float
     offset: float  # the similarity's coefficient (1 in ``residual``, else 0)
     part: slice
+    mean: torch.Tensor
+    spread: torch.Tensor
 
     def __call__(self, pairs: ScoredPairs) -> np.ndarray:
         if self.kind == "none":
             return pairs.rerank
-        linear = (pairs.inputs[:, self.part].double() @ self.weight.double()).numpy()
+        linear = (self.standardise(pairs.inputs) @ self.weight.double()).numpy()
         return self.offset * pairs.similarity + linear + self.bias
+
+    def standardise(self, inputs: torch.Tensor) -> torch.Tensor:
+        return (inputs[:, self.part].double() - self.mean) / self.spread
 
 
 def fit_head(kind: str, train: ScoredPairs, clean: np.ndarray, l2: float) -> FilterHead:
     """A filter head of ``kind`` fitted on ``train`` by L-BFGS: the class-balanced logistic
-    loss (clean pairs and mismatched ones weigh half each) plus ``l2 * |weight|^2``."""
+    loss (clean pairs and mismatched ones weigh half each) plus ``l2 * |weight|^2``, on
+    standardised inputs (the penalty weighs every coordinate alike: the embeddings' products
+    are about 1/D of the fused vector's size)."""
     dim = train.inputs.shape[1] // 2
     if kind == "none":
-        return FilterHead(kind, torch.zeros(0), 0.0, 0.0, slice(0, 0))
+        empty = torch.zeros(0, dtype=torch.float64)
+        return FilterHead(kind, empty, 0.0, 0.0, slice(0, 0), empty, empty)
     if kind == "linear":
         part, offset = slice(0, 2 * dim), 0.0
     elif kind == "residual":
         part, offset = slice(0, dim), 1.0
     else:
         raise ValueError(f"unknown filter head {kind!r}; expected one of {HEADS}")
-    x = train.inputs[:, part].double()
+    raw = train.inputs[:, part].double()
+    mean, spread = raw.mean(dim=0), raw.std(dim=0).clamp_min(1e-12)
+    x = (raw - mean) / spread
     base = torch.from_numpy(offset * train.similarity)
     label = torch.from_numpy(clean)
     share = torch.where(label, 0.5 / label.sum(), 0.5 / (~label).sum()).double()
@@ -283,7 +298,7 @@ def fit_head(kind: str, train: ScoredPairs, clean: np.ndarray, l2: float) -> Fil
         return loss
 
     optimizer.step(closure)
-    return FilterHead(kind, weight.detach().float(), float(bias.detach()), offset, part)
+    return FilterHead(kind, weight.detach(), float(bias.detach()), offset, part, mean, spread)
 
 
 # -- calibration and goal -----------------------------------------------------------------------
@@ -340,11 +355,14 @@ def split_embeddings(model, processor, dataset, outputs) -> tuple[torch.Tensor, 
     return image_emb, text_embeddings(model, processor, dataset.captions())
 
 
-def run_seed(restored: RestoredStage, seed: int, noise: float, swap_count: int) -> dict:
-    """Rerun the stage at ``seed`` and score every pair the heads are fitted or measured on."""
+def run_seed(
+    restored: RestoredStage, seed: int, stage: dict, noise: float, swap_count: int
+) -> dict:
+    """Rerun the stage at ``seed`` (``stage``: its keys changed) and score every pair the heads
+    are fitted or measured on."""
     model, processor = restored.trainer.model, restored.trainer.processor
     started = time.time()
-    terms, val_record = rerun_stage(restored, {}, seed=seed)
+    terms, val_record = rerun_stage(restored, stage, seed=seed)
     recall = test_report(restored)
     print(f"seed {seed}: stage and evaluation in {time.time() - started:.0f} s", flush=True)
     pairs = restored.pairs
@@ -529,12 +547,14 @@ def main() -> None:
         cache.mkdir(parents=True, exist_ok=True)
     work = Path(args.cache or "/tmp/filter-head") / "work"
     restored: RestoredStage | None = None
+    stage = parse_variant(f"stage:{args.stage}")[1]
     results: dict = {
         "machine": describe_machine(args.threads),
         "run": str(Path(args.run).resolve()),
         "noise": args.noise,
         "swap_sets": args.swap_sets,
         "l2": args.l2,
+        "itm_stage": stage,
         "seeds": [],
     }
     for seed in args.seeds:
@@ -546,7 +566,7 @@ def main() -> None:
             if restored is None:
                 restored = restore_stage(Path(args.run), Path(args.emoji), work)
                 results["checkpoint"] = str(restored.checkpoint)
-            scored = run_seed(restored, seed, args.noise, args.swap_sets)
+            scored = run_seed(restored, seed, stage, args.noise, args.swap_sets)
             if path is not None:
                 torch.save(scored, path)
         heads = measure_heads(scored, args.heads, args.l2)
