@@ -20,6 +20,8 @@ similarity, the re-rank ITM score, the filter score, and combined scores whose w
 re-rank grid, ties to the smaller) is calibrated on the validation split only:
 
 - ``sim+filter``: ``similarity + w * filter``; ``filter+rerank``: ``filter + w * rerank``;
+  ``sim+fused_part`` (``residual``): ``similarity + w * (filter - similarity)``, the head's
+  similarity coefficient (1 in training, on names the fusion saw) re-fitted on validation;
 - each calibrated two ways: ``near``, the product's calibration (each validation caption with
   its own image, a random image and one of its 16 ITC-nearest; mean AUC over the two kinds), and
   ``graded``: each validation image with a random caption and one whose ITC rank among the other
@@ -466,6 +468,12 @@ def measure_heads(scored: dict, heads: list[str], l2: float) -> dict:
         forms = {"sim+filter": ("similarity", "filter")}
         if kind != "none":
             forms["filter+rerank"] = ("filter", "rerank")
+        if head.offset:
+            # the head's own part: the similarity's coefficient against it re-fitted on
+            # validation (names the fusion never saw) instead of the 1 it had in training
+            scores_val["fused_part"] = scores_val["filter"] - head.offset * val.similarity
+            scores_test["fused_part"] = scores_test["filter"] - head.offset * test.similarity
+            forms["sim+fused_part"] = ("similarity", "fused_part")
         for form, (base, extra) in forms.items():
             for how in CALIBRATIONS:
                 w, _ = calibrate(
@@ -499,7 +507,7 @@ def measure_heads(scored: dict, heads: list[str], l2: float) -> dict:
         train_auc = roc_auc(train_filter, scored["train_clean"])
         result[kind] = {
             "train_auc_filter": train_auc,
-            "residual_weight_norm": float(head.weight.norm()) if kind != "none" else None,
+            "weight_norm": float(head.weight.norm()) if kind != "none" else None,
             "combined_weights": weights,
             "validation_auc": validation,
             "test_auc_sets": per_set,
