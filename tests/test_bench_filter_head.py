@@ -124,3 +124,44 @@ def test_goal_needs_both_kinds() -> None:
     assert bench.goal(aucs, "c") == {"filter_ge_similarity": True, "combined_beats_both": False}
     aucs["hard"]["c"] = 0.86
     assert bench.goal(aucs, "c")["combined_beats_both"]
+
+
+def test_measure_heads_scores_every_form_on_every_swap_set() -> None:
+    train, train_clean = synthetic_pairs(n=600, seed=0)
+    val_rows = 100
+    parts = [synthetic_pairs(n=val_rows, seed=10 + k)[0] for k in range(5)]
+    val = bench.ScoredPairs(
+        torch.cat([p.inputs for p in parts]),
+        np.concatenate([p.similarity for p in parts]),
+        np.concatenate([p.rerank for p in parts]),
+    )
+    test, test_clean = synthetic_pairs(n=300, seed=20)
+    scored = {
+        "train": train.state(),
+        "train_clean": train_clean,
+        "val": val.state(),
+        "val_rows": val_rows,
+        "test": test.state(),
+        "swapped": {"random": [~test_clean[:150]], "hard": [~test_clean[150:]]},
+    }
+    result = bench.measure_heads(scored, ["none", "residual"], 0.01)
+    assert set(result["none"]["combined_weights"]) == {"sim+filter@near", "sim+filter@graded"}
+    residual = result["residual"]
+    assert set(residual["combined_weights"]) == {
+        f"{form}@{how}"
+        for form in ("sim+filter", "filter+rerank", "sim+fused_part")
+        for how in bench.CALIBRATIONS
+    }
+    assert all(w in bench.WEIGHT_GRID for w in residual["combined_weights"].values())
+    hard = residual["test_auc_sets"]["hard"][0]
+    assert hard["filter"] == roc_auc(
+        bench.fit_head("residual", train, train_clean, 0.01)(test.rows(slice(150, 300))),
+        test_clean[150:],
+    )
+    assert residual["test_auc_mean"]["random"]["similarity"] == roc_auc(
+        test.similarity[:150], test_clean[:150]
+    )
+    assert set(residual["goal"]["sim+fused_part@near"]) == {
+        "filter_ge_similarity",
+        "combined_beats_both",
+    }
