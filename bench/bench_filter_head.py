@@ -65,6 +65,7 @@ from xmodal.evaluate.pair_filter import mismatched_images, roc_auc
 from xmodal.evaluate.rerank import WEIGHT_GRID
 from xmodal.evaluate.runner import ImageOutputs, image_tower_outputs, text_embeddings
 from xmodal.models.model import CrossModalModel, Features, select_rows
+from xmodal.train.checkpoint import latest_checkpoint
 from xmodal.train.itm_stage import FrozenPairs, nearest_by_itc
 
 HEADS = ("none", "linear", "residual")
@@ -328,13 +329,17 @@ def calibrate(
     return best[0], best[2]
 
 
+TIE = 0.001  # AUC differences below this are ties (about 100 of 160 x 642 pair orders)
+
+
 def goal(aucs: dict[str, dict[str, float]], combined: str) -> dict[str, bool]:
     """The issue's goal on the test swaps' mean AUCs: the filter at least the similarity on
-    every kind of swap, and ``combined`` above both on every kind."""
+    every kind of swap, and ``combined`` above both on every kind by at least :data:`TIE` (a
+    combined score at the grid's largest weight is the filter to within rounding)."""
     return {
         "filter_ge_similarity": all(a["filter"] >= a["similarity"] for a in aucs.values()),
         "combined_beats_both": all(
-            a[combined] > max(a["similarity"], a["filter"]) for a in aucs.values()
+            a[combined] >= max(a["similarity"], a["filter"]) + TIE for a in aucs.values()
         ),
     }
 
@@ -561,7 +566,9 @@ def main() -> None:
         "run": str(Path(args.run).resolve()),
         "noise": args.noise,
         "swap_sets": args.swap_sets,
+        "checkpoint": str(latest_checkpoint(Path(args.run) / "checkpoints")),
         "l2": args.l2,
+        "tie": TIE,
         "itm_stage": stage,
         "seeds": [],
     }
@@ -573,7 +580,6 @@ def main() -> None:
         else:
             if restored is None:
                 restored = restore_stage(Path(args.run), Path(args.emoji), work)
-                results["checkpoint"] = str(restored.checkpoint)
             scored = run_seed(restored, seed, stage, args.noise, args.swap_sets)
             if path is not None:
                 torch.save(scored, path)

@@ -122,6 +122,8 @@ def test_goal_needs_both_kinds() -> None:
         "hard": {"similarity": 0.83, "filter": 0.85, "c": 0.85},
     }
     assert bench.goal(aucs, "c") == {"filter_ge_similarity": True, "combined_beats_both": False}
+    aucs["hard"]["c"] = 0.8505  # within a tie of the filter
+    assert not bench.goal(aucs, "c")["combined_beats_both"]
     aucs["hard"]["c"] = 0.86
     assert bench.goal(aucs, "c")["combined_beats_both"]
 
