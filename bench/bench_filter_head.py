@@ -187,6 +187,16 @@ def other_than(own: torch.Tensor, count: int, generator: torch.Generator) -> tor
     return other + (other >= own).long()
 
 
+def caption_of_other_image(image_of_row: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """For each caption row, a uniformly drawn caption row of another image (redrawn until
+    every row has one)."""
+    rows = len(image_of_row)
+    other = torch.randint(0, rows, (rows,), generator=generator)
+    while bool((same := image_of_row[other] == image_of_row).any()):
+        other[same] = torch.randint(0, rows, (int(same.sum()),), generator=generator)
+    return other
+
+
 def training_negatives(
     pairs: FrozenPairs, near_images: torch.Tensor, near_captions: torch.Tensor, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -200,9 +210,7 @@ def training_negatives(
     k = near_images.shape[1]
     random_image = other_than(image_of_row, count, generator)
     near_image = near_images[rows, torch.randint(0, k, (len(rows),), generator=generator)]
-    random_caption = torch.randint(0, len(rows), (len(rows),), generator=generator)
-    while bool((same := image_of_row[random_caption] == image_of_row).any()):
-        random_caption[same] = torch.randint(0, len(rows), (int(same.sum()),), generator=generator)
+    random_caption = caption_of_other_image(image_of_row, generator)
     near_caption = near_captions[
         image_of_row, torch.randint(0, near_captions.shape[1], (len(rows),), generator=generator)
     ]
@@ -388,10 +396,7 @@ def run_seed(
     random_image, near_image = mismatched_images(image_emb, text_emb, own, near=16, seed=0)
     rows = torch.arange(len(own))
     caption_list = dataset.captions()
-    generator = torch.Generator().manual_seed(1)
-    random_caption = torch.randint(0, len(own), (len(own),), generator=generator)
-    while bool((same := own[random_caption] == own).any()):
-        random_caption[same] = torch.randint(0, len(own), (int(same.sum()),), generator=generator)
+    random_caption = caption_of_other_image(own, torch.Generator().manual_seed(1))
     graded = graded_captions(image_emb, text_emb, own, caption_list, seed=1)
     val = score_split_pairs(
         model,
