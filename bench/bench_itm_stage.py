@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -34,10 +35,11 @@ from bench_pairs import SWAPS
 from common import add_machine_args, load_average, setup_machine, write_json
 
 from xmodal.config import coerce_key, from_dict, with_keys
-from xmodal.data import load_dataset
+from xmodal.data import ImageTextDataset, load_dataset
 from xmodal.evaluate.pair_filter import roc_auc
 from xmodal.evaluate.retrieval import _score_pairs
 from xmodal.evaluate.runner import (
+    ImageOutputs,
     ImagePairScorer,
     evaluate_model,
     image_tower_outputs,
@@ -45,7 +47,7 @@ from xmodal.evaluate.runner import (
 )
 from xmodal.train.checkpoint import latest_checkpoint, load_checkpoint
 from xmodal.train.config import TrainConfig
-from xmodal.train.itm_stage import ITMStage
+from xmodal.train.itm_stage import FrozenPairs, ITMStage
 from xmodal.train.itm_task import ITMStageTask
 from xmodal.train.run_config import RUN_CONFIG, move_old_keys
 from xmodal.train.trainer import Trainer
@@ -121,15 +123,29 @@ def swap_aucs(model, processor, test, outputs, noisy_sets, rows) -> dict:
     return result
 
 
-def main() -> None:
-    args = parse_args()
-    setup_machine(args)
-    run = Path(args.run)
-    emoji = Path(args.emoji)
+@dataclasses.dataclass
+class RestoredStage:
+    """A run restored at its last contrastive checkpoint, ready to rerun its ITM stage: the
+    trainer (model, validator), the stage's frozen features, the weights to restore before each
+    variant, and the test split with its image tower outputs and rows."""
+
+    config: TrainConfig
+    trainer: Trainer
+    checkpoint: Path
+    pairs: FrozenPairs
+    weights: dict
+    test: ImageTextDataset
+    outputs: ImageOutputs
+    rows: list[dict]
+
+
+def restore_stage(run: Path, emoji: Path, work: Path) -> RestoredStage:
+    """Restore ``run``'s last checkpoint (its data paths pointed at ``emoji``, its out_dir at
+    ``work``) and compute what every rerun of the stage shares."""
     # read as JSON: YAML 1.1 reads the run config's 5e-05 as a string
     data = move_old_keys(json.loads((run / RUN_CONFIG).read_text(encoding="utf-8")))
     data["data"].update(train=str(emoji / "train.jsonl"), val=str(emoji / "val.jsonl"))
-    data["out_dir"] = str(Path(args.json or "itm-variants").with_suffix("") / "work")
+    data["out_dir"] = str(work)
     config = from_dict(TrainConfig, data)
     checkpoint = latest_checkpoint(run / "checkpoints")
     if checkpoint is None:
@@ -150,36 +166,69 @@ def main() -> None:
     outputs = image_tower_outputs(
         trainer.model, trainer.processor, [ex.image for ex in test.unique_images()]
     )
-    noisy_sets = swap_sets(rows, args.noise, args.swap_sets)
-    results: dict = {"run": str(run), "checkpoint": str(checkpoint), "variants": {}}
+    return RestoredStage(config, trainer, checkpoint, pairs, weights, test, outputs, rows)
+
+
+def rerun_stage(restored: RestoredStage, keys: dict, seed: int | None = None) -> tuple[dict, dict]:
+    """The stage rerun from the checkpoint's weights with the stage's keys changed (dotted:
+    ``itm_stage.optim.lr``, ``experimental.itm_hard_negatives``; and the run's seed, or
+    ``seed``), then validation with its calibrations, as training does. Returns the stage's
+    last loss terms and the validation record."""
+    trainer, config = restored.trainer, restored.config
+    trainer.model.load_state_dict(restored.weights)
+    variant = with_keys(config, keys)
+    variant.validate()
+    trainer.config.itm_stage = section = variant.itm_stage
+    terms = ITMStage(
+        trainer.model,
+        restored.pairs,
+        section,
+        config.seed if seed is None else seed,
+        trainer.precision.autocast,
+        hard_negatives=variant.experimental.itm_hard_negatives,
+        reordered_batch=variant.experimental.itm_reordered_batch,
+    ).run()
+    trainer.validator.stage_done()
+    return terms, trainer.validator()
+
+
+def test_report(restored: RestoredStage) -> dict:
+    """ITC and re-ranked (top 16, the calibrated weight) recall on the test split."""
+    report = evaluate_model(
+        restored.trainer.model,
+        restored.trainer.processor,
+        restored.test,
+        rerank_k=16,
+        image_outputs=restored.outputs,
+    )
+    return {
+        "test_itc": {k: v for k, v in report["retrieval_itc"].items() if "R@" in k},
+        "test_rerank": {k: v for k, v in report["retrieval_itm_rerank"].items() if "R@" in k},
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    setup_machine(args)
+    run = Path(args.run)
+    work = Path(args.json or "itm-variants").with_suffix("") / "work"
+    restored = restore_stage(run, Path(args.emoji), work)
+    model, processor = restored.trainer.model, restored.trainer.processor
+    noisy_sets = swap_sets(restored.rows, args.noise, args.swap_sets)
+    results: dict = {"run": str(run), "checkpoint": str(restored.checkpoint), "variants": {}}
     for text in args.variant:
         name, keys = parse_variant(text)
         started = time.time()
-        trainer.model.load_state_dict(weights)
-        variant = with_keys(config, keys)
-        variant.validate()
-        trainer.config.itm_stage, section = variant.itm_stage, variant.itm_stage
-        terms = ITMStage(
-            trainer.model,
-            pairs,
-            section,
-            config.seed,
-            trainer.precision.autocast,
-            hard_negatives=variant.experimental.itm_hard_negatives,
-            reordered_batch=variant.experimental.itm_reordered_batch,
-        ).run()
-        trainer.validator.stage_done()
-        val = trainer.validator()
-        report = evaluate_model(
-            trainer.model, trainer.processor, test, rerank_k=16, image_outputs=outputs
+        terms, val = rerun_stage(restored, keys)
+        recall = test_report(restored)
+        aucs = swap_aucs(
+            model, processor, restored.test, restored.outputs, noisy_sets, restored.rows
         )
-        aucs = swap_aucs(trainer.model, trainer.processor, test, outputs, noisy_sets, rows)
         results["variants"][name] = {
             "itm_stage": keys,
             "last_terms": terms,
             "validation": val,
-            "test_itc": {k: v for k, v in report["retrieval_itc"].items() if "R@" in k},
-            "test_rerank": {k: v for k, v in report["retrieval_itm_rerank"].items() if "R@" in k},
+            **recall,
             "swaps": aucs,
             "seconds": round(time.time() - started, 1),
             "load": load_average(),
@@ -188,7 +237,7 @@ def main() -> None:
             f"{kind}: " + " / ".join(f"{k} {v:.3f}" for k, v in a["mean"].items())
             for kind, a in aucs.items()
         )
-        rr = report["retrieval_itm_rerank"]
+        rr = recall["test_rerank"]
         print(
             f"{name}: {line}; filter w {val.get('val_filter_weight')}; test re-ranked R@1 "
             f"{rr['t2i_R@1']:.1f} / {rr['i2t_R@1']:.1f} ({time.time() - started:.0f} s)",
