@@ -41,7 +41,7 @@ import numpy as np
 from xmodal.atomic import atomic_write_text, make_dir
 from xmodal.errors import IndexBuildError, MissingDependencyError
 from xmodal.index import budget as budgets
-from xmodal.index.build import QUANTIZER, VECTORS_FILE, array_digest, fill_blocks
+from xmodal.index.build import QUANTIZER, VECTORS_FILE, array_digest, clear_work, fill_blocks
 from xmodal.index.store import IdsFile, IdsWriter, VectorsWriter
 from xmodal.index.stream import ShardFile, ShardSource
 from xmodal.index.tuning import HeldOut
@@ -261,14 +261,7 @@ class RayFill:
 
 def _remove_other_parts(parts: Path, keep: set[str]) -> None:
     """Parts of another split (another task count, other shards) left by an earlier run."""
-    if not parts.is_dir():
-        return
-    for entry in parts.iterdir():
-        if entry.name not in keep:
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+    clear_work(parts, frozenset(keep))
 
 
 def _append_ids(ids: IdsWriter, part: Path) -> None:
